@@ -1,0 +1,322 @@
+"""The `synqt` console script: one entry point, one subcommand per job.
+
+Heavy imports (torch, ray) happen inside each subcommand so that `synqt --help` is instant and
+`synqt sweep --dry-run` never starts Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EPILOG = """examples:
+  synqt demo                                   # synthetic benchmark + tiny ViT, whole pipeline on CPU
+  synqt train --dataset cifar --data-root /data/vtab-1k --checkpoint ViT-B_16.npz --out runs/cifar
+  synqt train --dataset NAME --data-root D --out RUN backbone=vit_tiny_patch16_224 \\
+      backbone_kwargs.img_size=32 backbone_kwargs.patch_size=4 epochs=5
+  synqt sweep configs/sweeps/vtab1k.yaml data_root=/data/vtab-1k storage_path=/shared/runs
+  synqt sweep configs/sweeps/vtab1k.yaml --dry-run
+  synqt aggregate /shared/runs/vtab1k
+  synqt status /shared/runs/vtab1k
+  synqt data check /data/vtab-1k cifar dtd
+  synqt bench backbone=vit_base_patch16_224 batch_size=64
+"""
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="run one trial (no Ray)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  synqt train --dataset cifar --data-root /data/vtab-1k --checkpoint ViT-B_16.npz --out runs/cifar
+  synqt train --dataset dtd --data-root D --out RUN protocol=vtab stage=search lr=5e-4
+  synqt train --config my.yaml --out RUN --resume
+keys: every TrialConfig key (see README, "Configuration keys") as key=value; nested dict keys with dots
+(backbone_kwargs.img_size=32).""",
+    )
+    p.add_argument("--dataset", help="dataset folder under the data root (loads its shipped config if any)")
+    p.add_argument("--data-root", help="root folder holding the dataset folders")
+    p.add_argument("--checkpoint", help="backbone weights (.npz, .pth, .bin, .safetensors)")
+    p.add_argument("--config", action="append", default=[], help="extra YAML config file(s), in order")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=_cmd_train)
+
+
+def _trial_overrides(args: argparse.Namespace) -> list[str]:
+    extra = []
+    if args.dataset:
+        extra.append(f"dataset={args.dataset}")
+    if getattr(args, "data_root", None):
+        extra.append(f"data_root={args.data_root}")
+    if getattr(args, "checkpoint", None):
+        extra.append(f"checkpoint={args.checkpoint}")
+    return extra + list(args.overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from synqt.config import load_config
+    from synqt.engine import run_trial
+
+    cfg = load_config(args.config, _trial_overrides(args))
+    metrics = run_trial(cfg, args.out, resume=args.resume)
+    return 0 if metrics["status"] == "ok" else 1
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="score a trainable-only (or official-format) checkpoint on a split",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  synqt eval --weights runs/cifar/trainable.safetensors --dataset cifar --data-root D --split test
+  synqt eval --weights official_cifar.pth --official --dataset cifar --data-root D --checkpoint ViT-B_16.npz""",
+    )
+    p.add_argument("--weights", required=True, help="trainable.safetensors, or an official state dict (--official)")
+    p.add_argument("--official", action="store_true", help="weights are a full official-format state dict")
+    p.add_argument("--dataset")
+    p.add_argument("--data-root")
+    p.add_argument("--checkpoint", help="backbone weights")
+    p.add_argument("--config", action="append", default=[])
+    p.add_argument("--split", default="test", choices=["train800", "val200", "train800val200", "test"])
+    p.add_argument("--out", help="write eval_metrics.json here (default: beside the weights)")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from synqt.config import load_config
+    from synqt.engine import evaluate_checkpoint
+
+    cfg = load_config(args.config, _trial_overrides(args))
+    result = evaluate_checkpoint(cfg, args.weights, split=args.split, official=args.official, out=args.out)
+    print(f"{cfg.dataset} {args.split}: {result['acc']:.2f}% ({result['images']} images)")
+    return 0
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run a sweep on a Ray cluster (or print its plan)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  synqt sweep configs/sweeps/demo.yaml
+  synqt sweep configs/sweeps/vtab1k.yaml data_root=/data/vtab-1k checkpoint=/w/ViT-B_16.npz storage_path=/shared/runs
+  synqt sweep configs/sweeps/vtab1k_search.yaml --dry-run
+  synqt sweep configs/sweeps/vtab1k.yaml storage_path=/shared/runs --resume
+  ray job submit --address http://HEAD:8265 --working-dir . -- synqt sweep configs/sweeps/vtab1k.yaml
+overrides: sweep keys (datasets, grid.lr, seeds, resources.gpus, max_concurrent, pack, storage_path,
+data_root, name, protocol, ...) and trial config keys (epochs=5, backbone_kwargs.img_size=32) alike.""",
+    )
+    p.add_argument("sweep_file")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--dry-run", action="store_true", help="print the trial plan and exit (Ray is not started)")
+    p.add_argument("--resume", action="store_true", help="continue a sweep already at the storage path")
+    p.add_argument("--address", help="Ray address (auto, ray://..., HOST:PORT); default: RAY_ADDRESS or local")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from launcher.sweep import run_sweep_command
+
+    return run_sweep_command(
+        args.sweep_file, args.overrides, dry_run=args.dry_run, resume=args.resume,
+        address=args.address, as_json=args.json,
+    )
+
+
+def _add_aggregate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "aggregate",
+        help="turn a run directory's metrics.json files into the VTAB-1k table",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  synqt aggregate /shared/runs/vtab1k        # writes results.{json,csv,md,png} + tensorboard/ there
+  synqt aggregate runs/ --out report/""",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="where to write the results (default: run_dir)")
+    p.set_defaults(func=_cmd_aggregate)
+
+
+def _cmd_aggregate(args: argparse.Namespace) -> int:
+    from launcher.aggregate import aggregate, format_table
+
+    results = aggregate(args.run_dir, out_dir=args.out)
+    print(format_table(results))
+    return 0
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status",
+        help="done / running / failed trials of a sweep and the time left",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  synqt status /shared/runs/vtab1k",
+    )
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from launcher.status import status_text
+
+    print(status_text(args.run_dir))
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="synthetic benchmark + tiny ViT: the whole pipeline on CPU in minutes",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  synqt demo\n  synqt demo --out /tmp/synqt-demo",
+    )
+    p.add_argument("--out", default="synqt-demo", help="output folder (default: ./synqt-demo)")
+    p.add_argument("overrides", nargs="*", help="sweep overrides, e.g. pack=off")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from launcher.sweep import run_demo
+
+    return run_demo(args.out, args.overrides)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="saved-activation memory, peak memory and images/s against full fine-tuning and a linear probe",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  synqt bench                                             # ViT-B/16, batch 64, every memory mode
+  synqt bench batch_size=8 precision=bf16 --steps 3
+  synqt bench --pack 8 batch_size=8                       # a pack of 8 against 8 separate trials
+  synqt bench --loader --data-root D --dataset cifar       # loader images/s with and without the cache""",
+    )
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration")
+    p.add_argument("--modes", default=None, help="comma list of memory modes (default: all)")
+    p.add_argument("--pack", type=int, default=0, help="also time a pack of N against N separate trials")
+    p.add_argument("--loader", action="store_true", help="time the data loader with and without the cache")
+    p.add_argument("--data-root")
+    p.add_argument("--dataset")
+    p.add_argument("--no-baselines", action="store_true", help="skip full fine-tuning and linear probe")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("overrides", nargs="*", help="TrialConfig keys: backbone, batch_size, token_nums, precision, ...")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from synqt.bench import bench_main
+
+    return bench_main(args)
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_cmd", required=True)
+    c = data_sub.add_parser(
+        "check",
+        help="count images and classes per split; report missing/unreadable files and bad labels",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  synqt data check /data/vtab-1k\n  synqt data check /data/vtab-1k cifar dtd --decode",
+    )
+    c.add_argument("root")
+    c.add_argument("names", nargs="*", help="dataset folders (default: all under root)")
+    c.add_argument("--layout", default="auto")
+    c.add_argument("--decode", action="store_true", help="decode every image (slow), not only check it exists")
+    c.set_defaults(func=_cmd_data_check)
+    s = data_sub.add_parser(
+        "synthetic",
+        help="write the synthetic demo benchmark (VTAB-1k JSON layout)",
+        epilog="examples:\n  synqt data synthetic /tmp/synthetic-vtab",
+    )
+    s.add_argument("root")
+    s.add_argument("--image-size", type=int, default=32)
+    s.set_defaults(func=_cmd_data_synthetic)
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from synqt.data import check_main
+
+    return check_main(args.root, args.names, layout=args.layout, decode=args.decode)
+
+
+def _cmd_data_synthetic(args: argparse.Namespace) -> int:
+    from synqt.synthetic import write_benchmark
+
+    root = write_benchmark(args.root, image_size=args.image_size)
+    print(f"synthetic benchmark written to {root}")
+    return 0
+
+
+def _add_slurm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "slurm",
+        help="SLURM helpers (the scripts in slurm/ stay the source of truth)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  synqt slurm array configs/sweeps/vtab1k.yaml storage_path=/shared/runs data_root=/data/vtab-1k
+  synqt slurm array configs/sweeps/vtab1k.yaml --print     # show the sbatch lines only
+  synqt slurm task configs/sweeps/vtab1k.yaml 17 storage_path=...  # what array index 17 runs""",
+    )
+    slurm_sub = p.add_subparsers(dest="slurm_cmd", required=True)
+    a = slurm_sub.add_parser("array", help="submit slurm/vtab_array.sh over a sweep's plan + a dependent aggregate job")
+    a.add_argument("sweep_file")
+    a.add_argument("overrides", nargs="*")
+    a.add_argument("--print", action="store_true", help="print the sbatch commands instead of running them")
+    a.add_argument("--concurrency", type=int, default=None, help="array %% limit (default: sweep max_concurrent)")
+    a.add_argument("--sbatch-args", default="", help="extra sbatch arguments, e.g. '--partition=gpu'")
+    a.set_defaults(func=_cmd_slurm_array)
+    t = slurm_sub.add_parser("task", help="run trial INDEX of a sweep's plan (used by slurm/vtab_array.sh)")
+    t.add_argument("sweep_file")
+    t.add_argument("index", type=int)
+    t.add_argument("overrides", nargs="*")
+    t.set_defaults(func=_cmd_slurm_task)
+
+
+def _cmd_slurm_array(args: argparse.Namespace) -> int:
+    from launcher.slurm import submit_array
+
+    return submit_array(args.sweep_file, args.overrides, print_only=args.print,
+                        concurrency=args.concurrency, sbatch_args=args.sbatch_args)
+
+
+def _cmd_slurm_task(args: argparse.Namespace) -> int:
+    from launcher.slurm import run_array_task
+
+    return run_array_task(args.sweep_file, args.index, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synqt",
+        description="SynQT: memory-efficient tuning of frozen ViTs, from one trial to a VTAB-1k sweep on a cluster.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_eval, _add_sweep, _add_aggregate, _add_status, _add_demo, _add_bench,
+                _add_data, _add_slurm):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from synqt.errors import SynQTError
+
+    try:
+        return int(args.func(args) or 0)
+    except SynQTError as err:
+        print(f"synqt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""Everything that touches ray, ray.tune and ray.train (the only module in the project importing ray).
+
+One Tune trial per pack (a pack of 1 is one plain trial). Each Tune trial calls the single-trial
+engine (`synqt.engine.run_pack`), which writes its run directories itself, under the sweep folder,
+on the shared file system: Ray never copies trial artifacts, and a retried or restored Tune trial
+resumes from the engine's own `resume.pt`. The frozen backbone is read from its checkpoint once by
+the driver and shared through the object store as numpy arrays (zero-copy on each node).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from launcher.sweep import (
+    PlannedTrial,
+    Sweep,
+    packs_of,
+    plan_dict,
+    plan_trials,
+    read_metrics,
+    select_best,
+    stage_names,
+)
+from synqt.fileio import atomic_write_json
+
+FAIL_ONCE_ENV = "SYNQT_FAIL_ONCE"  # test hook: run_name whose pack raises once, after its first epoch
+FAIL_ONCE_MARKER = ".synqt_fail_once"
+
+
+# ----------------------------------------------------------------------------------------------
+# shared frozen backbone
+
+
+def _backbone_key(cfg: Any) -> str:
+    return json.dumps([cfg.backbone, cfg.backbone_kwargs, cfg.checkpoint], sort_keys=True, default=str)
+
+
+def shared_backbones(trials: list[PlannedTrial], existing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read each distinct (backbone, kwargs, checkpoint) once: {key: {"state": numpy dict, "identity": ...}}.
+
+    Trials without a checkpoint (random backbone) or with tensors numpy cannot hold (bf16) build their
+    own backbone in the engine.
+    """
+    import torch
+
+    from synqt.model import build_backbone
+
+    out = dict(existing or {})
+    for t in trials:
+        cfg = t.config
+        key = _backbone_key(cfg)
+        if key in out or not cfg.checkpoint:
+            continue
+        model = build_backbone(
+            cfg.backbone,
+            drop_path_rate=cfg.drop_path_rate,
+            checkpoint=cfg.checkpoint,
+            **dict(cfg.backbone_kwargs or {}),
+        )
+        state = model.state_dict()
+        if any(v.dtype == torch.bfloat16 for v in state.values()):
+            out[key] = None
+            continue
+        out[key] = {
+            "state": {k: v.detach().cpu().contiguous().numpy() for k, v in state.items()},
+            "identity": getattr(model, "synqt_identity", None),
+        }
+    return out
+
+
+def backbone_from_shared(entry: dict[str, Any], cfg: Any) -> Any:
+    """Build the trial's frozen ViT on the shared arrays (torch.from_numpy views, assign=True: no copy)."""
+    import torch
+
+    from synqt.model import build_backbone
+
+    kwargs = dict(cfg.backbone_kwargs or {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # object-store arrays are read-only; the backbone is frozen
+        tensors = {k: torch.from_numpy(v) for k, v in entry["state"].items()}
+        try:
+            with torch.device("meta"):
+                model = build_backbone(
+                    cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=None, **kwargs
+                )
+            model.load_state_dict(tensors, strict=True, assign=True)
+            if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+                raise RuntimeError("meta tensors left")
+        except Exception:  # noqa: BLE001 - fall back to a normal build, still assigning the shared arrays
+            model = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=None, **kwargs)
+            model.load_state_dict(tensors, strict=True, assign=True)
+    model.requires_grad_(False)
+    model.eval()
+    if entry.get("identity") is not None:
+        model.synqt_identity = entry["identity"]
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# the Tune trainable
+
+
+def _score(payload: dict[str, Any]) -> float:
+    """One number per pack for schedulers: best eval accuracy so far, else minus the mean training loss."""
+    accs = [b.get(k) for b in payload.get("branches", []) for k in ("val_acc", "test_acc")]
+    accs = [a for a in accs if a is not None]
+    if accs:
+        return float(max(accs))
+    losses = [b.get("train_loss") for b in payload.get("branches", []) if b.get("train_loss") is not None]
+    return -float(sum(losses) / len(losses)) if losses else float("-inf")
+
+
+def _metrics_of(payload: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"epoch": int(payload.get("epoch", 0)), "score": _score(payload)}
+    for b in payload.get("branches", []):
+        name = b.get("run_name", "?")
+        for k in ("train_loss", "val_acc", "test_acc"):
+            if b.get(k) is not None:
+                out[f"{name}/{k}"] = b[k]
+    return out
+
+
+def _fail_once_hook(run_names: list[str], run_dirs: list[str], target: str | None):
+    """Test hook: the pack holding `target` raises once, right after its first reported epoch."""
+    if not target or target not in run_names:
+        return None
+    marker = Path(run_dirs[run_names.index(target)]) / FAIL_ONCE_MARKER
+
+    def hook(payload: dict[str, Any]) -> None:
+        first = not marker.exists()
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with open(marker, "a") as fh:
+            fh.write(f"{payload.get('epoch')}\n")
+        if first:
+            raise RuntimeError(
+                f"{FAIL_ONCE_ENV} test hook: {target} fails once after epoch {payload.get('epoch')}"
+            )
+
+    return hook
+
+
+def pack_trainable(
+    config: dict[str, Any],
+    packs: list[dict[str, Any]] | None = None,
+    backbones: dict[str, Any] | None = None,
+    fail_once: str | None = None,
+) -> None:
+    """Tune function trainable: run one pack with the engine; forward its epoch reports to Tune."""
+    pack = (packs or [])[config["pack"]]
+    if pack["devices"] > 1:
+        _deepspeed_trial(pack)
+        return
+    from synqt.engine import run_pack
+
+    cfgs, run_dirs = pack["cfgs"], [Path(d) for d in pack["run_dirs"]]
+    entry = (backbones or {}).get(_backbone_key(cfgs[0]))
+    backbone = backbone_from_shared(entry, cfgs[0]) if entry else None
+    hook = _fail_once_hook(pack["run_names"], pack["run_dirs"], fail_once)
+
+    def report(payload: dict[str, Any]) -> None:
+        tune.report(_metrics_of(payload))
+        if hook is not None:
+            hook(payload)
+
+    results = run_pack(
+        cfgs, run_dirs, resume=True, backbone=backbone, report=report, hparams=pack.get("hparams")
+    )
+    final = {
+        "done": 1,
+        "ok": sum(1 for m in results if m.get("status") == "ok"),
+        "failed": sum(1 for m in results if m.get("status") != "ok"),
+        "epoch": max([int(m.get("epochs_done") or 0) for m in results] or [0]),
+    }
+    branches = [
+        {"run_name": m.get("run_name"), "val_acc": m.get("val_acc"), "test_acc": m.get("test_acc")}
+        for m in results
+    ]
+    final["score"] = _score({"branches": branches})
+    tune.report(final)
+
+
+def _deepspeed_trial(pack: dict[str, Any]) -> None:
+    """devices > 1: a Ray Train TorchTrainer inside this Tune trial, one worker per device."""
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from synqt.config import config_to_dict
+
+    cfg, run_dir = pack["cfgs"][0], pack["run_dirs"][0]
+    done = read_metrics(Path(run_dir))
+    if not (done and done.get("status") == "ok"):
+        res = pack["resources"]
+        trainer = TorchTrainer(
+            _deepspeed_worker,
+            train_loop_config={"cfg": config_to_dict(cfg), "run_dir": run_dir},
+            scaling_config=ScalingConfig(
+                num_workers=pack["devices"],
+                use_gpu=res["gpus"] > 0,
+                resources_per_worker={"CPU": res["cpus"], "GPU": res["gpus"]}
+                if res["gpus"] > 0
+                else {"CPU": res["cpus"]},
+            ),
+            run_config=TrainRunConfig(name=pack["run_names"][0], storage_path=pack["train_storage"]),
+        )
+        trainer.fit()
+    m = read_metrics(Path(run_dir)) or {}
+    tune.report(
+        {
+            "done": 1,
+            "ok": int(m.get("status") == "ok"),
+            "failed": int(m.get("status") != "ok"),
+            "epoch": int(m.get("epochs_done") or 0),
+            "score": float(m.get("val_acc") or m.get("test_acc") or 0.0),
+        }
+    )
+
+
+def _deepspeed_worker(conf: dict[str, Any]) -> None:
+    from synqt.deepspeed_trial import train_worker
+
+    train_worker(conf["cfg"], conf["run_dir"])
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+
+
+def _start_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to `address` / RAY_ADDRESS, or start a local cluster. True when we started it."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {
+        "env_vars": {
+            "PYTHONPATH": os.pathsep.join(
+                p for p in [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")] if p
+            )
+        }
+    }
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            runtime_env=env,
+            log_to_driver=True,
+        )
+    return True
+
+
+def _payload(sweep: Sweep, trials: list[PlannedTrial]) -> list[dict[str, Any]]:
+    out = []
+    for p in packs_of(trials):
+        out.append(
+            {
+                "cfgs": [t.config for t in p],
+                "run_dirs": [str(t.run_dir(sweep)) for t in p],
+                "run_names": [t.run_name for t in p],
+                "hparams": [dict(t.hparams) for t in p],
+                "devices": sweep.resources["devices"],
+                "resources": dict(sweep.resources),
+                "train_storage": str(sweep.sweep_dir / "_ray" / "train"),
+            }
+        )
+    return out
+
+
+def _trial_resources(sweep: Sweep) -> dict[str, float]:
+    res = sweep.resources
+    if res["devices"] > 1:  # the workers hold the resources; the Tune trial only drives them
+        return {"cpu": 0.01}
+    return {"cpu": float(res["cpus"]), "gpu": float(res["gpus"])}
+
+
+def _run_stage(
+    sweep: Sweep, stage: str, trials: list[PlannedTrial], backbones: dict[str, Any], resume: bool
+) -> list[tuple[str, str]]:
+    """Run one stage's packs as Tune trials (restoring the stage's Tuner on --resume); return failures."""
+    from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
+
+    payload = _payload(sweep, trials)
+    refs = {k: v for k, v in backbones.items() if v is not None}
+    fail_once = os.environ.get(FAIL_ONCE_ENV)
+    trainable = tune.with_resources(
+        tune.with_parameters(pack_trainable, packs=payload, backbones=refs, fail_once=fail_once),
+        _trial_resources(sweep),
+    )
+    storage = sweep.sweep_dir / "_ray"
+    exp_dir = storage / stage
+    print(f"synqt sweep: stage {stage}: {len(trials)} trial(s) in {len(payload)} Ray trial(s)", flush=True)
+    if resume and Tuner.can_restore(str(exp_dir)):
+        tuner = Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = None
+        if sweep.asha and stage == "search":
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(time_attr="epoch", metric="score", mode="max", **sweep.asha)
+        names = [
+            p["run_names"][0] + (f"+{len(p['run_names']) - 1}" if len(p["run_names"]) > 1 else "")
+            for p in payload
+        ]
+        tuner = Tuner(
+            trainable,
+            param_space={"pack": tune.grid_search(list(range(len(payload))))},
+            tune_config=TuneConfig(
+                max_concurrent_trials=sweep.max_concurrent,
+                scheduler=scheduler,
+                trial_name_creator=lambda t: names[t.config["pack"]],
+                trial_dirname_creator=lambda t: f"pack{t.config['pack']:04d}",
+            ),
+            run_config=RunConfig(
+                name=stage,
+                storage_path=str(storage),
+                verbose=1,
+                failure_config=FailureConfig(max_failures=sweep.retries),
+            ),
+        )
+    grid = tuner.fit()
+    failures: list[tuple[str, str]] = []
+    errored: set[str] = set()
+    for res in grid:
+        if res.error is not None:
+            idx = (res.config or {}).get("pack")
+            members = payload[idx]["run_names"] if idx is not None and idx < len(payload) else ["?"]
+            for name in members:
+                m = read_metrics(sweep.sweep_dir / "runs" / name)
+                if not (m and m.get("status") == "ok"):
+                    errored.add(name)
+                    failures.append((name, f"{type(res.error).__name__}: {str(res.error).strip()[-500:]}"))
+    for t in trials:
+        if t.run_name in errored:
+            continue
+        m = read_metrics(t.run_dir(sweep))
+        if m is None:
+            if not (sweep.asha and stage == "search"):  # ASHA-stopped trials have no metrics
+                failures.append((t.run_name, "no metrics.json was written"))
+        elif m.get("status") != "ok":
+            failures.append((t.run_name, str(m.get("error"))))
+    return failures
+
+
+def _write_full_plan(sweep: Sweep, stage1: list[PlannedTrial], stage2: list[PlannedTrial]) -> None:
+    d = plan_dict(sweep, stage1 + stage2, stage2_pending=False)
+    for i, t in enumerate(d["trials"]):
+        t["index"] = i
+    atomic_write_json(sweep.sweep_dir / "plan.json", d)
+
+
+def run_sweep(
+    sweep: Sweep, plan: list[PlannedTrial], *, address: str | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """Run every stage of a planned, validated sweep on Ray, then aggregate. Returns {"ok", "failed", ...}.
+
+    vtab protocol: stage 1 (`plan`), then the best val200 grid point per dataset is retrained with every
+    seed (stage 2), in one call; --resume restores whichever stage's Tuner exists.
+    """
+    t0 = time.time()
+    started = _start_ray(address)
+    failures: list[tuple[str, str]] = []
+    try:
+        backbones = shared_backbones(plan)
+        refs = dict(backbones)
+        failures += _run_stage(sweep, plan[0].stage if plan else "final", plan, refs, resume)
+        if sweep.protocol == "vtab" and "final" in stage_names(sweep):
+            best = select_best(sweep, plan)
+            for d in sweep.datasets:
+                if d in best:
+                    print(f"synqt sweep: {d}: selected {best[d] or 'the only point'} on val200", flush=True)
+                else:
+                    failures.append((f"final-{d}", "no stage-1 run finished; stage 2 skipped"))
+            stage2 = plan_trials(sweep, "final", best=best)
+            _write_full_plan(sweep, plan, stage2)
+            if stage2:
+                refs = shared_backbones(stage2, refs)
+                failures += _run_stage(sweep, "final", stage2, refs, resume)
+    finally:
+        if started:
+            ray.shutdown()
+    results = None
+    try:
+        from launcher.aggregate import aggregate, format_table
+
+        results = aggregate(sweep.sweep_dir)
+        print(format_table(results), flush=True)
+    except ImportError as err:  # pragma: no cover - aggregate.py is another module
+        print(f"synqt sweep: aggregation unavailable: {err}", file=sys.stderr)
+    if failures:
+        print(f"synqt sweep: {len(failures)} trial(s) failed:", file=sys.stderr)
+        for name, err in failures:
+            print(f"  {name}: {err}", file=sys.stderr)
+    print(f"synqt sweep: {sweep.sweep_dir} ({time.time() - t0:.0f} s)", flush=True)
+    return {"ok": not failures, "failed": failures, "results": results, "sweep_dir": str(sweep.sweep_dir)}

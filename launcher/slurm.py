@@ -1,0 +1,145 @@
+"""`synqt slurm ...`: the job-array path (one SLURM array task per trial, no Ray).
+
+The scripts in slurm/ stay the source of truth; this module only plans, submits and runs one
+array index. Array task i runs trial i of the same plan `synqt sweep FILE --dry-run` prints, with
+the single-trial engine, resuming from the run directory's checkpoint (so a requeued or
+resubmitted task continues, and a finished one is skipped).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from synqt.errors import ConfigError, SynQTError
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+ARRAY_SCRIPT = REPO_DIR / "slurm" / "vtab_array.sh"
+SWEEP_SCRIPT = REPO_DIR / "slurm" / "vtab.sh"
+
+
+def _plan(sweep_file: str, overrides: list[str], *, prepare: bool) -> tuple[Any, list[Any]]:
+    """The sweep and its stage-1 plan, exactly as `synqt sweep FILE --dry-run` computes it."""
+    from launcher.sweep import load_sweep, plan_trials, prepare_demo_assets
+
+    sweep = load_sweep(sweep_file, overrides)
+    if sweep.protocol != "paper":
+        raise ConfigError(
+            f"{sweep_file}: protocol={sweep.protocol!r}; the SLURM array runs the paper protocol only "
+            f"(its stage 2 depends on stage-1 results): use `sbatch slurm/vtab.sh {sweep_file} ...`"
+        )
+    if prepare:
+        prepare_demo_assets(sweep)
+    return sweep, plan_trials(sweep)
+
+
+def _synqt_command() -> list[str]:
+    """How a job calls synqt: the console script on PATH, else this interpreter's module."""
+    exe = shutil.which("synqt")
+    return [exe] if exe else [sys.executable, "-m", "launcher.cli"]
+
+
+def array_commands(
+    sweep_file: str,
+    overrides: list[str],
+    *,
+    n_trials: int,
+    sweep_dir: str | Path,
+    concurrency: int | None,
+    sbatch_args: str = "",
+    array_job_id: str = "<ARRAY_JOB_ID>",
+) -> tuple[list[str], list[str]]:
+    """The two sbatch command lines: the array over the plan, and the aggregate job after it."""
+    if n_trials < 1:
+        raise ConfigError(f"{sweep_file}: the plan has no trials; nothing to submit")
+    if concurrency is not None and concurrency < 1:
+        raise ConfigError(f"--concurrency {concurrency}: expected a positive integer")
+    extra = shlex.split(sbatch_args)
+    array = f"0-{n_trials - 1}" + (f"%{concurrency}" if concurrency else "")
+    script = Path(os.environ.get("SYNQT_ARRAY_SCRIPT", ARRAY_SCRIPT))
+    first = ["sbatch", "--parsable", f"--array={array}", *extra, str(script), sweep_file, *overrides]
+    wrap = shlex.join([*_synqt_command(), "aggregate", str(sweep_dir)])
+    second = [
+        "sbatch", "--parsable", f"--dependency=afterany:{array_job_id}", "--job-name=synqt-aggregate",
+        "--ntasks=1", "--cpus-per-task=1", "--output=%x-%j.out", *extra, f"--wrap={wrap}",
+    ]
+    return first, second
+
+
+def _sbatch(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as err:
+        raise SynQTError("sbatch not found on PATH: run this on a SLURM login node (or use --print)") from err
+    if out.returncode != 0:
+        raise SynQTError(f"{shlex.join(cmd)} failed ({out.returncode}): {out.stderr.strip()}")
+    job_id = out.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise SynQTError(f"{shlex.join(cmd)}: expected a job id from sbatch --parsable, got {out.stdout!r}")
+    return job_id
+
+
+def submit_array(
+    sweep_file: str,
+    overrides: list[str],
+    *,
+    print_only: bool = False,
+    concurrency: int | None = None,
+    sbatch_args: str = "",
+) -> int:
+    """Submit slurm/vtab_array.sh over the plan (0..n-1 % concurrency) + a dependent aggregate job."""
+    from launcher.sweep import write_plan
+
+    sweep, trials = _plan(sweep_file, overrides, prepare=False)
+    if concurrency is None:
+        concurrency = sweep.max_concurrent
+    first, second = array_commands(
+        sweep_file, overrides, n_trials=len(trials), sweep_dir=sweep.sweep_dir,
+        concurrency=concurrency, sbatch_args=sbatch_args,
+    )
+    if print_only:
+        print(f"# {len(trials)} trial(s) of {sweep_file} -> {sweep.sweep_dir}")
+        print(shlex.join(first))
+        print(shlex.join(second).replace(shlex.quote("--dependency=afterany:<ARRAY_JOB_ID>"),
+                                         "--dependency=afterany:$ARRAY_JOB_ID"))
+        return 0
+    if not (sweep.sweep_dir / "plan.json").is_file():
+        write_plan(sweep, trials, False)  # `synqt status` and the aggregate read it
+    array_id = _sbatch(first)
+    _, second = array_commands(
+        sweep_file, overrides, n_trials=len(trials), sweep_dir=sweep.sweep_dir,
+        concurrency=concurrency, sbatch_args=sbatch_args, array_job_id=array_id,
+    )
+    agg_id = _sbatch(second)
+    at_once = concurrency or len(trials)
+    print(f"submitted array job {array_id} ({len(trials)} trial(s), at most {at_once} at once)")
+    print(f"submitted aggregate job {agg_id} (runs after {array_id}; writes {sweep.sweep_dir}/results.*)")
+    print(f"watch: squeue -j {array_id},{agg_id}   synqt status {sweep.sweep_dir}")
+    return 0
+
+
+def run_array_task(sweep_file: str, index: int, overrides: list[str]) -> int:
+    """Run trial `index` of the plan with the single-trial engine (resuming from its run dir)."""
+    from launcher.sweep import write_plan
+    from synqt.engine import run_trial
+
+    sweep, trials = _plan(sweep_file, overrides, prepare=True)
+    if not 0 <= index < len(trials):
+        raise ConfigError(
+            f"{sweep_file}: trial index {index} out of range; the plan has {len(trials)} trial(s) "
+            f"(0..{len(trials) - 1})"
+        )
+    if not (sweep.sweep_dir / "plan.json").is_file():
+        write_plan(sweep, trials, False)  # atomic: concurrent tasks write the same content
+    trial = trials[index]
+    run_dir = trial.run_dir(sweep)
+    print(f"[synqt slurm task] {index}/{len(trials)}: {trial.run_name} -> {run_dir}", flush=True)
+    metrics = run_trial(trial.config, run_dir, resume=True)
+    status = metrics.get("status")
+    print(f"[synqt slurm task] {trial.run_name}: {status}", flush=True)
+    return 0 if status == "ok" else 1

@@ -1,0 +1,923 @@
+"""Sweep files, overrides, the trial plan, packs and the dry-run text.
+
+Nothing here imports ray: the plan, the validation and `--dry-run` must work (and fail fast on a
+bad sweep file or a missing dataset) before any cluster resource is requested. Execution lives in
+`launcher.ray_backend`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from synqt.errors import ConfigError, DataError
+from synqt.fileio import atomic_write_json, atomic_write_text
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+SWEEP_DIR = REPO_DIR / "configs" / "sweeps"
+
+PROTOCOLS = ("paper", "vtab")
+SEARCHES = ("grid", "random")
+DEFAULT_SEEDS = {"paper": [42], "vtab": [42, 44, 82, 100, 800]}
+VTAB_GROUPS = {"natural": "Natural", "specialized": "Specialized", "structured": "Structured"}
+DATASET_GROUPS = ("vtab1k", *VTAB_GROUPS, "fgvc", "demo")
+RESOURCE_KEYS = ("cpus", "gpus", "devices")
+ASHA_KEYS = ("max_t", "grace_period", "reduction_factor")
+# Settings a pack's branches may differ in; every other TrialConfig key must agree within a pack
+# (the engine shares one data stream and one frozen forward pass between branches).
+BRANCH_KEYS = frozenset(
+    {
+        "token_nums",
+        "feat_scale",
+        "attn_scale",
+        "ffn_scale",
+        "lr",
+        "min_lr",
+        "weight_decay",
+        "warmup_epochs",
+        "seed",
+        "init_seed",
+    }
+)
+# Short names used in run names; other keys use their name without underscores.
+SHORT = {
+    "lr": "lr",
+    "weight_decay": "wd",
+    "token_nums": "T",
+    "feat_scale": "fs",
+    "attn_scale": "as",
+    "ffn_scale": "ffs",
+    "batch_size": "bs",
+    "epochs": "ep",
+    "drop_path_rate": "dpr",
+    "memory_mode": "mem",
+    "min_lr": "minlr",
+    "warmup_epochs": "wu",
+}
+MAX_AUTO_PACK = 8
+DEFAULT_TRAIN_IMAGES = 1000
+
+
+@dataclass
+class Sweep:
+    """A resolved sweep file (after overrides). Field names are the sweep file keys."""
+
+    name: str = "sweep"
+    datasets: list[str] = field(default_factory=list)
+    protocol: str = "paper"
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    search: str = "grid"
+    num_samples: int | None = None
+    asha: dict[str, Any] | None = None
+    seeds: list[int] | None = None
+    resources: dict[str, Any] = field(default_factory=lambda: {"cpus": 1, "gpus": 0, "devices": 1})
+    max_concurrent: int | None = None
+    storage_path: str = "runs"
+    data_root: str | None = None
+    checkpoint: str | None = None
+    pack: str | int = "off"
+    pack_memory_gb: float | None = None
+    trial: dict[str, Any] = field(default_factory=dict)
+    per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retries: int = 2
+    demo_assets: bool = False
+    source: str = "<sweep>"
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.storage_path) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+SWEEP_KEYS = tuple(f.name for f in dataclasses.fields(Sweep) if f.name != "source")
+
+
+@dataclass
+class PlannedTrial:
+    """One (dataset, grid point, seed, stage) run: its name, settings and resolved TrialConfig."""
+
+    index: int
+    run_name: str
+    dataset: str
+    seed: int
+    stage: str
+    hparams: dict[str, Any]
+    config: Any  # synqt.config.TrialConfig
+    pack: int = -1
+
+    def run_dir(self, sweep: Sweep) -> Path:
+        return sweep.sweep_dir / "runs" / self.run_name
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "run_name": self.run_name,
+            "stage": self.stage,
+            "dataset": self.dataset,
+            "seed": self.seed,
+            "hparams": self.hparams,
+            "epochs": self.config.epochs,
+            "pack": self.pack,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# sweep file + overrides
+
+
+def _trial_keys() -> list[str]:
+    from synqt.config import TrialConfig
+
+    return [f.name for f in dataclasses.fields(TrialConfig)]
+
+
+def _parse_value(text: str, key: str) -> Any:
+    from synqt.config import yaml_load
+
+    return yaml_load(text, f"command line {key}={text}") if text.strip() != "" else None
+
+
+def _set_dotted(d: dict[str, Any], parts: list[str], value: Any, where: str) -> None:
+    for part in parts[:-1]:
+        sub = d.get(part)
+        if sub is None:
+            sub = d[part] = {}
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{where}: {'.'.join(parts)!r}: {part!r} is not a mapping")
+        d = sub
+    d[parts[-1]] = value
+
+
+def apply_sweep_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` overrides: sweep keys (dotted into mappings) or TrialConfig keys (-> `trial`)."""
+    raw = json.loads(json.dumps(raw, default=str)) if raw else {}
+    trial_keys = _trial_keys()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        value = _parse_value(text, key)
+        if parts[0] in SWEEP_KEYS:
+            _set_dotted(raw, parts, value, "command line")
+        elif parts[0] in trial_keys:
+            trial = raw.setdefault("trial", {}) or {}
+            raw["trial"] = trial
+            _set_dotted(trial, parts, value, "command line")
+        else:
+            raise ConfigError(
+                f"command line: unknown key {parts[0]!r}; sweep keys: {', '.join(SWEEP_KEYS)}; "
+                f"trial keys: {', '.join(trial_keys)}"
+            )
+    return raw
+
+
+def _expect(cond: bool, source: str, key: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"{source}: key {key!r} has value {value!r}; expected {expected}")
+
+
+def _check_trial_mapping(mapping: Any, source: str, key: str, trial_keys: list[str]) -> dict[str, Any]:
+    if mapping is None:
+        return {}
+    _expect(isinstance(mapping, dict), source, key, mapping, "a mapping of TrialConfig keys")
+    for k in mapping:
+        if k not in trial_keys:
+            raise ConfigError(
+                f"{source}: unknown trial key {k!r} under {key!r}; allowed keys: {', '.join(trial_keys)}"
+            )
+    return dict(mapping)
+
+
+def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
+    """Check every key and type of a sweep mapping and build a `Sweep` (strict: unknown keys refused)."""
+    _expect(isinstance(raw, dict), source, "<top level>", raw, "a mapping of sweep keys")
+    for key in raw:
+        if key not in SWEEP_KEYS:
+            raise ConfigError(f"{source}: unknown key {key!r}; allowed keys: {', '.join(SWEEP_KEYS)}")
+    trial_keys = _trial_keys()
+    s = Sweep(source=source)
+    if "name" in raw:
+        _expect(
+            isinstance(raw["name"], str) and re.fullmatch(r"[A-Za-z0-9._-]+", raw["name"] or "") is not None,
+            source,
+            "name",
+            raw["name"],
+            "a folder name (letters, digits, . _ -)",
+        )
+        s.name = raw["name"]
+    ds = raw.get("datasets", [])
+    if isinstance(ds, str):
+        ds = [d.strip() for d in ds.split(",") if d.strip()]
+    _expect(
+        isinstance(ds, list) and ds and all(isinstance(d, str) for d in ds),
+        source,
+        "datasets",
+        ds,
+        "a non-empty list of dataset names or groups (" + ", ".join(DATASET_GROUPS) + ")",
+    )
+    s.datasets = list(ds)
+    s.protocol = raw.get("protocol", "paper")
+    _expect(s.protocol in PROTOCOLS, source, "protocol", s.protocol, " or ".join(PROTOCOLS))
+    grid = raw.get("grid") or {}
+    _expect(isinstance(grid, dict), source, "grid", grid, "a mapping: TrialConfig key -> list of values")
+    for k, values in grid.items():
+        if k not in trial_keys:
+            raise ConfigError(
+                f"{source}: grid key {k!r} is not a TrialConfig key; allowed keys: {', '.join(trial_keys)}"
+            )
+        if k in ("seed", "dataset", "stage", "protocol"):
+            raise ConfigError(
+                f"{source}: grid key {k!r} is set by the sweep itself (use `seeds`, `datasets`, `protocol`)"
+            )
+        if not isinstance(values, list):
+            values = [values]
+        _expect(len(values) > 0, source, f"grid.{k}", values, "a non-empty list")
+        grid[k] = values
+    s.grid = dict(grid)
+    s.search = raw.get("search", "grid")
+    _expect(s.search in SEARCHES, source, "search", s.search, " or ".join(SEARCHES))
+    s.num_samples = raw.get("num_samples")
+    if s.num_samples is not None:
+        _expect(
+            isinstance(s.num_samples, int) and s.num_samples > 0,
+            source,
+            "num_samples",
+            s.num_samples,
+            "a positive integer",
+        )
+    _expect(
+        s.search == "grid" or s.num_samples is not None,
+        source,
+        "num_samples",
+        None,
+        "a positive integer with search: random",
+    )
+    asha = raw.get("asha")
+    if asha is not None:
+        _expect(
+            isinstance(asha, dict), source, "asha", asha, "a mapping {max_t, grace_period, reduction_factor}"
+        )
+        for k in asha:
+            if k not in ASHA_KEYS:
+                raise ConfigError(
+                    f"{source}: unknown key {k!r} under 'asha'; allowed keys: {', '.join(ASHA_KEYS)}"
+                )
+        for k, v in asha.items():
+            _expect(isinstance(v, int | float) and v > 0, source, f"asha.{k}", v, "a positive number")
+        _expect(
+            s.protocol == "vtab", source, "asha", asha, "only with protocol: vtab (it stops stage-1 trials)"
+        )
+        s.asha = dict(asha)
+    seeds = raw.get("seeds")
+    if seeds is None:
+        seeds = list(DEFAULT_SEEDS[s.protocol])
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    _expect(
+        isinstance(seeds, list)
+        and seeds
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+        and len(set(seeds)) == len(seeds),
+        source,
+        "seeds",
+        seeds,
+        "a non-empty list of distinct integers",
+    )
+    s.seeds = list(seeds)
+    res = dict(s.resources)
+    given = raw.get("resources") or {}
+    _expect(isinstance(given, dict), source, "resources", given, "a mapping {cpus, gpus, devices}")
+    for k in given:
+        if k not in RESOURCE_KEYS:
+            raise ConfigError(
+                f"{source}: unknown key {k!r} under 'resources'; allowed keys: {', '.join(RESOURCE_KEYS)}"
+            )
+    res.update(given)
+    _expect(
+        isinstance(res["cpus"], int | float) and res["cpus"] > 0,
+        source,
+        "resources.cpus",
+        res["cpus"],
+        "a number > 0",
+    )
+    _expect(
+        isinstance(res["gpus"], int | float) and res["gpus"] >= 0,
+        source,
+        "resources.gpus",
+        res["gpus"],
+        "a number >= 0 (fractions share a GPU)",
+    )
+    _expect(
+        res["gpus"] <= 1 or float(res["gpus"]).is_integer(),
+        source,
+        "resources.gpus",
+        res["gpus"],
+        "a fraction <= 1 or a whole number",
+    )
+    _expect(
+        isinstance(res["devices"], int) and res["devices"] >= 1,
+        source,
+        "resources.devices",
+        res["devices"],
+        "an integer >= 1 (> 1: one trial over several DeepSpeed processes)",
+    )
+    s.resources = res
+    mc = raw.get("max_concurrent")
+    _expect(
+        mc is None or (isinstance(mc, int) and mc > 0), source, "max_concurrent", mc, "a positive integer"
+    )
+    s.max_concurrent = mc
+    sp = raw.get("storage_path", s.storage_path)
+    _expect(isinstance(sp, str) and sp != "", source, "storage_path", sp, "a folder path")
+    s.storage_path = str(Path(os.path.expanduser(sp)).absolute())
+    for k in ("data_root", "checkpoint"):
+        v = raw.get(k)
+        _expect(v is None or isinstance(v, str), source, k, v, "a path")
+        setattr(s, k, str(Path(os.path.expanduser(v)).absolute()) if v else None)
+    pack = raw.get("pack", "off")
+    if isinstance(pack, bool):
+        pack = "auto" if pack else "off"
+    _expect(
+        pack in ("auto", "off") or (isinstance(pack, int) and pack >= 1),
+        source,
+        "pack",
+        pack,
+        "auto, off or a pack size >= 1",
+    )
+    s.pack = pack
+    pm = raw.get("pack_memory_gb")
+    _expect(
+        pm is None or (isinstance(pm, int | float) and pm > 0), source, "pack_memory_gb", pm, "a number > 0"
+    )
+    s.pack_memory_gb = pm
+    s.trial = _check_trial_mapping(raw.get("trial"), source, "trial", trial_keys)
+    pdm = raw.get("per_dataset") or {}
+    _expect(isinstance(pdm, dict), source, "per_dataset", pdm, "a mapping dataset -> TrialConfig overrides")
+    s.per_dataset = {
+        d: _check_trial_mapping(v, source, f"per_dataset.{d}", trial_keys) for d, v in pdm.items()
+    }
+    r = raw.get("retries", 2)
+    _expect(isinstance(r, int) and r >= 0, source, "retries", r, "an integer >= 0")
+    s.retries = r
+    da = raw.get("demo_assets", False)
+    _expect(isinstance(da, bool), source, "demo_assets", da, "true or false")
+    s.demo_assets = da
+    s.datasets = expand_datasets(s.datasets, source)
+    for d in s.per_dataset:
+        if d not in s.datasets:
+            raise ConfigError(
+                f"{source}: per_dataset names {d!r}, which is not among the sweep's datasets "
+                f"({', '.join(s.datasets)})"
+            )
+    return s
+
+
+def resolve_sweep_path(path: str | Path) -> Path:
+    """A sweep file path, or a bare name of a shipped sweep (`demo` -> configs/sweeps/demo.yaml)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = SWEEP_DIR / (p.name if p.suffix else f"{p.name}.yaml")
+    if shipped.is_file() and len(p.parts) == 1:
+        return shipped
+    raise ConfigError(
+        f"sweep file {str(path)!r} does not exist (shipped sweeps: "
+        f"{', '.join(sorted(q.stem for q in SWEEP_DIR.glob('*.yaml')))})"
+    )
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+    """Read a sweep YAML file strictly and apply command-line overrides."""
+    p = resolve_sweep_path(path)
+    from synqt.config import load_yaml_file
+
+    raw = load_yaml_file(p)
+    # Check the file alone first, so an error names the file rather than the command line.
+    for key in raw:
+        if key not in SWEEP_KEYS:
+            raise ConfigError(f"{p}: unknown key {key!r}; allowed keys: {', '.join(SWEEP_KEYS)}")
+    src = str(p) if not overrides else f"{p} (+ command line)"
+    return sweep_from_dict(apply_sweep_overrides(raw, list(overrides or [])), src)
+
+
+def expand_datasets(entries: list[str], source: str = "<sweep>") -> list[str]:
+    """Dataset names and group names -> a list of dataset names (order kept, duplicates dropped)."""
+    from synqt.config import list_datasets
+
+    out: list[str] = []
+    for entry in entries:
+        key = entry.lower()
+        if key == "vtab1k":
+            names = list_datasets(benchmark="vtab1k")
+        elif key in VTAB_GROUPS:
+            names = list_datasets(group=VTAB_GROUPS[key])
+        elif key == "fgvc":
+            names = list_datasets(benchmark="fgvc")
+        elif key == "demo":
+            from synqt.synthetic import DEMO_TASKS
+
+            names = list(DEMO_TASKS)
+        else:
+            names = [entry]
+        if not names:
+            raise ConfigError(f"{source}: dataset group {entry!r} has no datasets")
+        out.extend(n for n in names if n not in out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# plan
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, dict | list):
+        v = json.dumps(v, sort_keys=True)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "", str(v)) or "x"
+
+
+def hparam_short(hp: dict[str, Any]) -> str:
+    """Readable, deterministic tag of a grid point: {'lr': 0.001, 'weight_decay': 0.01} -> lr0.001_wd0.01."""
+    if not hp:
+        return "default"
+    return "_".join(f"{SHORT.get(k, k.replace('_', ''))}{_fmt(v)}" for k, v in hp.items())
+
+
+def grid_points(sweep: Sweep) -> list[dict[str, Any]]:
+    """Grid points in grid order (the first key varies slowest); random search samples distinct points."""
+    keys = list(sweep.grid)
+    points = [
+        dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(sweep.grid[k] for k in keys))
+    ]
+    if sweep.search == "random" and sweep.num_samples is not None and sweep.num_samples < len(points):
+        chosen = sorted(random.Random(0).sample(range(len(points)), sweep.num_samples))
+        points = [points[i] for i in chosen]
+    return points or [{}]
+
+
+def _merge(into: dict[str, Any], layer: dict[str, Any]) -> None:
+    """Layer TrialConfig values; dict values (backbone_kwargs) merge key by key."""
+    for k, v in layer.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            into[k] = {**into[k], **v}
+        else:
+            into[k] = v
+
+
+def trial_config(sweep: Sweep, dataset: str, hparams: dict[str, Any], seed: int, stage: str) -> Any:
+    """One trial's TrialConfig: base < shipped dataset config < sweep `trial` < per_dataset < grid < sweep."""
+    from synqt.config import config_from_dict, config_to_dict, load_config
+
+    where = f"{sweep.source}: dataset {dataset!r}" + (f", grid point {hparams}" if hparams else "")
+    try:
+        values = config_to_dict(load_config([], [f"dataset={dataset}"]))
+        for layer in (sweep.trial, sweep.per_dataset.get(dataset, {}), hparams):
+            _merge(values, layer)
+        fixed: dict[str, Any] = {"dataset": dataset, "seed": seed, "stage": stage, "protocol": sweep.protocol}
+        if sweep.data_root:
+            fixed["data_root"] = sweep.data_root
+        if sweep.checkpoint:
+            fixed["checkpoint"] = sweep.checkpoint
+        if sweep.resources["devices"] > 1:
+            fixed["trainer"] = "deepspeed"
+            fixed["num_devices"] = sweep.resources["devices"]
+        values.update(fixed)
+        return config_from_dict(values, where)
+    except ConfigError as err:
+        msg = str(err)
+        raise ConfigError(msg if msg.startswith(sweep.source) else f"{where}: {msg}") from None
+
+
+def stage_names(sweep: Sweep) -> list[str]:
+    return ["search", "final"] if sweep.protocol == "vtab" else ["final"]
+
+
+def plan_trials(
+    sweep: Sweep,
+    stage: str | None = None,
+    best: dict[str, dict[str, Any]] | None = None,
+) -> list[PlannedTrial]:
+    """Every trial of a stage (None: paper -> all; vtab -> stage 1) with its pack number.
+
+    vtab stage `final` needs the selected grid point per dataset: `best` (dataset -> hparams), or
+    read from the stage-1 metrics.json files (`select_best`). Datasets without a selection are left out.
+    """
+    if stage is None:
+        stage = stage_names(sweep)[0]
+    if stage not in ("search", "final"):
+        raise ConfigError(f"stage {stage!r}: expected search or final")
+    if sweep.protocol == "paper" and stage == "search":
+        raise ConfigError(f"{sweep.source}: the paper protocol has no search stage")
+    points = grid_points(sweep)
+    trials: list[PlannedTrial] = []
+    if sweep.protocol == "vtab" and stage == "search":
+        combos = [(d, hp, sweep.seeds[0]) for d in sweep.datasets for hp in points]
+    elif sweep.protocol == "vtab":
+        if best is None:
+            best = select_best(sweep)
+        combos = [(d, best[d], s) for d in sweep.datasets if d in best for s in sweep.seeds]
+    else:
+        combos = [(d, hp, s) for d in sweep.datasets for hp in points for s in sweep.seeds]
+    for d, hp, seed in combos:
+        name = f"{stage}-{d}-{hparam_short(hp)}-s{seed}"
+        cfg = trial_config(sweep, d, hp, seed, stage)
+        trials.append(PlannedTrial(len(trials), name, d, seed, stage, dict(hp), cfg))
+    names = [t.run_name for t in trials]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(
+            f"{sweep.source}: grid values give identical run names {dup[:3]}; use distinct values"
+        )
+    assign_packs(sweep, trials)
+    return trials
+
+
+def select_best(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> dict[str, dict[str, Any]]:
+    """Stage-1 winner per dataset: highest val_acc; ties -> the grid point first in grid order.
+
+    Runs without an ok metrics.json (failed, or stopped early by ASHA) take no part.
+    """
+    if trials is None:
+        trials = plan_trials(sweep, "search")
+    best: dict[str, tuple[float, int, dict[str, Any]]] = {}
+    for t in trials:
+        m = read_metrics(t.run_dir(sweep))
+        if not m or m.get("status") != "ok" or m.get("val_acc") is None:
+            continue
+        key = (float(m["val_acc"]), -t.index)
+        if t.dataset not in best or key > best[t.dataset][:2]:
+            best[t.dataset] = (key[0], key[1], t.hparams)
+    return {d: v[2] for d, v in best.items()}
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# packs
+
+
+def pack_key(cfg: Any) -> str:
+    """Everything a pack's branches must share (the TrialConfig minus per-branch settings)."""
+    from synqt.config import config_to_dict
+
+    d = config_to_dict(cfg)
+    d["data_seed"] = d.get("data_seed") if d.get("data_seed") is not None else d.get("seed")
+    return json.dumps({k: v for k, v in d.items() if k not in BRANCH_KEYS}, sort_keys=True, default=str)
+
+
+def estimate_memory(cfg: Any, n_branches: int) -> float:
+    """Peak training memory (bytes) of a pack: synqt.bench's estimate if present, else a formula.
+
+    Formula: the frozen stream's saved activations (~12 floats per token and channel per block,
+    independent of the pack size in `keep` mode) + per branch its query path (~40 floats per query
+    token, channel and block), 2.6M trainable parameters x 16 bytes (weights, grads, AdamW) and logits.
+    """
+    try:
+        from synqt.bench import estimate_trial_memory  # type: ignore[attr-defined]
+    except ImportError:
+        estimate_trial_memory = None
+    if estimate_trial_memory is not None:
+        return float(estimate_trial_memory(cfg, n_branches))
+    kw = cfg.backbone_kwargs or {}
+    size = cfg.image_size or kw.get("img_size", 224)
+    patch = kw.get("patch_size", 16)
+    dims = {"tiny": (192, 12), "small": (384, 12), "base": (768, 12), "large": (1024, 24), "huge": (1280, 32)}
+    c, depth = next((v for k, v in dims.items() if k in cfg.backbone), (768, 12))
+    c, depth = kw.get("embed_dim", c), kw.get("depth", depth)
+    tokens = (size // patch) ** 2 + 1
+    micro = cfg.batch_size // max(1, cfg.grad_accum_steps)
+    frozen = micro * tokens * c * depth * 12 * 4
+    if cfg.memory_mode == "recompute":
+        frozen //= depth
+    branch = micro * cfg.token_nums * c * depth * 40 * 4 + (2.6e6 * (c / 768) ** 2) * 16
+    weights = 86e6 * (c / 768) ** 2 * (depth / 12) * 4
+    return weights + frozen + n_branches * branch
+
+
+def auto_pack_size(sweep: Sweep, cfg: Any) -> int:
+    """Largest pack (<= 8) whose estimate fits the trial's memory budget.
+
+    Budget: `pack_memory_gb` if set, else 16 GB per whole GPU (x resources.gpus), else 4 GB per CPU.
+    """
+    if sweep.pack_memory_gb:
+        budget = sweep.pack_memory_gb * 2**30
+    elif sweep.resources["gpus"] > 0:
+        budget = sweep.resources["gpus"] * 16 * 2**30
+    else:
+        budget = sweep.resources["cpus"] * 4 * 2**30
+    n = 1
+    while n < MAX_AUTO_PACK and estimate_memory(cfg, n + 1) <= budget:
+        n += 1
+    return n
+
+
+def assign_packs(sweep: Sweep, trials: list[PlannedTrial]) -> list[list[PlannedTrial]]:
+    """Group trials with the same pack key (plan order kept) into packs; set each trial's `pack`."""
+    groups: dict[str, list[PlannedTrial]] = {}
+    for t in trials:
+        # ASHA stops whole Tune trials, so stage-1 trials are not packed under ASHA.
+        packing = (
+            sweep.pack != "off"
+            and sweep.resources["devices"] == 1
+            and not (sweep.asha and t.stage == "search")
+        )
+        key = pack_key(t.config) if packing else t.run_name
+        groups.setdefault(key, []).append(t)
+    packs: list[list[PlannedTrial]] = []
+    for members in groups.values():
+        size = 1
+        if sweep.pack == "auto" and len(members) > 1:
+            size = auto_pack_size(sweep, members[0].config)
+        elif isinstance(sweep.pack, int) and not isinstance(sweep.pack, bool):
+            size = sweep.pack
+        for i in range(0, len(members), size):
+            packs.append(members[i : i + size])
+    packs.sort(key=lambda p: p[0].index)
+    for i, p in enumerate(packs):
+        for t in p:
+            t.pack = i
+    return packs
+
+
+def packs_of(trials: list[PlannedTrial]) -> list[list[PlannedTrial]]:
+    out: dict[int, list[PlannedTrial]] = {}
+    for t in trials:
+        out.setdefault(t.pack, []).append(t)
+    return [out[k] for k in sorted(out)]
+
+
+# ----------------------------------------------------------------------------------------------
+# validation, plan.json, dry run
+
+
+def prepare_demo_assets(sweep: Sweep) -> None:
+    """demo_assets: create (or reuse) the cached synthetic data + pre-trained backbone; fill missing paths."""
+    if not sweep.demo_assets or (sweep.data_root and sweep.checkpoint):
+        return
+    from synqt.pretrain import ensure_demo_assets
+
+    data_root, ckpt = ensure_demo_assets()
+    sweep.data_root = sweep.data_root or str(Path(data_root).absolute())
+    sweep.checkpoint = sweep.checkpoint or str(Path(ckpt).absolute())
+
+
+def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
+    """Refuse a sweep before any Ray resource: data folders + list files, checkpoint, resources."""
+    from synqt.config import splits_for
+    from synqt.data import validate_dataset
+
+    seen: set[tuple] = set()
+    for t in trials:
+        cfg = t.config
+        if not cfg.data_root:
+            raise ConfigError(
+                f"{sweep.source}: no data_root for dataset {t.dataset!r} (set data_root=... "
+                "in the sweep file or on the command line)"
+            )
+        folder = Path(cfg.data_root) / cfg.dataset
+        if not folder.is_dir():
+            raise DataError(
+                f"dataset {t.dataset!r}: folder {folder} does not exist (data_root={cfg.data_root})"
+            )
+        splits = tuple(splits_for(cfg))
+        key = (cfg.data_root, cfg.dataset, splits, cfg.num_classes, cfg.layout)
+        if key not in seen:
+            seen.add(key)
+            try:
+                validate_dataset(cfg.data_root, cfg.dataset, list(splits), cfg.num_classes, cfg.layout)
+            except DataError as err:
+                raise DataError(f"dataset {t.dataset!r} ({folder}): {err}") from None
+        if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+            raise ConfigError(
+                f"{sweep.source}: backbone checkpoint {cfg.checkpoint} (key 'checkpoint', "
+                f"dataset {t.dataset!r}) does not exist"
+            )
+
+
+def _split_size(cfg: Any, split: str, default: int) -> int:
+    """Images in one split of a trial's dataset, from its list file, or `default` when unavailable."""
+    if not cfg.data_root:
+        return default
+    try:
+        from synqt.data import read_split
+
+        return len(read_split(cfg.data_root, cfg.dataset, split, cfg.layout))
+    except Exception:  # noqa: BLE001 - a dry run also works before the data is in place
+        return default
+
+
+def count_train_images(cfg: Any) -> int:
+    from synqt.config import splits_for
+
+    return _split_size(cfg, splits_for(cfg)[0], DEFAULT_TRAIN_IMAGES)
+
+
+def count_eval_images(cfg: Any) -> int:
+    from synqt.config import splits_for
+
+    split = splits_for(cfg)[1]
+    return _split_size(cfg, split, 200 if split == "val200" else DEFAULT_TRAIN_IMAGES)
+
+
+def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]:
+    """Images through the frozen backbone: per pack (shared stream) and as if unpacked."""
+
+    def trial_images(cfg: Any) -> int:
+        n_eval = count_eval_images(cfg)
+        if cfg.protocol == "paper":
+            evals = math.ceil(cfg.epochs / max(1, cfg.eval_every))
+        else:
+            evals = 1
+        return cfg.epochs * count_train_images(cfg) + evals * n_eval
+
+    cache: dict[str, int] = {}
+    unpacked = 0
+    packed = 0
+    for p in packs_of(trials):
+        key = pack_key(p[0].config)
+        if key not in cache:
+            cache[key] = trial_images(p[0].config)
+        unpacked += cache[key] * len(p)
+        packed += cache[key]
+    return {"unpacked": unpacked, "packed": packed}
+
+
+def plan_dict(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) -> dict[str, Any]:
+    return {
+        "name": sweep.name,
+        "protocol": sweep.protocol,
+        "datasets": sweep.datasets,
+        "sweep_dir": str(sweep.sweep_dir),
+        "seeds": sweep.seeds,
+        "grid": sweep.grid,
+        "resources": sweep.resources,
+        "pack": sweep.pack,
+        "trials": [t.summary() for t in trials],
+        "stage2_pending": stage2_pending,
+    }
+
+
+def write_plan(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) -> Path:
+    d = sweep.sweep_dir
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(d / "sweep.yaml", yaml.safe_dump(sweep.to_dict(), sort_keys=False))
+    return atomic_write_json(d / "plan.json", plan_dict(sweep, trials, stage2_pending))
+
+
+def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
+    """The human-readable plan: counts, per-dataset trials, packs, resources, estimated images."""
+    lines = [
+        f"sweep {sweep.name!r} ({sweep.source}) -> {sweep.sweep_dir}",
+        f"protocol: {sweep.protocol}; grid: {len(grid_points(sweep))} point(s) "
+        f"({', '.join(f'{k}={v}' for k, v in sweep.grid.items()) or 'none'}); seeds: {sweep.seeds}",
+    ]
+    packs = packs_of(trials)
+    stage = trials[0].stage if trials else stage_names(sweep)[0]
+    lines.append(f"stage {stage}: {len(trials)} trial(s) in {len(packs)} Ray trial(s) (pack: {sweep.pack})")
+    if sweep.protocol == "vtab":
+        lines.append(
+            f"stage final (after stage 1): {len(sweep.datasets) * len(sweep.seeds)} trial(s) "
+            f"= {len(sweep.datasets)} dataset(s) x {len(sweep.seeds)} seed(s), best val200 point each"
+        )
+    per: dict[str, int] = {}
+    for t in trials:
+        per[t.dataset] = per.get(t.dataset, 0) + 1
+    lines.append("trials per dataset:")
+    lines.extend(f"  {d:<24} {n}" for d, n in per.items())
+    res = sweep.resources
+    lines.append(
+        f"resources per Ray trial: cpus={res['cpus']} gpus={res['gpus']} devices={res['devices']}; "
+        f"max_concurrent={sweep.max_concurrent or 'as resources allow'}; retries={sweep.retries}"
+    )
+    if sweep.asha:
+        lines.append(f"ASHA on stage 1: {sweep.asha}")
+    lines.append("packs:")
+    for i, p in enumerate(packs):
+        lines.append(f"  pack {i:>3} ({len(p)}): " + ", ".join(t.run_name for t in p))
+    imgs = estimated_images(sweep, trials)
+    lines.append(
+        f"estimated images through the backbone (training epochs x train images + evals): "
+        f"{imgs['packed']:,} packed ({imgs['unpacked']:,} if every trial ran alone)"
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+
+
+def _stage2_pending(sweep: Sweep, stage: str) -> bool:
+    return sweep.protocol == "vtab" and stage == "search"
+
+
+def run_sweep_command(
+    sweep_file: str,
+    overrides: list[str],
+    *,
+    dry_run: bool = False,
+    resume: bool = False,
+    address: str | None = None,
+    as_json: bool = False,
+) -> int:
+    """`synqt sweep`: plan, validate, then run on Ray (or print the plan with dry_run)."""
+    sweep = load_sweep(sweep_file, overrides)
+    if dry_run:
+        trials = plan_trials(sweep)
+        if as_json:
+            print(
+                json.dumps(
+                    plan_dict(sweep, trials, _stage2_pending(sweep, trials[0].stage if trials else "final")),
+                    indent=2,
+                    default=str,
+                )
+            )
+        else:
+            print(dry_run_text(sweep, trials))
+        return 0
+    prepare_demo_assets(sweep)
+    trials = plan_trials(sweep)
+    validate(sweep, trials)
+    plan_file = sweep.sweep_dir / "plan.json"
+    if not resume and sweep.sweep_dir.exists() and any(sweep.sweep_dir.iterdir()):
+        raise ConfigError(
+            f"sweep folder {sweep.sweep_dir} already exists (plan: {plan_file}); continue it with "
+            f"`synqt sweep {sweep_file} ... --resume`, or choose another storage_path/name"
+        )
+    if resume and not plan_file.is_file():
+        raise ConfigError(f"--resume: no sweep at {sweep.sweep_dir} (missing {plan_file})")
+    if not (resume and _same_plan(plan_file, sweep, trials)):
+        write_plan(sweep, trials, _stage2_pending(sweep, trials[0].stage if trials else "final"))
+    from launcher.ray_backend import run_sweep
+
+    result = run_sweep(sweep, trials, address=address, resume=resume)
+    return 0 if result.get("ok") else 1
+
+
+def _same_plan(plan_file: Path, sweep: Sweep, trials: list[PlannedTrial]) -> bool:
+    """On --resume keep plan.json when stage 1 is unchanged (it may already list stage 2)."""
+    try:
+        old = json.loads(plan_file.read_text())
+    except (OSError, ValueError):
+        return False
+    names = [t["run_name"] for t in old.get("trials", [])]
+    return names[: len(trials)] == [t.run_name for t in trials]
+
+
+def run_demo(out: str | Path, overrides: list[str] | None = None) -> int:
+    """`synqt demo`: synthetic benchmark + pre-trained tiny ViT, a real local Ray sweep, the table."""
+    from synqt.pretrain import ensure_demo_assets
+
+    out = Path(out).absolute()
+    print(
+        "synqt demo: preparing the synthetic benchmark and the pre-trained demo backbone (cached) ...",
+        flush=True,
+    )
+    data_root, ckpt = ensure_demo_assets()
+    ov = [
+        f"storage_path={out}",
+        f"data_root={Path(data_root).absolute()}",
+        f"checkpoint={Path(ckpt).absolute()}",
+        *list(overrides or []),
+    ]
+    sweep = load_sweep(SWEEP_DIR / "demo.yaml", ov)
+    resume = (sweep.sweep_dir / "plan.json").is_file()
+    if resume:
+        print(f"synqt demo: continuing the demo sweep already at {sweep.sweep_dir}")
+    code = run_sweep_command(str(SWEEP_DIR / "demo.yaml"), ov, resume=resume)
+    d = sweep.sweep_dir
+    print(
+        f"\nresults: {d / 'results.md'}  chart: {d / 'results.png'}\n"
+        f"TensorBoard: tensorboard --logdir {d}   (per-run logs under {d / 'runs'}, "
+        f"sweep summary under {d / 'tensorboard'})",
+        flush=True,
+    )
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run_sweep_command(sys.argv[1], sys.argv[2:], dry_run=True))

@@ -1,0 +1,347 @@
+"""Checkpoints: backbone weights in, official SynQT state dicts in and out, trainable-only files.
+
+Conversions are explicit key maps, never patches: the official implementation's names (spec
+section 4) map one to one onto this package's modules, both ways.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from synqt.errors import ModelError
+from synqt.fileio import atomic_write, sha256_file
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_FORMAT = "synqt-trainable"
+TRAINABLE_VERSION = "1"
+
+# ---------------------------------------------------------------------------------------------------------------
+# backbone checkpoints
+
+
+def _unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise ModelError(f"checkpoint {source}: expected a state dict (a mapping of tensors), got {type(obj).__name__}")
+    out = {}
+    for key, value in obj.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        if not isinstance(value, torch.Tensor):
+            raise ModelError(f"checkpoint {source}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        out[key.removeprefix("module.")] = value
+    return out
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a PyTorch (``weights_only=True``: a checkpoint never runs code) or safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return _unwrap_state_dict(load_file(str(path)), str(path))
+    if suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle with code, or a corrupt file
+            raise ModelError(f"checkpoint {path} could not be read with weights_only=True: {err}") from err
+        return _unwrap_state_dict(obj, str(path))
+    raise ModelError(f"checkpoint {path}: unknown format {suffix!r}; expected .npz, .pth, .pt, .bin or .safetensors")
+
+
+def _npz_expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Shapes a Google ViT npz must have for ``model`` (the keys that define its geometry)."""
+    proj = model.patch_embed.proj.weight  # [C, in, ph, pw]
+    c = int(model.embed_dim)
+    blk = model.blocks[0]
+    heads = int(blk.attn.num_heads)
+    attn_dim = blk.attn.qkv.out_features // 3
+    shapes = {
+        "embedding/kernel": (proj.shape[2], proj.shape[3], proj.shape[1], proj.shape[0]),
+        "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel": (c, heads, attn_dim // heads),
+        "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel": (c, blk.mlp.fc1.out_features),
+        "Transformer/encoder_norm/scale": (c,),
+    }
+    if getattr(model, "cls_token", None) is not None:
+        shapes["cls"] = (1, 1, c)
+    return shapes
+
+
+def _load_npz(model: nn.Module, path: Path) -> None:
+    from timm.models.vision_transformer import _load_weights
+
+    with np.load(path) as npz:
+        keys = set(npz.files)
+        prefix = next((p for p in ("", "opt/target/", "params/") if f"{p}embedding/kernel" in keys), None)
+        if prefix is None:
+            raise ModelError(f"checkpoint {path}: not a Google ViT npz (no 'embedding/kernel' entry)")
+        for key, expected in _npz_expected_shapes(model).items():
+            full = prefix + key
+            if full in keys and tuple(npz[full].shape) != tuple(expected):
+                raise ModelError(
+                    f"checkpoint {path}: {full!r} has shape {tuple(npz[full].shape)} but the backbone expects "
+                    f"{tuple(expected)}"
+                )
+        depth = len({k.split("/")[1] for k in keys if k.startswith(prefix + "Transformer/encoderblock_")})
+        if depth != len(model.blocks):
+            raise ModelError(f"checkpoint {path}: has {depth} encoder blocks but the backbone has {len(model.blocks)}")
+        pos_key = prefix + "Transformer/posembed_input/pos_embedding"
+        pos_shape = tuple(npz[pos_key].shape) if pos_key in keys else None
+        if pos_shape is not None and model.pos_embed is not None and pos_shape != tuple(model.pos_embed.shape):
+            log.warning("checkpoint %s: position embedding %s resampled to %s as timm does", path,
+                        tuple(npz[pos_key].shape), tuple(model.pos_embed.shape))
+    try:
+        _load_weights(model, str(path))
+    except Exception as err:
+        raise ModelError(f"checkpoint {path}: timm's npz loader failed: {err}") from err
+
+
+def load_backbone_checkpoint(model: nn.Module, checkpoint: str | Path | Mapping[str, Any]) -> None:
+    """Load backbone weights; the checkpoint's own classifier (``head.*``, ``pre_logits``) is dropped."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    if isinstance(checkpoint, (str, Path)) and Path(checkpoint).suffix.lower() == ".npz":
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ModelError(f"checkpoint file {path} does not exist")
+        _load_npz(model, path)
+        return
+    source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "state dict"
+    raw = read_state_dict(checkpoint) if isinstance(checkpoint, (str, Path)) else _unwrap_state_dict(checkpoint, source)
+    dropped = [k for k in raw if k.startswith(("head.", "pre_logits.", "synqt."))]
+    state = {k: v for k, v in raw.items() if k not in set(dropped)}
+    if dropped:
+        log.info("checkpoint %s: not loading %d classifier/SynQT entries (%s...)", source, len(dropped), dropped[0])
+    own = model.state_dict()
+    old_pos = state.get("pos_embed")
+    state = checkpoint_filter_fn(state, model)
+    if old_pos is not None and "pos_embed" in own and tuple(old_pos.shape) != tuple(own["pos_embed"].shape):
+        log.warning("checkpoint %s: position embedding %s resampled to %s as timm does", source,
+                    tuple(old_pos.shape), tuple(own["pos_embed"].shape))
+    for key, value in state.items():
+        if key in own and tuple(value.shape) != tuple(own[key].shape):
+            raise ModelError(
+                f"checkpoint {source}: {key!r} has shape {tuple(value.shape)} but the backbone expects "
+                f"{tuple(own[key].shape)}"
+            )
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ModelError(
+            f"checkpoint {source} does not fit the backbone: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def backbone_identity(model: nn.Module, name: str, kwargs: Mapping[str, Any] | None,
+                      checkpoint: Any) -> dict[str, Any]:
+    """What a trainable-only checkpoint records so it is never loaded onto another backbone."""
+    if isinstance(checkpoint, (str, Path)):
+        ckpt_name, ckpt_hash = Path(checkpoint).name, sha256_file(checkpoint)
+    elif checkpoint is None:
+        ckpt_name, ckpt_hash = None, None
+    else:
+        ckpt_name, ckpt_hash = "state dict", None
+    return {
+        "name": name,
+        "kwargs": json.loads(json.dumps(dict(kwargs or {}), default=str)),
+        "embed_dim": int(model.embed_dim),
+        "depth": len(model.blocks),
+        "num_heads": int(model.blocks[0].attn.num_heads),
+        "checkpoint": ckpt_name,
+        "checkpoint_sha256": ckpt_hash,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the official SynQT state dict (spec section 4)
+
+_PLACEHOLDERS = {"i": r"\d+", "wb": r"weight|bias", "fc": r"fc[12]\.(?:weight|bias)"}
+
+# (official template, template relative to QueryBranch)
+OFFICIAL_KEY_MAP: tuple[tuple[str, str], ...] = (
+    ("synqt.q", "queries"),
+    ("synqt.feat_scale", "feat_scale"),
+    ("synqt.prompt_ffn.{i}.mlp.{fc}", "prompt_ffns.{i}.{fc}"),
+    ("synqt.qsm_block.{i}.attn_scale", "qsm_blocks.{i}.attn_scale"),
+    ("synqt.qsm_block.{i}.ffn_scale", "qsm_blocks.{i}.ffn_scale"),
+    ("synqt.qsm_block.{i}.norm1.{wb}", "qsm_blocks.{i}.norm1.{wb}"),
+    ("synqt.qsm_block.{i}.norm2.{wb}", "qsm_blocks.{i}.norm2.{wb}"),
+    ("synqt.qsm_block.{i}.attn.q_proj.mlp.{fc}", "qsm_blocks.{i}.attn.q_adapter.{fc}"),
+    ("synqt.qsm_block.{i}.attn.k_proj.mlp.{fc}", "qsm_blocks.{i}.attn.k_adapter.{fc}"),
+    ("synqt.qsm_block.{i}.attn.v_proj.mlp.{fc}", "qsm_blocks.{i}.attn.v_adapter.{fc}"),
+    ("synqt.qsm_block.{i}.attn.proj.mlp.{fc}", "qsm_blocks.{i}.attn.out_adapter.{fc}"),
+    ("synqt.qsm_block.{i}.attn.q_norm.{wb}", "qsm_blocks.{i}.attn.q_norm.{wb}"),
+    ("synqt.qsm_block.{i}.attn.kv_norm.{wb}", "qsm_blocks.{i}.attn.kv_norm.{wb}"),
+    ("synqt.qsm_block.{i}.mlp.mlp.{fc}", "qsm_blocks.{i}.ffn.{fc}"),
+    ("synqt.out_norm.{wb}", "head.out_norm.{wb}"),
+    ("synqt.mlp.mlp.{fc}", "head.adapter.{fc}"),
+    ("synqt.out_combine.get_weight.fc1.{wb}", "head.weight_gen.{wb}"),
+    ("synqt.head_norm.{wb}", "head.head_norm.{wb}"),
+    ("head.{wb}", "head.classifier.{wb}"),
+)
+# created but never used by the official code: accepted and dropped on load, zero-filled on export
+OFFICIAL_UNUSED = ("synqt.pre_norm.{i}.{wb}", "synqt.out_combine.weight")
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    pattern = re.escape(template)
+    for name, sub in _PLACEHOLDERS.items():
+        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{sub})")
+    return re.compile(pattern + r"\Z")
+
+
+_TO_OURS = [(_compile(off), ours) for off, ours in OFFICIAL_KEY_MAP]
+_TO_OFFICIAL = [(_compile(ours), off) for off, ours in OFFICIAL_KEY_MAP]
+_UNUSED = [_compile(t) for t in OFFICIAL_UNUSED]
+
+
+def _translate(key: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
+    for pattern, template in table:
+        match = pattern.match(key)
+        if match:
+            return template.format(**match.groupdict())
+    return None
+
+
+def _branch_and_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    if not (hasattr(model, "branch") and hasattr(model, "backbone")):
+        raise ModelError(f"expected a SynQT model, got {type(model).__name__}")
+    return model.branch, model.backbone
+
+
+def load_official_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load a state dict saved from the official implementation (spec section 4) into ``model``.
+
+    The two tensors the official code creates but never uses are dropped; any other key that is
+    missing or unexpected, and any shape mismatch, raises ``ModelError`` naming the key.
+    """
+    branch, backbone = _branch_and_backbone(model)
+    branch_state, backbone_state, unexpected = {}, {}, []
+    backbone_keys = set(backbone.state_dict())
+    for key, value in _unwrap_state_dict(state_dict, "official state dict").items():
+        ours = _translate(key, _TO_OURS)
+        if ours is not None:
+            branch_state[ours] = value
+        elif any(p.match(key) for p in _UNUSED):
+            continue
+        elif key in backbone_keys:
+            backbone_state[key] = value
+        else:
+            unexpected.append(key)
+    _check_and_load(branch, branch_state, "official state dict (SynQT part)", unexpected)
+    _check_and_load(backbone, backbone_state, "official state dict (backbone part)", [])
+
+
+def _check_and_load(module: nn.Module, state: dict[str, torch.Tensor], source: str, unexpected: list[str]) -> None:
+    own = module.state_dict()
+    unexpected = list(unexpected) + [k for k in state if k not in own]
+    state = {k: v for k, v in state.items() if k in own}
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ModelError(f"{source}: {key!r} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+    missing = [k for k in own if k not in state]
+    if missing or unexpected:
+        raise ModelError(f"{source}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    module.load_state_dict(state, strict=True)
+
+
+def to_official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The official implementation's state dict for ``model``: backbone keys, ``synqt.*`` and ``head.*``.
+
+    Includes zero-filled versions of the official code's two unused tensors so that its strict
+    ``load_state_dict`` accepts the result.
+    """
+    branch, backbone = _branch_and_backbone(model)
+    out: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    for key, value in branch.state_dict().items():
+        official = _translate(key, _TO_OFFICIAL)
+        if official is None:
+            raise ModelError(f"no official name for parameter {key!r}")
+        out[official] = value.detach().clone()
+    dim, depth = branch.embed_dim, branch.depth
+    ref = branch.queries
+    for i in range(depth):
+        out[f"synqt.pre_norm.{i}.weight"] = ref.new_zeros(dim)
+        out[f"synqt.pre_norm.{i}.bias"] = ref.new_zeros(dim)
+    out["synqt.out_combine.weight"] = ref.new_zeros(1 + 3 * depth)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# trainable-only checkpoints: safetensors with a small JSON header
+
+
+def _branch_of(model_or_branch: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    if hasattr(model_or_branch, "branch"):
+        return model_or_branch.branch, dict(getattr(model_or_branch.backbone, "synqt_identity", {}))
+    return model_or_branch, {}
+
+
+def save_trainable(model: nn.Module, path: str | Path, *, backbone_identity: Mapping[str, Any] | None = None,
+                   extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the query branch, head norm and classifier (~10 MB for ViT-B in fp32), atomically."""
+    from safetensors.torch import save_file
+
+    branch, identity = _branch_of(model)
+    identity = dict(backbone_identity or identity)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in branch.state_dict().items()}
+    header = {
+        "format": TRAINABLE_FORMAT,
+        "version": TRAINABLE_VERSION,
+        "backbone": json.dumps(identity, sort_keys=True, default=str),
+        "branch": json.dumps({"embed_dim": branch.embed_dim, "depth": branch.depth,
+                              "num_classes": branch.num_classes, "token_nums": branch.token_nums}),
+        "extra": json.dumps(dict(extra or {}), default=str),
+    }
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+
+def read_trainable(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and decoded header of a trainable-only file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"trainable checkpoint {path} does not exist")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    if meta.get("format") != TRAINABLE_FORMAT:
+        raise ModelError(f"{path} is not a synqt trainable checkpoint (header format {meta.get('format')!r})")
+    header = {k: json.loads(meta[k]) for k in ("backbone", "branch", "extra") if k in meta}
+    header["version"] = meta.get("version")
+    return tensors, header
+
+
+def load_trainable(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load a trainable-only file; refuse one saved on a different backbone. Returns its header."""
+    branch, identity = _branch_of(model)
+    tensors, header = read_trainable(path)
+    saved = header.get("backbone", {})
+    for key in ("name", "embed_dim", "depth", "num_heads", "checkpoint_sha256"):
+        ours, theirs = identity.get(key), saved.get(key)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise ModelError(
+                f"trainable checkpoint {path} was trained on backbone {saved.get('name')!r} "
+                f"(checkpoint {saved.get('checkpoint')!r}, {key}={theirs!r}) and cannot be loaded onto backbone "
+                f"{identity.get('name')!r} (checkpoint {identity.get('checkpoint')!r}, {key}={ours!r})"
+            )
+    _check_and_load(branch, tensors, f"trainable checkpoint {path}", [])
+    return header

@@ -1,0 +1,681 @@
+"""Dataset layouts, splits, the official transform, the decoded-image cache and `synqt data check`.
+
+Three on-disk layouts are in use for VTAB-1k / FGVC (spec section 7); each dataset folder is read
+through one of them, detected automatically or forced:
+
+- ``vtab_json``  ``<root>/<ds>/{train800val200,test,train800?,val200?}.json``: JSON lists of
+  one-entry objects ``{"relative/path.png": label}``, paths relative to ``<root>/<ds>/images/``.
+- ``vtab_txt``   ``<root>/<ds>/{train800,val200,train800val200,test}.txt``: lines
+  ``relative/path label``, paths relative to ``<root>/<ds>/``.
+- ``fgvc_json``  ``<root>/<ds>/{train,val,test}.json``: objects ``{"relative/path.jpg": class_id}``,
+  paths relative to ``images/``, ``Images/`` or the dataset folder; ids remapped to 0..K-1.
+
+The transform is the official one (PIL decode, convert RGB, resize to a square with a PIL filter,
+to tensor, normalise). Resizing is done once and the uint8 result is cached on node-local disk so
+that a sweep's many trials on one dataset decode each image only once per node.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import socket
+import sys
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from synqt.errors import DataError
+from synqt.fileio import atomic_write
+
+if TYPE_CHECKING:
+    import torch
+
+LAYOUTS = ("vtab_json", "vtab_txt", "fgvc_json")
+SPLITS = ("train800", "val200", "train800val200", "test")
+FGVC_SPLITS = ("train", "val", "test")
+# Project split name -> the FGVC list files that make it up.
+FGVC_SPLIT_MAP: dict[str, tuple[str, ...]] = {
+    "train800": ("train",),
+    "val200": ("val",),
+    "train800val200": ("train", "val"),
+    "test": ("test",),
+    "train": ("train",),
+    "val": ("val",),
+}
+# Where VPT keeps each FGVC dataset's images, tried in this order.
+FGVC_IMAGE_DIRS = ("images", "Images", ".")
+INTERPOLATIONS: dict[str, int] = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+# Bump when the cached array's content or naming changes, so old caches are never reused.
+CACHE_FORMAT_VERSION = 1
+BUILD_LOG_NAME = "builds.log"
+DERIVED_TRAIN = 800  # vtab_json with only train800val200: first 800 entries train, the rest val
+
+
+@dataclass
+class SplitList:
+    """One split of one dataset: absolute image paths and 0-based labels, plus provenance."""
+
+    dataset: str
+    split: str
+    layout: str
+    paths: list[Path]
+    labels: list[int]
+    list_files: list[Path]
+    list_hash: str
+    derived: bool = False
+    data_root: Path | None = None
+    # "test.json entry 5" / "train800.txt line 12" for each entry, so errors can point at the list.
+    sources: list[str] = field(default_factory=list, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders and layout detection
+
+
+def _listing(folder: Path, limit: int = 40) -> str:
+    try:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    except OSError:
+        return "(unreadable)"
+    if not names:
+        return "(empty)"
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _dataset_dir(data_root: str | Path, dataset: str) -> Path:
+    root = Path(data_root).expanduser().absolute()
+    if not str(data_root):
+        raise DataError("data_root is empty: set data_root (or --data-root) to the folder holding datasets")
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist or is not a folder")
+    if not dataset:
+        raise DataError(f"dataset name is empty: name one of the folders under {root}")
+    ds_dir = root / dataset
+    if not ds_dir.is_dir():
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DataError(
+            f"dataset folder {ds_dir} does not exist; folders under {root}: "
+            + (", ".join(folders) if folders else "(none)")
+        )
+    return ds_dir
+
+
+def detect_layout(dataset_dir: Path) -> str:
+    """Tell the layout of one dataset folder from the list files it holds."""
+    d = Path(dataset_dir)
+    if not d.is_dir():
+        raise DataError(f"dataset folder {d} does not exist")
+    if (d / "train800val200.json").is_file() or (d / "train800.json").is_file():
+        return "vtab_json"
+    if (d / "train.json").is_file() or (d / "val.json").is_file():
+        return "fgvc_json"
+    if any((d / f"{s}.txt").is_file() for s in SPLITS):
+        return "vtab_txt"
+    if (d / "test.json").is_file():
+        # Only a test list: its JSON type tells the two JSON layouts apart.
+        try:
+            head = (d / "test.json").read_text(errors="replace").lstrip()[:1]
+        except OSError as e:
+            raise DataError(f"cannot read {d / 'test.json'}: {e}") from e
+        return "vtab_json" if head == "[" else "fgvc_json"
+    raise DataError(
+        f"cannot tell the layout of {d}: expected train800val200.json + test.json (vtab_json), "
+        f"train800.txt/val200.txt/train800val200.txt/test.txt (vtab_txt) or train.json/val.json/"
+        f"test.json (fgvc_json); the folder holds: {_listing(d)}"
+    )
+
+
+def _resolve_layout(ds_dir: Path, layout: str) -> str:
+    if layout == "auto":
+        return detect_layout(ds_dir)
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown layout {layout!r}: expected auto or one of {', '.join(LAYOUTS)}")
+    return layout
+
+
+# ----------------------------------------------------------------------------------------------
+# List file parsers: each returns [(relative_path, label, source)]
+
+Entry = tuple[str, int, str]
+
+
+def _check_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise DataError(f"cannot read list file {path}: {e}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"list file {path} line {e.lineno}: malformed JSON ({e.msg})") from e
+
+
+def _parse_vtab_json(path: Path) -> list[Entry]:
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise DataError(
+            f'list file {path}: expected a JSON list of one-entry objects {{"path.png": label}}, '
+            f"got a {type(data).__name__}"
+        )
+    out: list[Entry] = []
+    for i, item in enumerate(data, start=1):
+        where = f"{path.name} entry {i}"
+        if not (isinstance(item, dict) and len(item) == 1):
+            raise DataError(
+                f'list file {path} entry {i}: expected a one-entry object {{"path.png": label}}, got {item!r:.120}'
+            )
+        ((rel, label),) = item.items()
+        if not _check_int(label):
+            raise DataError(f"list file {path} entry {i}: label of {rel!r} is {label!r}, expected an integer")
+        out.append((rel, label, where))
+    return out
+
+
+def _parse_vtab_txt(path: Path) -> list[Entry]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read list file {path}: {e}") from e
+    out: list[Entry] = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2 or not re.fullmatch(r"[+-]?\d+", parts[1]):
+            raise DataError(
+                f"list file {path} line {n}: expected 'relative/path label' with an integer label, got {line!r:.120}"
+            )
+        out.append((parts[0].strip(), int(parts[1]), f"{path.name} line {n}"))
+    return out
+
+
+def _parse_fgvc_json(path: Path) -> list[Entry]:
+    data = _load_json(path)
+    if not isinstance(data, dict):
+        raise DataError(
+            f'list file {path}: expected a JSON object {{"path.jpg": class_id}}, got a {type(data).__name__}'
+        )
+    out: list[Entry] = []
+    for i, (rel, label) in enumerate(data.items(), start=1):
+        if not _check_int(label):
+            raise DataError(f"list file {path} entry {i}: class id of {rel!r} is {label!r}, expected an integer")
+        out.append((rel, label, f"{path.name} entry {i}"))
+    return out
+
+
+def _missing_list(ds_dir: Path, layout: str, names: Sequence[str]) -> DataError:
+    wanted = " or ".join(str(ds_dir / n) for n in names)
+    return DataError(f"list file {wanted} not found (layout {layout}); the folder holds: {_listing(ds_dir)}")
+
+
+def _hash(list_files: Sequence[Path], extra: str) -> str:
+    digest = hashlib.sha256()
+    for f in list_files:
+        digest.update(f.name.encode() + b"\0")
+        digest.update(f.read_bytes())
+        digest.update(b"\0")
+    digest.update(extra.encode())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits
+
+
+def _vtab_entries(ds_dir: Path, layout: str, split: str) -> tuple[list[Entry], list[Path], str, bool]:
+    """Entries of a VTAB split, deriving train800/val200 (or train800val200) where a list is absent."""
+    ext, parse = (".json", _parse_vtab_json) if layout == "vtab_json" else (".txt", _parse_vtab_txt)
+    f = ds_dir / f"{split}{ext}"
+    if f.is_file():
+        return parse(f), [f], "", False
+    full = ds_dir / f"train800val200{ext}"
+    if split in ("train800", "val200") and full.is_file():
+        entries = parse(full)
+        if len(entries) < 2:
+            raise DataError(f"list file {full} has {len(entries)} entries: cannot derive {split} from it")
+        # Official VTAB-1k: 1000 entries -> first 800 / remaining 200. Smaller lists keep 80/20.
+        cut = DERIVED_TRAIN if len(entries) >= 1000 else max(1, round(0.8 * len(entries)))
+        part = entries[:cut] if split == "train800" else entries[cut:]
+        return part, [full], f"derived:{split}:first{cut}", True
+    if split == "train800val200":
+        a, b = ds_dir / f"train800{ext}", ds_dir / f"val200{ext}"
+        if a.is_file() and b.is_file():
+            return parse(a) + parse(b), [a, b], "derived:train800val200:concat", True
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r} for layout {layout}: expected one of {', '.join(SPLITS)}")
+    raise _missing_list(ds_dir, layout, [f"{split}{ext}"])
+
+
+def _fgvc_all(ds_dir: Path) -> dict[str, list[Entry]]:
+    files = {s: ds_dir / f"{s}.json" for s in FGVC_SPLITS}
+    found = {s: _parse_fgvc_json(f) for s, f in files.items() if f.is_file()}
+    if not found:
+        raise _missing_list(ds_dir, "fgvc_json", [f"{s}.json" for s in FGVC_SPLITS])
+    return found
+
+
+def _fgvc_image_dir(ds_dir: Path, lists: dict[str, list[Entry]]) -> Path:
+    """The first of images/, Images/, the dataset folder that holds the first listed file."""
+    first = next((e[0][0] for e in lists.values() if e), None)
+    if first is not None:
+        for cand in FGVC_IMAGE_DIRS:
+            if (ds_dir / cand / first).is_file():
+                return ds_dir / cand if cand != "." else ds_dir
+    # Nothing found: keep the first existing candidate so errors name a plausible path.
+    for cand in FGVC_IMAGE_DIRS[:-1]:
+        if (ds_dir / cand).is_dir():
+            return ds_dir / cand
+    return ds_dir
+
+
+def read_split(data_root: str | Path, dataset: str, split: str, layout: str = "auto") -> SplitList:
+    """Read one split's image paths and labels (no image is opened)."""
+    ds_dir = _dataset_dir(data_root, dataset)
+    layout = _resolve_layout(ds_dir, layout)
+    root = ds_dir.parent
+    if layout == "fgvc_json":
+        if split not in FGVC_SPLIT_MAP:
+            raise DataError(
+                f"unknown split {split!r} for layout fgvc_json: expected one of {', '.join(FGVC_SPLIT_MAP)}"
+            )
+        parts = FGVC_SPLIT_MAP[split]
+        missing = [p for p in parts if not (ds_dir / f"{p}.json").is_file()]
+        if missing:
+            raise _missing_list(ds_dir, layout, [f"{p}.json" for p in missing])
+        lists = _fgvc_all(ds_dir)
+        ids = sorted({lab for entries in lists.values() for _, lab, _ in entries})
+        remap = {c: i for i, c in enumerate(ids)}
+        img_dir = _fgvc_image_dir(ds_dir, lists)
+        entries = [e for p in parts for e in lists[p]]
+        list_files = [ds_dir / f"{p}.json" for p in parts]
+        # Labels depend on every split's ids, so the remap is part of the hash.
+        extra = "fgvc:ids=" + ",".join(map(str, ids)) + f":dir={img_dir.relative_to(ds_dir)}"
+        return SplitList(
+            dataset=dataset,
+            split=split,
+            layout=layout,
+            paths=[img_dir / rel for rel, _, _ in entries],
+            labels=[remap[lab] for _, lab, _ in entries],
+            list_files=list_files,
+            list_hash=_hash(list_files, f"{layout}:{split}:{extra}"),
+            derived=False,
+            data_root=root,
+            sources=[s for _, _, s in entries],
+        )
+    entries, list_files, derivation, derived = _vtab_entries(ds_dir, layout, split)
+    img_dir = ds_dir / "images" if layout == "vtab_json" else ds_dir
+    return SplitList(
+        dataset=dataset,
+        split=split,
+        layout=layout,
+        paths=[img_dir / rel for rel, _, _ in entries],
+        labels=[lab for _, lab, _ in entries],
+        list_files=list_files,
+        list_hash=_hash(list_files, f"{layout}:{derivation}"),
+        derived=derived,
+        data_root=root,
+        sources=[s for _, _, s in entries],
+    )
+
+
+def _available_labels(ds_dir: Path, layout: str) -> tuple[list[int], list[Path]]:
+    """All labels in every list file present (raw ids for fgvc), and those files."""
+    if layout == "fgvc_json":
+        lists = _fgvc_all(ds_dir)
+        return [lab for e in lists.values() for _, lab, _ in e], [ds_dir / f"{s}.json" for s in lists]
+    ext, parse = (".json", _parse_vtab_json) if layout == "vtab_json" else (".txt", _parse_vtab_txt)
+    files = [ds_dir / f"{s}{ext}" for s in SPLITS if (ds_dir / f"{s}{ext}").is_file()]
+    if not files:
+        raise _missing_list(ds_dir, layout, [f"{s}{ext}" for s in SPLITS])
+    return [lab for f in files for _, lab, _ in parse(f)], files
+
+
+def dataset_num_classes(data_root: str | Path, dataset: str, layout: str = "auto") -> int:
+    """Class count from the lists: max label + 1 (VTAB), number of distinct ids (FGVC)."""
+    ds_dir = _dataset_dir(data_root, dataset)
+    layout = _resolve_layout(ds_dir, layout)
+    labels, files = _available_labels(ds_dir, layout)
+    if not labels:
+        raise DataError(f"the list files {', '.join(str(f) for f in files)} hold no entries")
+    if layout == "fgvc_json":
+        return len(set(labels))
+    return max(labels) + 1
+
+
+def validate_dataset(
+    data_root: str | Path,
+    dataset: str,
+    splits: list[str],
+    num_classes: int | None,
+    layout: str = "auto",
+) -> dict[str, int]:
+    """Check lists, labels and that every listed file exists (no decoding); return counts per split.
+
+    Raises DataError naming the folder, list file, entry or label at fault.
+    """
+    ds_dir = _dataset_dir(data_root, dataset)
+    layout = _resolve_layout(ds_dir, layout)
+    data_classes = dataset_num_classes(data_root, dataset, layout)
+    classes = num_classes if num_classes is not None else data_classes
+    counts: dict[str, int] = {}
+    for split in splits:
+        sl = read_split(data_root, dataset, split, layout)
+        if not sl.paths:
+            raise DataError(f"split {split} of {ds_dir} is empty (list {', '.join(map(str, sl.list_files))})")
+        for lab, src in zip(sl.labels, sl.sources, strict=True):
+            if not 0 <= lab < classes:
+                what = f"num_classes={classes} (config)" if num_classes is not None else f"{classes} classes"
+                raise DataError(f"{ds_dir / src.split(' ')[0]} ({src}): label {lab} outside [0, {classes}) for {what}")
+        missing = [(p, s) for p, s in zip(sl.paths, sl.sources, strict=True) if not p.is_file()]
+        if missing:
+            shown = "; ".join(f"{p} ({s})" for p, s in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise DataError(f"{len(missing)} listed image file(s) missing in split {split}: {shown}{more}")
+        counts[split] = len(sl.paths)
+    if num_classes is not None and num_classes != data_classes:
+        raise DataError(
+            f"num_classes={num_classes} in the config disagrees with the data: the lists of {ds_dir} hold "
+            f"{data_classes} classes ({'distinct ids' if layout == 'fgvc_json' else 'max label + 1'})"
+        )
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Transform and decoding
+
+
+def _resample(interpolation: str) -> int:
+    try:
+        return INTERPOLATIONS[interpolation]
+    except KeyError:
+        raise DataError(
+            f"unknown interpolation {interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}"
+        ) from None
+
+
+def decode_image(path: Path, image_size: int, resample: int) -> np.ndarray:
+    """The official transform up to the tensor: PIL decode, RGB, square resize; uint8 [H, W, 3]."""
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+        out = rgb.resize((image_size, image_size), resample)
+    except FileNotFoundError as e:
+        raise DataError(f"listed image file missing: {path}") from e
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot decode image {path}: {e}") from e
+    return np.asarray(out, dtype=np.uint8)
+
+
+def _workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+def _decode_into(out: np.ndarray, paths: Sequence[Path], image_size: int, resample: int) -> None:
+    # PIL releases the GIL while decoding and resizing, so threads scale.
+    def one(i: int) -> None:
+        out[i] = decode_image(paths[i], image_size, resample)
+
+    pool = ThreadPoolExecutor(max_workers=_workers())
+    try:
+        for _ in pool.map(one, range(len(paths))):
+            pass
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # first bad image: stop, do not decode the rest
+
+
+def default_cache_dir() -> Path:
+    """Node-local by default: `$SYNQT_CACHE_DIR`, else `$SLURM_TMPDIR/synqt-cache`, else `<tmp>/synqt-cache`.
+
+    The cache is built under a `filelock.FileLock`, and POSIX/flock locks are unreliable on
+    NFS and Lustre (silently not exclusive, or very slow), so the default is a node-local disk;
+    node-local reads of the memory-mapped array are also much faster than a shared filesystem.
+    Point SYNQT_CACHE_DIR at shared storage only if its locking is known to work.
+    """
+    env = os.environ.get("SYNQT_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    slurm = os.environ.get("SLURM_TMPDIR")
+    if slurm:
+        return Path(slurm) / "synqt-cache"
+    return Path(tempfile.gettempdir()) / "synqt-cache"
+
+
+def cache_key(split: SplitList, image_size: int, interpolation: str) -> str:
+    """sha256 of everything the cached array depends on: lists, size, filter, format, data root."""
+    root = split.data_root if split.data_root is not None else split.list_files[0].parent.parent
+    payload = json.dumps(
+        [split.list_hash, int(image_size), interpolation, CACHE_FORMAT_VERSION, str(Path(root).absolute())]
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def cache_paths(split: SplitList, image_size: int, interpolation: str, cache_dir: str | Path) -> dict[str, Path]:
+    """File names of one cache entry: images `.npy`, labels `.labels.npy`, `.lock`."""
+    key = cache_key(split, image_size, interpolation)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", split.dataset)
+    stem = f"{name}-{split.split}-{image_size}-{interpolation}-{key[:20]}"
+    d = Path(cache_dir)
+    return {
+        "images": d / f"{stem}.npy",
+        "labels": d / f"{stem}.labels.npy",
+        "lock": d / f"{key}.lock",
+        "key": Path(key),
+    }
+
+
+def _build_cache(split: SplitList, image_size: int, resample: int, files: dict[str, Path]) -> None:
+    n = len(split.paths)
+
+    def write_labels(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(split.labels, dtype=np.int64))
+
+    def write_images(tmp: Path) -> None:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, image_size, image_size, 3))
+        _decode_into(arr, split.paths, image_size, resample)
+        arr.flush()
+        del arr
+
+    # Labels first: readers test only for the images file, which appears last.
+    atomic_write(files["labels"], write_labels)
+    atomic_write(files["images"], write_images)
+    stamp = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    line = (
+        f"{stamp}\t{files['key']}\t{split.dataset}\t{split.split}\t{image_size}\t{n}"
+        f"\t{socket.gethostname()}\t{os.getpid()}\n"
+    )
+    with open(files["images"].parent / BUILD_LOG_NAME, "a") as fh:
+        fh.write(line)
+
+
+def load_images(
+    split: SplitList,
+    image_size: int,
+    *,
+    interpolation: str = "bicubic",
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a split to uint8 [N, H, W, 3] (memory-mapped when cached) and int64 labels [N].
+
+    With the cache, concurrent callers on one node build the array once: the builder holds
+    `<key>.lock`, re-checks, writes to a temporary file and renames it into place; a caller that
+    finds the final file opens it without touching the lock.
+    """
+    if image_size <= 0:
+        raise DataError(f"image_size must be positive, got {image_size}")
+    resample = _resample(interpolation)
+    labels = np.asarray(split.labels, dtype=np.int64)
+    n = len(split.paths)
+    if not use_cache:
+        out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+        _decode_into(out, split.paths, image_size, resample)
+        return out, labels
+    from filelock import FileLock
+
+    cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    files = cache_paths(split, image_size, interpolation, cdir)
+    if not files["images"].is_file():
+        cdir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(files["lock"])):
+            if not files["images"].is_file():
+                _build_cache(split, image_size, resample, files)
+    images = np.load(files["images"], mmap_mode="r")
+    cached_labels = np.load(files["labels"])
+    if images.shape != (n, image_size, image_size, 3) or not np.array_equal(cached_labels, labels):
+        raise DataError(
+            f"cache file {files['images']} does not match split {split.dataset}/{split.split} "
+            f"(shape {images.shape}, expected {(n, image_size, image_size, 3)}); delete it to rebuild"
+        )
+    return images, labels
+
+
+def to_tensor_batch(images_uint8: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W], (x/255 - mean)/std: torchvision ToTensor+Normalize."""
+    import torch
+
+    arr = np.array(images_uint8, dtype=np.uint8, copy=True)  # memmaps are read-only; torch wants writable
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise DataError(f"expected a uint8 batch [B, H, W, 3], got shape {arr.shape}")
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().float().div(255)
+    m = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+# ----------------------------------------------------------------------------------------------
+# `synqt data check`
+
+
+def _config_num_classes(name: str) -> tuple[int | None, str | None]:
+    """num_classes from the shipped config, if synqt.config and a config for `name` exist."""
+    try:
+        from synqt.config import dataset_config_path  # lazy: written separately, may be absent
+    except Exception:
+        return None, None
+    try:
+        path = dataset_config_path(name)
+        if path is None or not Path(path).is_file():
+            return None, None
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        value = data.get("num_classes") if isinstance(data, dict) else None
+        return (value if _check_int(value) else None), str(path)
+    except Exception:
+        return None, None
+
+
+def _check_splits(ds_dir: Path, layout: str) -> list[str]:
+    if layout == "fgvc_json":
+        return [s for s in FGVC_SPLITS if (ds_dir / f"{s}.json").is_file()]
+    ext = ".json" if layout == "vtab_json" else ".txt"
+    present = {s for s in SPLITS if (ds_dir / f"{s}{ext}").is_file()}
+    out = []
+    for s in SPLITS:
+        derivable = (s in ("train800", "val200") and "train800val200" in present) or (
+            s == "train800val200" and {"train800", "val200"} <= present
+        )
+        if s in present or derivable:
+            out.append(s)
+    return out
+
+
+def check_main(root: str | Path, names: Sequence[str] | None = None, layout: str = "auto", decode: bool = False) -> int:
+    """`synqt data check`: print counts and problems per dataset and split; 0 when all is well."""
+    root_p = Path(root).expanduser().absolute()
+    if not root_p.is_dir():
+        print(f"error: data root {root_p} does not exist or is not a folder")
+        return 1
+    explicit = bool(names)
+    names = list(names) if names else sorted(p.name for p in root_p.iterdir() if p.is_dir())
+    if not names:
+        print(f"error: no dataset folders under {root_p}")
+        return 1
+    total = 0
+    for name in names:
+        problems: list[str] = []
+        try:
+            ds_dir = _dataset_dir(root_p, name)
+            lay = _resolve_layout(ds_dir, layout)
+        except DataError as e:
+            if not explicit and "cannot tell the layout" in str(e):
+                print(f"{name}: skipped (no list files)")
+                continue
+            print(f"{name}: ERROR {e}")
+            total += 1
+            continue
+        cfg_classes, cfg_path = _config_num_classes(name)
+        try:
+            data_classes: int | None = dataset_num_classes(root_p, name, lay)
+        except DataError as e:
+            data_classes = None
+            problems.append(str(e))
+        cfg_txt = f", config {cfg_classes} ({cfg_path})" if cfg_classes is not None else ", no shipped config"
+        print(f"{name} [{lay}] classes: {data_classes}{cfg_txt}")
+        if cfg_classes is not None and data_classes is not None and cfg_classes != data_classes:
+            problems.append(
+                f"num_classes={cfg_classes} in {cfg_path} disagrees with the lists ({data_classes} classes)"
+            )
+        limit = cfg_classes if cfg_classes is not None else data_classes
+        resample = _resample("bicubic")
+        for split in _check_splits(ds_dir, lay):
+            try:
+                sl = read_split(root_p, name, split, lay)
+            except DataError as e:
+                problems.append(f"{split}: {e}")
+                print(f"  {split:<15} unreadable list")
+                continue
+            missing, bad_labels, unreadable = [], [], []
+            for p, lab, src in zip(sl.paths, sl.labels, sl.sources, strict=True):
+                if limit is not None and not 0 <= lab < limit:
+                    bad_labels.append(f"label {lab} outside [0, {limit}) at {src}")
+                if not p.is_file():
+                    missing.append(f"{p} ({src})")
+                elif decode:
+                    try:
+                        with Image.open(p) as im:
+                            im.convert("RGB").resize((8, 8), resample)
+                    except Exception as e:  # any decoder failure is a finding, not a crash
+                        unreadable.append(f"{p} ({src}): {e}")
+            note = f" (derived from {', '.join(f.name for f in sl.list_files)})" if sl.derived else ""
+            print(f"  {split:<15} {len(sl):>7} images {len(set(sl.labels)):>5} classes{note}")
+            found = (("missing file", missing), ("bad label", bad_labels), ("unreadable", unreadable))
+            for kind, items in found:
+                for item in items[:10]:
+                    problems.append(f"{split}: {kind}: {item}")
+                if len(items) > 10:
+                    problems.append(f"{split}: {kind}: ... and {len(items) - 10} more")
+        for pr in problems:
+            print(f"  PROBLEM {pr}")
+        print(f"  {'OK' if not problems else f'{len(problems)} problem(s)'}")
+        total += len(problems)
+    print(f"{'all OK' if total == 0 else f'{total} problem(s) found'}", file=sys.stdout)
+    return 0 if total == 0 else 1

@@ -1,0 +1,143 @@
+"""Measure what a training step keeps for its backward pass, and the process's peak memory.
+
+``saved_activation_bytes`` counts every tensor autograd saves (``saved_tensors_hooks``), each
+underlying storage once, so views of one buffer (e.g. K and V sliced from one ``[2, B, H, N, d]``
+tensor) are not double counted and a view of a big buffer is charged the whole buffer it keeps
+alive. Parameters and buffers are excluded: they exist whether or not one trains.
+
+Note: ``torch.utils.checkpoint`` (the ``recompute`` memory mode) installs its own inner hooks, so
+the tensors it holds for recomputation (the input batch) are not seen here; the input batch is held
+by the caller anyway.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+GIB = float(1 << 30)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, str] | None:
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+        return None
+    return storage.data_ptr(), str(t.device)
+
+
+def saved_activation_bytes(fn: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = (),
+                           *, top: int = 8, backward: bool = False) -> dict[str, Any]:
+    """Run ``fn`` (a forward returning a loss) and count the storages autograd saves for backward.
+
+    ``exclude``: tensors (parameters, buffers) whose storages are not counted. Returns ``{"bytes",
+    "gib", "tensors", "by_shape"}``; ``by_shape`` lists the ``top`` largest contributions as
+    ``{"shape", "dtype", "count", "bytes"}``. The hook returns each tensor unchanged, so the graph
+    keeps them alive while they are counted; ``backward=True`` then runs ``loss.backward()`` to free
+    the graph (otherwise it is freed when the returned loss goes out of scope here).
+    """
+    excluded = {k for k in (_storage_key(t) for t in exclude) if k is not None}
+    seen: dict[tuple[int, str], int] = {}
+    shapes: dict[tuple[tuple[int, ...], str], list[int]] = {}
+    count = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal count
+        key = _storage_key(t)
+        if key is None or key in excluded or key in seen:
+            return t
+        nbytes = t.untyped_storage().nbytes()
+        seen[key] = nbytes
+        count += 1
+        entry = shapes.setdefault((tuple(t.shape), str(t.dtype).replace("torch.", "")), [0, 0])
+        entry[0] += 1
+        entry[1] += nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn()
+    total = sum(seen.values())
+    if backward and isinstance(loss, torch.Tensor) and loss.requires_grad:
+        loss.backward()
+    del loss
+    entries = [{"shape": list(s), "dtype": d, "count": c, "bytes": b} for (s, d), (c, b) in shapes.items()]
+    by_shape = sorted(entries, key=lambda e: -e["bytes"])[:top]
+    return {"bytes": int(total), "gib": total / GIB, "tensors": count, "by_shape": by_shape}
+
+
+def model_tensors(*modules: torch.nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``modules``: the ``exclude`` argument for a model."""
+    out: list[torch.Tensor] = []
+    for m in modules:
+        out.extend(m.parameters())
+        out.extend(m.buffers())
+    return out
+
+
+def _rss_high_water() -> int:
+    """The process's peak resident set size in bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _rss_now() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return _rss_high_water()
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None,
+                interval: float = 0.002) -> dict[str, Any]:
+    """Peak memory of ``fn()`` above the memory in use before it (CUDA allocator peak, or CPU RSS peak).
+
+    On CPU a thread samples the process's resident set size every ``interval`` seconds (the
+    kernel's ``ru_maxrss`` high water only moves past earlier peaks, so it is used only when it
+    grows); ``kind`` says which was measured. RSS includes allocator caching, so it is an upper
+    bound of the tensors alive.
+    """
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        result = fn()
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        used = int(peak - before)
+        return {"bytes": used, "gib": used / GIB, "kind": "cuda max_memory_allocated", "result": result}
+    gc.collect()
+    before = _rss_now()
+    high_before = _rss_high_water()
+    sampled = [before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            sampled[0] = max(sampled[0], _rss_now())
+            stop.wait(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        stop.set()
+        thread.join()
+    peak = max(sampled[0], _rss_now())
+    high_after = _rss_high_water()
+    if high_after > high_before:
+        peak = max(peak, high_after)
+    delta = max(0, peak - before)
+    return {"bytes": int(delta), "gib": delta / GIB, "kind": "cpu rss peak delta (sampled)", "result": result}
+
+
+__all__ = ["saved_activation_bytes", "peak_memory", "model_tensors", "GIB"]

@@ -1,0 +1,542 @@
+"""SynQT: a trainable query branch reading the keys/values of a frozen timm ViT (spec sections 1-3).
+
+The frozen image stream runs under ``torch.no_grad`` with timm's fused attention
+(``scaled_dot_product_attention``) from one ``qkv`` projection per block. Its keys and values are
+copied once into one contiguous ``[2, B, H, N, d]`` buffer that both the image attention and the
+query-only attention read, so the query stream's backward keeps exactly K and V of every block and
+never the whole fused ``qkv`` output. Every size comes from the backbone.
+
+Stochastic ops of the query branch draw from an optional per-branch ``torch.Generator`` (and the
+image stream from its own), so a branch trained inside a pack sees exactly the random numbers it
+would see alone (see ``PackedSynQT``). Without generators the global RNG is used, as in plain
+PyTorch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from synqt.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+MEMORY_MODES = ("keep", "kv_bf16", "recompute")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# random ops with an optional explicit generator
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool, generator: torch.Generator | None) -> torch.Tensor:
+    if not training or p == 0.0:
+        return x
+    if generator is None:
+        return F.dropout(x, p, True)
+    keep = 1.0 - p
+    mask = torch.empty_like(x).bernoulli_(keep, generator=generator)
+    return x * mask.div_(keep)
+
+
+def _drop_path(x: torch.Tensor, p: float, training: bool, generator: torch.Generator | None,
+               mask_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """timm's per-sample stochastic depth (scale_by_keep), with an explicit generator."""
+    if not training or p == 0.0:
+        return x
+    keep = 1.0 - p
+    shape = tuple(mask_shape) if mask_shape is not None else (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = x.new_empty(shape).bernoulli_(keep, generator=generator)
+    if keep > 0.0:
+        mask.div_(keep)
+    return x * mask
+
+
+class _QueryOnlyAttention(torch.autograd.Function):
+    """softmax(q K^T * scale) V for a few query tokens against frozen K, V (no gradient for K, V).
+
+    Saves the attention probabilities ``[B, H, T, N]`` (tiny for T query tokens) and the K/V
+    tensors given as ``k_save``/``v_save``: the fp32 K/V themselves in ``keep`` mode (shared, not
+    copied, by every branch of a pack) or bf16 copies in ``kv_bf16`` mode.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                k_save: torch.Tensor, v_save: torch.Tensor) -> torch.Tensor:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v)
+        ctx.save_for_backward(probs, k_save, v_save)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        probs, k, v = ctx.saved_tensors
+        dtype = grad_out.dtype
+        grad_probs = torch.matmul(grad_out, v.to(dtype).transpose(-2, -1))
+        probs = probs.to(dtype)
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True))
+        grad_q = torch.matmul(grad_scores, k.to(dtype)).mul_(ctx.scale)
+        return grad_q, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# trainable pieces (spec section 1)
+
+
+class Adapter(nn.Module):
+    """Residual bottleneck: ``x + drop(fc2(drop(gelu(fc1(x)))))`` (PyTorch default init)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = drop
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        h = _dropout(F.gelu(self.fc1(x)), self.drop, self.training, generator)
+        return x + _dropout(self.fc2(h), self.drop, self.training, generator)
+
+
+class QSMAttention(nn.Module):
+    """Single-head attention among the T query tokens, every projection an Adapter(8)."""
+
+    def __init__(self, dim: int, *, hidden: int = 8, attn_drop: float = 0.1, out_drop: float = 0.1) -> None:
+        super().__init__()
+        self.q_norm = nn.LayerNorm(dim)
+        self.kv_norm = nn.LayerNorm(dim)
+        self.q_adapter = Adapter(dim, hidden)
+        self.k_adapter = Adapter(dim, hidden)
+        self.v_adapter = Adapter(dim, hidden)
+        self.out_adapter = Adapter(dim, hidden)
+        self.scale = dim ** -0.5
+        self.attn_drop = attn_drop
+        self.out_drop = out_drop
+
+    def forward(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        u = self.q_norm(z)
+        w = self.kv_norm(z)
+        q, k, v = self.q_adapter(u), self.k_adapter(w), self.v_adapter(w)
+        probs = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * self.scale, dim=-1)
+        probs = _dropout(probs, self.attn_drop, self.training, generator)
+        out = self.out_adapter(torch.matmul(probs, v))
+        return _dropout(out, self.out_drop, self.training, generator)
+
+
+class QSMBlock(nn.Module):
+    """``z + s_attn * QSMAttn(LN1(z))`` then ``z + s_ffn * Adapter(48)(LN2(z))``."""
+
+    def __init__(self, dim: int, *, attn_scale: float, ffn_scale: float, attn_hidden: int = 8,
+                 ffn_hidden: int = 48, drop: float = 0.1) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = QSMAttention(dim, hidden=attn_hidden, attn_drop=drop, out_drop=drop)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = Adapter(dim, ffn_hidden, drop)
+        self.attn_scale = nn.Parameter(torch.tensor([float(attn_scale)]))
+        self.ffn_scale = nn.Parameter(torch.tensor([float(ffn_scale)]))
+
+    def forward(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        z = z + self.attn_scale * self.attn(self.norm1(z), generator)
+        return z + self.ffn_scale * self.ffn(self.norm2(z), generator)
+
+
+class InstanceAwareHead(nn.Module):
+    """Per-sample weighted mean of the ``1 + 3L`` block features, then LN_head and the classifier."""
+
+    def __init__(self, dim: int, depth: int, num_classes: int, *, hidden: int = 48, drop: float = 0.1,
+                 token_drop_path: float = 0.3) -> None:
+        super().__init__()
+        self.out_norm = nn.LayerNorm(dim)
+        self.adapter = Adapter(dim, hidden, drop)
+        self.weight_gen = nn.Linear(dim, 3 * depth)
+        self.head_norm = nn.LayerNorm(dim)
+        self.classifier = nn.Linear(dim, num_classes)
+        self.drop = drop
+        self.token_drop_path = token_drop_path
+
+    def forward(self, feats: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``feats``: ``[B, 1 + 3L, C]`` = ``[h_{L-1}, h_0..h_{L-1}, a_0..a_{L-1}, m_0..m_{L-1}]``."""
+        g = feats + self.adapter(self.out_norm(feats), generator)
+        if self.training and self.token_drop_path > 0.0:
+            rest = g[:, 1:]
+            # one per-sample mask for each token j >= 1, drawn independently
+            rest = _drop_path(rest, self.token_drop_path, True, generator, (rest.shape[0], rest.shape[1], 1))
+            g = torch.cat((g[:, :1], rest), dim=1)
+        w = torch.tanh(_dropout(F.gelu(self.weight_gen(g[:, 0])), self.drop, self.training, generator))
+        w = torch.cat((w.new_ones(w.shape[0], 1), w), dim=1)
+        y = (w.unsqueeze(-1) * g).mean(dim=1)
+        return self.classifier(self.head_norm(y))
+
+
+class QueryBranch(nn.Module):
+    """All trainable state of one SynQT model: queries, prompt FFNs, QSM blocks and the head.
+
+    Several branches can share one frozen image stream (``PackedSynQT``).
+    """
+
+    def __init__(self, *, embed_dim: int, depth: int, num_classes: int, token_nums: int = 1,
+                 feat_scale: float = 1.0, attn_scale: float = 1.0, ffn_scale: float = 1.0,
+                 ffn_hidden: int = 48, attn_hidden: int = 8, drop: float = 0.1,
+                 head_drop_path: float = 0.3) -> None:
+        super().__init__()
+        if token_nums < 1:
+            raise ModelError(f"token_nums must be >= 1, got {token_nums}")
+        self.embed_dim, self.depth, self.num_classes, self.token_nums = embed_dim, depth, num_classes, token_nums
+        self.queries = nn.Parameter(torch.empty(depth, token_nums, embed_dim).uniform_(-1.0, 1.0))
+        self.feat_scale = nn.Parameter(torch.tensor([float(feat_scale)]))
+        self.prompt_ffns = nn.ModuleList(Adapter(embed_dim, ffn_hidden, drop) for _ in range(depth))
+        self.qsm_blocks = nn.ModuleList(
+            QSMBlock(embed_dim, attn_scale=attn_scale, ffn_scale=ffn_scale, attn_hidden=attn_hidden,
+                     ffn_hidden=ffn_hidden, drop=drop)
+            for _ in range(depth)
+        )
+        self.query_drop = drop
+        self.head = InstanceAwareHead(embed_dim, depth, num_classes, hidden=ffn_hidden, drop=drop,
+                                      token_drop_path=head_drop_path)
+        self.generator: torch.Generator | None = None
+
+    def synthesize(self, index: int, prev: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Step 1 of spec section 2: the query tokens ``[B, T, C]`` entering frozen block ``index``."""
+        p = self.queries[index].unsqueeze(0).expand(batch, -1, -1)
+        if prev is not None:
+            p = p + self.feat_scale * prev
+        p = self.prompt_ffns[index](p, self.generator)
+        p = self.qsm_blocks[index](p, self.generator)
+        return _dropout(p, self.query_drop, self.training, self.generator)
+
+    # RNG helpers used by the engine so that packed and solo runs draw the same numbers
+    def seed_generator(self, seed: int, device: torch.device | str = "cpu") -> None:
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(int(seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the frozen backbone
+
+
+def _drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
+    try:
+        from timm.layers import calculate_drop_path_rates
+
+        return [float(r) for r in calculate_drop_path_rates(drop_path_rate, depth)]
+    except ImportError:  # older timm: the same linear rule
+        return [float(r) for r in torch.linspace(0, drop_path_rate, depth)]
+
+
+def check_backbone(backbone: nn.Module, name: str | None = None) -> None:
+    """Raise ModelError, naming the model and the reason, if SynQT cannot serve ``backbone``."""
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    label = name or type(backbone).__name__
+    if not isinstance(backbone, VisionTransformer):
+        raise ModelError(
+            f"backbone {label!r} ({type(backbone).__module__}.{type(backbone).__name__}) cannot be served by "
+            "SynQT: it is not a timm VisionTransformer (SynQT reads the keys/values of ViT blocks)"
+        )
+    for i, blk in enumerate(backbone.blocks):
+        if type(blk) is not Block:
+            raise ModelError(
+                f"backbone {label!r} cannot be served by SynQT: block {i} is {type(blk).__name__}, expected timm's "
+                "pre-norm vision_transformer.Block (post-norm and parallel blocks are not supported)"
+            )
+        attn = blk.attn
+        if not (hasattr(attn, "qkv") and isinstance(attn.qkv, nn.Linear) and hasattr(attn, "num_heads")):
+            raise ModelError(
+                f"backbone {label!r} cannot be served by SynQT: block {i}'s attention "
+                f"({type(attn).__name__}) has no fused qkv projection"
+            )
+    if len(backbone.blocks) == 0:
+        raise ModelError(f"backbone {label!r} has no blocks")
+
+
+def build_backbone(backbone: str | nn.Module, *, drop_path_rate: float = 0.1,
+                   checkpoint: Any = None, **backbone_kwargs: Any) -> nn.Module:
+    """A frozen timm ViT, built by name (never downloaded) or taken as built, optionally loaded."""
+    import timm
+
+    from synqt.checkpoint import backbone_identity, load_backbone_checkpoint
+
+    if isinstance(backbone, str):
+        name = backbone
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
+                                      **backbone_kwargs)
+        except RuntimeError as err:  # unknown model name
+            raise ModelError(f"backbone {name!r} cannot be built by timm: {err}") from err
+        except TypeError as err:  # bad kwargs
+            raise ModelError(f"backbone {name!r} rejected its keyword arguments {backbone_kwargs}: {err}") from err
+    else:
+        name = getattr(backbone, "synqt_identity", {}).get("name") or type(backbone).__name__
+        model = backbone
+    check_backbone(model, name)
+    if checkpoint is not None:
+        load_backbone_checkpoint(model, checkpoint)
+    model.requires_grad_(False)
+    model.eval()
+    if isinstance(backbone, str) or not hasattr(model, "synqt_identity"):
+        model.synqt_identity = backbone_identity(model, name, backbone_kwargs, checkpoint)
+    return model
+
+
+def copy_final_norm(backbone: nn.Module, branch: QueryBranch) -> None:
+    """LN_head starts as a copy (not a view) of the backbone's final norm weights (not its eps)."""
+    final_norm = backbone.norm if isinstance(backbone.norm, nn.LayerNorm) else getattr(backbone, "fc_norm", None)
+    if isinstance(final_norm, nn.LayerNorm) and final_norm.weight is not None:
+        with torch.no_grad():
+            branch.head.head_norm.weight.copy_(final_norm.weight)
+            if final_norm.bias is not None:
+                branch.head.head_norm.bias.copy_(final_norm.bias)
+
+
+class _FrozenStream(nn.Module):
+    """Runs a frozen ViT's image stream once and feeds its K/V to one or more query branches."""
+
+    def __init__(self, backbone: nn.Module, *, drop_path_rate: float = 0.1, backbone_drop_path: bool = True,
+                 memory_mode: str = "keep") -> None:
+        super().__init__()
+        if memory_mode not in MEMORY_MODES:
+            raise ModelError(f"memory_mode {memory_mode!r} is not one of {', '.join(MEMORY_MODES)}")
+        check_backbone(backbone)
+        backbone.requires_grad_(False)
+        self.backbone = backbone.eval()
+        self.embed_dim = int(backbone.embed_dim)
+        self.depth = len(backbone.blocks)
+        self.num_heads = int(backbone.blocks[0].attn.num_heads)
+        self.drop_path_rates = _drop_path_rates(drop_path_rate, self.depth)
+        self.backbone_drop_path = backbone_drop_path
+        self.memory_mode = memory_mode
+        self.image_generator: torch.Generator | None = None
+
+    # the backbone's frozen state never changes: it stays in eval mode whatever train() is called with;
+    # the configured stochastic depth is applied functionally from self.training instead
+    def train(self, mode: bool = True) -> _FrozenStream:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        bb = self.backbone
+        x = bb.patch_embed(images)
+        x = bb._pos_embed(x)
+        x = bb.patch_drop(x)
+        return bb.norm_pre(x)
+
+    def _image_block(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One frozen block on the image tokens; returns the output and K/V ``[2, B, H, N, d]``."""
+        blk = self.backbone.blocks[index]
+        attn = blk.attn
+        B, N, _ = x.shape
+        heads = attn.num_heads
+        head_dim = attn.qkv.out_features // (3 * heads)
+        h = blk.norm1(x)
+        qkv = attn.qkv(h).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q = attn.q_norm(qkv[0])
+        # one contiguous copy of K and V: read by the image attention now and kept for the query stream
+        kv = torch.stack((attn.k_norm(qkv[1]), qkv[2]))
+        drop_p = attn.attn_drop.p if (self.training and self.backbone_drop_path) else 0.0
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=drop_p, scale=attn.scale)
+        out = out.transpose(1, 2).reshape(B, N, heads * head_dim)
+        out = attn.norm(out)
+        gate = getattr(attn, "gate", None)
+        if gate is not None:
+            out = out * gate(h).sigmoid()
+        out = attn.proj_drop(attn.proj(out))
+        stochastic = self.training and self.backbone_drop_path
+        rate = self.drop_path_rates[index]
+        x = x + _drop_path(blk.ls1(out), rate, stochastic, self.image_generator)
+        x = x + _drop_path(blk.ls2(blk.mlp(blk.norm2(x))), rate, stochastic, self.image_generator)
+        return x, kv
+
+    def _query_block(self, index: int, p: torch.Tensor, kv: torch.Tensor, kv_saved: torch.Tensor,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Frozen block ``index`` on the query tokens, query-only: returns (p, f_att, f_ffn)."""
+        blk = self.backbone.blocks[index]
+        attn = blk.attn
+        B, T, _ = p.shape
+        heads = attn.num_heads
+        attn_dim = attn.qkv.out_features // 3
+        h = blk.norm1(p)
+        # only the query third of qkv is applied to the query tokens
+        bias = attn.qkv.bias[:attn_dim] if attn.qkv.bias is not None else None
+        q = F.linear(h, attn.qkv.weight[:attn_dim], bias).reshape(B, T, heads, attn_dim // heads).transpose(1, 2)
+        q = attn.q_norm(q)
+        out = _QueryOnlyAttention.apply(q, kv[0], kv[1], attn.scale, kv_saved[0], kv_saved[1])
+        out = attn.norm(out.transpose(1, 2).reshape(B, T, attn_dim))
+        gate = getattr(attn, "gate", None)
+        if gate is not None:
+            out = out * gate(h).sigmoid()
+        out = _dropout(attn.proj(out), attn.proj_drop.p, self.training, generator)
+        rate = self.drop_path_rates[index]
+        f_att = _drop_path(blk.ls1(out), rate, self.training, generator)
+        p = p + f_att
+        f_ffn = _drop_path(blk.ls2(blk.mlp(blk.norm2(p))), rate, self.training, generator)
+        p = p + f_ffn
+        return p, f_att, f_ffn
+
+    def _run(self, images: torch.Tensor, branches: Sequence[QueryBranch]) -> list[torch.Tensor]:
+        if self.memory_mode == "recompute" and torch.is_grad_enabled() and self.training:
+            return self._run_recompute(images, branches)
+        return self._run_streams(images, branches)
+
+    def _run_recompute(self, images: torch.Tensor, branches: Sequence[QueryBranch]) -> list[torch.Tensor]:
+        """Keep only the input batch; the backward pass recomputes both streams with the same random numbers."""
+        generators = [self.image_generator] + [b.generator for b in branches]
+        start_states = [g.get_state() if g is not None else None for g in generators]
+
+        def body(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            for g, state in zip(generators, start_states, strict=True):
+                if g is not None:
+                    g.set_state(state)
+            return tuple(self._run_streams(x, branches))
+
+        return list(activation_checkpoint(body, images, use_reentrant=False, preserve_rng_state=True))
+
+    def _run_streams(self, images: torch.Tensor, branches: Sequence[QueryBranch]) -> list[torch.Tensor]:
+        batch = images.shape[0]
+        with torch.no_grad():
+            x = self._embed(images)
+        prev: list[torch.Tensor | None] = [None] * len(branches)
+        hs: list[list[torch.Tensor]] = [[] for _ in branches]
+        atts: list[list[torch.Tensor]] = [[] for _ in branches]
+        ffns: list[list[torch.Tensor]] = [[] for _ in branches]
+        for i in range(self.depth):
+            with torch.no_grad():
+                x, kv = self._image_block(i, x)
+                kv_saved = kv.to(torch.bfloat16) if self.memory_mode == "kv_bf16" else kv
+            for b, branch in enumerate(branches):
+                p = branch.synthesize(i, prev[b], batch)
+                p, f_att, f_ffn = self._query_block(i, p, kv, kv_saved, branch.generator)
+                if p.shape[1] > 1:
+                    p, f_att, f_ffn = p.mean(1, keepdim=True), f_att.mean(1, keepdim=True), f_ffn.mean(1, keepdim=True)
+                prev[b] = p
+                hs[b].append(p)
+                atts[b].append(f_att)
+                ffns[b].append(f_ffn)
+            del kv, kv_saved
+        logits = []
+        for b, branch in enumerate(branches):
+            feats = torch.cat([hs[b][-1], *hs[b], *atts[b], *ffns[b]], dim=1)
+            logits.append(branch.head(feats, branch.generator))
+        return logits
+
+    @torch.no_grad()
+    def image_stream(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The output of every frozen block on the image tokens (before timm's final norm)."""
+        x = self._embed(images)
+        outs = []
+        for i in range(self.depth):
+            x, _ = self._image_block(i, x)
+            outs.append(x)
+        return outs
+
+
+
+class SynQT(_FrozenStream):
+    """A frozen timm ViT plus one trainable ``QueryBranch``; ``forward(images) -> logits``."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, *, token_nums: int = 1, feat_scale: float = 1.0,
+                 attn_scale: float = 1.0, ffn_scale: float = 1.0, drop_path_rate: float = 0.1,
+                 backbone_drop_path: bool = True, memory_mode: str = "keep", ffn_hidden: int = 48,
+                 attn_hidden: int = 8) -> None:
+        super().__init__(backbone, drop_path_rate=drop_path_rate, backbone_drop_path=backbone_drop_path,
+                         memory_mode=memory_mode)
+        self.branch = QueryBranch(embed_dim=self.embed_dim, depth=self.depth, num_classes=num_classes,
+                                  token_nums=token_nums, feat_scale=feat_scale, attn_scale=attn_scale,
+                                  ffn_scale=ffn_scale, ffn_hidden=ffn_hidden, attn_hidden=attn_hidden)
+        copy_final_norm(self.backbone, self.branch)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(images, [self.branch])[0]
+
+    def named_trainable_parameters(self):
+        """The query branch, the head norm and the classifier: everything but the backbone."""
+        for name, param in self.branch.named_parameters():
+            yield f"branch.{name}", param
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_trainable_parameters()]
+
+    @property
+    def backbone_identity(self) -> dict:
+        return dict(getattr(self.backbone, "synqt_identity", {}))
+
+
+class PackedSynQT(_FrozenStream):
+    """k query branches trained in lockstep over one frozen image stream (one forward feeds them all).
+
+    In ``keep`` mode every branch's query-only attention saves the same K/V tensors, so memory grows by
+    the query path per branch, not by K/V. ``forward(images, active=None)`` returns one logits tensor
+    per active branch index.
+    """
+
+    def __init__(self, backbone: nn.Module, branches: Sequence[QueryBranch], *, drop_path_rate: float = 0.1,
+                 backbone_drop_path: bool = True, memory_mode: str = "keep") -> None:
+        super().__init__(backbone, drop_path_rate=drop_path_rate, backbone_drop_path=backbone_drop_path,
+                         memory_mode=memory_mode)
+        for branch in branches:
+            if (branch.embed_dim, branch.depth) != (self.embed_dim, self.depth):
+                raise ModelError(
+                    f"a branch built for embed_dim={branch.embed_dim}, depth={branch.depth} cannot read a backbone "
+                    f"with embed_dim={self.embed_dim}, depth={self.depth}"
+                )
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, images: torch.Tensor, active: Sequence[int] | None = None) -> list[torch.Tensor]:
+        chosen = [self.branches[i] for i in (range(len(self.branches)) if active is None else active)]
+        return self._run(images, chosen)
+
+
+def new_branch(backbone: nn.Module, num_classes: int, *, token_nums: int = 1, feat_scale: float = 1.0,
+               attn_scale: float = 1.0, ffn_scale: float = 1.0) -> QueryBranch:
+    """A fresh query branch sized from ``backbone`` with LN_head copied from its final norm."""
+    branch = QueryBranch(embed_dim=int(backbone.embed_dim), depth=len(backbone.blocks), num_classes=num_classes,
+                         token_nums=token_nums, feat_scale=feat_scale, attn_scale=attn_scale, ffn_scale=ffn_scale)
+    copy_final_norm(backbone, branch)
+    return branch
+
+
+def build_model(backbone: str | nn.Module, num_classes: int, *, token_nums: int = 1, feat_scale: float = 1.0,
+                attn_scale: float = 1.0, ffn_scale: float = 1.0, drop_path_rate: float = 0.1,
+                backbone_drop_path: bool = True, checkpoint: Any = None, memory_mode: str = "keep",
+                **backbone_kwargs: Any) -> SynQT:
+    """Build SynQT on a timm ViT given by name or already built; ``checkpoint`` loads the backbone.
+
+    ``checkpoint`` is a local file (Google ``.npz``, ``.pth``/``.bin``, ``.safetensors``) or a state dict;
+    nothing is ever downloaded.
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ModelError(f"num_classes must be a positive int, got {num_classes!r}")
+    frozen = build_backbone(backbone, drop_path_rate=drop_path_rate, checkpoint=checkpoint, **backbone_kwargs)
+    return SynQT(frozen, num_classes, token_nums=token_nums, feat_scale=feat_scale, attn_scale=attn_scale,
+                 ffn_scale=ffn_scale, drop_path_rate=drop_path_rate, backbone_drop_path=backbone_drop_path,
+                 memory_mode=memory_mode)
+
+
+def count_trainable(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def expected_trainable(embed_dim: int, depth: int, token_nums: int, num_classes: int) -> int:
+    """Closed form of the trainable-parameter count (spec section 3), for any backbone size."""
+    c = embed_dim
+    adapter = lambda h: c * h + h + h * c + c  # noqa: E731
+    ln = 2 * c
+    per_block = adapter(48) + (2 * ln + 2 * ln + 4 * adapter(8) + 2 + adapter(48))
+    head = ln + adapter(48) + (c * 3 * depth + 3 * depth) + ln
+    return depth * per_block + 1 + head + depth * token_nums * c + (c + 1) * num_classes
+
+
+__all__ = [
+    "Adapter", "QSMAttention", "QSMBlock", "InstanceAwareHead", "QueryBranch", "SynQT", "PackedSynQT",
+    "build_model", "build_backbone", "check_backbone", "new_branch", "count_trainable", "expected_trainable",
+    "copy_final_norm", "MEMORY_MODES",
+]

@@ -1,0 +1,280 @@
+"""Sweep files, overrides, the trial plan, packs, dry runs and refusals: fast, no Ray started."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher import sweep as sw
+from synqt.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parent.parent
+CI = REPO / "configs" / "sweeps" / "ci.yaml"
+
+
+def _write(tmp_path: Path, data: dict, name: str = "s.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.fixture(scope="module")
+def bench_root(tmp_path_factory) -> Path:
+    """Two small synthetic tasks on disk (validation reads their list files) + a checkpoint file."""
+    from synqt.synthetic import write_benchmark
+
+    root = tmp_path_factory.mktemp("bench")
+    write_benchmark(root / "data", tasks=["syn_count", "syn_blobs"], n_train=40, n_val=10, n_test=30)
+    (root / "ckpt.safetensors").write_bytes(b"placeholder")
+    return root
+
+
+def test_overrides_one_syntax_for_sweep_and_trial_keys(tmp_path):
+    s = sw.load_sweep(CI, [f"storage_path={tmp_path}/x", "grid.lr=[1e-3,5e-4]", "seeds=[42]",
+                           "resources.gpus=0.5", "epochs=5", "backbone_kwargs.img_size=48",
+                           "grid.token_nums=[1,4]", "name=ci2"])
+    assert s.storage_path == str(tmp_path / "x")
+    assert s.grid == {"lr": [1e-3, 5e-4], "token_nums": [1, 4]}
+    assert s.seeds == [42]
+    assert s.resources == {"cpus": 1, "gpus": 0.5, "devices": 1}
+    assert s.trial["epochs"] == 5
+    # a dotted trial key merges into the file's backbone_kwargs instead of replacing them
+    assert s.trial["backbone_kwargs"] == {"img_size": 48, "patch_size": 4, "embed_dim": 96, "depth": 6,
+                                          "num_heads": 3}
+    assert s.sweep_dir == tmp_path / "x" / "ci2"
+    trials = sw.plan_trials(s)
+    assert len(trials) == 2 * 4 * 1
+    cfg = trials[0].config
+    assert cfg.epochs == 5 and cfg.backbone_kwargs["img_size"] == 48 and cfg.seed == 42
+    assert {t.config.lr for t in trials} == {1e-3, 5e-4}
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"name": "x", "datasets": ["dtd"], "bogus": 1}, "unknown key 'bogus'"),
+        ({"name": "x", "datasets": ["dtd"], "grid": {"learning_rate": [1]}}, "grid key 'learning_rate'"),
+        ({"name": "x", "datasets": ["dtd"], "trial": {"epoch": 3}}, "unknown trial key 'epoch'"),
+        ({"name": "x", "datasets": ["dtd"], "resources": {"gpu": 1}}, "unknown key 'gpu' under 'resources'"),
+        ({"name": "x", "datasets": ["dtd"], "resources": {"cpus": 0}}, "resources.cpus"),
+        ({"name": "x", "datasets": ["dtd"], "protocol": "honest"}, "key 'protocol'"),
+        ({"name": "x", "datasets": ["dtd"], "pack": "many"}, "key 'pack'"),
+        ({"name": "x", "datasets": []}, "key 'datasets'"),
+        ({"name": "x", "datasets": ["dtd"], "seeds": [1, 1]}, "key 'seeds'"),
+        ({"name": "x", "datasets": ["dtd"], "grid": {"seed": [1, 2]}}, "grid key 'seed'"),
+        ({"name": "x", "datasets": ["dtd"], "per_dataset": {"cifar": {"lr": 1}}}, "per_dataset names 'cifar'"),
+        ({"name": "x", "datasets": ["dtd"], "asha": {"max_t": 5}}, "only with protocol: vtab"),
+        ({"name": "x", "datasets": ["dtd"], "grid": {"lr": ["fast"]}}, "lr"),
+    ],
+)
+def test_bad_sweep_files_name_key_and_file(tmp_path, data, needle):
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        sw.plan_trials(sw.load_sweep(path))
+    assert needle in str(err.value)
+    assert "s.yaml" in str(err.value)
+
+
+def test_unknown_key_lists_allowed_keys(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        sw.load_sweep(_write(tmp_path, {"name": "x", "datasets": ["dtd"], "seed": 3}))
+    assert "seeds" in str(err.value) and "storage_path" in str(err.value)
+    with pytest.raises(ConfigError, match="command line: unknown key 'nonsense'"):
+        sw.load_sweep(CI, ["nonsense=3"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        sw.load_sweep(CI, ["epochs"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        sw.load_sweep(tmp_path / "missing.yaml")
+
+
+def test_group_expansion():
+    def ds(entries):
+        return sw.expand_datasets(entries)
+
+    assert len(ds(["vtab1k"])) == 19
+    assert ds(["natural"]) == ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn",
+                               "sun397"]
+    assert len(ds(["specialized"])) == 4 and len(ds(["structured"])) == 8
+    assert len(ds(["fgvc"])) == 5
+    assert "syn_count" in ds(["demo"]) and len(ds(["demo"])) == 7
+    assert ds(["dtd", "natural"])[0] == "dtd" and len(ds(["dtd", "natural"])) == 7  # no duplicates
+
+
+def test_paper_plan_counts_names_and_precedence(tmp_path):
+    data = {"name": "p", "datasets": ["dtd", "cifar"], "protocol": "paper",
+            "grid": {"lr": [1e-3, 5e-4], "weight_decay": [1e-2]}, "seeds": [42, 44],
+            "storage_path": str(tmp_path), "trial": {"epochs": 7, "warmup_epochs": 1, "ffn_scale": 0.5, "eval_every": 7},
+            "per_dataset": {"cifar": {"epochs": 3, "eval_every": 3}}}
+    s = sw.load_sweep(_write(tmp_path, data))
+    trials = sw.plan_trials(s)
+    assert len(trials) == 2 * 2 * 2
+    assert [t.run_name for t in trials[:3]] == ["final-dtd-lr0.001_wd0.01-s42", "final-dtd-lr0.001_wd0.01-s44",
+                                                 "final-dtd-lr0.0005_wd0.01-s42"]
+    assert trials[0].run_dir(s) == tmp_path / "p" / "runs" / "final-dtd-lr0.001_wd0.01-s42"
+    dtd = trials[0].config
+    cifar = next(t.config for t in trials if t.dataset == "cifar")
+    assert dtd.epochs == 7 and cifar.epochs == 3  # per_dataset beats trial
+    assert cifar.token_nums == 4 and dtd.token_nums == 1  # shipped per-task settings (spec table)
+    assert dtd.ffn_scale == 0.5  # sweep trial beats the shipped config
+    assert dtd.protocol == "paper" and dtd.stage == "final"
+    assert [t.run_name for t in sw.plan_trials(s)] == [t.run_name for t in trials]  # deterministic
+
+
+def test_vtab_two_stage_plan_and_selection(tmp_path):
+    data = {"name": "v", "datasets": ["dtd", "cifar"], "protocol": "vtab",
+            "grid": {"lr": [1e-3, 5e-4, 1e-4]}, "storage_path": str(tmp_path)}
+    s = sw.load_sweep(_write(tmp_path, data))
+    assert s.seeds == [42, 44, 82, 100, 800]  # vtab default
+    search = sw.plan_trials(s)
+    assert len(search) == 2 * 3 and {t.seed for t in search} == {42}
+    assert all(t.stage == "search" and t.config.stage == "search" and t.config.protocol == "vtab" for t in search)
+    # stage-1 results: dtd has a tie between the 2nd and 3rd point -> the earlier grid point wins
+    accs = {"dtd": [50.0, 70.0, 70.0], "cifar": [90.0, 10.0, None]}
+    for t in search:
+        acc = accs[t.dataset][[1e-3, 5e-4, 1e-4].index(t.hparams["lr"])]
+        d = t.run_dir(s)
+        d.mkdir(parents=True)
+        status = "ok" if acc is not None else "failed"
+        (d / "metrics.json").write_text(json.dumps({"status": status, "val_acc": acc}))
+    best = sw.select_best(s, search)
+    assert best == {"dtd": {"lr": 5e-4}, "cifar": {"lr": 1e-3}}
+    final = sw.plan_trials(s, "final")
+    assert len(final) == 2 * 5
+    assert {t.seed for t in final} == {42, 44, 82, 100, 800}
+    assert all(t.stage == "final" and t.config.stage == "final" for t in final)
+    assert {t.config.lr for t in final if t.dataset == "dtd"} == {5e-4}
+    assert final[0].run_name == "final-dtd-lr0.0005-s42"
+    with pytest.raises(ConfigError, match="no search stage"):
+        sw.plan_trials(sw.load_sweep(CI), "search")
+
+
+def test_random_search_samples_distinct_grid_points(tmp_path):
+    data = {"name": "r", "datasets": ["dtd"], "protocol": "vtab", "search": "random", "num_samples": 3,
+            "grid": {"lr": [1e-3, 5e-4, 1e-4], "weight_decay": [1e-2, 1e-4]}, "storage_path": str(tmp_path)}
+    s = sw.load_sweep(_write(tmp_path, data))
+    pts = sw.grid_points(s)
+    assert len(pts) == 3 and len({json.dumps(p) for p in pts}) == 3
+    assert pts == sw.grid_points(s)
+
+
+def test_packs_group_by_pack_key(tmp_path):
+    base = {"name": "k", "datasets": ["dtd", "cifar"], "grid": {"lr": [1e-3, 5e-4, 1e-4],
+                                                               "token_nums": [1, 4]},
+            "seeds": [42, 44], "storage_path": str(tmp_path), "resources": {"cpus": 4}}
+    off = sw.plan_trials(sw.load_sweep(_write(tmp_path, {**base, "pack": "off"})))
+    assert len(sw.packs_of(off)) == len(off) == 24
+    two = sw.plan_trials(sw.load_sweep(_write(tmp_path, {**base, "pack": 2})))
+    packs = sw.packs_of(two)
+    # 2 datasets x 2 seeds = 4 pack keys of 6 grid points each -> 3 packs of 2 each
+    assert len(packs) == 12 and all(len(p) == 2 for p in packs)
+    for p in packs:
+        assert len({(t.dataset, t.seed) for t in p}) == 1
+    auto = sw.plan_trials(sw.load_sweep(_write(tmp_path, {**base, "pack": "auto"})))
+    assert all(len({(t.dataset, t.seed) for t in p}) == 1 for p in sw.packs_of(auto))
+    assert len(sw.packs_of(auto)) < 24
+    # a fixed data order lets runs that differ only in seed share a pack
+    fixed = sw.plan_trials(sw.load_sweep(_write(tmp_path, {**base, "pack": 4, "trial": {"data_seed": 0}})))
+    assert any(len({t.seed for t in p}) == 2 for p in sw.packs_of(fixed))
+    # different epochs never share a pack
+    per = sw.plan_trials(sw.load_sweep(_write(tmp_path, {**base, "pack": 12, "datasets": ["dtd"],
+                                                         "per_dataset": {"dtd": {"epochs": 3, "warmup_epochs": 1, "eval_every": 3}}})))
+    assert all(t.config.epochs == 3 for t in per)
+
+
+def test_auto_pack_size_follows_the_memory_budget(tmp_path):
+    base = {"name": "m", "datasets": ["dtd"], "grid": {"weight_decay": [0.1, 0.05, 0.01, 0.005, 1e-3, 5e-4, 1e-4, 0]},
+            "pack": "auto", "storage_path": str(tmp_path)}
+    big = sw.load_sweep(_write(tmp_path, {**base, "pack_memory_gb": 1000}))
+    small = sw.load_sweep(_write(tmp_path, {**base, "pack_memory_gb": 0.001}))
+    cfg = sw.plan_trials(big)[0].config
+    assert sw.auto_pack_size(big, cfg) == sw.MAX_AUTO_PACK
+    assert sw.auto_pack_size(small, cfg) == 1
+    assert sw.estimate_memory(cfg, 4) > sw.estimate_memory(cfg, 1)
+
+
+def _synqt(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_dry_run_counts_text_and_json(tmp_path, bench_root):
+    args = ["sweep", str(CI), f"storage_path={tmp_path}", f"data_root={bench_root / 'data'}",
+            "datasets=[syn_count,syn_blobs]", "--dry-run"]
+    out = _synqt(*args)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "8 trial(s) in 4 Ray trial(s)" in text
+    assert "syn_count                4" in text and "syn_blobs                4" in text
+    assert "cpus=1 gpus=0 devices=1" in text
+    # 4 packs x (2 epochs x 50 train800val200 images + 2 evals x 30 test images)
+    assert "640 packed (1,280 if every trial ran alone)" in text
+    js = _synqt(*args, "--json")
+    assert js.returncode == 0, js.stderr
+    plan = json.loads(js.stdout)
+    assert plan["sweep_dir"] == str(tmp_path / "ci")
+    assert len(plan["trials"]) == 8 and plan["stage2_pending"] is False
+    assert set(plan["trials"][0]) >= {"index", "run_name", "stage", "dataset", "seed", "hparams", "epochs", "pack"}
+    assert not (tmp_path / "ci").exists()  # a dry run writes nothing
+
+
+def test_vtab_dry_run_shows_both_stages(tmp_path):
+    out = _synqt("sweep", "configs/sweeps/vtab1k_search.yaml", f"storage_path={tmp_path}", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "stage search: 76 trial(s)" in out.stdout
+    assert "stage final (after stage 1): 95 trial(s)" in out.stdout
+    js = json.loads(_synqt("sweep", "configs/sweeps/vtab1k_search.yaml", f"storage_path={tmp_path}",
+                           "--dry-run", "--json").stdout)
+    assert js["stage2_pending"] is True and len(js["trials"]) == 76
+
+
+def test_missing_dataset_and_checkpoint_refused_before_ray(tmp_path, bench_root):
+    import ray
+
+    ov = [f"storage_path={tmp_path}", f"data_root={bench_root / 'data'}",
+          f"checkpoint={bench_root / 'ckpt.safetensors'}"]
+    with pytest.raises(DataError, match="syn_texture"):
+        sw.run_sweep_command(str(CI), [*ov, "datasets=[syn_count,syn_texture]"])
+    with pytest.raises(ConfigError, match="nothing.safetensors"):
+        sw.run_sweep_command(str(CI), [*ov, "datasets=[syn_count]", f"checkpoint={tmp_path}/nothing.safetensors"])
+    assert not ray.is_initialized()
+    assert not (tmp_path / "ci").exists()
+    # the CLI prints the error without a traceback and exits 2
+    out = _synqt("sweep", str(CI), *ov, "datasets=[syn_count,syn_texture]")
+    assert out.returncode == 2 and "syn_texture" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_list_file_refused(tmp_path, bench_root):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(bench_root / "data" / "syn_count", root / "syn_count")
+    (root / "syn_count" / "test.json").write_text("{not json")
+    with pytest.raises(DataError, match="syn_count"):
+        sw.run_sweep_command(str(CI), [f"storage_path={tmp_path}", f"data_root={root}", "datasets=[syn_count]",
+                                       f"checkpoint={bench_root / 'ckpt.safetensors'}"])
+
+
+def test_existing_sweep_is_not_overwritten(tmp_path, bench_root):
+    import ray
+
+    ov = [f"storage_path={tmp_path}", f"data_root={bench_root / 'data'}", "datasets=[syn_count]",
+          f"checkpoint={bench_root / 'ckpt.safetensors'}"]
+    (tmp_path / "ci").mkdir()
+    (tmp_path / "ci" / "plan.json").write_text("{}")
+    with pytest.raises(ConfigError, match="--resume"):
+        sw.run_sweep_command(str(CI), ov)
+    assert (tmp_path / "ci" / "plan.json").read_text() == "{}"
+    with pytest.raises(ConfigError, match="no sweep at"):
+        sw.run_sweep_command(str(CI), [*ov, f"storage_path={tmp_path}/other"], resume=True)
+    assert not ray.is_initialized()
+
+
+def test_launcher_sweep_does_not_import_ray():
+    code = "import sys, launcher.sweep; assert 'ray' not in sys.modules, 'ray imported'"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
