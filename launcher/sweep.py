@@ -502,6 +502,11 @@ def trial_config(sweep: Sweep, dataset: str, hparams: dict[str, Any], seed: int,
             fixed["trainer"] = "deepspeed"
             fixed["num_devices"] = sweep.resources["devices"]
         values.update(fixed)
+        if values.get("group") is None:
+            from synqt.synthetic import DEMO_TASKS
+
+            if dataset in DEMO_TASKS:  # the synthetic tasks report under their VTAB-like group
+                values["group"] = DEMO_TASKS[dataset][0]
         return config_from_dict(values, where)
     except ConfigError as err:
         msg = str(err)

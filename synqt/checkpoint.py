@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,7 @@ def _load_npz(model: nn.Module, path: Path) -> None:
                     f"checkpoint {path}: {full!r} has shape {tuple(npz[full].shape)} but the backbone expects "
                     f"{tuple(expected)}"
                 )
-        depth = len({k.split("/")[1] for k in keys if k.startswith(prefix + "Transformer/encoderblock_")})
+        depth = len({k[len(prefix):].split("/")[1] for k in keys if k.startswith(prefix + "Transformer/encoderblock_")})
         if depth != len(model.blocks):
             raise ModelError(f"checkpoint {path}: has {depth} encoder blocks but the backbone has {len(model.blocks)}")
         pos_key = prefix + "Transformer/posembed_input/pos_embedding"
@@ -245,21 +245,30 @@ def load_official_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Te
             backbone_state[key] = value
         else:
             unexpected.append(key)
-    _check_and_load(branch, branch_state, "official state dict (SynQT part)", unexpected)
-    _check_and_load(backbone, backbone_state, "official state dict (backbone part)", [])
+    def official_name(key: str) -> str:
+        return _translate(key, _TO_OFFICIAL) or key
+
+    # check both parts before loading either, so a bad key never leaves the model half-loaded
+    branch_state = _checked(branch, branch_state, "official state dict", unexpected, official_name)
+    backbone_state = _checked(backbone, backbone_state, "official state dict", [])
+    branch.load_state_dict(branch_state, strict=True)
+    backbone.load_state_dict(backbone_state, strict=True)
 
 
-def _check_and_load(module: nn.Module, state: dict[str, torch.Tensor], source: str, unexpected: list[str]) -> None:
+def _checked(module: nn.Module, state: dict[str, torch.Tensor], source: str, unexpected: list[str],
+             display: Callable[[str], str] = str) -> dict[str, torch.Tensor]:
+    """``state`` restricted to ``module``'s keys; raises naming (as ``display`` shows them) any bad key."""
     own = module.state_dict()
-    unexpected = list(unexpected) + [k for k in state if k not in own]
+    unexpected = list(unexpected) + [display(k) for k in state if k not in own]
     state = {k: v for k, v in state.items() if k in own}
     for key, value in state.items():
         if tuple(value.shape) != tuple(own[key].shape):
-            raise ModelError(f"{source}: {key!r} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
-    missing = [k for k in own if k not in state]
+            raise ModelError(
+                f"{source}: {display(key)!r} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+    missing = [display(k) for k in own if k not in state]
     if missing or unexpected:
         raise ModelError(f"{source}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-    module.load_state_dict(state, strict=True)
+    return state
 
 
 def to_official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -337,11 +346,13 @@ def load_trainable(model: nn.Module, path: str | Path) -> dict[str, Any]:
     saved = header.get("backbone", {})
     for key in ("name", "embed_dim", "depth", "num_heads", "checkpoint_sha256"):
         ours, theirs = identity.get(key), saved.get(key)
-        if ours is not None and theirs is not None and ours != theirs:
+        # a branch trained on loaded weights is meaningless on any other weights, random ones included
+        differs = ours != theirs if key == "checkpoint_sha256" else (ours is not None and ours != theirs)
+        if theirs is not None and differs:
             raise ModelError(
                 f"trainable checkpoint {path} was trained on backbone {saved.get('name')!r} "
                 f"(checkpoint {saved.get('checkpoint')!r}, {key}={theirs!r}) and cannot be loaded onto backbone "
                 f"{identity.get('name')!r} (checkpoint {identity.get('checkpoint')!r}, {key}={ours!r})"
             )
-    _check_and_load(branch, tensors, f"trainable checkpoint {path}", [])
+    branch.load_state_dict(_checked(branch, tensors, f"trainable checkpoint {path}", []), strict=True)
     return header

@@ -19,6 +19,7 @@ VARIANTS: dict[str, dict] = {
     "layer_scale": dict(TINY_KW, init_values=0.1),
     "no_qkv_bias": dict(TINY_KW, qkv_bias=False, embed_dim=64, num_heads=4),
     "qk_norm": dict(TINY_KW, qk_norm=True),
+    "pre_norm_no_embed_class": dict(TINY_KW, pre_norm=True, no_embed_class=True, reg_tokens=1),
 }
 
 

@@ -19,6 +19,15 @@ from synqt.model import QueryBranch, expected_trainable
 ATOL = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is fastest and immune to other processes contending for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _random_model(kw: dict, token_nums: int, seed: int = 1, num_classes: int = 7) -> synqt.SynQT:
     torch.manual_seed(seed)
     model = synqt.build_model(TINY, num_classes, token_nums=token_nums, feat_scale=0.7, attn_scale=0.3,
@@ -57,8 +66,10 @@ def test_reference_is_sensitive_to_every_used_tensor() -> None:
     ignored = {k for k in sd if k.startswith("synqt.pre_norm.") or k == "synqt.out_combine.weight"}
     # the final norm of the backbone is not used by the method (spec section 1)
     ignored |= {"norm.weight", "norm.bias"}
+    # a bias added to every key shifts all scores of a query equally: softmax cancels it
+    invariant = {k for k in sd if re.fullmatch(r"synqt\.qsm_block\.\d+\.attn\.k_proj\.mlp\.fc2\.bias", k)}
     for key, value in sd.items():
-        if key in ignored:
+        if key in ignored or key in invariant:
             continue
         moved = dict(sd)
         moved[key] = value + 0.5 * torch.randn(value.shape, generator=torch.Generator().manual_seed(3))
@@ -249,11 +260,12 @@ def test_image_stream_equals_timm_blocks(variant: str) -> None:
     expected_tokens = bb.num_prefix_tokens + 16
     for i, (a, b) in enumerate(zip(ours, timm_outs, strict=True)):
         assert a.shape == (2, expected_tokens, bb.embed_dim)
-        err = (a - b).abs().max().item()
-        assert err < 1e-5, f"{variant}: block {i} output differs from timm's by {err:.3g}"
+        err = ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()  # float32 relative error
+        assert err < 1e-5, f"{variant}: block {i} output differs from timm's by {err:.3g} (relative)"
     ref = reference_image_stream(bb.state_dict(), x, num_heads=model.num_heads)
-    for a, b in zip(ours, ref, strict=True):
-        assert (a.double() - b).abs().max() < 1e-5
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        err = ((a.double() - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+        assert err < 1e-5, f"{variant}: block {i} output differs from the float64 re-computation by {err:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -36,17 +36,26 @@ def bench_root(tmp_path_factory) -> Path:
 
 
 def test_overrides_one_syntax_for_sweep_and_trial_keys(tmp_path):
-    s = sw.load_sweep(CI, [f"storage_path={tmp_path}/x", "grid.lr=[1e-3,5e-4]", "seeds=[42]",
-                           "resources.gpus=0.5", "epochs=5", "backbone_kwargs.img_size=48",
-                           "grid.token_nums=[1,4]", "name=ci2"])
+    s = sw.load_sweep(
+        CI,
+        [
+            f"storage_path={tmp_path}/x",
+            "grid.lr=[1e-3,5e-4]",
+            "seeds=[42]",
+            "resources.gpus=0.5",
+            "epochs=5",
+            "backbone_kwargs.img_size=48",
+            "grid.token_nums=[1,4]",
+            "name=ci2",
+        ],
+    )
     assert s.storage_path == str(tmp_path / "x")
     assert s.grid == {"lr": [1e-3, 5e-4], "token_nums": [1, 4]}
     assert s.seeds == [42]
     assert s.resources == {"cpus": 1, "gpus": 0.5, "devices": 1}
     assert s.trial["epochs"] == 5
     # a dotted trial key merges into the file's backbone_kwargs instead of replacing them
-    assert s.trial["backbone_kwargs"] == {"img_size": 48, "patch_size": 4, "embed_dim": 96, "depth": 6,
-                                          "num_heads": 3}
+    assert s.trial["backbone_kwargs"] == {"img_size": 48, "patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}
     assert s.sweep_dir == tmp_path / "x" / "ci2"
     trials = sw.plan_trials(s)
     assert len(trials) == 2 * 4 * 1
@@ -98,8 +107,7 @@ def test_group_expansion():
         return sw.expand_datasets(entries)
 
     assert len(ds(["vtab1k"])) == 19
-    assert ds(["natural"]) == ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn",
-                               "sun397"]
+    assert ds(["natural"]) == ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"]
     assert len(ds(["specialized"])) == 4 and len(ds(["structured"])) == 8
     assert len(ds(["fgvc"])) == 5
     assert "syn_count" in ds(["demo"]) and len(ds(["demo"])) == 7
@@ -107,15 +115,24 @@ def test_group_expansion():
 
 
 def test_paper_plan_counts_names_and_precedence(tmp_path):
-    data = {"name": "p", "datasets": ["dtd", "cifar"], "protocol": "paper",
-            "grid": {"lr": [1e-3, 5e-4], "weight_decay": [1e-2]}, "seeds": [42, 44],
-            "storage_path": str(tmp_path), "trial": {"epochs": 7, "warmup_epochs": 1, "ffn_scale": 0.5, "eval_every": 7},
-            "per_dataset": {"cifar": {"epochs": 3, "eval_every": 3}}}
+    data = {
+        "name": "p",
+        "datasets": ["dtd", "cifar"],
+        "protocol": "paper",
+        "grid": {"lr": [1e-3, 5e-4], "weight_decay": [1e-2]},
+        "seeds": [42, 44],
+        "storage_path": str(tmp_path),
+        "trial": {"epochs": 7, "warmup_epochs": 1, "ffn_scale": 0.5, "eval_every": 7},
+        "per_dataset": {"cifar": {"epochs": 3, "eval_every": 3}},
+    }
     s = sw.load_sweep(_write(tmp_path, data))
     trials = sw.plan_trials(s)
     assert len(trials) == 2 * 2 * 2
-    assert [t.run_name for t in trials[:3]] == ["final-dtd-lr0.001_wd0.01-s42", "final-dtd-lr0.001_wd0.01-s44",
-                                                 "final-dtd-lr0.0005_wd0.01-s42"]
+    assert [t.run_name for t in trials[:3]] == [
+        "final-dtd-lr0.001_wd0.01-s42",
+        "final-dtd-lr0.001_wd0.01-s44",
+        "final-dtd-lr0.0005_wd0.01-s42",
+    ]
     assert trials[0].run_dir(s) == tmp_path / "p" / "runs" / "final-dtd-lr0.001_wd0.01-s42"
     dtd = trials[0].config
     cifar = next(t.config for t in trials if t.dataset == "cifar")
@@ -127,8 +144,13 @@ def test_paper_plan_counts_names_and_precedence(tmp_path):
 
 
 def test_vtab_two_stage_plan_and_selection(tmp_path):
-    data = {"name": "v", "datasets": ["dtd", "cifar"], "protocol": "vtab",
-            "grid": {"lr": [1e-3, 5e-4, 1e-4]}, "storage_path": str(tmp_path)}
+    data = {
+        "name": "v",
+        "datasets": ["dtd", "cifar"],
+        "protocol": "vtab",
+        "grid": {"lr": [1e-3, 5e-4, 1e-4]},
+        "storage_path": str(tmp_path),
+    }
     s = sw.load_sweep(_write(tmp_path, data))
     assert s.seeds == [42, 44, 82, 100, 800]  # vtab default
     search = sw.plan_trials(s)
@@ -155,8 +177,15 @@ def test_vtab_two_stage_plan_and_selection(tmp_path):
 
 
 def test_random_search_samples_distinct_grid_points(tmp_path):
-    data = {"name": "r", "datasets": ["dtd"], "protocol": "vtab", "search": "random", "num_samples": 3,
-            "grid": {"lr": [1e-3, 5e-4, 1e-4], "weight_decay": [1e-2, 1e-4]}, "storage_path": str(tmp_path)}
+    data = {
+        "name": "r",
+        "datasets": ["dtd"],
+        "protocol": "vtab",
+        "search": "random",
+        "num_samples": 3,
+        "grid": {"lr": [1e-3, 5e-4, 1e-4], "weight_decay": [1e-2, 1e-4]},
+        "storage_path": str(tmp_path),
+    }
     s = sw.load_sweep(_write(tmp_path, data))
     pts = sw.grid_points(s)
     assert len(pts) == 3 and len({json.dumps(p) for p in pts}) == 3
@@ -164,9 +193,14 @@ def test_random_search_samples_distinct_grid_points(tmp_path):
 
 
 def test_packs_group_by_pack_key(tmp_path):
-    base = {"name": "k", "datasets": ["dtd", "cifar"], "grid": {"lr": [1e-3, 5e-4, 1e-4],
-                                                               "token_nums": [1, 4]},
-            "seeds": [42, 44], "storage_path": str(tmp_path), "resources": {"cpus": 4}}
+    base = {
+        "name": "k",
+        "datasets": ["dtd", "cifar"],
+        "grid": {"lr": [1e-3, 5e-4, 1e-4], "token_nums": [1, 4]},
+        "seeds": [42, 44],
+        "storage_path": str(tmp_path),
+        "resources": {"cpus": 4},
+    }
     off = sw.plan_trials(sw.load_sweep(_write(tmp_path, {**base, "pack": "off"})))
     assert len(sw.packs_of(off)) == len(off) == 24
     two = sw.plan_trials(sw.load_sweep(_write(tmp_path, {**base, "pack": 2})))
@@ -182,14 +216,30 @@ def test_packs_group_by_pack_key(tmp_path):
     fixed = sw.plan_trials(sw.load_sweep(_write(tmp_path, {**base, "pack": 4, "trial": {"data_seed": 0}})))
     assert any(len({t.seed for t in p}) == 2 for p in sw.packs_of(fixed))
     # different epochs never share a pack
-    per = sw.plan_trials(sw.load_sweep(_write(tmp_path, {**base, "pack": 12, "datasets": ["dtd"],
-                                                         "per_dataset": {"dtd": {"epochs": 3, "warmup_epochs": 1, "eval_every": 3}}})))
+    per = sw.plan_trials(
+        sw.load_sweep(
+            _write(
+                tmp_path,
+                {
+                    **base,
+                    "pack": 12,
+                    "datasets": ["dtd"],
+                    "per_dataset": {"dtd": {"epochs": 3, "warmup_epochs": 1, "eval_every": 3}},
+                },
+            )
+        )
+    )
     assert all(t.config.epochs == 3 for t in per)
 
 
 def test_auto_pack_size_follows_the_memory_budget(tmp_path):
-    base = {"name": "m", "datasets": ["dtd"], "grid": {"weight_decay": [0.1, 0.05, 0.01, 0.005, 1e-3, 5e-4, 1e-4, 0]},
-            "pack": "auto", "storage_path": str(tmp_path)}
+    base = {
+        "name": "m",
+        "datasets": ["dtd"],
+        "grid": {"weight_decay": [0.1, 0.05, 0.01, 0.005, 1e-3, 5e-4, 1e-4, 0]},
+        "pack": "auto",
+        "storage_path": str(tmp_path),
+    }
     big = sw.load_sweep(_write(tmp_path, {**base, "pack_memory_gb": 1000}))
     small = sw.load_sweep(_write(tmp_path, {**base, "pack_memory_gb": 0.001}))
     cfg = sw.plan_trials(big)[0].config
@@ -199,13 +249,25 @@ def test_auto_pack_size_follows_the_memory_budget(tmp_path):
 
 
 def _synqt(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
 
 
 def test_dry_run_counts_text_and_json(tmp_path, bench_root):
-    args = ["sweep", str(CI), f"storage_path={tmp_path}", f"data_root={bench_root / 'data'}",
-            "datasets=[syn_count,syn_blobs]", "--dry-run"]
+    args = [
+        "sweep",
+        str(CI),
+        f"storage_path={tmp_path}",
+        f"data_root={bench_root / 'data'}",
+        "datasets=[syn_count,syn_blobs]",
+        "--dry-run",
+    ]
     out = _synqt(*args)
     assert out.returncode == 0, out.stderr
     text = out.stdout
@@ -228,16 +290,20 @@ def test_vtab_dry_run_shows_both_stages(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "stage search: 76 trial(s)" in out.stdout
     assert "stage final (after stage 1): 95 trial(s)" in out.stdout
-    js = json.loads(_synqt("sweep", "configs/sweeps/vtab1k_search.yaml", f"storage_path={tmp_path}",
-                           "--dry-run", "--json").stdout)
+    js = json.loads(
+        _synqt("sweep", "configs/sweeps/vtab1k_search.yaml", f"storage_path={tmp_path}", "--dry-run", "--json").stdout
+    )
     assert js["stage2_pending"] is True and len(js["trials"]) == 76
 
 
 def test_missing_dataset_and_checkpoint_refused_before_ray(tmp_path, bench_root):
     import ray
 
-    ov = [f"storage_path={tmp_path}", f"data_root={bench_root / 'data'}",
-          f"checkpoint={bench_root / 'ckpt.safetensors'}"]
+    ov = [
+        f"storage_path={tmp_path}",
+        f"data_root={bench_root / 'data'}",
+        f"checkpoint={bench_root / 'ckpt.safetensors'}",
+    ]
     with pytest.raises(DataError, match="syn_texture"):
         sw.run_sweep_command(str(CI), [*ov, "datasets=[syn_count,syn_texture]"])
     with pytest.raises(ConfigError, match="nothing.safetensors"):
@@ -256,15 +322,26 @@ def test_bad_list_file_refused(tmp_path, bench_root):
     shutil.copytree(bench_root / "data" / "syn_count", root / "syn_count")
     (root / "syn_count" / "test.json").write_text("{not json")
     with pytest.raises(DataError, match="syn_count"):
-        sw.run_sweep_command(str(CI), [f"storage_path={tmp_path}", f"data_root={root}", "datasets=[syn_count]",
-                                       f"checkpoint={bench_root / 'ckpt.safetensors'}"])
+        sw.run_sweep_command(
+            str(CI),
+            [
+                f"storage_path={tmp_path}",
+                f"data_root={root}",
+                "datasets=[syn_count]",
+                f"checkpoint={bench_root / 'ckpt.safetensors'}",
+            ],
+        )
 
 
 def test_existing_sweep_is_not_overwritten(tmp_path, bench_root):
     import ray
 
-    ov = [f"storage_path={tmp_path}", f"data_root={bench_root / 'data'}", "datasets=[syn_count]",
-          f"checkpoint={bench_root / 'ckpt.safetensors'}"]
+    ov = [
+        f"storage_path={tmp_path}",
+        f"data_root={bench_root / 'data'}",
+        "datasets=[syn_count]",
+        f"checkpoint={bench_root / 'ckpt.safetensors'}",
+    ]
     (tmp_path / "ci").mkdir()
     (tmp_path / "ci" / "plan.json").write_text("{}")
     with pytest.raises(ConfigError, match="--resume"):

@@ -1,0 +1,666 @@
+"""One SynQT trial over several processes: data parallel, DeepSpeed ZeRO stage 2 on the trainable branch.
+
+Why a separate trainer: the single-device engine (``synqt.engine``) packs many trials on one device;
+this one spreads ONE trial over ``num_devices`` processes (a trial too large or too slow for one
+device). Only the query branch (queries, prompt FFNs, QSM blocks, head) is handed to DeepSpeed, through
+``_TrainableView``, whose only registered submodule is the branch: the frozen backbone is never
+wrapped, broadcast, all-reduced or partitioned; every rank holds its own full frozen copy.
+
+Launch: Ray Train's ``TorchTrainer`` (``launcher/ray_backend.py``) calls ``train_worker`` in each worker
+after it has set up the process group; ``run_local`` does the same without Ray (torch.multiprocessing,
+gloo), for tests and single-node use. This module never imports ray: the Ray glue passes
+``ray.train.report`` as ``report``.
+
+Equivalence with the single-device engine: the same data order (``_seed_for(data_seed, epoch)``
+permutation, one optimizer step per ``batch_size`` images), each global batch split across ranks as
+``batch[rank::world]``, and the loss weighted so that the averaged gradient is exactly the mean over
+the whole global batch (also for the last, short batch). Dropout / drop path draw from per-rank
+generators reseeded every epoch, so a resumed run draws the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from synqt.checkpoint import save_trainable
+from synqt.config import (
+    CONFIG_DIR,
+    TrialConfig,
+    config_from_dict,
+    config_to_dict,
+    effective_seeds,
+    save_config,
+    splits_for,
+)
+from synqt.engine import HPARAM_KEYS, _peak_memory, _seed_for, library_versions, metrics_path, read_metrics
+from synqt.errors import ConfigError
+from synqt.fileio import atomic_write_json
+from synqt.model import PackedSynQT, build_backbone, count_trainable, new_branch
+from synqt.schedule import lr_at
+
+log = logging.getLogger("synqt.deepspeed")
+
+DEFAULT_DS_CONFIG = CONFIG_DIR / "deepspeed" / "zero2.json"
+CHECKPOINT_DIR = "ds_checkpoint"  # DeepSpeed's resume checkpoint inside the run dir (last epoch only)
+SHM_OP = "deepspeed_shm_comm"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+class _TrainableView(nn.Module):
+    """What DeepSpeed sees: the query branch as the only submodule; the frozen SynQT is held unregistered.
+
+    ``parameters()`` / ``state_dict()`` / ``.to()`` / DeepSpeed's broadcast and ZeRO partitioning therefore
+    touch only the trainable branch, never the backbone.
+    """
+
+    def __init__(self, model: PackedSynQT) -> None:
+        super().__init__()
+        (self.branch,) = model.branches
+        object.__setattr__(self, "frozen_model", model)  # plain attribute, not a submodule
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.frozen_model(images)[0]
+
+    def train(self, mode: bool = True) -> _TrainableView:
+        super().train(mode)
+        self.frozen_model.train(mode)  # SynQT keeps its backbone in eval mode itself
+        return self
+
+
+def state_sha256(state: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the sorted names and raw bytes of a module's (or state dict's) tensors: equal iff bitwise equal."""
+    items = state.state_dict() if isinstance(state, nn.Module) else state
+    h = hashlib.sha256()
+    for name in sorted(items):
+        t = torch.as_tensor(items[name]).detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _avoid_jit_ops() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op (C++, ~2 min on 2 cores).
+
+    ``deepspeed.comm``'s TorchBackend builds ``deepspeed_shm_comm`` when it is "compatible"; the op only
+    serves ``inference_all_reduce`` (inference kernels), never ZeRO training, whose collectives go
+    through torch.distributed. Marking it incompatible before ``init_distributed`` skips both the
+    build and the compatibility probe (which itself runs compiler subprocesses). Set
+    ``SYNQT_DS_ALLOW_JIT=1`` to leave DeepSpeed alone.
+    """
+    if os.environ.get("SYNQT_DS_ALLOW_JIT") == "1":
+        return
+    import deepspeed.ops as ds_ops
+
+    compatible = ds_ops.__dict__.get("__compatible_ops__")
+    if compatible is None:
+        ds_ops.__dict__["__compatible_ops__"] = {SHM_OP: False}
+    else:
+        compatible[SHM_OP] = False
+
+
+def _device(cfg: TrialConfig) -> torch.device:
+    if cfg.precision == "fp16":
+        raise ConfigError("precision=fp16 is not offered with trainer=deepspeed (it would need DeepSpeed's loss "
+                          "scaling on an fp16 copy of the branch); use precision=bf16 or precision=no")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible (use device=auto or cpu)")
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def _init_distributed(device: torch.device) -> None:
+    """Join the process group Ray Train / run_local / torchrun set up (or create it from the env)."""
+    import deepspeed
+
+    _avoid_jit_ops()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+            if key not in os.environ:
+                raise ConfigError(f"train_worker needs an initialised torch.distributed process group or the "
+                                  f"environment variable {key} (set by Ray Train, torchrun or run_local)")
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))  # DeepSpeed reads it
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def _fill_auto(obj: Any, values: Mapping[str, Any], path: str, source: str) -> Any:
+    if isinstance(obj, dict):
+        return {k: _fill_auto(v, values, f"{path}.{k}" if path else k, source)
+                for k, v in obj.items() if not k.startswith("_")}
+    if obj == "auto":
+        if path not in values:
+            raise ConfigError(f"{source}: key {path} is \"auto\" but synqt only fills {sorted(values)}")
+        return values[path]
+    return obj
+
+
+def deepspeed_config(cfg: TrialConfig, world_size: int) -> dict[str, Any]:
+    """The trial's DeepSpeed config: the JSON file with every "auto" filled from the trial's keys.
+
+    Fails (ConfigError naming the file and key) on a batch that does not split evenly, explicit values
+    that contradict the trial config, a ZeRO stage other than 0-2, or a DeepSpeed optimizer/scheduler.
+    """
+    path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else DEFAULT_DS_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"deepspeed_config {path} does not exist (expected a JSON file like {DEFAULT_DS_CONFIG})")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"deepspeed_config {path} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"deepspeed_config {path} must hold a JSON object")
+    gas = cfg.grad_accum_steps
+    if cfg.batch_size % (gas * world_size):
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by grad_accum_steps * num_devices = "
+                          f"{gas} * {world_size} (DeepSpeed's train_micro_batch_size_per_gpu, {path})")
+    values = {"train_batch_size": cfg.batch_size, "gradient_accumulation_steps": gas,
+              "train_micro_batch_size_per_gpu": cfg.batch_size // (gas * world_size),
+              "bf16.enabled": False, "fp16.enabled": False}
+    out = _fill_auto(raw, values, "", f"deepspeed_config {path}")
+    for key in ("train_batch_size", "gradient_accumulation_steps", "train_micro_batch_size_per_gpu"):
+        if key in out and out[key] != values[key]:
+            raise ConfigError(f"deepspeed_config {path}: {key}={out[key]} contradicts the trial "
+                              f"(batch_size={cfg.batch_size}, grad_accum_steps={gas}, num_devices={world_size}: "
+                              f"expected {values[key]} or \"auto\")")
+        out[key] = values[key]
+    for key in ("optimizer", "scheduler"):
+        if key in out:
+            raise ConfigError(f"deepspeed_config {path}: remove the {key!r} section: the trainer passes a torch "
+                              "AdamW and sets the lr every step with synqt.schedule.lr_at (no JIT-built optimizer)")
+    for key in ("bf16", "fp16"):
+        if (out.get(key) or {}).get("enabled"):
+            raise ConfigError(f"deepspeed_config {path}: {key}.enabled must be false or \"auto\": mixed precision "
+                              "comes from the trial's precision key (torch autocast around an fp32 branch)")
+    stage = int((out.get("zero_optimization") or {}).get("stage", 0))
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"deepspeed_config {path}: zero_optimization.stage={stage} is not offered (0, 1 or 2): "
+                          "ZeRO-3 would partition parameters that the query stream slices (see docs/deepspeed.md)")
+    out.setdefault("zero_allow_untested_optimizer", True)
+    out.setdefault("steps_per_print", 10**9)
+    return out
+
+
+def _all_reduce(values: list[float], op: Any = None, device: torch.device | None = None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device or "cpu")
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _all_gather_str(text: str, device: torch.device) -> list[str]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, text)
+    return [str(s) for s in out]
+
+
+# ---------------------------------------------------------------------------------------------- the worker
+
+
+class _Worker:
+    """State of one rank of a DeepSpeed trial (setup, epochs, evaluation, outputs)."""
+
+    def __init__(self, cfg: TrialConfig, run_dir: Path, report: Callable[[dict], None] | None,
+                 backbone_state: Mapping[str, Any] | None) -> None:
+        self.cfg, self.run_dir, self.report = cfg, run_dir, report
+        self.backbone_state = backbone_state
+        self.start_time = time.time()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.train_split, self.eval_split = splits_for(cfg)
+        self.step = 0
+        self.epochs_done = 0
+        self.eval_history: list[dict] = []
+        self.last_loss: float | None = None
+        self.images_per_s: float | None = None
+        self.status = "running"
+        self.error: str | None = None
+        self.writer: Any = None
+        self.init_seconds: float | None = None
+        self.hparams = {k: getattr(cfg, k) for k in HPARAM_KEYS}
+        self.hparams["num_devices"] = self.world
+
+    # ------------------------------------------------------------------------------------------- setup
+    def setup(self, device: torch.device) -> None:
+        from synqt.data import dataset_num_classes, load_images, read_split, validate_dataset
+
+        cfg = self.cfg
+        self.device = device
+        if not cfg.dataset or not cfg.data_root:
+            raise ConfigError("dataset and data_root must be set (e.g. --dataset cifar --data-root /data/vtab-1k)")
+        if self.is_main:  # one rank checks the folder; the others wait, then read the same lists
+            validate_dataset(cfg.data_root, cfg.dataset, [self.train_split, self.eval_split], cfg.num_classes,
+                             layout=cfg.layout)
+        dist.barrier()
+        self.num_classes = cfg.num_classes or dataset_num_classes(cfg.data_root, cfg.dataset, layout=cfg.layout)
+        self.train_list = read_split(cfg.data_root, cfg.dataset, self.train_split, layout=cfg.layout)
+        self.eval_list = read_split(cfg.data_root, cfg.dataset, self.eval_split, layout=cfg.layout)
+        checkpoint = dict(self.backbone_state) if self.backbone_state is not None else cfg.checkpoint
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            checkpoint = {k: torch.as_tensor(np.asarray(v)) for k, v in checkpoint.items()}
+        self.backbone = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=checkpoint,
+                                       **cfg.backbone_kwargs)
+        if self.backbone_state is not None and cfg.checkpoint:
+            from synqt.checkpoint import backbone_identity
+
+            self.backbone.synqt_identity = backbone_identity(self.backbone, cfg.backbone, cfg.backbone_kwargs,
+                                                             cfg.checkpoint)
+        self.image_size = cfg.image_size or int(self.backbone.patch_embed.img_size[0])
+        load = dict(interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
+        # rank 0 builds the decoded-image cache first (the file lock would serialise them anyway)
+        for turn in (0, 1):
+            if (turn == 0) == self.is_main:
+                self.train_images, self.train_labels = load_images(self.train_list, self.image_size, **load)
+                self.eval_images, self.eval_labels = load_images(self.eval_list, self.image_size, **load)
+            dist.barrier()
+        self.backbone_sha256_start = state_sha256(self.backbone)
+
+        _, init_seed = effective_seeds(cfg)
+        torch.manual_seed(init_seed)  # same initial branch on every rank (DeepSpeed also broadcasts rank 0's)
+        self.branch = new_branch(self.backbone, self.num_classes, token_nums=cfg.token_nums,
+                                 feat_scale=cfg.feat_scale, attn_scale=cfg.attn_scale, ffn_scale=cfg.ffn_scale)
+        self.model = PackedSynQT(self.backbone, [self.branch], drop_path_rate=cfg.drop_path_rate,
+                                 backbone_drop_path=cfg.backbone_drop_path, memory_mode=cfg.memory_mode)
+        self.model.to(device)
+        self.model.image_generator = torch.Generator(device=device)
+        self.branch.seed_generator(0, device)
+        self.view = _TrainableView(self.model)
+        self.trainable_params = count_trainable(self.branch)
+        self.ds_config = deepspeed_config(cfg, self.world)
+        self._initialize()
+        if self.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.run_dir))
+
+    def _initialize(self) -> None:
+        import deepspeed
+
+        params = [p for p in self.view.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        t0 = time.perf_counter()
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.view, model_parameters=params, optimizer=optimizer, config=self.ds_config)
+        self.init_seconds = time.perf_counter() - t0
+        self.ds_params = sum(p.numel() for p in self.engine.module.parameters())
+        log.info("rank %d: deepspeed.initialize took %.1f s (%d trainable parameters)", self.rank,
+                 self.init_seconds, self.ds_params)
+        self._load_resume()
+
+    # ------------------------------------------------------------------------------------------ resume
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR
+
+    def _load_resume(self) -> None:
+        if not (self.ckpt_dir / "latest").is_file():
+            return
+        path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
+        if path is None or not client:
+            return
+        self.step = int(client["step"])
+        self.epochs_done = int(client["epochs_done"])
+        self.eval_history = list(client["eval_history"])
+        log.info("rank %d resumed %s after epoch %d (step %d)", self.rank, self.run_dir.name, self.epochs_done,
+                 self.step)
+
+    def _save_resume(self) -> None:
+        """DeepSpeed checkpoint (branch, ZeRO optimizer partitions) of this epoch; older tags are removed."""
+        tag = f"epoch{self.epochs_done:04d}"
+        client = {"step": self.step, "epochs_done": self.epochs_done, "eval_history": self.eval_history}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)  # writes `latest` last
+        dist.barrier()
+        if self.is_main:
+            for old in self.ckpt_dir.iterdir():
+                if old.is_dir() and old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------------------- training
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_labels) / self.cfg.batch_size)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The engine's permutation rule, so one process and N processes see the same global batches."""
+        data_seed, _ = effective_seeds(self.cfg)
+        gen = torch.Generator().manual_seed(_seed_for(data_seed, epoch))
+        return torch.randperm(len(self.train_labels), generator=gen).numpy()
+
+    def _batch(self, images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        from synqt.data import to_tensor_batch
+
+        x = to_tensor_batch(images[idx], self.cfg.mean, self.cfg.std)
+        return x.to(self.device, non_blocking=True), torch.as_tensor(labels[idx], device=self.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train(self) -> None:
+        cfg, engine = self.cfg, self.engine
+        gas, world = cfg.grad_accum_steps, self.world
+        images_seen, seconds = 0, 0.0
+        data_seed, init_seed = effective_seeds(cfg)
+        for epoch in range(self.epochs_done, cfg.epochs):
+            engine.train()
+            self.model.image_generator.manual_seed(_seed_for(data_seed, epoch, 7, self.rank))
+            self.branch.generator.manual_seed(_seed_for(init_seed, 1, epoch, self.rank))
+            order = self._epoch_order(epoch)
+            loss_sum, loss_count = 0.0, 0
+            t0 = time.perf_counter()
+            for start in range(0, len(order), cfg.batch_size):
+                batch_idx = order[start:start + cfg.batch_size]
+                lr = lr_at(self.step, self.steps_per_epoch, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                           base_lr=cfg.lr, min_lr=cfg.min_lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                mine = batch_idx[self.rank::world]
+                local = 0.0
+                for idx in np.array_split(mine, gas):  # exactly gas backward calls per step on every rank
+                    if len(idx):
+                        x, y = self._batch(self.train_images, self.train_labels, idx)
+                        with self._autocast():
+                            logits = engine(x)
+                        ce = F.cross_entropy(logits.float(), y, reduction="sum")
+                        local += ce.item()
+                    else:  # an empty share of a short last batch: zero gradients, same collectives
+                        ce = sum(p.sum() for p in engine.module.parameters()) * 0.0
+                    # DeepSpeed divides by gas and averages over ranks: this makes the gradient the
+                    # mean over the global batch, as in the single-device engine
+                    engine.backward(ce * (world * gas / len(batch_idx)))
+                    engine.step()  # optimizer step only at the accumulation boundary
+                (total,) = _all_reduce([local])
+                if not math.isfinite(total):
+                    raise FloatingPointError(f"non-finite training loss ({total}) at epoch {epoch + 1}, "
+                                             f"step {self.step}")
+                self.last_loss = total / len(batch_idx)
+                self.step += 1
+                loss_sum += self.last_loss
+                loss_count += 1
+                images_seen += len(batch_idx)
+                if self.writer is not None and (self.step % cfg.log_every == 0 or self.step == 1):
+                    self.writer.add_scalar("train/loss", loss_sum / loss_count, self.step)
+                    self.writer.add_scalar("train/lr", lr, self.step)
+                    loss_sum, loss_count = 0.0, 0
+            seconds += time.perf_counter() - t0
+            self.images_per_s = images_seen / max(seconds, 1e-9)
+            self.epochs_done = epoch + 1
+            self._after_epoch(self.epochs_done)
+
+    def _should_eval(self, epoch: int) -> bool:
+        cfg = self.cfg
+        if epoch == cfg.epochs:
+            return True
+        if cfg.protocol == "vtab" and cfg.stage == "final":
+            return False
+        return cfg.eval_every > 0 and epoch % cfg.eval_every == 0
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Accuracy (percent) on the eval split: each rank scores indices rank::world, counts are summed."""
+        self.engine.eval()
+        correct, total = 0, 0
+        mine = np.arange(self.rank, len(self.eval_labels), self.world)
+        for start in range(0, len(mine), self.cfg.eval_batch_size):
+            idx = mine[start:start + self.cfg.eval_batch_size]
+            x, y = self._batch(self.eval_images, self.eval_labels, idx)
+            with self._autocast():
+                logits = self.engine(x)
+            correct += int((logits.argmax(-1) == y).sum())
+            total += len(idx)
+        self.engine.train()
+        correct, total = _all_reduce([correct, total])
+        return 100.0 * correct / max(total, 1)
+
+    def _after_epoch(self, epoch: int) -> None:
+        cfg = self.cfg
+        if self._should_eval(epoch):
+            acc = self.evaluate()
+            self.eval_history.append({"epoch": epoch, "split": self.eval_split, "acc": acc})
+            if self.writer is not None:
+                self.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, epoch)
+        self.peak = int(_all_reduce([_peak_memory(self.device)[0]], dist.ReduceOp.MAX)[0])
+        if self.writer is not None:
+            self.writer.add_scalar("perf/images_per_s", self.images_per_s, epoch)
+            self.writer.add_scalar("perf/peak_memory_bytes", self.peak, epoch)
+            self.writer.flush()
+        if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 and epoch < cfg.epochs:
+            self._save_resume()
+        if self.is_main and epoch < cfg.epochs:
+            atomic_write_json(self.run_dir / "progress.json", {
+                "epoch": epoch, "epochs": cfg.epochs, "wall_time_s": time.time() - self.start_time,
+                "updated": time.time(), "status": "running"})
+        if epoch >= cfg.epochs:
+            self.finish()
+        if self.report is not None:  # every rank reports (Ray Train expects all workers to call report)
+            self.report({"epoch": epoch, "branches": [self.summary()]})
+
+    # ---------------------------------------------------------------------------------------- outcomes
+    def summary(self) -> dict[str, Any]:
+        last = self.eval_history[-1]["acc"] if self.eval_history else None
+        return {"run_name": self.run_dir.name, "status": self.status, "epoch": self.epochs_done,
+                "train_loss": self.last_loss, "val_acc": last if self.eval_split == "val200" else None,
+                "test_acc": last if self.eval_split == "test" else None}
+
+    def finish(self) -> None:
+        """All ranks: hash the weights (they must agree); rank 0 writes trainable + metrics, drops resume state."""
+        branch_hashes = _all_gather_str(state_sha256(self.branch), self.device)
+        backbone_hashes = _all_gather_str(state_sha256(self.backbone), self.device)
+        self.status = "ok"
+        self.rank_hashes = {"branch": branch_hashes, "backbone_start": self.backbone_sha256_start,
+                            "backbone_end": backbone_hashes}
+        if len(set(branch_hashes)) != 1:
+            self.status, self.error = "failed", f"ranks ended with different trainable weights: {branch_hashes}"
+        if not self.is_main:
+            return
+        if self.status == "ok":
+            save_trainable(self.branch, self.run_dir / "trainable.safetensors",
+                           backbone_identity=self.backbone.synqt_identity,
+                           extra={"dataset": self.cfg.dataset, "run_name": self.run_dir.name,
+                                  "num_classes": self.num_classes, "trainer": "deepspeed"})
+        metrics = build_metrics(self)
+        self._write_hparams(metrics)
+        atomic_write_json(metrics_path(self.run_dir), metrics)
+        shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        (self.run_dir / "progress.json").unlink(missing_ok=True)
+        self.metrics = metrics
+
+    def _write_hparams(self, metrics: dict) -> None:
+        if self.writer is None:
+            return
+
+        def scalar(v: Any) -> Any:
+            return v if isinstance(v, (int, float, str, bool)) else str(v)
+
+        hp = {k: scalar(v) for k, v in self.hparams.items()}
+        hp.update(dataset=self.cfg.dataset, seed=self.cfg.seed, protocol=self.cfg.protocol, trainer="deepspeed")
+        values = {f"hparam/{k}": metrics[k] for k in ("val_acc", "test_acc", "best_of_test") if metrics[k] is not None}
+        self.writer.add_hparams(hp, values, run_name=".")
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def build_metrics(w: _Worker) -> dict[str, Any]:
+    """metrics.json of a DeepSpeed trial: the engine's keys (docs/DESIGN.md) plus a ``deepspeed`` section.
+
+    Mirrors ``TrialRecipe._metrics``; see the report to the lead about sharing one builder.
+    """
+    import deepspeed
+
+    cfg = w.cfg
+    evals = [e["acc"] for e in w.eval_history]
+    final = evals[-1] if evals and w.epochs_done >= cfg.epochs else None
+    is_test = w.eval_split == "test"
+    device = getattr(w, "device", torch.device("cpu"))
+    peak = getattr(w, "peak", None)
+    peak_kind = _peak_memory(device)[1]
+    if peak is None:
+        peak = _peak_memory(device)[0]
+    backbone = getattr(w, "backbone", None)
+    identity = getattr(backbone, "synqt_identity", {}) if backbone is not None else {}
+    versions = library_versions()
+    versions["deepspeed"] = deepspeed.__version__
+    return {
+        "dataset": cfg.dataset,
+        "group": cfg.group,
+        "protocol": cfg.protocol,
+        "stage": cfg.stage if cfg.protocol == "vtab" else "final",
+        "seed": cfg.seed,
+        "hparams": w.hparams,
+        "val_acc": final if not is_test else None,
+        "test_acc": final if is_test else None,
+        "best_of_test": (max(evals) if evals else None) if (cfg.protocol == "paper" and is_test) else None,
+        "trainable_params": getattr(w, "trainable_params", None),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": f"{peak_kind} (max over ranks)",
+        "images_per_s": w.images_per_s,
+        "wall_time_s": time.time() - w.start_time,
+        "versions": versions,
+        "provenance": {
+            "backbone": identity.get("name"),
+            "backbone_checkpoint": identity.get("checkpoint"),
+            "backbone_checkpoint_sha256": identity.get("checkpoint_sha256"),
+            "train_split": w.train_split,
+            "eval_split": w.eval_split,
+            "train_list_sha256": getattr(getattr(w, "train_list", None), "list_hash", None),
+            "eval_list_sha256": getattr(getattr(w, "eval_list", None), "list_hash", None),
+            "derived_splits": bool(getattr(getattr(w, "train_list", None), "derived", False)
+                                   or getattr(getattr(w, "eval_list", None), "derived", False)),
+            "image_size": getattr(w, "image_size", None),
+            "data_seed": effective_seeds(cfg)[0],
+            "init_seed": effective_seeds(cfg)[1],
+            "packed_with": 1,
+        },
+        "status": "ok" if w.status == "ok" else "failed",
+        "error": w.error,
+        "run_name": w.run_dir.name,
+        "epochs_done": w.epochs_done,
+        "eval_history": w.eval_history,
+        "config": config_to_dict(cfg),
+        "trainer": "deepspeed",
+        "deepspeed": {
+            "world_size": w.world,
+            "backend": dist.get_backend() if dist.is_initialized() else None,
+            "initialize_s": w.init_seconds,
+            "params_in_deepspeed": getattr(w, "ds_params", None),
+            "config": getattr(w, "ds_config", None),
+            "weights_sha256": getattr(w, "rank_hashes", None),
+        },
+    }
+
+
+def train_worker(cfg: TrialConfig | dict, run_dir: str | Path, *, report: Callable[[dict], None] | None = None,
+                 backbone_state: Mapping[str, Any] | None = None) -> dict | None:
+    """One rank of a DeepSpeed trial; call it on every rank. Returns the metrics on rank 0, None elsewhere.
+
+    Runs inside an initialised torch.distributed group (Ray Train's TorchTrainer, ``run_local`` or
+    torchrun; otherwise it joins from MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE). ``report(payload)`` is
+    called on every rank after each epoch with the engine's payload ``{"epoch", "branches": [...]}``.
+    ``backbone_state``: the frozen ViT's state dict (tensors or numpy arrays), e.g. the launcher's shared
+    copy, instead of reading ``cfg.checkpoint``. A run dir whose metrics.json says ok is left alone.
+    """
+    cfg = cfg if isinstance(cfg, TrialConfig) else config_from_dict(cfg, "train_worker(cfg=...)")
+    run_dir = Path(run_dir)
+    device = _device(cfg)
+    _init_distributed(device)
+    done = read_metrics(run_dir)
+    if done and done.get("status") == "ok":
+        log.info("%s already finished; skipping", run_dir.name)
+        return done if dist.get_rank() == 0 else None
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    worker = _Worker(cfg, run_dir, report, backbone_state)
+    try:
+        worker.setup(device)
+        worker.train()
+    except Exception as err:
+        worker.status = "failed"
+        worker.error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
+        if worker.is_main:  # a readable failure; the DeepSpeed checkpoint stays for a retry
+            with contextlib.suppress(Exception):
+                atomic_write_json(metrics_path(run_dir), build_metrics(worker))
+        raise
+    finally:
+        worker.close()
+    return getattr(worker, "metrics", None) if worker.is_main else None
+
+
+# ---------------------------------------------------------------------------------------------- local launcher
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn_entry(rank: int, world: int, port: int, cfg: dict, run_dir: str, threads: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(name)s: %(message)s", stream=sys.stderr)
+    backend = "nccl" if (cfg.get("device") != "cpu" and torch.cuda.is_available()) else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10))
+    try:
+        train_worker(cfg, run_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2) -> dict:
+    """Run one DeepSpeed trial on this machine with ``nprocs`` processes (gloo on CPU, nccl on GPUs).
+
+    The Ray-free path for tests and single-node use; returns rank 0's metrics (also in metrics.json).
+    """
+    import torch.multiprocessing as mp
+
+    cfg = cfg if isinstance(cfg, TrialConfig) else config_from_dict(cfg, "run_local(cfg=...)")
+    if nprocs < 1:
+        raise ConfigError(f"run_local: nprocs={nprocs}; expected >= 1")
+    if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < nprocs:
+        raise ConfigError(f"run_local: nprocs={nprocs} but only {torch.cuda.device_count()} CUDA device(s)")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // nprocs)
+    mp.spawn(_spawn_entry, args=(nprocs, _free_port(), config_to_dict(cfg), str(run_dir), threads), nprocs=nprocs,
+             join=True)
+    metrics = read_metrics(run_dir)
+    if metrics is None:
+        raise ConfigError(f"run_local: the workers finished but wrote no {metrics_path(run_dir)}")
+    return metrics
+
+
+__all__ = ["train_worker", "run_local", "deepspeed_config", "state_sha256", "build_metrics", "DEFAULT_DS_CONFIG"]

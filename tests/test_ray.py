@@ -1,0 +1,319 @@
+"""Sweeps on a real local Ray cluster (CPU): combinations, aggregate, two stages, retry, resume, jobs, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+CI = REPO / "configs" / "sweeps" / "ci.yaml"
+TASKS = ["syn_texture", "syn_blobs", "syn_count", "syn_position"]  # Natural, Specialized, 2 x Structured
+
+
+@pytest.fixture(scope="module")
+def assets(request, tmp_path_factory) -> tuple[Path, Path]:
+    """(tiny data root, pre-trained demo checkpoint): the shared cached backbone + small task copies."""
+    try:
+        got = request.getfixturevalue("demo_assets")
+        ckpt = Path(got[1] if isinstance(got, tuple | list) else got.checkpoint)
+    except pytest.FixtureLookupError:
+        from synqt.pretrain import ensure_demo_assets
+
+        ckpt = Path(ensure_demo_assets()[1])
+    from synqt.synthetic import write_benchmark
+
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    write_benchmark(root, tasks=TASKS, n_train=64, n_val=32, n_test=48)
+    return root, ckpt
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _sweep(args: list[str], env: dict | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "sweep", *args],
+        cwd=REPO,
+        env=env or _env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _metrics(sweep_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in (sweep_dir / "runs").glob("*/metrics.json")}
+
+
+def _base(assets, tmp_path, *extra: str) -> list[str]:
+    root, ckpt = assets
+    return [
+        str(CI),
+        f"storage_path={tmp_path}",
+        f"data_root={root}",
+        f"checkpoint={ckpt}",
+        "epochs=2",
+        "warmup_epochs=1",
+        "eval_every=1",
+        "batch_size=16",
+        *extra,
+    ]
+
+
+def test_sweep_every_combination_aggregate_and_retry(assets, tmp_path):
+    fail = "final-syn_count-lr0.001-s44"
+    out = _sweep(_base(assets, tmp_path, f"datasets=[{','.join(TASKS)}]", "pack=2"), env=_env(SYNQT_FAIL_ONCE=fail))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sweep_dir = tmp_path / "ci"
+    plan = json.loads((sweep_dir / "plan.json").read_text())
+    m = _metrics(sweep_dir)
+    expected = {f"final-{d}-lr{lr}-s{s}" for d in TASKS for lr in ("0.002", "0.001") for s in (42, 44)}
+    assert {t["run_name"] for t in plan["trials"]} == expected
+    assert set(m) == expected and all(v["status"] == "ok" for v in m.values())
+    # the failing trial raised after epoch 1 and its retry resumed at epoch 2 (not from scratch)
+    marker = (sweep_dir / "runs" / fail / ".synqt_fail_once").read_text().split()
+    assert marker == ["1", "2"]
+    assert m[fail]["epochs_done"] == 2
+    # the aggregate, recomputed from the per-trial files: the best grid point's mean over seeds per task
+    results = json.loads((sweep_dir / "results.json").read_text())
+    acc = {}
+    for d in TASKS:
+        by_point: dict[str, list[float]] = {}
+        for v in m.values():
+            if v["dataset"] == d:
+                by_point.setdefault(str(v["hparams"]["lr"]), []).append(v["test_acc"])
+        assert all(len(a) == 2 for a in by_point.values())
+        acc[d] = max(statistics.mean(a) for a in by_point.values())
+        assert results["datasets"][d]["accuracy"] == pytest.approx(acc[d], abs=1e-6)
+    groups = {
+        "Natural": [acc["syn_texture"]],
+        "Specialized": [acc["syn_blobs"]],
+        "Structured": [acc["syn_count"], acc["syn_position"]],
+    }
+    for g, vals in groups.items():
+        assert results["groups"][g] == pytest.approx(statistics.mean(vals), abs=1e-6)
+    assert results["mean_of_groups"] == pytest.approx(
+        statistics.mean(statistics.mean(v) for v in groups.values()), abs=1e-6
+    )
+    assert "Structured" in out.stdout  # the table is printed at the end
+
+
+def test_vtab_two_stage_retrains_the_best_val_point(assets, tmp_path):
+    out = _sweep(
+        _base(
+            assets,
+            tmp_path,
+            "protocol=vtab",
+            "datasets=[syn_count,syn_blobs]",
+            "grid.lr=[3e-3,1e-5]",
+            "seeds=[42,44]",
+            "pack=off",
+            "name=two",
+        )
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    m = _metrics(tmp_path / "two")
+    search = {k: v for k, v in m.items() if k.startswith("search-")}
+    final = {k: v for k, v in m.items() if k.startswith("final-")}
+    assert len(search) == 4 and all(v["seed"] == 42 and v["val_acc"] is not None for v in search.values())
+    assert len(final) == 4
+    for d in ("syn_count", "syn_blobs"):
+        points = [
+            (v["val_acc"], -[3e-3, 1e-5].index(v["hparams"]["lr"]), v["hparams"]["lr"])
+            for v in search.values()
+            if v["dataset"] == d
+        ]
+        best_lr = max(points)[2]  # highest val_acc; ties -> first grid point
+        chosen = [v for v in final.values() if v["dataset"] == d]
+        assert sorted(v["seed"] for v in chosen) == [42, 44]
+        assert all(v["hparams"]["lr"] == best_lr and v["stage"] == "final" for v in chosen)
+        assert all(v["test_acc"] is not None for v in chosen)
+    plan = json.loads((tmp_path / "two" / "plan.json").read_text())
+    assert plan["stage2_pending"] is False and len(plan["trials"]) == 8
+
+
+def test_sigkill_then_resume_does_not_rerun_finished_trials(assets, tmp_path):
+    args = _base(
+        assets,
+        tmp_path,
+        "datasets=[syn_count,syn_blobs,syn_texture]",
+        "seeds=[42]",
+        "pack=off",
+        "max_concurrent=1",
+        "epochs=3",
+        "name=killed",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "sweep", *args],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    runs = tmp_path / "killed" / "runs"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            done = [k for k, v in _metrics(tmp_path / "killed").items() if v["status"] == "ok"] if runs.exists() else []
+            if len(done) >= 2:
+                break
+            assert proc.poll() is None, "sweep ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trial finished in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+        proc.wait()
+    finished = {
+        p.parent.name: (p.stat().st_mtime_ns, p.read_text())
+        for p in runs.glob("*/metrics.json")
+        if json.loads(p.read_text())["status"] == "ok"
+    }
+    assert 2 <= len(finished) < 6
+    refused = _sweep(args)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    out = _sweep([*args, "--resume"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    m = _metrics(tmp_path / "killed")
+    assert len(m) == 6 and all(v["status"] == "ok" for v in m.values())
+    for name, (mtime, text) in finished.items():
+        p = runs / name / "metrics.json"
+        assert p.stat().st_mtime_ns == mtime and p.read_text() == text, f"{name} was rerun"
+    assert (tmp_path / "killed" / "results.json").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_to_a_started_cluster(assets, tmp_path):
+    root, ckpt = assets
+    env = _env(RAY_TMPDIR=str(tmp_path / "rt"))
+    port, dash = _free_port(), _free_port()
+    tmp_ray = Path("/tmp") / f"rayt{os.getpid()}"  # short: unix socket paths are limited to 107 bytes
+    # --block keeps `ray start` in the foreground: its process group (gcs, raylet, dashboard, workers)
+    # is ours to end, without touching any other Ray cluster on the machine.
+    head = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=2",
+            f"--temp-dir={tmp_ray}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_dashboard(dash, head)
+        storage = tmp_path / "jobruns"
+        job = subprocess.run(
+            [
+                "ray",
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{dash}",
+                "--working-dir",
+                str(REPO),
+                "--",
+                "synqt",
+                "sweep",
+                "configs/sweeps/ci.yaml",
+                f"storage_path={storage}",
+                f"data_root={root}",
+                f"checkpoint={ckpt}",
+                "datasets=[syn_count]",
+                "seeds=[42]",
+                "epochs=1",
+                "warmup_epochs=0",
+                "eval_every=1",
+                "batch_size=16",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in (job.stdout + job.stderr).lower()
+        m = _metrics(storage / "ci")
+        assert len(m) == 2 and all(v["status"] == "ok" for v in m.values())
+        results = json.loads((storage / "ci" / "results.json").read_text())
+        assert "syn_count" in results["datasets"]
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(3)
+        head.wait()
+
+
+def _wait_for_dashboard(port: int, head: subprocess.Popen, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    pytest.fail("the Ray dashboard did not come up")
+
+
+def test_demo_end_to_end(assets, tmp_path):
+    root, ckpt = assets
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            "demo",
+            "--out",
+            str(tmp_path / "demo"),
+            f"data_root={root}",
+            "datasets=[syn_count,syn_blobs]",
+            "epochs=2",
+            "warmup_epochs=1",
+            "eval_every=1",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    d = tmp_path / "demo" / "demo"
+    assert (d / "results.json").is_file() and (d / "results.png").is_file()
+    assert "syn_count" in out.stdout and "TensorBoard" in out.stdout and str(d / "results.png") in out.stdout
+    assert len(_metrics(d)) == 4
