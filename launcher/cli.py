@@ -62,7 +62,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from synqt.engine import run_trial
 
     cfg = load_config(args.config, _trial_overrides(args))
-    metrics = run_trial(cfg, args.out, resume=args.resume)
+    if cfg.trainer == "deepspeed" and cfg.num_devices > 1:
+        from synqt.deepspeed_trial import run_local
+
+        metrics = run_local(cfg, args.out, nprocs=cfg.num_devices)
+    else:
+        metrics = run_trial(cfg, args.out, resume=args.resume)
     return 0 if metrics["status"] == "ok" else 1
 
 

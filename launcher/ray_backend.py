@@ -226,9 +226,17 @@ def _deepspeed_trial(pack: dict[str, Any]) -> None:
 
 
 def _deepspeed_worker(conf: dict[str, Any]) -> None:
+    """One Ray Train worker: every rank reports its per-epoch scalars with ``ray.train.report``."""
+    import ray.train
+
     from synqt.deepspeed_trial import train_worker
 
-    train_worker(conf["cfg"], conf["run_dir"])
+    def report(payload: dict[str, Any]) -> None:
+        branch = (payload.get("branches") or [{}])[0]
+        acc = branch.get("val_acc") if branch.get("val_acc") is not None else branch.get("test_acc")
+        ray.train.report({"epoch": int(payload.get("epoch") or 0), "score": float(acc or 0.0)})
+
+    train_worker(conf["cfg"], conf["run_dir"], report=report)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +287,7 @@ def _payload(sweep: Sweep, trials: list[PlannedTrial]) -> list[dict[str, Any]]:
 def _trial_resources(sweep: Sweep) -> dict[str, float]:
     res = sweep.resources
     if res["devices"] > 1:  # the workers hold the resources; the Tune trial only drives them
-        return {"cpu": 0.01}
+        return {"cpu": 0}
     return {"cpu": float(res["cpus"]), "gpu": float(res["gpus"])}
 
 

@@ -196,7 +196,7 @@ def measure(name: str, model: nn.Module, trainable: list[nn.Parameter], images: 
         opt.step()
 
     model.train()
-    saved = saved_activation_bytes(loss, exclude=model_tensors(model), backward=True)
+    saved = saved_activation_bytes(loss, exclude=lambda: model_tensors(model), backward=True)
     opt.step()
     times = []
     peak = None
@@ -209,7 +209,6 @@ def measure(name: str, model: nn.Module, trainable: list[nn.Parameter], images: 
             step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    del opt
     model.eval()
     eval_times = []
     with torch.no_grad():
@@ -281,7 +280,8 @@ def estimate_trial_memory(cfg: Any, n_branches: int = 1) -> int:
     gradients and AdamW state + the transient activations of one frozen block and the input batch.
     """
     g = _geometry(cfg)
-    B, C, L, N, T = int(cfg.batch_size) // max(1, int(cfg.grad_accum_steps)), g["C"], g["L"], g["N"], int(cfg.token_nums)
+    B = int(cfg.batch_size) // max(1, int(cfg.grad_accum_steps))
+    C, L, N, T = g["C"], g["L"], g["N"], int(cfg.token_nums)
     low = cfg.precision in ("bf16", "fp16")
     act = 2 if low else 4
     kv_bytes = 2 if (cfg.memory_mode == "kv_bf16" or low) else 4
@@ -338,7 +338,7 @@ def bench_models(cfg: Any, modes: Sequence[str], *, steps: int, baselines: bool 
         model = _synqt(backbone, cfg, mode, classes).to(device)
         rows.append(measure(f"synqt {mode}", model, model.trainable_parameters(), images, labels,
                             total_params=backbone_params + count_trainable(model), **common))
-        rows[-1]["kv_bytes_formula"] = 2 * len(backbone.blocks) * B * _tokens(backbone, size) * int(backbone.embed_dim) * 4
+        rows[-1]["kv_bytes_fp32"] = 2 * len(backbone.blocks) * B * _tokens(backbone, size) * int(backbone.embed_dim) * 4
         del model
     if baselines:
         log("bench: naive SynQT (explicit attention, fp32 K/V slices of qkv) ...")
@@ -460,7 +460,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
         for r in rows:
             lines.append(
-                f"| {r['name']:<18} | {_fmt_bytes(r['saved_bytes']):>9} | {_fmt_bytes(r['peak_bytes']):>{len(kind) + 11}} "
+                f"| {r['name']:<18} | {_fmt_bytes(r['saved_bytes']):>9} "
+                f"| {_fmt_bytes(r['peak_bytes']):>{len(kind) + 11}} "
                 f"| {r['trainable_params']:>9,} | {r['total_params']:>12,} | {r['train_images_per_s']:>11.2f} "
                 f"| {r['eval_images_per_s']:>10.2f} |"
             )
@@ -494,7 +495,8 @@ def bench_main(args: argparse.Namespace) -> int:
     modes = list(MEMORY_MODES) if not args.modes else [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in MEMORY_MODES:
-            raise ConfigError(f"--modes: {m!r} is not a memory mode; expected a comma list of {', '.join(MEMORY_MODES)}")
+            raise ConfigError(
+                f"--modes: {m!r} is not a memory mode; expected a comma list of {', '.join(MEMORY_MODES)}")
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     device = _device(cfg)

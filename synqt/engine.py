@@ -109,6 +109,18 @@ def _seed_for(*parts: int) -> int:
     return value & 0x7FFFFFFFFFFFFFFF
 
 
+def _build_seeded_backbone(cfg: TrialConfig) -> torch.nn.Module:
+    """The frozen backbone of ``cfg``; without a checkpoint its random init is drawn from ``data_seed``.
+
+    A randomly initialised backbone (tests, smoke runs) must be the same in a resumed run, in every
+    branch of a pack and in ``evaluate_checkpoint``, so it never depends on the global RNG state.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seed_for(effective_seeds(cfg)[0], 3))
+        return build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=cfg.checkpoint,
+                              **cfg.backbone_kwargs)
+
+
 def _hparams(cfg: TrialConfig, extra: dict | None) -> dict[str, Any]:
     out = {k: getattr(cfg, k) for k in HPARAM_KEYS}
     out.update(extra or {})
@@ -134,6 +146,7 @@ class _Branch:
     writer: Any = None
     last_loss: float | None = None
     index: int = -1  # position in the PackedSynQT
+    trainable_params: int | None = None  # per branch: token_nums differs between pack-mates
 
     @property
     def run_name(self) -> str:
@@ -186,8 +199,8 @@ class TrialRecipe:
         if want == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device=cuda but no CUDA device is visible (use device=auto or cpu)")
         if self.cfg.precision == "fp16" and (want == "cpu" or not torch.cuda.is_available()):
-            raise ConfigError("precision=fp16 needs a CUDA device: on CPU autocast would silently stay fp32; "
-                              "use precision=bf16 or precision=no")
+            raise ConfigError("precision=fp16 needs a CUDA GPU and none is in use: on CPU autocast would silently "
+                              "stay fp32; use precision=bf16 or precision=no")
         if want == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(want)
@@ -211,8 +224,7 @@ class TrialRecipe:
         self.num_classes = cfg.num_classes or dataset_num_classes(cfg.data_root, cfg.dataset, layout=cfg.layout)
         self.train_list = read_split(cfg.data_root, cfg.dataset, self.train_split, layout=cfg.layout)
         self.eval_list = read_split(cfg.data_root, cfg.dataset, self.eval_split, layout=cfg.layout)
-        self._backbone = self.shared_backbone or build_backbone(
-            cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=cfg.checkpoint, **cfg.backbone_kwargs)
+        self._backbone = self.shared_backbone or _build_seeded_backbone(cfg)
         size = cfg.image_size or int(self._backbone.patch_embed.img_size[0])
         self.image_size = size
         load = dict(interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
@@ -234,6 +246,7 @@ class TrialRecipe:
             module.seed_generator(_seed_for(init_seed, 1), self.device)
             branch.module = module
             branch.index = len(modules)
+            branch.trainable_params = count_trainable(module)
             branch.optimizer = torch.optim.AdamW(module.parameters(), lr=branch.cfg.lr,
                                                  weight_decay=branch.cfg.weight_decay)
             modules.append(module)
@@ -249,7 +262,6 @@ class TrialRecipe:
         prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
         for branch, opt in zip(self.active, prepared, strict=True):
             branch.optimizer = opt
-        self.trainable_params = count_trainable(self.active[0].module) if self.active else 0
         from torch.utils.tensorboard import SummaryWriter
 
         for branch in self.active:
@@ -449,7 +461,7 @@ class TrialRecipe:
             "val_acc": final if not is_test else None,
             "test_acc": final if is_test else None,
             "best_of_test": (max(evals) if evals else None) if (cfg.protocol == "paper" and is_test) else None,
-            "trainable_params": self.trainable_params if hasattr(self, "trainable_params") else None,
+            "trainable_params": b.trainable_params,
             "peak_memory_bytes": peak,
             "peak_memory_kind": peak_kind,
             "images_per_s": getattr(self, "images_per_s", None),
@@ -480,8 +492,12 @@ class TrialRecipe:
 
     def _finish(self, b: _Branch) -> None:
         b.status = "ok"
-        save_trainable(b.module, b.run_dir / "trainable.safetensors", backbone_identity=self._backbone.synqt_identity,
-                       extra={"dataset": b.cfg.dataset, "run_name": b.run_name, "num_classes": self.num_classes})
+        identity = self._backbone.synqt_identity
+        extra = {"dataset": b.cfg.dataset, "run_name": b.run_name, "num_classes": self.num_classes}
+        save_trainable(b.module, b.run_dir / "trainable.safetensors", backbone_identity=identity, extra=extra)
+        atomic_write_json(b.run_dir / "trainable.json", {
+            "weights": "trainable.safetensors", "backbone": identity, "token_nums": b.cfg.token_nums,
+            "trainable_params": b.trainable_params, **extra})
         metrics = self._metrics(b)
         self._write_hparams(b, metrics)
         atomic_write_json(metrics_path(b.run_dir), metrics)
@@ -590,8 +606,11 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
     else:
         _, header = read_trainable(weights)
         num_classes = int(header["branch"]["num_classes"])
-    backbone = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate,
-                              checkpoint=None if official else cfg.checkpoint, **cfg.backbone_kwargs)
+    if official:
+        backbone = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=None,
+                                  **cfg.backbone_kwargs)
+    else:
+        backbone = _build_seeded_backbone(cfg)
     token_nums = int(state["synqt.q"].shape[1]) if official else int(header["branch"]["token_nums"])
     model = SynQT(backbone, num_classes, token_nums=token_nums, drop_path_rate=cfg.drop_path_rate,
                   backbone_drop_path=cfg.backbone_drop_path, memory_mode=cfg.memory_mode)

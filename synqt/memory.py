@@ -33,37 +33,39 @@ def _storage_key(t: torch.Tensor) -> tuple[int, str] | None:
     return storage.data_ptr(), str(t.device)
 
 
-def saved_activation_bytes(fn: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = (),
+def saved_activation_bytes(fn: Callable[[], torch.Tensor],
+                           exclude: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]] = (),
                            *, top: int = 8, backward: bool = False) -> dict[str, Any]:
     """Run ``fn`` (a forward returning a loss) and count the storages autograd saves for backward.
 
-    ``exclude``: tensors (parameters, buffers) whose storages are not counted. Returns ``{"bytes",
-    "gib", "tensors", "by_shape"}``; ``by_shape`` lists the ``top`` largest contributions as
-    ``{"shape", "dtype", "count", "bytes"}``. The hook returns each tensor unchanged, so the graph
+    ``exclude``: tensors (parameters, buffers) whose storages are not counted, or a callable giving
+    them, called after ``fn`` (so weight copies the forward creates can be excluded too). Returns
+    ``{"bytes", "gib", "tensors", "by_shape"}``; ``by_shape`` lists the ``top`` largest contributions
+    as ``{"shape", "dtype", "count", "bytes"}``. The hook returns each tensor unchanged, so the graph
     keeps them alive while they are counted; ``backward=True`` then runs ``loss.backward()`` to free
     the graph (otherwise it is freed when the returned loss goes out of scope here).
     """
-    excluded = {k for k in (_storage_key(t) for t in exclude) if k is not None}
-    seen: dict[tuple[int, str], int] = {}
-    shapes: dict[tuple[tuple[int, ...], str], list[int]] = {}
-    count = 0
+    seen: dict[tuple[int, str], tuple[int, tuple[int, ...], str]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal count
         key = _storage_key(t)
-        if key is None or key in excluded or key in seen:
-            return t
-        nbytes = t.untyped_storage().nbytes()
-        seen[key] = nbytes
-        count += 1
-        entry = shapes.setdefault((tuple(t.shape), str(t.dtype).replace("torch.", "")), [0, 0])
-        entry[0] += 1
-        entry[1] += nbytes
+        if key is not None and key not in seen:
+            seen[key] = (t.untyped_storage().nbytes(), tuple(t.shape), str(t.dtype).replace("torch.", ""))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = fn()
-    total = sum(seen.values())
+    excluded = {k for k in (_storage_key(t) for t in (exclude() if callable(exclude) else exclude)) if k is not None}
+    shapes: dict[tuple[tuple[int, ...], str], list[int]] = {}
+    total = count = 0
+    for key, (nbytes, shape, dtype) in seen.items():
+        if key in excluded:
+            continue
+        total += nbytes
+        count += 1
+        entry = shapes.setdefault((shape, dtype), [0, 0])
+        entry[0] += 1
+        entry[1] += nbytes
     if backward and isinstance(loss, torch.Tensor) and loss.requires_grad:
         loss.backward()
     del loss
@@ -73,11 +75,15 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor], exclude: Iterable[tor
 
 
 def model_tensors(*modules: torch.nn.Module) -> list[torch.Tensor]:
-    """Every parameter and buffer of ``modules``: the ``exclude`` argument for a model."""
+    """Every parameter, buffer and cached weight copy of ``modules``: the ``exclude`` argument for a model."""
     out: list[torch.Tensor] = []
     for m in modules:
         out.extend(m.parameters())
         out.extend(m.buffers())
+        for sub in m.modules():  # SynQT's cached low-precision copies of its frozen weights
+            cached = getattr(sub, "cast_cache_tensors", None)
+            if callable(cached):
+                out.extend(cached())
     return out
 
 

@@ -315,6 +315,47 @@ class _FrozenStream(nn.Module):
         self.backbone_drop_path = backbone_drop_path
         self.memory_mode = memory_mode
         self.image_generator: torch.Generator | None = None
+        # low-precision copies of the frozen weights under autocast: autocast only caches casts of
+        # weights that require grad, so without this every frozen matrix is re-cast on every use
+        self._cast_cache: dict[int, tuple[int, int, torch.dtype, torch.Tensor]] = {}
+
+    def cast_cache_tensors(self) -> list[torch.Tensor]:
+        """The cached low-precision weight copies (not activations: a memory counter should exclude them)."""
+        return [entry[3] for entry in self._cast_cache.values()]
+
+    def _cast(self, t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        if t is None or t.dtype == dtype:
+            return t
+        key = id(t)
+        entry = self._cast_cache.get(key)
+        if entry is None or entry[0] != t._version or entry[1] != t.data_ptr() or entry[2] != dtype:
+            entry = (t._version, t.data_ptr(), dtype, t.detach().to(dtype))
+            self._cast_cache[key] = entry
+        return entry[3]
+
+    def _linear(self, lin: nn.Module, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """``lin(x)`` (optionally only output rows ``rows``) with the frozen weight cast once per autocast dtype."""
+        weight, bias = lin.weight, lin.bias
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            weight, bias = self._cast(weight, dtype), self._cast(bias, dtype)
+            if rows is not None:
+                weight, bias = weight[rows], (bias[rows] if bias is not None else None)
+            with torch.autocast(device, enabled=False):
+                return F.linear(x.to(dtype), weight, bias)
+        if rows is not None:
+            weight, bias = weight[rows], (bias[rows] if bias is not None else None)
+        return F.linear(x, weight, bias)
+
+    def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``Mlp`` (fc1, act, drop1, norm, fc2, drop2) through ``_linear``; other MLPs as they are."""
+        from timm.layers import Mlp
+
+        if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
+            return mlp(x)
+        h = mlp.drop1(mlp.act(self._linear(mlp.fc1, x)))
+        return mlp.drop2(self._linear(mlp.fc2, mlp.norm(h)))
 
     # the backbone's frozen state never changes: it stays in eval mode whatever train() is called with;
     # the configured stochastic depth is applied functionally from self.training instead
@@ -338,7 +379,7 @@ class _FrozenStream(nn.Module):
         heads = attn.num_heads
         head_dim = attn.qkv.out_features // (3 * heads)
         h = blk.norm1(x)
-        qkv = attn.qkv(h).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self._linear(attn.qkv, h).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         q = attn.q_norm(qkv[0])
         # one contiguous copy of K and V: read by the image attention now and kept for the query stream
         kv = torch.stack((attn.k_norm(qkv[1]), qkv[2]))
@@ -349,11 +390,11 @@ class _FrozenStream(nn.Module):
         gate = getattr(attn, "gate", None)
         if gate is not None:
             out = out * gate(h).sigmoid()
-        out = attn.proj_drop(attn.proj(out))
+        out = attn.proj_drop(self._linear(attn.proj, out))
         stochastic = self.training and self.backbone_drop_path
         rate = self.drop_path_rates[index]
         x = x + _drop_path(blk.ls1(out), rate, stochastic, self.image_generator)
-        x = x + _drop_path(blk.ls2(blk.mlp(blk.norm2(x))), rate, stochastic, self.image_generator)
+        x = x + _drop_path(blk.ls2(self._mlp(blk.mlp, blk.norm2(x))), rate, stochastic, self.image_generator)
         return x, kv
 
     def _query_block(self, index: int, p: torch.Tensor, kv: torch.Tensor, kv_saved: torch.Tensor,
@@ -366,19 +407,18 @@ class _FrozenStream(nn.Module):
         attn_dim = attn.qkv.out_features // 3
         h = blk.norm1(p)
         # only the query third of qkv is applied to the query tokens
-        bias = attn.qkv.bias[:attn_dim] if attn.qkv.bias is not None else None
-        q = F.linear(h, attn.qkv.weight[:attn_dim], bias).reshape(B, T, heads, attn_dim // heads).transpose(1, 2)
+        q = self._linear(attn.qkv, h, slice(0, attn_dim)).reshape(B, T, heads, attn_dim // heads).transpose(1, 2)
         q = attn.q_norm(q)
         out = _QueryOnlyAttention.apply(q, kv[0], kv[1], attn.scale, kv_saved[0], kv_saved[1])
         out = attn.norm(out.transpose(1, 2).reshape(B, T, attn_dim))
         gate = getattr(attn, "gate", None)
         if gate is not None:
             out = out * gate(h).sigmoid()
-        out = _dropout(attn.proj(out), attn.proj_drop.p, self.training, generator)
+        out = _dropout(self._linear(attn.proj, out), attn.proj_drop.p, self.training, generator)
         rate = self.drop_path_rates[index]
         f_att = _drop_path(blk.ls1(out), rate, self.training, generator)
         p = p + f_att
-        f_ffn = _drop_path(blk.ls2(blk.mlp(blk.norm2(p))), rate, self.training, generator)
+        f_ffn = _drop_path(blk.ls2(self._mlp(blk.mlp, blk.norm2(p))), rate, self.training, generator)
         p = p + f_ffn
         return p, f_att, f_ffn
 

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from synqt.errors import DataError
-from synqt.fileio import atomic_write_bytes, atomic_write_json
+from synqt.fileio import atomic_write_json
 
 __all__ = [
     "DEMO_BACKBONE",
@@ -294,14 +294,15 @@ def source_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
     radii = rng.uniform(0.06, 0.13 if n > 3 else 0.2, n)
     centres = _place(rng, n, radii)
     rot_bin = int(rng.integers(4))
+    is_bar = SHAPES[shape_i] == "bar"
     for (cx, cy), r in zip(centres, radii, strict=True):
-        angle = (rot_bin + rng.uniform(0.1, 0.9)) * np.pi / 4 if shape_i == SHAPES.index("bar") else rng.uniform(0, np.pi)
-        _paint(img, _alpha(SHAPES[shape_i], size, cx, cy, r * (1.3 if SHAPES[shape_i] == "bar" else 1.0), angle),
+        angle = (rot_bin + rng.uniform(0.1, 0.9)) * np.pi / 4 if is_bar else rng.uniform(0, np.pi)
+        _paint(img, _alpha(SHAPES[shape_i], size, cx, cy, r * (1.3 if is_bar else 1.0), angle),
                _jitter_colour(rng, PALETTE[colour_i]))
     mx, my = np.mean(centres, axis=0)
     labels = np.array([
         shape_i, colour_i, n - 1, tex, min(int(mx * 4), 3), min(int(my * 4), 3),
-        rot_bin if SHAPES[shape_i] == "bar" else -1,
+        rot_bin if is_bar else -1,
     ], dtype=np.int64)
     return _to_uint8(img), labels
 

@@ -241,7 +241,7 @@ def slurm_cluster(root: str | Path | None = None, cpus: int | None = None) -> It
     finally:
         cluster.stop()
         logf.close()
-        if owned and not os.environ.get("SYNQT_KEEP_SLURM"):
+        if owned and os.environ.get("SYNQT_KEEP_SLURM", "0") in ("", "0"):
             shutil.rmtree(root, ignore_errors=True)
 
 

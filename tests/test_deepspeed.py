@@ -1,0 +1,145 @@
+"""DeepSpeed trials: one trial over 2 CPU processes (gloo), ZeRO-2 on the trainable branch only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from synqt.config import TrialConfig, load_config
+from synqt.deepspeed_trial import DEFAULT_DS_CONFIG, deepspeed_config, run_local, state_sha256
+from synqt.engine import METRIC_KEYS
+from synqt.errors import ConfigError
+
+
+@pytest.fixture(scope="session")
+def ds_assets() -> tuple[Path, Path]:
+    """The cached synthetic benchmark + pre-trained tiny ViT (what conftest's demo_assets provides)."""
+    from synqt.pretrain import ensure_demo_assets
+
+    root, ckpt = ensure_demo_assets()
+    return Path(root).absolute(), Path(ckpt).absolute()
+
+
+def _cfg(assets: tuple[Path, Path], tmp: Path, *extra: str) -> TrialConfig:
+    root, ckpt = assets
+    return load_config(["configs/demo.yaml"] if Path("configs/demo.yaml").is_file() else [], [
+        f"data_root={root}", f"checkpoint={ckpt}", "dataset=syn_colour_shape", "protocol=paper",
+        "backbone=vit_tiny_patch16_224", "epochs=2", "warmup_epochs=1", "eval_every=1", "batch_size=32",
+        "grad_accum_steps=2", "eval_batch_size=64", "trainer=deepspeed", "num_devices=2", "device=cpu",
+        f"cache_dir={tmp / 'cache'}", *extra])
+
+
+# ---------------------------------------------------------------------------------------------- config filling
+
+
+def test_shipped_config_autos_filled() -> None:
+    cfg = TrialConfig(batch_size=64, grad_accum_steps=2)
+    raw = json.loads(DEFAULT_DS_CONFIG.read_text())
+    assert "auto" in json.dumps(raw)
+    out = deepspeed_config(cfg, world_size=2)
+    assert "auto" not in json.dumps(out) and "_comment" not in out
+    assert (out["train_batch_size"], out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"]) == (
+        64, 16, 2)
+    assert out["train_batch_size"] == out["train_micro_batch_size_per_gpu"] * 2 * out["gradient_accumulation_steps"]
+    assert out["zero_optimization"]["stage"] == 2
+    assert "optimizer" not in out and not out["bf16"]["enabled"]
+
+
+def test_config_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="divisible by grad_accum_steps"):
+        deepspeed_config(TrialConfig(batch_size=30, grad_accum_steps=2), world_size=2)
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="stage=3 is not offered"):
+        deepspeed_config(TrialConfig(batch_size=8, deepspeed_config=str(zero3)), world_size=2)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"train_batch_size": 128}))
+    with pytest.raises(ConfigError, match=r"wrong.json: train_batch_size=128 contradicts"):
+        deepspeed_config(TrialConfig(batch_size=64, deepspeed_config=str(wrong)), world_size=2)
+    with pytest.raises(ConfigError, match="does not exist"):
+        deepspeed_config(TrialConfig(deepspeed_config=str(tmp_path / "none.json")), world_size=2)
+
+
+# ---------------------------------------------------------------------------------------------- 2-process trial
+
+
+@pytest.mark.slow
+def test_two_process_cpu_trial(ds_assets: tuple[Path, Path], tmp_path: Path) -> None:
+    from launcher.aggregate import aggregate
+    from synqt.checkpoint import read_trainable
+    from synqt.model import build_backbone, count_trainable, new_branch
+
+    cfg = _cfg(ds_assets, tmp_path)
+    run_dir = tmp_path / "sweep" / "runs" / "ds_trial"
+    metrics = run_local(cfg, run_dir, nprocs=2)
+
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    missing = [k for k in (*METRIC_KEYS, "run_name", "epochs_done", "eval_history") if k not in on_disk]
+    assert not missing, missing
+    assert on_disk["status"] == "ok", on_disk["error"]
+    assert on_disk["test_acc"] is not None and 0.0 <= on_disk["test_acc"] <= 100.0
+    assert on_disk["epochs_done"] == 2 and [e["epoch"] for e in on_disk["eval_history"]] == [1, 2]
+    assert on_disk["images_per_s"] > 0
+    ds = on_disk["deepspeed"]
+    assert ds["world_size"] == 2 and ds["backend"] == "gloo"
+    # only the trainable branch went to DeepSpeed
+    backbone = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=cfg.checkpoint,
+                              **cfg.backbone_kwargs)
+    expected = count_trainable(new_branch(backbone, 9, token_nums=cfg.token_nums))
+    assert ds["params_in_deepspeed"] == on_disk["trainable_params"] == expected
+    # data parallel correctness: both ranks ended with bitwise identical trainable weights
+    hashes = ds["weights_sha256"]
+    assert len(hashes["branch"]) == 2 and hashes["branch"][0] == hashes["branch"][1]
+    tensors, header = read_trainable(run_dir / "trainable.safetensors")
+    assert state_sha256(tensors) == hashes["branch"][0]
+    assert header["extra"]["trainer"] == "deepspeed"
+    # ... which moved away from the initial branch
+    torch.manual_seed(cfg.seed)
+    assert state_sha256(new_branch(backbone, 9, token_nums=cfg.token_nums)) != hashes["branch"][0]
+    # the frozen backbone is unchanged on every rank
+    fresh = state_sha256(backbone)
+    assert hashes["backbone_start"] == fresh and hashes["backbone_end"] == [fresh, fresh]
+    # run dir like the engine's; resume state removed at the end
+    assert (run_dir / "config.yaml").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "eval/test_acc", "perf/images_per_s", "perf/peak_memory_bytes"} <= tags
+    assert [round(e.value, 4) for e in events.Scalars("eval/test_acc")] == [
+        round(e["acc"], 4) for e in on_disk["eval_history"]]
+    assert not (run_dir / "ds_checkpoint").exists() and not (run_dir / "progress.json").exists()
+    # the aggregator accepts it
+    results = aggregate(tmp_path / "sweep")
+    assert results["datasets"]["syn_colour_shape"]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_ray_train_torchtrainer_workers(ds_assets: tuple[Path, Path], tmp_path: Path) -> None:
+    """launcher.ray_backend's worker function under a real TorchTrainer (Ray Train sets up gloo)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from launcher.ray_backend import _deepspeed_worker
+    from synqt.config import config_to_dict
+
+    cfg = _cfg(ds_assets, tmp_path, "epochs=1")
+    run_dir = tmp_path / "runs" / "ray_ds"
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        result = TorchTrainer(
+            _deepspeed_worker, train_loop_config={"cfg": config_to_dict(cfg), "run_dir": str(run_dir)},
+            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name="ds", storage_path=str(tmp_path / "ray_storage"))).fit()
+    finally:
+        ray.shutdown()
+    assert result.error is None
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "ok" and m["test_acc"] is not None and m["epochs_done"] == 1
+    assert m["deepspeed"]["world_size"] == 2 and m["deepspeed"]["backend"] == "gloo"
+    assert len(set(m["deepspeed"]["weights_sha256"]["branch"])) == 1

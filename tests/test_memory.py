@@ -1,0 +1,135 @@
+"""Memory modes: exact gradients for keep/recompute, bounded error for kv_bf16, saved bytes as designed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from synqt.memory import model_tensors, peak_memory, saved_activation_bytes
+from synqt.model import PackedSynQT, SynQT, build_backbone, build_model, new_branch
+
+# tiny ViT with many tokens so that the K/V term dominates: N = (128/8)^2 + 1 = 257, C = 192, L = 2
+KW = {"img_size": 128, "patch_size": 8, "depth": 2}
+B, N, C, L = 2, 257, 192, 2
+KV_BYTES = 2 * L * B * N * C * 4
+KV_BF16_REL_TOL = 2e-2  # stated tolerance of kv_bf16: relative Frobenius error of all trainable gradients
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return build_backbone("vit_tiny_patch16_224", drop_path_rate=0.5, **KW)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, 3, 128, 128, generator=g), torch.randint(0, 5, (B,), generator=g)
+
+
+def _model(backbone, mode: str, token_nums: int = 1) -> SynQT:
+    torch.manual_seed(3)
+    m = SynQT(backbone, 5, token_nums=token_nums, drop_path_rate=0.5, backbone_drop_path=True, memory_mode=mode)
+    return m.train()
+
+
+def _grads(model: SynQT, images, labels, *, seed: int, generators: bool) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    if generators:
+        model.branch.seed_generator(seed)
+        model.image_generator = torch.Generator().manual_seed(seed + 1000)
+    else:
+        model.branch.generator = None
+        model.image_generator = None
+        torch.manual_seed(seed)
+    F.cross_entropy(model(images), labels).backward()
+    return [p.grad.clone() for p in model.trainable_parameters()]
+
+
+@pytest.mark.parametrize("generators", [False, True], ids=["global_rng", "explicit_generators"])
+def test_keep_and_recompute_give_the_same_gradients(backbone, batch, generators):
+    images, labels = batch
+    model = _model(backbone, "keep", token_nums=2)
+    ref = _grads(model, images, labels, seed=11, generators=generators)
+    model.memory_mode = "recompute"
+    got = _grads(model, images, labels, seed=11, generators=generators)
+    assert all(g.abs().sum() > 0 for g in ref[:3])
+    worst = max((a - b).abs().max().item() for a, b in zip(ref, got, strict=True))
+    assert worst <= 1e-5
+    # a different seed changes the dropout / drop-path draws, so the equality above is not vacuous
+    other = _grads(model, images, labels, seed=12, generators=generators)
+    assert max((a - b).abs().max().item() for a, b in zip(ref, other, strict=True)) > 1e-4
+
+
+def test_kv_bf16_is_within_its_stated_tolerance(backbone, batch):
+    images, labels = batch
+    model = _model(backbone, "keep")
+    ref = torch.cat([g.flatten() for g in _grads(model, images, labels, seed=5, generators=True)])
+    model.memory_mode = "kv_bf16"
+    got = torch.cat([g.flatten() for g in _grads(model, images, labels, seed=5, generators=True)])
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 0.0 < rel <= KV_BF16_REL_TOL  # lossy (not bitwise equal) but bounded
+
+
+def _saved(model, images, labels, loss=None) -> int:
+    torch.manual_seed(0)
+    fn = loss or (lambda: F.cross_entropy(model(images), labels))
+    return saved_activation_bytes(fn, model_tensors(model), backward=True)["bytes"]
+
+
+def test_saved_bytes_are_ordered_and_keep_holds_only_kv(backbone, batch):
+    images, labels = batch
+    model = _model(backbone, "keep")
+    sizes = {}
+    for mode in ("keep", "kv_bf16", "recompute"):
+        model.memory_mode = mode
+        sizes[mode] = _saved(model, images, labels)
+    assert sizes["recompute"] < sizes["kv_bf16"] < sizes["keep"]
+    # K and V of every block, not the fused [B, N, 3C] qkv output (that would be 1.5x KV_BYTES)
+    assert KV_BYTES < sizes["keep"] < 1.2 * KV_BYTES
+    assert KV_BYTES / 2 < sizes["kv_bf16"] < 0.5 * KV_BYTES + (sizes["keep"] - KV_BYTES) * 1.05
+    # recompute keeps little more than the input batch
+    assert sizes["recompute"] <= images.numel() * 4 + 4096
+
+
+def test_pack_keeps_kv_once(backbone, batch):
+    images, labels = batch
+    one = _saved(_model(backbone, "keep"), images, labels)
+    torch.manual_seed(4)
+    packed = PackedSynQT(backbone, [new_branch(backbone, 5) for _ in range(3)], drop_path_rate=0.5).train()
+    pack = _saved(packed, images, labels, loss=lambda: sum(F.cross_entropy(o, labels) for o in packed(images)))
+    assert one < pack < 1.3 * one
+
+
+def test_counter_counts_each_storage_once_and_excludes_parameters():
+    w = torch.nn.Parameter(torch.randn(16, 16))
+    x = torch.randn(4, 16, requires_grad=True)
+
+    def fn():
+        y = x @ w          # saves x and w
+        z = y.sin()        # saves y
+        return (z * y).sum()  # saves z and y again (same storage)
+
+    out = saved_activation_bytes(fn, exclude=[w])
+    assert out["bytes"] == (4 * 16 + 4 * 16 + 4 * 16) * 4  # x, y, z; w excluded, y once
+    assert out["tensors"] == 3
+    with_w = saved_activation_bytes(fn)
+    assert with_w["bytes"] == out["bytes"] + 16 * 16 * 4
+
+
+def test_peak_memory_on_cpu_sees_a_large_allocation():
+    def alloc():
+        t = torch.ones(64, 1024, 1024)  # 256 MiB, touched
+        return float(t[-1, -1, -1])
+
+    out = peak_memory(alloc)
+    assert out["kind"].startswith("cpu")
+    assert out["bytes"] > 128 * 2**20
+    assert out["result"] == 1.0
+
+
+def test_build_model_accepts_every_memory_mode():
+    for mode in ("keep", "kv_bf16", "recompute"):
+        m = build_model("vit_tiny_patch16_224", 3, img_size=32, depth=1, memory_mode=mode)
+        assert m.memory_mode == mode
