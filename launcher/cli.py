@@ -222,7 +222,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="dataset tools")
+    p = sub.add_parser(
+        "data",
+        help="dataset tools",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  synqt data check /data/vtab-1k cifar\n  synqt data synthetic /tmp/synthetic-vtab",
+    )
     data_sub = p.add_subparsers(dest="data_cmd", required=True)
     c = data_sub.add_parser(
         "check",
@@ -270,14 +275,26 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
   synqt slurm task configs/sweeps/vtab1k.yaml 17 storage_path=...  # what array index 17 runs""",
     )
     slurm_sub = p.add_subparsers(dest="slurm_cmd", required=True)
-    a = slurm_sub.add_parser("array", help="submit slurm/vtab_array.sh over a sweep's plan + a dependent aggregate job")
+    a = slurm_sub.add_parser(
+        "array",
+        help="submit slurm/vtab_array.sh over a sweep's plan + a dependent aggregate job",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  synqt slurm array configs/sweeps/vtab1k.yaml storage_path=/shared/runs data_root=/data/vtab-1k
+  synqt slurm array configs/sweeps/vtab1k.yaml --print --concurrency 16 --sbatch-args '--gpus=1'""",
+    )
     a.add_argument("sweep_file")
     a.add_argument("overrides", nargs="*")
     a.add_argument("--print", action="store_true", help="print the sbatch commands instead of running them")
     a.add_argument("--concurrency", type=int, default=None, help="array %% limit (default: sweep max_concurrent)")
     a.add_argument("--sbatch-args", default="", help="extra sbatch arguments, e.g. '--partition=gpu'")
     a.set_defaults(func=_cmd_slurm_array)
-    t = slurm_sub.add_parser("task", help="run trial INDEX of a sweep's plan (used by slurm/vtab_array.sh)")
+    t = slurm_sub.add_parser(
+        "task",
+        help="run trial INDEX of a sweep's plan (used by slurm/vtab_array.sh)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  synqt slurm task configs/sweeps/vtab1k.yaml 17 storage_path=/shared/runs",
+    )
     t.add_argument("sweep_file")
     t.add_argument("index", type=int)
     t.add_argument("overrides", nargs="*")

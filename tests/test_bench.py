@@ -1,0 +1,53 @@
+"""`synqt bench` on a tiny backbone: a table on stdout and a JSON file with positive figures."""
+
+from __future__ import annotations
+
+import json
+
+from launcher.cli import main
+from synqt.bench import estimate_trial_memory
+from synqt.config import load_config
+
+TINY = ["backbone=vit_tiny_patch16_224", "backbone_kwargs.img_size=32", "backbone_kwargs.depth=2", "batch_size=4"]
+
+
+def test_bench_prints_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--steps", "1", "--pack", "2", "--json", str(out), *TINY])
+    assert code == 0
+    text = capsys.readouterr().out
+    for name in ("synqt keep", "synqt kv_bf16", "synqt recompute", "naive synqt", "linear probe", "full fine-tuning"):
+        assert f"| {name}" in text
+    assert "cpu flags:" in text and "avx512_bf16=" in text
+    assert "pack of 2:" in text
+    data = json.loads(out.read_text())
+    assert {"hardware", "config", "rows", "geometry", "pack", "estimate_bytes"} <= set(data)
+    rows = {r["name"]: r for r in data["rows"]}
+    for r in rows.values():
+        for key in ("train_images_per_s", "eval_images_per_s", "trainable_params", "total_params"):
+            assert r[key] > 0, (r["name"], key)
+        assert r["peak_kind"].startswith("cpu")
+    for mode in ("keep", "kv_bf16", "recompute"):
+        assert rows[f"synqt {mode}"]["saved_bytes"] > 0
+    saved = {m: rows[f"synqt {m}"]["saved_bytes"] for m in ("keep", "kv_bf16", "recompute")}
+    assert saved["recompute"] < saved["kv_bf16"] < saved["keep"]
+    assert rows["synqt keep"]["saved_bytes"] < rows["full fine-tuning"]["saved_bytes"]
+    assert rows["linear probe"]["trainable_params"] < rows["synqt keep"]["trainable_params"] < rows["full fine-tuning"][
+        "trainable_params"]
+    assert data["pack"]["n"] == 2 and data["pack"]["pack_step_s"] > 0
+
+
+def test_bench_rejects_unknown_mode(capsys):
+    assert main(["bench", "--modes", "keep,fast", *TINY]) == 2
+    assert "fast" in capsys.readouterr().err
+
+
+def test_estimate_grows_with_branches_and_shrinks_with_modes():
+    cfg = load_config([], ["token_nums=1"], base=True)  # ViT-B/16 batch 64, geometry only
+    keep = estimate_trial_memory(cfg, 1)
+    kv_term = 2 * 12 * 64 * 197 * 768 * 4
+    assert kv_term < keep < kv_term + 1.5 * 2**30  # + frozen weights (0.32 GiB) and the small rest
+    assert estimate_trial_memory(cfg, 8) < 2 * keep
+    rec = estimate_trial_memory(load_config([], ["memory_mode=recompute"], base=True), 1)
+    bf = estimate_trial_memory(load_config([], ["memory_mode=kv_bf16"], base=True), 1)
+    assert rec < bf < keep
