@@ -11,7 +11,7 @@ after it has set up the process group; ``run_local`` does the same without Ray (
 gloo), for tests and single-node use. This module never imports ray: the Ray glue passes
 ``ray.train.report`` as ``report``.
 
-Equivalence with the single-device engine: the same data order (``_seed_for(data_seed, epoch)``
+Equivalence with the single-device engine: the same data order (``derive_seed(data_seed, epoch)``
 permutation, one optimizer step per ``batch_size`` images), each global batch split across ranks as
 ``batch[rank::world]``, and the loss weighted so that the averaged gradient is exactly the mean over
 the whole global batch (also for the last, short batch). Dropout / drop path draw from per-rank
@@ -52,7 +52,15 @@ from synqt.config import (
     save_config,
     splits_for,
 )
-from synqt.engine import HPARAM_KEYS, _peak_memory, _seed_for, library_versions, metrics_path, read_metrics
+from synqt.engine import (
+    HPARAM_KEYS,
+    derive_seed,
+    device_peak_memory,
+    metrics_path,
+    read_metrics,
+    trial_metrics,
+    write_hparams,
+)
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write_json
 from synqt.model import PackedSynQT, build_backbone, count_trainable, new_branch
@@ -348,7 +356,7 @@ class _Worker:
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """The engine's permutation rule, so one process and N processes see the same global batches."""
         data_seed, _ = effective_seeds(self.cfg)
-        gen = torch.Generator().manual_seed(_seed_for(data_seed, epoch))
+        gen = torch.Generator().manual_seed(derive_seed(data_seed, epoch))
         return torch.randperm(len(self.train_labels), generator=gen).numpy()
 
     def _batch(self, images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,8 +377,8 @@ class _Worker:
         data_seed, init_seed = effective_seeds(cfg)
         for epoch in range(self.epochs_done, cfg.epochs):
             engine.train()
-            self.model.image_generator.manual_seed(_seed_for(data_seed, epoch, 7, self.rank))
-            self.branch.generator.manual_seed(_seed_for(init_seed, 1, epoch, self.rank))
+            self.model.image_generator.manual_seed(derive_seed(data_seed, epoch, 7, self.rank))
+            self.branch.generator.manual_seed(derive_seed(init_seed, 1, epoch, self.rank))
             order = self._epoch_order(epoch)
             loss_sum, loss_count = 0.0, 0
             t0 = time.perf_counter()
@@ -445,7 +453,7 @@ class _Worker:
             self.eval_history.append({"epoch": epoch, "split": self.eval_split, "acc": acc})
             if self.writer is not None:
                 self.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, epoch)
-        self.peak = int(_all_reduce([_peak_memory(self.device)[0]], dist.ReduceOp.MAX)[0])
+        self.peak = int(_all_reduce([device_peak_memory(self.device)[0]], dist.ReduceOp.MAX)[0])
         if self.writer is not None:
             self.writer.add_scalar("perf/images_per_s", self.images_per_s, epoch)
             self.writer.add_scalar("perf/peak_memory_bytes", self.peak, epoch)
@@ -492,17 +500,7 @@ class _Worker:
         self.metrics = metrics
 
     def _write_hparams(self, metrics: dict) -> None:
-        if self.writer is None:
-            return
-
-        def scalar(v: Any) -> Any:
-            return v if isinstance(v, (int, float, str, bool)) else str(v)
-
-        hp = {k: scalar(v) for k, v in self.hparams.items()}
-        hp.update(dataset=self.cfg.dataset, seed=self.cfg.seed, protocol=self.cfg.protocol, trainer="deepspeed")
-        values = {f"hparam/{k}": metrics[k] for k in ("val_acc", "test_acc", "best_of_test") if metrics[k] is not None}
-        self.writer.add_hparams(hp, values, run_name=".")
-        self.writer.flush()
+        write_hparams(self.writer, self.cfg, self.hparams, metrics, extra={"trainer": "deepspeed"})
 
     def close(self) -> None:
         if self.writer is not None:
@@ -511,72 +509,27 @@ class _Worker:
 
 
 def build_metrics(w: _Worker) -> dict[str, Any]:
-    """metrics.json of a DeepSpeed trial: the engine's keys (docs/DESIGN.md) plus a ``deepspeed`` section.
-
-    Mirrors ``TrialRecipe._metrics``; see the report to the lead about sharing one builder.
-    """
+    """metrics.json of a DeepSpeed trial: the engine's keys (``trial_metrics``) plus a ``deepspeed`` section."""
     import deepspeed
 
-    cfg = w.cfg
-    evals = [e["acc"] for e in w.eval_history]
-    final = evals[-1] if evals and w.epochs_done >= cfg.epochs else None
-    is_test = w.eval_split == "test"
     device = getattr(w, "device", torch.device("cpu"))
-    peak = getattr(w, "peak", None)
-    peak_kind = _peak_memory(device)[1]
-    if peak is None:
-        peak = _peak_memory(device)[0]
+    peak, peak_kind = device_peak_memory(device)
+    peak = getattr(w, "peak", None) or peak
     backbone = getattr(w, "backbone", None)
     identity = getattr(backbone, "synqt_identity", {}) if backbone is not None else {}
-    versions = library_versions()
-    versions["deepspeed"] = deepspeed.__version__
-    return {
-        "dataset": cfg.dataset,
-        "group": cfg.group,
-        "protocol": cfg.protocol,
-        "stage": cfg.stage if cfg.protocol == "vtab" else "final",
-        "seed": cfg.seed,
-        "hparams": w.hparams,
-        "val_acc": final if not is_test else None,
-        "test_acc": final if is_test else None,
-        "best_of_test": (max(evals) if evals else None) if (cfg.protocol == "paper" and is_test) else None,
-        "trainable_params": getattr(w, "trainable_params", None),
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": f"{peak_kind} (max over ranks)",
-        "images_per_s": w.images_per_s,
-        "wall_time_s": time.time() - w.start_time,
-        "versions": versions,
-        "provenance": {
-            "backbone": identity.get("name"),
-            "backbone_checkpoint": identity.get("checkpoint"),
-            "backbone_checkpoint_sha256": identity.get("checkpoint_sha256"),
-            "train_split": w.train_split,
-            "eval_split": w.eval_split,
-            "train_list_sha256": getattr(getattr(w, "train_list", None), "list_hash", None),
-            "eval_list_sha256": getattr(getattr(w, "eval_list", None), "list_hash", None),
-            "derived_splits": bool(getattr(getattr(w, "train_list", None), "derived", False)
-                                   or getattr(getattr(w, "eval_list", None), "derived", False)),
-            "image_size": getattr(w, "image_size", None),
-            "data_seed": effective_seeds(cfg)[0],
-            "init_seed": effective_seeds(cfg)[1],
-            "packed_with": 1,
-        },
-        "status": "ok" if w.status == "ok" else "failed",
-        "error": w.error,
-        "run_name": w.run_dir.name,
-        "epochs_done": w.epochs_done,
-        "eval_history": w.eval_history,
-        "config": config_to_dict(cfg),
-        "trainer": "deepspeed",
-        "deepspeed": {
-            "world_size": w.world,
-            "backend": dist.get_backend() if dist.is_initialized() else None,
-            "initialize_s": w.init_seconds,
-            "params_in_deepspeed": getattr(w, "ds_params", None),
-            "config": getattr(w, "ds_config", None),
-            "weights_sha256": getattr(w, "rank_hashes", None),
-        },
+    metrics = trial_metrics(w, w, peak=peak, peak_kind=f"{peak_kind} (max over ranks)", identity=identity,
+                            packed_with=1)
+    metrics["versions"]["deepspeed"] = deepspeed.__version__
+    metrics["trainer"] = "deepspeed"
+    metrics["deepspeed"] = {
+        "world_size": w.world,
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+        "initialize_s": w.init_seconds,
+        "params_in_deepspeed": getattr(w, "ds_params", None),
+        "config": getattr(w, "ds_config", None),
+        "weights_sha256": getattr(w, "rank_hashes", None),
     }
+    return metrics
 
 
 def train_worker(cfg: TrialConfig | dict, run_dir: str | Path, *, report: Callable[[dict], None] | None = None,

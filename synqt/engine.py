@@ -93,7 +93,7 @@ def library_versions() -> dict[str, str | None]:
             "accelerate": accelerate.__version__, "numpy": np.__version__, "git_commit": _git_commit()}
 
 
-def _peak_memory(device: torch.device) -> tuple[int, str]:
+def device_peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
     import resource
@@ -101,7 +101,7 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"
 
 
-def _seed_for(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (stable across processes, unlike hash())."""
     value = 0x9E3779B97F4A7C15
     for part in parts:
@@ -116,7 +116,7 @@ def _build_seeded_backbone(cfg: TrialConfig) -> torch.nn.Module:
     branch of a pack and in ``evaluate_checkpoint``, so it never depends on the global RNG state.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_seed_for(effective_seeds(cfg)[0], 3))
+        torch.manual_seed(derive_seed(effective_seeds(cfg)[0], 3))
         return build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=cfg.checkpoint,
                               **cfg.backbone_kwargs)
 
@@ -243,7 +243,7 @@ class TrialRecipe:
             module = new_branch(self._backbone, self.num_classes, token_nums=branch.cfg.token_nums,
                                 feat_scale=branch.cfg.feat_scale, attn_scale=branch.cfg.attn_scale,
                                 ffn_scale=branch.cfg.ffn_scale).to(self.device)
-            module.seed_generator(_seed_for(init_seed, 1), self.device)
+            module.seed_generator(derive_seed(init_seed, 1), self.device)
             branch.module = module
             branch.index = len(modules)
             branch.trainable_params = count_trainable(module)
@@ -306,7 +306,7 @@ class TrialRecipe:
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         data_seed, _ = effective_seeds(self.cfg)
-        gen = torch.Generator().manual_seed(_seed_for(data_seed, epoch))
+        gen = torch.Generator().manual_seed(derive_seed(data_seed, epoch))
         return torch.randperm(len(self.train_labels), generator=gen).numpy()
 
     @property
@@ -329,7 +329,7 @@ class TrialRecipe:
                 continue
             index = [b.index for b in training]
             self.model.train()
-            self.model.image_generator.manual_seed(_seed_for(effective_seeds(cfg)[0], epoch, 7))
+            self.model.image_generator.manual_seed(derive_seed(effective_seeds(cfg)[0], epoch, 7))
             order = self._epoch_order(epoch)
             t0 = time.perf_counter()
             for start in range(0, len(order), cfg.batch_size):
@@ -401,7 +401,7 @@ class TrialRecipe:
             for b, acc in zip(trained, accs, strict=True):
                 b.eval_history.append({"epoch": epoch, "split": self.eval_split, "acc": acc})
                 b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, epoch)
-        peak, _ = _peak_memory(self.device)
+        peak, _ = device_peak_memory(self.device)
         for b in trained:
             b.writer.add_scalar("perf/images_per_s", self.images_per_s, epoch)
             b.writer.add_scalar("perf/peak_memory_bytes", peak, epoch)
@@ -445,50 +445,10 @@ class TrialRecipe:
                 "test_acc": last if self.eval_split == "test" else None}
 
     def _metrics(self, b: _Branch) -> dict[str, Any]:
-        cfg = b.cfg
-        evals = [e["acc"] for e in b.eval_history]
-        final = evals[-1] if evals and b.epochs_done >= cfg.epochs else None
-        is_test = self.eval_split == "test"
-        peak, peak_kind = _peak_memory(self.device)
+        peak, peak_kind = device_peak_memory(self.device)
         identity = self._backbone.synqt_identity if hasattr(self, "_backbone") else {}
-        return {
-            "dataset": cfg.dataset,
-            "group": cfg.group,
-            "protocol": cfg.protocol,
-            "stage": cfg.stage if cfg.protocol == "vtab" else "final",
-            "seed": cfg.seed,
-            "hparams": b.hparams,
-            "val_acc": final if not is_test else None,
-            "test_acc": final if is_test else None,
-            "best_of_test": (max(evals) if evals else None) if (cfg.protocol == "paper" and is_test) else None,
-            "trainable_params": b.trainable_params,
-            "peak_memory_bytes": peak,
-            "peak_memory_kind": peak_kind,
-            "images_per_s": getattr(self, "images_per_s", None),
-            "wall_time_s": time.time() - self.start_time,
-            "versions": library_versions(),
-            "provenance": {
-                "backbone": identity.get("name"),
-                "backbone_checkpoint": identity.get("checkpoint"),
-                "backbone_checkpoint_sha256": identity.get("checkpoint_sha256"),
-                "train_split": self.train_split,
-                "eval_split": self.eval_split,
-                "train_list_sha256": getattr(getattr(self, "train_list", None), "list_hash", None),
-                "eval_list_sha256": getattr(getattr(self, "eval_list", None), "list_hash", None),
-                "derived_splits": bool(getattr(getattr(self, "train_list", None), "derived", False)
-                                       or getattr(getattr(self, "eval_list", None), "derived", False)),
-                "image_size": getattr(self, "image_size", None),
-                "data_seed": effective_seeds(cfg)[0],
-                "init_seed": effective_seeds(cfg)[1],
-                "packed_with": len(self.branches),
-            },
-            "status": "ok" if b.status == "ok" else "failed",
-            "error": b.error,
-            "run_name": b.run_name,
-            "epochs_done": b.epochs_done,
-            "eval_history": b.eval_history,
-            "config": config_to_dict(cfg),
-        }
+        return trial_metrics(b, self, peak=peak, peak_kind=peak_kind, identity=identity,
+                             packed_with=len(self.branches))
 
     def _finish(self, b: _Branch) -> None:
         b.status = "ok"
@@ -514,14 +474,7 @@ class TrialRecipe:
         (b.run_dir / "progress.json").unlink(missing_ok=True)
 
     def _write_hparams(self, b: _Branch, metrics: dict) -> None:
-        def scalar(v: Any) -> Any:
-            return v if isinstance(v, (int, float, str, bool)) else str(v)
-
-        hp = {k: scalar(v) for k, v in b.hparams.items()}
-        hp.update(dataset=b.cfg.dataset, seed=b.cfg.seed, protocol=b.cfg.protocol)
-        values = {f"hparam/{k}": metrics[k] for k in ("val_acc", "test_acc", "best_of_test") if metrics[k] is not None}
-        b.writer.add_hparams(hp, values, run_name=".")
-        b.writer.flush()
+        write_hparams(b.writer, b.cfg, b.hparams, metrics)
 
     def cleanup(self) -> None:
         for b in self.branches:
@@ -534,6 +487,73 @@ class TrialRecipe:
         for b in self.branches:
             out.append(read_metrics(b.run_dir) or self._metrics(b))
         return out
+
+
+def trial_metrics(run: Any, data: Any, *, peak: int | None, peak_kind: str, identity: dict,
+                  packed_with: int) -> dict[str, Any]:
+    """metrics.json of one trial (every key of the contract in docs/DESIGN.md, null where it does not apply).
+
+    ``run`` holds the trial's outcome (cfg, hparams, eval_history, epochs_done, status, error, run_dir,
+    trainable_params); ``data`` what it ran on (train_split, eval_split, train_list, eval_list, image_size,
+    images_per_s, start_time). A pack branch and a DeepSpeed worker both provide them.
+    """
+    cfg = run.cfg
+    evals = [e["acc"] for e in run.eval_history]
+    final = evals[-1] if evals and run.epochs_done >= cfg.epochs else None
+    is_test = data.eval_split == "test"
+    train_list, eval_list = getattr(data, "train_list", None), getattr(data, "eval_list", None)
+    return {
+        "dataset": cfg.dataset,
+        "group": cfg.group,
+        "protocol": cfg.protocol,
+        "stage": cfg.stage if cfg.protocol == "vtab" else "final",
+        "seed": cfg.seed,
+        "hparams": run.hparams,
+        "val_acc": final if not is_test else None,
+        "test_acc": final if is_test else None,
+        "best_of_test": (max(evals) if evals else None) if (cfg.protocol == "paper" and is_test) else None,
+        "trainable_params": getattr(run, "trainable_params", None),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "images_per_s": getattr(data, "images_per_s", None),
+        "wall_time_s": time.time() - data.start_time,
+        "versions": library_versions(),
+        "provenance": {
+            "backbone": identity.get("name"),
+            "backbone_checkpoint": identity.get("checkpoint"),
+            "backbone_checkpoint_sha256": identity.get("checkpoint_sha256"),
+            "train_split": data.train_split,
+            "eval_split": data.eval_split,
+            "train_list_sha256": getattr(train_list, "list_hash", None),
+            "eval_list_sha256": getattr(eval_list, "list_hash", None),
+            "derived_splits": bool(getattr(train_list, "derived", False) or getattr(eval_list, "derived", False)),
+            "image_size": getattr(data, "image_size", None),
+            "data_seed": effective_seeds(cfg)[0],
+            "init_seed": effective_seeds(cfg)[1],
+            "packed_with": packed_with,
+        },
+        "status": "ok" if run.status == "ok" else "failed",
+        "error": run.error,
+        "run_name": Path(run.run_dir).name,
+        "epochs_done": run.epochs_done,
+        "eval_history": run.eval_history,
+        "config": config_to_dict(cfg),
+    }
+
+
+def write_hparams(writer: Any, cfg: TrialConfig, hparams: dict, metrics: dict, extra: dict | None = None) -> None:
+    """The run's hyperparameters and final metrics for TensorBoard's hparams plugin."""
+    if writer is None:
+        return
+
+    def scalar(v: Any) -> Any:
+        return v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    hp = {k: scalar(v) for k, v in hparams.items()}
+    hp.update(dataset=cfg.dataset, seed=cfg.seed, protocol=cfg.protocol, **(extra or {}))
+    values = {f"hparam/{k}": metrics[k] for k in ("val_acc", "test_acc", "best_of_test") if metrics[k] is not None}
+    writer.add_hparams(hp, values, run_name=".")
+    writer.flush()
 
 
 class _progress_bar:

@@ -232,19 +232,6 @@ def gen_count(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
     return _to_uint8(img)
 
 
-def gen_position(rng: np.random.Generator, label: int, size: int, bins: int = 5) -> np.ndarray:
-    """Structured (dsprites_loc-like): 5 classes = x-position bin of one object (y, shape, colour random)."""
-    img = _background(rng, size)
-    r = rng.uniform(0.07, 0.11)
-    lo, hi = label / bins, (label + 1) / bins
-    cx = rng.uniform(lo + 0.15 / bins, hi - 0.15 / bins)
-    cy = rng.uniform(0.12, 0.88)
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    _paint(img, _alpha(shape, size, cx, cy, r, rng.uniform(0, np.pi)),
-           _jitter_colour(rng, PALETTE[rng.integers(len(PALETTE))]))
-    return _to_uint8(img)
-
-
 def gen_orientation(rng: np.random.Generator, label: int, size: int, bins: int = 6) -> np.ndarray:
     """Structured (dsprites_ori-like): 6 classes = orientation bin (30 deg each) of a bar."""
     img = _background(rng, size)
@@ -262,7 +249,6 @@ DEMO_TASKS: dict[str, tuple[str, int, Generator]] = {
     "syn_blobs": ("Specialized", 5, gen_blobs),
     "syn_lesion": ("Specialized", 4, gen_lesion),
     "syn_count": ("Structured", 6, gen_count),
-    "syn_position": ("Structured", 5, gen_position),
     "syn_orientation": ("Structured", 6, gen_orientation),
 }
 """name -> (VTAB group, number of classes, generator)."""

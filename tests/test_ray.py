@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 CI = REPO / "configs" / "sweeps" / "ci.yaml"
-TASKS = ["syn_texture", "syn_blobs", "syn_count", "syn_position"]  # Natural, Specialized, 2 x Structured
+TASKS = ["syn_texture", "syn_blobs", "syn_count", "syn_orientation"]  # Natural, Specialized, 2 x Structured
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_sweep_every_combination_aggregate_and_retry(assets, tmp_path):
     groups = {
         "Natural": [acc["syn_texture"]],
         "Specialized": [acc["syn_blobs"]],
-        "Structured": [acc["syn_count"], acc["syn_position"]],
+        "Structured": [acc["syn_count"], acc["syn_orientation"]],
     }
     for g, vals in groups.items():
         assert results["groups"][g] == pytest.approx(statistics.mean(vals), abs=1e-6)
@@ -317,3 +317,26 @@ def test_demo_end_to_end(assets, tmp_path):
     assert (d / "results.json").is_file() and (d / "results.png").is_file()
     assert "syn_count" in out.stdout and "TensorBoard" in out.stdout and str(d / "results.png") in out.stdout
     assert len(_metrics(d)) == 4
+
+
+def test_packed_sweep_aggregates_to_the_unpacked_table(assets, tmp_path):
+    """Issue 7: the same sweep packed (one frozen pass per dataset and seed) and unpacked gives the same table."""
+    tables = {}
+    for pack in ("2", "off"):
+        out = _sweep(_base(assets, tmp_path / pack, "datasets=[syn_texture,syn_count]", f"pack={pack}", "seeds=[42]",
+                           "max_concurrent=1"))
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        sweep_dir = tmp_path / pack / "ci"
+        plan = json.loads((sweep_dir / "plan.json").read_text())
+        packs = {t["pack"] for t in plan["trials"]}
+        assert len(packs) == (2 if pack == "2" else 4), plan["trials"]  # 2 datasets x 2 lr, packed in twos or alone
+        tables[pack] = json.loads((sweep_dir / "results.json").read_text())
+        assert {m["provenance"]["packed_with"] for m in _metrics(sweep_dir).values()} == {2 if pack == "2" else 1}
+    packed, alone = tables["2"], tables["off"]
+    assert packed["datasets"].keys() == alone["datasets"].keys() == {"syn_texture", "syn_count"}
+    for name, row in packed["datasets"].items():
+        assert row["accuracy"] == pytest.approx(alone["datasets"][name]["accuracy"], abs=1e-9), name
+        assert row["best_of_test"] == pytest.approx(alone["datasets"][name]["best_of_test"], abs=1e-9), name
+        assert row["hparams"] == alone["datasets"][name]["hparams"], name
+    for key in ("mean_of_tasks", "mean_of_groups"):
+        assert packed[key] == alone[key]

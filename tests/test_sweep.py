@@ -110,7 +110,9 @@ def test_group_expansion():
     assert ds(["natural"]) == ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"]
     assert len(ds(["specialized"])) == 4 and len(ds(["structured"])) == 8
     assert len(ds(["fgvc"])) == 5
-    assert "syn_count" in ds(["demo"]) and len(ds(["demo"])) == 7
+    from synqt.synthetic import DEMO_TASKS
+
+    assert ds(["demo"]) == list(DEMO_TASKS) and "syn_count" in ds(["demo"])
     assert ds(["dtd", "natural"])[0] == "dtd" and len(ds(["dtd", "natural"])) == 7  # no duplicates
 
 
