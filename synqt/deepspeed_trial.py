@@ -593,10 +593,13 @@ def _spawn_entry(rank: int, world: int, port: int, cfg: dict, run_dir: str, thre
         dist.destroy_process_group()
 
 
-def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2) -> dict:
+def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, retries: int = 1) -> dict:
     """Run one DeepSpeed trial on this machine with ``nprocs`` processes (gloo on CPU, nccl on GPUs).
 
     The Ray-free path for tests and single-node use; returns rank 0's metrics (also in metrics.json).
+    A worker process that dies (seen rarely on CPU: gloo aborting a rank with ``std::terminate``) is
+    retried up to ``retries`` times from the trial's last DeepSpeed checkpoint, as Ray's FailureConfig
+    does for a trial in a sweep.
     """
     import torch.multiprocessing as mp
 
@@ -608,8 +611,16 @@ def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2) -> 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // nprocs)
-    mp.spawn(_spawn_entry, args=(nprocs, _free_port(), config_to_dict(cfg), str(run_dir), threads), nprocs=nprocs,
-             join=True)
+    for attempt in range(retries + 1):
+        try:
+            mp.spawn(_spawn_entry, args=(nprocs, _free_port(), config_to_dict(cfg), str(run_dir), threads),
+                     nprocs=nprocs, join=True)
+            break
+        except mp.ProcessExitedException as err:  # a crashed process, not a Python error of the trial
+            if attempt == retries:
+                raise
+            log.warning("run_local: %s; retrying from the last checkpoint (attempt %d of %d)", err, attempt + 2,
+                        retries + 1)
     metrics = read_metrics(run_dir)
     if metrics is None:
         raise ConfigError(f"run_local: the workers finished but wrote no {metrics_path(run_dir)}")

@@ -36,6 +36,15 @@ def demo_assets(synqt_cache_dir: Path) -> tuple[Path, Path]:
     return ensure_demo_assets(synqt_cache_dir)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is fastest and immune to other processes contending for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_vit() -> Callable[..., torch.nn.Module]:
     """A function returning a fresh random, very small timm ViT (32x32 input, 16 patches, 2 blocks)."""

@@ -22,13 +22,7 @@ from synqt.model import QueryBranch
 C, L = TINY_KW["embed_dim"], TINY_KW["depth"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest and immune to other processes contending for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int, token_nums: int = 2, kw: dict | None = None, **build) -> synqt.SynQT:

@@ -19,13 +19,7 @@ from synqt.model import QueryBranch, expected_trainable
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest and immune to other processes contending for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_model(kw: dict, token_nums: int, seed: int = 1, num_classes: int = 7) -> synqt.SynQT:
