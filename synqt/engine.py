@@ -651,9 +651,9 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
             idx = np.arange(start, min(start + cfg.eval_batch_size, len(labels)))
             logits = model(to_tensor_batch(images[idx], cfg.mean, cfg.std))
             correct += int((logits.argmax(-1) == torch.as_tensor(labels[idx])).sum())
-    result = {"dataset": cfg.dataset, "split": split, "acc": 100.0 * correct / max(len(labels), 1),
-              "images": int(len(labels)), "weights": str(weights), "official": official,
-              "test_acc" if split == "test" else "val_acc": 100.0 * correct / max(len(labels), 1)}
+    acc = 100.0 * correct / max(len(labels), 1)
+    result = {"dataset": cfg.dataset, "split": split, "acc": acc, "images": int(len(labels)),
+              "weights": str(weights), "official": official, "test_acc" if split == "test" else "val_acc": acc}
     out_path = Path(out) if out else Path(weights).parent / "eval_metrics.json"
     atomic_write_json(out_path if out_path.suffix == ".json" else out_path / "eval_metrics.json", result)
     return result
