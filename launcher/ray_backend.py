@@ -34,6 +34,7 @@ from synqt.fileio import atomic_write_json
 
 FAIL_ONCE_ENV = "SYNQT_FAIL_ONCE"  # test hook: run_name whose pack raises once, after its first epoch
 FAIL_ONCE_MARKER = ".synqt_fail_once"
+DRIVER_MEMORY = 256 * 2**20  # bytes of Ray's logical memory resource a multi-device trial's driver holds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,13 +157,13 @@ def pack_trainable(
 ) -> None:
     """Tune function trainable: run one pack with the engine; forward its epoch reports to Tune."""
     pack = (packs or [])[config["pack"]]
+    entry = (backbones or {}).get(_backbone_key(pack["cfgs"][0]))
     if pack["devices"] > 1:
-        _deepspeed_trial(pack)
+        _deepspeed_trial(pack, entry)
         return
     from synqt.engine import run_pack
 
     cfgs, run_dirs = pack["cfgs"], [Path(d) for d in pack["run_dirs"]]
-    entry = (backbones or {}).get(_backbone_key(cfgs[0]))
     backbone = backbone_from_shared(entry, cfgs[0]) if entry else None
     hook = _fail_once_hook(pack["run_names"], pack["run_dirs"], fail_once)
 
@@ -174,7 +175,12 @@ def pack_trainable(
     results = run_pack(
         cfgs, run_dirs, resume=True, backbone=backbone, report=report, hparams=pack.get("hparams")
     )
-    final = {
+    tune.report(_final_report(results))
+
+
+def _final_report(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Tune trial's last result: counts of ok / failed members and the pack's score."""
+    final: dict[str, Any] = {
         "done": 1,
         "ok": sum(1 for m in results if m.get("status") == "ok"),
         "failed": sum(1 for m in results if m.get("status") != "ok"),
@@ -185,11 +191,17 @@ def pack_trainable(
         for m in results
     ]
     final["score"] = _score({"branches": branches})
-    tune.report(final)
+    return final
 
 
-def _deepspeed_trial(pack: dict[str, Any]) -> None:
-    """devices > 1: a Ray Train TorchTrainer inside this Tune trial, one worker per device."""
+def _deepspeed_trial(pack: dict[str, Any], backbone_entry: dict[str, Any] | None) -> None:
+    """devices > 1: a Ray Train TorchTrainer inside this Tune trial, one worker per device.
+
+    The workers' per-epoch ``ray.train.report`` results reach this Tune trial through Ray's
+    ``TuneReportCallback`` (rank 0's result is forwarded), so schedulers and the progress table see
+    them; the trial then reports its final result from the trial's metrics.json. The shared frozen
+    backbone goes to the workers as one object-store reference (zero-copy on each node).
+    """
     from ray.train import RunConfig as TrainRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -200,43 +212,48 @@ def _deepspeed_trial(pack: dict[str, Any]) -> None:
     done = read_metrics(Path(run_dir))
     if not (done and done.get("status") == "ok"):
         res = pack["resources"]
+        per_worker = {"CPU": res["cpus"], "GPU": res["gpus"]} if res["gpus"] > 0 else {"CPU": res["cpus"]}
+        loop_config = {"cfg": config_to_dict(cfg), "run_dir": run_dir, "backbone": None}
+        if backbone_entry is not None:
+            loop_config["backbone"] = ray.put(backbone_entry["state"])
         trainer = TorchTrainer(
             _deepspeed_worker,
-            train_loop_config={"cfg": config_to_dict(cfg), "run_dir": run_dir},
+            train_loop_config=loop_config,
             scaling_config=ScalingConfig(
-                num_workers=pack["devices"],
-                use_gpu=res["gpus"] > 0,
-                resources_per_worker={"CPU": res["cpus"], "GPU": res["gpus"]}
-                if res["gpus"] > 0
-                else {"CPU": res["cpus"]},
+                num_workers=pack["devices"], use_gpu=res["gpus"] > 0, resources_per_worker=per_worker
             ),
-            run_config=TrainRunConfig(name=pack["run_names"][0], storage_path=pack["train_storage"]),
+            run_config=TrainRunConfig(
+                name=pack["run_names"][0],
+                storage_path=pack["train_storage"],
+                callbacks=_train_to_tune_callbacks(),
+            ),
         )
-        trainer.fit()
-    m = read_metrics(Path(run_dir)) or {}
-    tune.report(
-        {
-            "done": 1,
-            "ok": int(m.get("status") == "ok"),
-            "failed": int(m.get("status") != "ok"),
-            "epoch": int(m.get("epochs_done") or 0),
-            "score": float(m.get("val_acc") or m.get("test_acc") or 0.0),
-        }
-    )
+        trainer.fit()  # raises on a worker failure: Tune's FailureConfig retries, the workers resume
+    m = read_metrics(Path(run_dir)) or {"run_name": pack["run_names"][0], "status": "missing"}
+    tune.report(_final_report([m]))
+
+
+def _train_to_tune_callbacks() -> list[Any]:
+    """Ray's Train-to-Tune forwarding callback (Train V2), or none where this Ray lacks it."""
+    try:
+        from ray.tune.integration.ray_train import TuneReportCallback
+    except ImportError:  # older Ray / Train V1: the trial still reports its final result
+        return []
+    return [TuneReportCallback()]
 
 
 def _deepspeed_worker(conf: dict[str, Any]) -> None:
-    """One Ray Train worker: every rank reports its per-epoch scalars with ``ray.train.report``."""
+    """One Ray Train worker: every rank reports its per-epoch result with ``ray.train.report``."""
     import ray.train
 
     from synqt.deepspeed_trial import train_worker
 
     def report(payload: dict[str, Any]) -> None:
-        branch = (payload.get("branches") or [{}])[0]
-        acc = branch.get("val_acc") if branch.get("val_acc") is not None else branch.get("test_acc")
-        ray.train.report({"epoch": int(payload.get("epoch") or 0), "score": float(acc or 0.0)})
+        ray.train.report(_metrics_of(payload))
 
-    train_worker(conf["cfg"], conf["run_dir"], report=report)
+    ref = conf.get("backbone")
+    state = ray.get(ref) if ref is not None else None
+    train_worker(conf["cfg"], conf["run_dir"], report=report, backbone_state=state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,8 +303,11 @@ def _payload(sweep: Sweep, trials: list[PlannedTrial]) -> list[dict[str, Any]]:
 
 def _trial_resources(sweep: Sweep) -> dict[str, float]:
     res = sweep.resources
-    if res["devices"] > 1:  # the workers hold the resources; the Tune trial only drives them
-        return {"cpu": 0}
+    if res["devices"] > 1:
+        # the TorchTrainer's workers hold the trial's CPUs/GPUs; the Tune trial only drives them and
+        # holds no CPU (any share would leave a worker unplaceable on a node whose CPUs the workers
+        # fill). Tune refuses an all-zero request, so it reserves Ray's logical `memory` resource.
+        return {"cpu": 0, "memory": DRIVER_MEMORY}
     return {"cpu": float(res["cpus"]), "gpu": float(res["gpus"])}
 
 

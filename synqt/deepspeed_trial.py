@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import hashlib
 import json
 import logging
@@ -566,6 +567,7 @@ def train_worker(cfg: TrialConfig | dict, run_dir: str | Path, *, report: Callab
         raise
     finally:
         worker.close()
+    log.info("rank %d: %s finished (%s)", worker.rank, run_dir.name, worker.status)
     return getattr(worker, "metrics", None) if worker.is_main else None
 
 
@@ -582,6 +584,7 @@ def _spawn_entry(rank: int, world: int, port: int, cfg: dict, run_dir: str, thre
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(threads)
+    faulthandler.enable(all_threads=True)  # a rank killed by a signal (e.g. SIGABRT) prints its Python stacks
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(name)s: %(message)s", stream=sys.stderr)
     backend = "nccl" if (cfg.get("device") != "cpu" and torch.cuda.is_available()) else "gloo"
     if backend == "nccl":
@@ -591,6 +594,7 @@ def _spawn_entry(rank: int, world: int, port: int, cfg: dict, run_dir: str, thre
         train_worker(cfg, run_dir)
     finally:
         dist.destroy_process_group()
+        logging.getLogger("synqt.deepspeed").info("rank %d: process group destroyed; exiting", rank)
 
 
 def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, retries: int = 1) -> dict:

@@ -66,15 +66,22 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- 2-process trial
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(ds_assets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One 2-process trial run start to finish: (its tmp dir, rank 0's returned metrics)."""
+    tmp = tmp_path_factory.mktemp("ds")
+    return tmp, run_local(_cfg(ds_assets, tmp), tmp / "sweep" / "runs" / "ds_trial", nprocs=2)
+
+
 @pytest.mark.slow
-def test_two_process_cpu_trial(ds_assets: tuple[Path, Path], tmp_path: Path) -> None:
+def test_two_process_cpu_trial(ds_assets: tuple[Path, Path], uninterrupted: tuple[Path, dict]) -> None:
     from launcher.aggregate import aggregate
     from synqt.checkpoint import read_trainable
     from synqt.model import build_backbone, count_trainable, new_branch
 
+    tmp_path, metrics = uninterrupted
     cfg = _cfg(ds_assets, tmp_path)
     run_dir = tmp_path / "sweep" / "runs" / "ds_trial"
-    metrics = run_local(cfg, run_dir, nprocs=2)
 
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
@@ -116,6 +123,57 @@ def test_two_process_cpu_trial(ds_assets: tuple[Path, Path], tmp_path: Path) -> 
     # the aggregator accepts it
     results = aggregate(tmp_path / "sweep")
     assert results["datasets"]["syn_colour_shape"]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_killed_worker_is_retried_from_the_epoch_checkpoint(
+    ds_assets: tuple[Path, Path],
+    uninterrupted: tuple[Path, dict],
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGKILL one rank during epoch 2: run_local restarts both ranks, they resume after epoch 1 from the
+    DeepSpeed checkpoint, and the trial ends exactly as the uninterrupted run did."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    run_dir = tmp_path / "runs" / "ds_trial"
+    killed: list[int] = []
+
+    def kill_a_rank_after_epoch_1() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            progress = run_dir / "progress.json"  # written after the epoch-1 checkpoint and its barrier
+            try:
+                epoch = json.loads(progress.read_text())["epoch"] if progress.is_file() else 0
+            except ValueError:
+                epoch = 0
+            ranks = [c for c in psutil.Process().children() if "spawn" in " ".join(c.cmdline())]
+            if epoch == 1 and len(ranks) == 2:
+                victim = max(ranks, key=lambda c: c.create_time())
+                os.kill(victim.pid, signal.SIGKILL)
+                killed.append(victim.pid)
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_a_rank_after_epoch_1, daemon=True)
+    watcher.start()
+    metrics = run_local(_cfg(ds_assets, tmp_path), run_dir, nprocs=2, retries=1)
+    watcher.join(timeout=5)
+    err = capfd.readouterr().err
+    assert killed, "the watcher never saw epoch 1 finish with both ranks alive"
+    assert "terminated with signal SIGKILL; retrying from the last checkpoint" in caplog.text
+    assert "rank 0 resumed ds_trial after epoch 1" in err and "rank 1 resumed ds_trial after epoch 1" in err
+    ref = uninterrupted[1]
+    assert metrics["status"] == "ok" and metrics["epochs_done"] == 2
+    assert metrics["eval_history"] == ref["eval_history"] and metrics["test_acc"] == ref["test_acc"]
+    assert metrics["deepspeed"]["weights_sha256"]["branch"] == ref["deepspeed"]["weights_sha256"]["branch"]
+    assert not (run_dir / "ds_checkpoint").exists()
 
 
 @pytest.mark.slow

@@ -340,3 +340,38 @@ def test_packed_sweep_aggregates_to_the_unpacked_table(assets, tmp_path):
         assert row["hparams"] == alone["datasets"][name]["hparams"], name
     for key in ("mean_of_tasks", "mean_of_groups"):
         assert packed[key] == alone[key]
+
+
+def test_multi_device_trial_runs_deepspeed_under_torchtrainer(assets, tmp_path):
+    """resources.devices=2: each Tune trial drives a TorchTrainer of 2 gloo workers (DeepSpeed ZeRO-2),
+    and the workers' per-epoch results are forwarded into the Tune trial's own results."""
+    out = _sweep(
+        _base(
+            assets,
+            tmp_path,
+            "datasets=[syn_count]",
+            "grid.lr=[2e-3]",
+            "seeds=[42]",
+            "resources.devices=2",
+            "resources.cpus=1",
+            "max_concurrent=1",
+            "name=ds",
+        )
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sweep_dir = tmp_path / "ds"
+    (name, m), = _metrics(sweep_dir).items()
+    assert m["status"] == "ok", m.get("error")
+    assert m["trainer"] == "deepspeed" and m["epochs_done"] == 2
+    assert m["deepspeed"]["world_size"] == 2 and m["deepspeed"]["backend"] == "gloo"
+    assert len(m["deepspeed"]["weights_sha256"]["branch"]) == 2
+    assert len(set(m["deepspeed"]["weights_sha256"]["branch"])) == 1
+    # what the Tune trial recorded: the forwarded epoch results, then the trial's final result
+    (result_file,) = (sweep_dir / "_ray" / "final").glob("*/result.json")
+    rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+    forwarded = [r for r in rows if f"{name}/test_acc" in r]
+    assert [r["epoch"] for r in forwarded] == [1, 2]
+    assert [r[f"{name}/test_acc"] for r in forwarded] == [e["acc"] for e in m["eval_history"]]
+    assert rows[-1]["done"] == 1 and rows[-1]["ok"] == 1 and rows[-1]["score"] == m["test_acc"]
+    results = json.loads((sweep_dir / "results.json").read_text())
+    assert results["datasets"]["syn_count"]["accuracy"] == pytest.approx(m["test_acc"])
