@@ -35,7 +35,9 @@ from synqt.model import (
     count_trainable,
     new_branch,
 )
+from synqt.schedule import adamw
 
+NAIVE_ROW = "naive synqt"  # the fp32 straightforward implementation every row's speed is compared with
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
 BENCH_NUM_CLASSES = 100
 
@@ -160,13 +162,6 @@ def full_finetune_model(backbone: nn.Module, num_classes: int) -> nn.Module:
 # measuring one configuration
 
 
-def _optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    try:
-        return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, fused=True)
-    except (RuntimeError, TypeError):  # no fused kernel for this device
-        return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -181,7 +176,7 @@ def measure(name: str, model: nn.Module, trainable: list[nn.Parameter], images: 
     Step 1 counts the saved activations (and warms up); steps 2..steps+1 are timed, the first of
     them under ``peak_memory``. ``forward`` / ``loss_fn`` default to ``model(images)`` and cross-entropy.
     """
-    opt = _optimizer(trainable)
+    opt = adamw(trainable, lr=1e-4, weight_decay=1e-2)
     fwd = forward or (lambda: model(images))
     to_loss = loss_fn or (lambda out: F.cross_entropy(out, labels))
     batch = images.shape[0]
@@ -226,6 +221,7 @@ def measure(name: str, model: nn.Module, trainable: list[nn.Parameter], images: 
     assert peak is not None
     return {
         "name": name,
+        "precision": "fp32" if precision in ("no", "fp32") else precision,
         "saved_bytes": saved["bytes"],
         "saved_gib": saved["gib"],
         "saved_top": saved["by_shape"][:4],
@@ -341,11 +337,12 @@ def bench_models(cfg: Any, modes: Sequence[str], *, steps: int, baselines: bool 
         rows[-1]["kv_bytes_fp32"] = 2 * len(backbone.blocks) * B * _tokens(backbone, size) * int(backbone.embed_dim) * 4
         del model
     if baselines:
-        log("bench: naive SynQT (explicit attention, fp32 K/V slices of qkv) ...")
+        # the speed reference is the straightforward implementation in fp32, whatever precision is benched
+        log("bench: naive SynQT in fp32 (explicit attention, fp32 K/V slices of qkv) ...")
         model = _synqt(backbone, cfg, "keep", classes).to(device)
         naive = NaiveSynQT(model)
-        rows.append(measure("naive synqt", naive, model.trainable_parameters(), images, labels,
-                            total_params=backbone_params + count_trainable(model), **common))
+        rows.append(measure(NAIVE_ROW, naive, model.trainable_parameters(), images, labels,
+                            total_params=backbone_params + count_trainable(model), **{**common, "precision": "no"}))
         del model, naive
         log("bench: linear probe ...")
         probe = LinearProbe(backbone, classes).to(device)
@@ -355,6 +352,9 @@ def bench_models(cfg: Any, modes: Sequence[str], *, steps: int, baselines: bool 
         full = full_finetune_model(backbone, classes).to(device)
         rows.append(measure("full fine-tuning", full, list(full.parameters()), images, labels, **common))
         del full
+    naive_rows = [r for r in rows if r["name"] == NAIVE_ROW]
+    for r in rows:
+        r["vs_naive_fp32"] = r["train_images_per_s"] / naive_rows[0]["train_images_per_s"] if naive_rows else None
     return {"rows": rows, "geometry": {"batch_size": B, "image_size": size, "tokens": _tokens(backbone, size),
                                        "embed_dim": int(backbone.embed_dim), "depth": len(backbone.blocks)}}
 
@@ -454,16 +454,17 @@ def format_table(result: dict[str, Any]) -> str:
     rows = result["rows"]
     if rows:
         kind = rows[0]["peak_kind"]
-        head = (f"| {'model':<18} | saved GiB | peak GiB ({kind}) | trainable | total params | "
-                "train img/s | eval img/s |")
+        head = (f"| {'model':<18} | precision | saved GiB | peak GiB ({kind}) | trainable | total params | "
+                "train img/s | vs naive fp32 | eval img/s |")
         lines.append(head)
         lines.append("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
         for r in rows:
+            ratio = f"{r['vs_naive_fp32']:.2f}x" if r.get("vs_naive_fp32") is not None else "-"
             lines.append(
-                f"| {r['name']:<18} | {_fmt_bytes(r['saved_bytes']):>9} "
+                f"| {r['name']:<18} | {r['precision']:>9} | {_fmt_bytes(r['saved_bytes']):>9} "
                 f"| {_fmt_bytes(r['peak_bytes']):>{len(kind) + 11}} "
                 f"| {r['trainable_params']:>9,} | {r['total_params']:>12,} | {r['train_images_per_s']:>11.2f} "
-                f"| {r['eval_images_per_s']:>10.2f} |"
+                f"| {ratio:>13} | {r['eval_images_per_s']:>10.2f} |"
             )
     pack = result.get("pack")
     if pack:

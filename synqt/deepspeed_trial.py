@@ -65,7 +65,7 @@ from synqt.engine import (
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write_json
 from synqt.model import PackedSynQT, build_backbone, count_trainable, new_branch
-from synqt.schedule import lr_at
+from synqt.schedule import adamw, lr_at
 
 log = logging.getLogger("synqt.deepspeed")
 
@@ -311,7 +311,7 @@ class _Worker:
         import deepspeed
 
         params = [p for p in self.view.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        optimizer = adamw(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         t0 = time.perf_counter()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.view, model_parameters=params, optimizer=optimizer, config=self.ds_config)

@@ -35,7 +35,7 @@ from synqt.config import TrialConfig, config_to_dict, effective_seeds, save_conf
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write, atomic_write_json
 from synqt.model import PackedSynQT, QueryBranch, SynQT, build_backbone, count_trainable, new_branch
-from synqt.schedule import lr_at
+from synqt.schedule import adamw, lr_at
 
 log = logging.getLogger("synqt.engine")
 
@@ -247,8 +247,7 @@ class TrialRecipe:
             branch.module = module
             branch.index = len(modules)
             branch.trainable_params = count_trainable(module)
-            branch.optimizer = torch.optim.AdamW(module.parameters(), lr=branch.cfg.lr,
-                                                 weight_decay=branch.cfg.weight_decay)
+            branch.optimizer = adamw(module.parameters(), lr=branch.cfg.lr, weight_decay=branch.cfg.weight_decay)
             modules.append(module)
             if self.resume:
                 self._load_resume(branch)

@@ -35,6 +35,21 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys):
     assert rows["linear probe"]["trainable_params"] < rows["synqt keep"]["trainable_params"] < rows["full fine-tuning"][
         "trainable_params"]
     assert data["pack"]["n"] == 2 and data["pack"]["pack_step_s"] > 0
+    # every row's speed is compared with the naive implementation in fp32
+    naive = rows["naive synqt"]
+    assert naive["precision"] == "fp32" and naive["vs_naive_fp32"] == 1.0
+    for r in rows.values():
+        assert r["vs_naive_fp32"] == r["train_images_per_s"] / naive["train_images_per_s"]
+
+
+def test_bench_in_bf16_keeps_the_naive_baseline_in_fp32(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--steps", "1", "--modes", "keep", "--json", str(out), "precision=bf16", *TINY]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["synqt keep"]["precision"] == "bf16" and rows["full fine-tuning"]["precision"] == "bf16"
+    assert rows["naive synqt"]["precision"] == "fp32"
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| synqt keep"))
+    assert f"{rows['synqt keep']['vs_naive_fp32']:.2f}x" in line and "bf16" in line
 
 
 def test_bench_rejects_unknown_mode(capsys):

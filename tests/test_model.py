@@ -262,6 +262,31 @@ def test_image_stream_equals_timm_blocks(variant: str) -> None:
         assert err < 1e-5, f"{variant}: block {i} output differs from the float64 re-computation by {err:.3g}"
 
 
+@pytest.mark.parametrize("variant", ["plain", "qk_norm"])
+def test_bf16_autocast_tracks_timm_in_fp32(variant: str) -> None:
+    """precision=bf16 on a CPU (bf16 image attention without the fused kernel): block outputs and logits
+    stay within bf16 rounding of the fp32 results, and the query-branch gradients keep their direction."""
+    model = _random_model(VARIANTS[variant], token_nums=3).eval()
+    x = images(2)
+    fp32_stream = model.image_stream(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_stream = model.image_stream(x)
+    for i, (a, b) in enumerate(zip(bf16_stream, fp32_stream, strict=True)):
+        err = ((a.float() - b).norm() / b.norm()).item()
+        assert err < 2e-2, f"{variant}: bf16 block {i} output is {err:.3g} (relative) from fp32"
+    model.train()
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            model.branch.seed_generator(5)
+            logits = model(x)
+        logits.float().square().mean().backward()
+        grads[precision] = torch.cat([p.grad.flatten() for p in model.trainable_parameters() if p.grad is not None])
+    cosine = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0).item()
+    assert cosine > 0.99, f"{variant}: bf16 gradients point elsewhere than fp32 ones (cosine {cosine:.4f})"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # LN_head
 
