@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synqt.errors import ConfigError, DataError
-from synqt.memory import GIB, model_tensors, peak_memory, saved_activation_bytes
+from synqt.memory import GIB, keep_freed_host_memory, model_tensors, peak_memory, saved_activation_bytes
 from synqt.model import (
     MEMORY_MODES,
     PackedSynQT,
@@ -173,8 +173,8 @@ def measure(name: str, model: nn.Module, trainable: list[nn.Parameter], images: 
             eval_steps: int | None = None) -> dict[str, Any]:
     """Saved-activation bytes, peak memory, parameter counts and train / eval images/s of one model.
 
-    Step 1 counts the saved activations (and warms up); steps 2..steps+1 are timed, the first of
-    them under ``peak_memory``. ``forward`` / ``loss_fn`` default to ``model(images)`` and cross-entropy.
+    Step 1 counts the saved activations (and warms up), step 2 runs under ``peak_memory``, then
+    ``steps`` steps are timed. ``forward`` / ``loss_fn`` default to ``model(images)`` and cross-entropy.
     """
     opt = adamw(trainable, lr=1e-4, weight_decay=1e-2)
     fwd = forward or (lambda: model(images))
@@ -193,15 +193,12 @@ def measure(name: str, model: nn.Module, trainable: list[nn.Parameter], images: 
     model.train()
     saved = saved_activation_bytes(loss, exclude=lambda: model_tensors(model), backward=True)
     opt.step()
+    peak = peak_memory(step, device)  # untimed: the CPU sampler thread would slow the step it watches
     times = []
-    peak = None
-    for i in range(max(1, steps)):
+    for _ in range(max(1, steps)):
         _sync(device)
         t0 = time.perf_counter()
-        if i == 0:
-            peak = peak_memory(step, device)
-        else:
-            step()
+        step()
         _sync(device)
         times.append(time.perf_counter() - t0)
     model.eval()
@@ -218,7 +215,6 @@ def measure(name: str, model: nn.Module, trainable: list[nn.Parameter], images: 
             eval_times.append(time.perf_counter() - t0)
     model.train()
     n_train = sum(p.numel() for p in trainable)
-    assert peak is not None
     return {
         "name": name,
         "precision": "fp32" if precision in ("no", "fp32") else precision,
@@ -502,6 +498,8 @@ def bench_main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     device = _device(cfg)
     result: dict[str, Any] = {"hardware": hardware_info(device), "config": config_to_dict(cfg), "rows": []}
+    if device.type == "cpu":  # as the trainers do; also keeps one model's page faults out of the next one's timing
+        result["hardware"]["keep_freed_host_memory"] = keep_freed_host_memory()
     result.update(bench_models(cfg, modes, steps=args.steps, baselines=not args.no_baselines))
     result["estimate_bytes"] = estimate_trial_memory(cfg, 1)
     if args.pack:

@@ -64,6 +64,7 @@ from synqt.engine import (
 )
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write_json
+from synqt.memory import keep_freed_host_memory
 from synqt.model import PackedSynQT, build_backbone, count_trainable, new_branch
 from synqt.schedule import adamw, lr_at
 
@@ -259,6 +260,8 @@ class _Worker:
 
         cfg = self.cfg
         self.device = device
+        if device.type == "cpu":
+            keep_freed_host_memory()  # no page faults for every step's activations (synqt.memory)
         if not cfg.dataset or not cfg.data_root:
             raise ConfigError("dataset and data_root must be set (e.g. --dataset cifar --data-root /data/vtab-1k)")
         if self.is_main:  # one rank checks the folder; the others wait, then read the same lists

@@ -34,6 +34,7 @@ from synqt.checkpoint import load_official_state_dict, load_trainable, save_trai
 from synqt.config import TrialConfig, config_to_dict, effective_seeds, save_config, splits_for
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write, atomic_write_json
+from synqt.memory import keep_freed_host_memory
 from synqt.model import PackedSynQT, QueryBranch, SynQT, build_backbone, count_trainable, new_branch
 from synqt.schedule import adamw, lr_at
 
@@ -184,6 +185,8 @@ class TrialRecipe:
         self.device = self._device()
         self.accelerator = self._accelerator()
         self.device = self.accelerator.device
+        if self.device.type == "cpu":
+            keep_freed_host_memory()  # no page faults for every step's activations (synqt.memory)
         for branch in self.branches:
             previous = read_metrics(branch.run_dir)
             if previous and previous.get("status") == "ok":

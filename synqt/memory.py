@@ -101,6 +101,45 @@ def _rss_now() -> int:
         return _rss_high_water()
 
 
+def _glibc() -> Any:
+    """The C library if it is glibc (mallopt / malloc_trim exist), else None."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+
+
+def keep_freed_host_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of handing it back to the kernel every step.
+
+    By default glibc serves large tensors with mmap (threshold adaptive up to 32 MiB) and trims the heap
+    as soon as 128 KiB are free at its top, so a CPU training step can fault in its activations afresh
+    every time. Measured on the 2-core CPU, ViT-B/16 batch 8 fp32: 1.31 s instead of 1.40 s per step,
+    and which of two models ran first no longer changes their timings. Memory freed by one step stays
+    in the process for the next one (as CUDA's caching allocator does). True when the setting took.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_freed_host_memory() -> None:
+    """Return glibc's free heap memory to the kernel (``malloc_trim``), so RSS shows live memory only."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None,
                 interval: float = 0.002) -> dict[str, Any]:
     """Peak memory of ``fn()`` above the memory in use before it (CUDA allocator peak, or CPU RSS peak).
@@ -121,6 +160,7 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None,
         used = int(peak - before)
         return {"bytes": used, "gib": used / GIB, "kind": "cuda max_memory_allocated", "result": result}
     gc.collect()
+    release_freed_host_memory()  # memory kept from earlier work would hide this call's growth
     before = _rss_now()
     high_before = _rss_high_water()
     sampled = [before]
@@ -146,4 +186,5 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None,
     return {"bytes": int(delta), "gib": delta / GIB, "kind": "cpu rss peak delta (sampled)", "result": result}
 
 
-__all__ = ["saved_activation_bytes", "peak_memory", "model_tensors", "GIB"]
+__all__ = ["saved_activation_bytes", "peak_memory", "model_tensors", "keep_freed_host_memory",
+           "release_freed_host_memory", "GIB"]

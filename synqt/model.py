@@ -388,14 +388,23 @@ class _FrozenStream(nn.Module):
         x = bb.patch_drop(x)
         return bb.norm_pre(x)
 
-    def _image_block(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One frozen block on the image tokens; returns the output and K/V ``[2, B, H, N, d]``."""
+    def _image_block(self, index: int, x: torch.Tensor,
+                     kv_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One frozen block on the image tokens; returns the output and K/V ``[2, B, H, N, d]``.
+
+        ``kv_only``: stop after K/V (output None). SynQT reads nothing of the image tokens after the
+        last block's K/V, so its attention, projection and MLP there (3/4 of a block) are skipped.
+        """
         blk = self.backbone.blocks[index]
         attn = blk.attn
         B, N, _ = x.shape
         heads = attn.num_heads
         head_dim = attn.qkv.out_features // (3 * heads)
         h = blk.norm1(x)
+        if kv_only:
+            kv = self._linear(attn.qkv, h, slice(heads * head_dim, None)).reshape(B, N, 2, heads, head_dim)
+            kv = kv.permute(2, 0, 3, 1, 4)
+            return None, torch.stack((attn.k_norm(kv[0]), kv[1]))
         qkv = self._linear(attn.qkv, h).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         q = attn.q_norm(qkv[0])
         # one contiguous copy of K and V: read by the image attention now and kept for the query stream
@@ -467,7 +476,7 @@ class _FrozenStream(nn.Module):
         ffns: list[list[torch.Tensor]] = [[] for _ in branches]
         for i in range(self.depth):
             with torch.no_grad():
-                x, kv = self._image_block(i, x)
+                x, kv = self._image_block(i, x, kv_only=i == self.depth - 1)
                 kv_saved = kv.to(torch.bfloat16) if self.memory_mode == "kv_bf16" else kv
             for b, branch in enumerate(branches):
                 p = branch.synthesize(i, prev[b], batch)

@@ -129,6 +129,27 @@ def test_peak_memory_on_cpu_sees_a_large_allocation():
     assert out["result"] == 1.0
 
 
+def test_peak_memory_still_sees_growth_when_freed_memory_is_kept():
+    """With glibc keeping freed memory (what the CPU trainers and the bench set), memory freed earlier
+    would absorb a new allocation and hide it from RSS; peak_memory trims it first."""
+    import sys
+
+    from synqt.memory import keep_freed_host_memory
+
+    kept = keep_freed_host_memory()
+    assert kept or not sys.platform.startswith("linux"), "glibc refused mallopt"
+    for _ in range(3):  # allocate and free 512 MiB in pieces under the 32 MiB mmap threshold: heap memory
+        chunks = [torch.ones(4, 1024, 1024) for _ in range(32)]
+        del chunks
+
+    def alloc():
+        chunks = [torch.ones(4, 1024, 1024) for _ in range(16)]  # 256 MiB, touched
+        return sum(float(c[-1, -1, -1]) for c in chunks)
+
+    out = peak_memory(alloc)
+    assert out["bytes"] > 192 * 2**20 and out["result"] == 16.0
+
+
 def test_build_model_accepts_every_memory_mode():
     for mode in ("keep", "kv_bf16", "recompute"):
         m = build_model("vit_tiny_patch16_224", 3, img_size=32, depth=1, memory_mode=mode)
