@@ -598,15 +598,25 @@ def _spawn_entry(rank: int, world: int, port: int, cfg: dict, run_dir: str, thre
     finally:
         dist.destroy_process_group()
         logging.getLogger("synqt.deepspeed").info("rank %d: process group destroyed; exiting", rank)
+    # Leave without interpreter finalization. A gloo worker thread (ProcessGroupGloo::runLoop) may still
+    # be destroying the last collective's work object, whose tensors hold Python objects; its decref
+    # needs the GIL, and a thread asking for the GIL while Python finalizes is ended by pthread_exit
+    # inside a C++ destructor: std::terminate, SIGABRT ("terminate called without an active exception",
+    # about 1 run in 20 on 2 CPUs; core dump backtrace in docs/deepspeed.md). Everything the trial
+    # writes is closed and flushed by now; an exception above still takes the normal path to the parent.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, retries: int = 1) -> dict:
     """Run one DeepSpeed trial on this machine with ``nprocs`` processes (gloo on CPU, nccl on GPUs).
 
     The Ray-free path for tests and single-node use; returns rank 0's metrics (also in metrics.json).
-    A worker process that dies (seen rarely on CPU: gloo aborting a rank with ``std::terminate``) is
-    retried up to ``retries`` times from the trial's last DeepSpeed checkpoint, as Ray's FailureConfig
-    does for a trial in a sweep.
+    A worker process that dies (killed, out of memory) is retried up to ``retries`` times from the
+    trial's last DeepSpeed checkpoint, as Ray's FailureConfig does for a trial in a sweep; a finished
+    trial (metrics.json ok) is not rerun.
     """
     import torch.multiprocessing as mp
 
