@@ -199,8 +199,8 @@ def _deepspeed_trial(pack: dict[str, Any], backbone_entry: dict[str, Any] | None
 
     The workers' per-epoch ``ray.train.report`` results reach this Tune trial through Ray's
     ``TuneReportCallback`` (rank 0's result is forwarded), so schedulers and the progress table see
-    them; the trial then reports its final result from the trial's metrics.json. The shared frozen
-    backbone goes to the workers as one object-store reference (zero-copy on each node).
+    them; the trial then reports its final result from the trial's metrics.json. The workers load the
+    frozen backbone from one object-store reference to the driver's shared copy, not from the checkpoint file.
     """
     from ray.train import RunConfig as TrainRunConfig
     from ray.train import ScalingConfig
