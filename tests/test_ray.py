@@ -366,6 +366,14 @@ def test_multi_device_trial_runs_deepspeed_under_torchtrainer(assets, tmp_path):
     assert m["deepspeed"]["world_size"] == 2 and m["deepspeed"]["backend"] == "gloo"
     assert len(m["deepspeed"]["weights_sha256"]["branch"]) == 2
     assert len(set(m["deepspeed"]["weights_sha256"]["branch"])) == 1
+    # the workers' frozen backbone (from the driver's object-store copy) is bitwise the checkpoint's
+    from synqt.config import load_config
+    from synqt.deepspeed_trial import state_sha256
+    from synqt.model import build_backbone
+
+    cfg = load_config([str(sweep_dir / "runs" / name / "config.yaml")])
+    expected = state_sha256(build_backbone(cfg.backbone, checkpoint=cfg.checkpoint, **cfg.backbone_kwargs))
+    assert m["deepspeed"]["weights_sha256"]["backbone_start"] == expected
     # what the Tune trial recorded: the forwarded epoch results, then the trial's final result
     (result_file,) = (sweep_dir / "_ray" / "final").glob("*/result.json")
     rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
