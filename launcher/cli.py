@@ -112,6 +112,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
   synqt sweep configs/sweeps/vtab1k.yaml data_root=/data/vtab-1k checkpoint=/w/ViT-B_16.npz storage_path=/shared/runs
   synqt sweep configs/sweeps/vtab1k_search.yaml --dry-run
   synqt sweep configs/sweeps/vtab1k.yaml storage_path=/shared/runs --resume
+  synqt sweep configs/sweeps/demo.yaml storage_path=/tmp/seq --sequential     # no Ray: one pack after another
   ray job submit --address http://HEAD:8265 --working-dir . -- synqt sweep configs/sweeps/vtab1k.yaml
 overrides: sweep keys (datasets, grid.lr, seeds, resources.gpus, max_concurrent, pack, storage_path,
 data_root, name, protocol, ...) and trial config keys (epochs=5, backbone_kwargs.img_size=32) alike.""",
@@ -122,6 +123,9 @@ data_root, name, protocol, ...) and trial config keys (epochs=5, backbone_kwargs
     p.add_argument("--resume", action="store_true", help="continue a sweep already at the storage path")
     p.add_argument("--address", help="Ray address (auto, ray://..., HOST:PORT); default: RAY_ADDRESS or local")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    p.add_argument("--sequential", action="store_true",
+                   help="run the packs one after another in this process, without Ray (debugging; or time it "
+                        "against the Ray run to see what Ray's concurrency buys)")
     p.set_defaults(func=_cmd_sweep)
 
 
@@ -130,7 +134,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     return run_sweep_command(
         args.sweep_file, args.overrides, dry_run=args.dry_run, resume=args.resume,
-        address=args.address, as_json=args.json,
+        address=args.address, as_json=args.json, sequential=args.sequential,
     )
 
 

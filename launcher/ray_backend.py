@@ -9,9 +9,7 @@ the driver and shared through the object store as numpy arrays (zero-copy on eac
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -20,17 +18,13 @@ from typing import Any
 import ray
 from ray import tune
 
+from launcher.stages import backbone_key, drive_stages, finish_sweep, unfinished
 from launcher.sweep import (
     PlannedTrial,
     Sweep,
     packs_of,
-    plan_dict,
-    plan_trials,
     read_metrics,
-    select_best,
-    stage_names,
 )
-from synqt.fileio import atomic_write_json
 
 FAIL_ONCE_ENV = "SYNQT_FAIL_ONCE"  # test hook: run_name whose pack raises once, after its first epoch
 FAIL_ONCE_MARKER = ".synqt_fail_once"
@@ -39,10 +33,6 @@ DRIVER_MEMORY = 256 * 2**20  # bytes of Ray's logical memory resource a multi-de
 
 # ----------------------------------------------------------------------------------------------
 # shared frozen backbone
-
-
-def _backbone_key(cfg: Any) -> str:
-    return json.dumps([cfg.backbone, cfg.backbone_kwargs, cfg.checkpoint], sort_keys=True, default=str)
 
 
 def shared_backbones(trials: list[PlannedTrial], existing: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -58,7 +48,7 @@ def shared_backbones(trials: list[PlannedTrial], existing: dict[str, Any] | None
     out = dict(existing or {})
     for t in trials:
         cfg = t.config
-        key = _backbone_key(cfg)
+        key = backbone_key(cfg)
         if key in out or not cfg.checkpoint:
             continue
         model = build_backbone(
@@ -157,7 +147,7 @@ def pack_trainable(
 ) -> None:
     """Tune function trainable: run one pack with the engine; forward its epoch reports to Tune."""
     pack = (packs or [])[config["pack"]]
-    entry = (backbones or {}).get(_backbone_key(pack["cfgs"][0]))
+    entry = (backbones or {}).get(backbone_key(pack["cfgs"][0]))
     if pack["devices"] > 1:
         _deepspeed_trial(pack, entry)
         return
@@ -367,23 +357,7 @@ def _run_stage(
                 if not (m and m.get("status") == "ok"):
                     errored.add(name)
                     failures.append((name, f"{type(res.error).__name__}: {str(res.error).strip()[-500:]}"))
-    for t in trials:
-        if t.run_name in errored:
-            continue
-        m = read_metrics(t.run_dir(sweep))
-        if m is None:
-            if not (sweep.asha and stage == "search"):  # ASHA-stopped trials have no metrics
-                failures.append((t.run_name, "no metrics.json was written"))
-        elif m.get("status") != "ok":
-            failures.append((t.run_name, str(m.get("error"))))
-    return failures
-
-
-def _write_full_plan(sweep: Sweep, stage1: list[PlannedTrial], stage2: list[PlannedTrial]) -> None:
-    d = plan_dict(sweep, stage1 + stage2, stage2_pending=False)
-    for i, t in enumerate(d["trials"]):
-        t["index"] = i
-    atomic_write_json(sweep.sweep_dir / "plan.json", d)
+    return failures + unfinished(sweep, trials, skip=errored, stopped_early_ok=bool(sweep.asha and stage == "search"))
 
 
 def run_sweep(
@@ -396,37 +370,15 @@ def run_sweep(
     """
     t0 = time.time()
     started = _start_ray(address)
-    failures: list[tuple[str, str]] = []
+    refs: dict[str, Any] = {}
+
+    def run_stage(stage: str, trials: list[PlannedTrial]) -> list[tuple[str, str]]:
+        refs.update(shared_backbones(trials, refs))
+        return _run_stage(sweep, stage, trials, {k: v for k, v in refs.items() if v is not None}, resume)
+
     try:
-        backbones = shared_backbones(plan)
-        refs = dict(backbones)
-        failures += _run_stage(sweep, plan[0].stage if plan else "final", plan, refs, resume)
-        if sweep.protocol == "vtab" and "final" in stage_names(sweep):
-            best = select_best(sweep, plan)
-            for d in sweep.datasets:
-                if d in best:
-                    print(f"synqt sweep: {d}: selected {best[d] or 'the only point'} on val200", flush=True)
-                else:
-                    failures.append((f"final-{d}", "no stage-1 run finished; stage 2 skipped"))
-            stage2 = plan_trials(sweep, "final", best=best)
-            _write_full_plan(sweep, plan, stage2)
-            if stage2:
-                refs = shared_backbones(stage2, refs)
-                failures += _run_stage(sweep, "final", stage2, refs, resume)
+        failures = drive_stages(sweep, plan, run_stage)
     finally:
         if started:
             ray.shutdown()
-    results = None
-    try:
-        from launcher.aggregate import aggregate, format_table
-
-        results = aggregate(sweep.sweep_dir)
-        print(format_table(results), flush=True)
-    except ImportError as err:  # pragma: no cover - aggregate.py is another module
-        print(f"synqt sweep: aggregation unavailable: {err}", file=sys.stderr)
-    if failures:
-        print(f"synqt sweep: {len(failures)} trial(s) failed:", file=sys.stderr)
-        for name, err in failures:
-            print(f"  {name}: {err}", file=sys.stderr)
-    print(f"synqt sweep: {sweep.sweep_dir} ({time.time() - t0:.0f} s)", flush=True)
-    return {"ok": not failures, "failed": failures, "results": results, "sweep_dir": str(sweep.sweep_dir)}
+    return finish_sweep(sweep, failures, t0)

@@ -848,9 +848,14 @@ def run_sweep_command(
     resume: bool = False,
     address: str | None = None,
     as_json: bool = False,
+    sequential: bool = False,
 ) -> int:
-    """`synqt sweep`: plan, validate, then run on Ray (or print the plan with dry_run)."""
+    """`synqt sweep`: plan, validate, then run on Ray (in this process with ``sequential``; print the plan with
+    ``dry_run``)."""
     sweep = load_sweep(sweep_file, overrides)
+    if sequential and sweep.asha:
+        raise ConfigError(f"{sweep.source}: asha needs Ray Tune's scheduler; --sequential runs every trial to its "
+                          "end (remove the asha section or run without --sequential)")
     if dry_run:
         trials = plan_trials(sweep)
         if as_json:
@@ -877,9 +882,14 @@ def run_sweep_command(
         raise ConfigError(f"--resume: no sweep at {sweep.sweep_dir} (missing {plan_file})")
     if not (resume and _same_plan(plan_file, sweep, trials)):
         write_plan(sweep, trials, _stage2_pending(sweep, trials[0].stage if trials else "final"))
-    from launcher.ray_backend import run_sweep
+    if sequential:
+        from launcher.stages import run_sequential
 
-    result = run_sweep(sweep, trials, address=address, resume=resume)
+        result = run_sequential(sweep, trials)
+    else:
+        from launcher.ray_backend import run_sweep
+
+        result = run_sweep(sweep, trials, address=address, resume=resume)
     return 0 if result.get("ok") else 1
 
 

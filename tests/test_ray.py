@@ -383,3 +383,34 @@ def test_multi_device_trial_runs_deepspeed_under_torchtrainer(assets, tmp_path):
     assert rows[-1]["done"] == 1 and rows[-1]["ok"] == 1 and rows[-1]["score"] == m["test_acc"]
     results = json.loads((sweep_dir / "results.json").read_text())
     assert results["datasets"]["syn_count"]["accuracy"] == pytest.approx(m["test_acc"])
+
+
+def test_sequential_sweep_gives_the_ray_sweeps_results(assets, tmp_path):
+    """`synqt sweep --sequential` (no Ray) runs the same packs to the same numbers as the Ray backend."""
+    from synqt.checkpoint import read_trainable
+
+    args = ["datasets=[syn_blobs]", "seeds=[42,44]", "pack=2"]
+    ray_run = _sweep(_base(assets, tmp_path / "ray", *args))
+    assert ray_run.returncode == 0, ray_run.stdout[-3000:] + ray_run.stderr[-3000:]
+    seq_run = _sweep([*_base(assets, tmp_path / "seq", *args), "--sequential"])
+    assert seq_run.returncode == 0, seq_run.stdout[-3000:] + seq_run.stderr[-3000:]
+    assert "one after another in this process (no Ray)" in seq_run.stdout
+    assert not (tmp_path / "seq" / "ci" / "_ray").exists() and (tmp_path / "ray" / "ci" / "_ray").is_dir()
+    ray_m, seq_m = _metrics(tmp_path / "ray" / "ci"), _metrics(tmp_path / "seq" / "ci")
+    assert set(seq_m) == set(ray_m) and len(seq_m) == 4
+    for name, m in seq_m.items():
+        assert m["status"] == "ok" and m["provenance"]["packed_with"] == 2
+        assert m["eval_history"] == ray_m[name]["eval_history"] and m["test_acc"] == ray_m[name]["test_acc"]
+        seq_w, _ = read_trainable(tmp_path / "seq" / "ci" / "runs" / name / "trainable.safetensors")
+        ray_w, _ = read_trainable(tmp_path / "ray" / "ci" / "runs" / name / "trainable.safetensors")
+        # Ray's trials ran on 1 thread (resources.cpus=1), this process on all cores: the sums are ordered
+        # differently, so the weights agree to float rounding, not bit for bit
+        assert seq_w.keys() == ray_w.keys()
+        worst = max(float((seq_w[k] - ray_w[k]).abs().max()) for k in seq_w)
+        assert worst < 1e-4, f"{name}: weights differ by {worst:.3g}"
+    ray_res = json.loads((tmp_path / "ray" / "ci" / "results.json").read_text())
+    seq_res = json.loads((tmp_path / "seq" / "ci" / "results.json").read_text())
+    for d, row in seq_res["datasets"].items():  # everything but the measured peak memory
+        assert {k: v for k, v in row.items() if k != "peak_memory_bytes"} == {
+            k: v for k, v in ray_res["datasets"][d].items() if k != "peak_memory_bytes"}
+    assert seq_res["mean_of_groups"] == ray_res["mean_of_groups"]

@@ -355,5 +355,20 @@ def test_existing_sweep_is_not_overwritten(tmp_path, bench_root):
 
 
 def test_launcher_sweep_does_not_import_ray():
-    code = "import sys, launcher.sweep; assert 'ray' not in sys.modules, 'ray imported'"
+    code = "import sys, launcher.sweep, launcher.stages; assert 'ray' not in sys.modules, 'ray imported'"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_sequential_refuses_asha_before_anything_runs(tmp_path, bench_root):
+    ov = [
+        f"storage_path={tmp_path}",
+        f"data_root={bench_root / 'data'}",
+        "datasets=[syn_count]",
+        f"checkpoint={bench_root / 'ckpt.safetensors'}",
+        "protocol=vtab",
+        "asha.max_t=2",
+        "asha.grace_period=1",
+    ]
+    with pytest.raises(ConfigError, match="asha needs Ray Tune"):
+        sw.run_sweep_command(str(CI), ov, sequential=True)
+    assert not (tmp_path / "ci").exists()

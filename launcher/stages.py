@@ -1,0 +1,151 @@
+"""The order of a sweep's work, shared by the Ray backend and the Ray-free sequential runner.
+
+A sweep is one stage (paper protocol, or vtab without a grid) or two (vtab: the val200 search, then the
+best grid point of each dataset retrained with every seed). ``drive_stages`` runs them with any
+``run_stage(stage, trials) -> failures`` function; ``finish_sweep`` aggregates and prints. The Ray
+backend (``launcher.ray_backend.run_sweep``) runs a stage's packs as Tune trials;
+``run_sequential`` (``synqt sweep --sequential``) runs them one after another in this process, with no
+Ray at all: for debugging a sweep, and to measure what Ray's concurrency buys.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from launcher.sweep import (
+    PlannedTrial,
+    Sweep,
+    packs_of,
+    plan_dict,
+    plan_trials,
+    read_metrics,
+    select_best,
+    stage_names,
+)
+from synqt.fileio import atomic_write_json
+
+Failures = list[tuple[str, str]]
+
+
+def backbone_key(cfg: Any) -> str:
+    """Trials with equal keys can share one frozen backbone."""
+    return json.dumps([cfg.backbone, cfg.backbone_kwargs, cfg.checkpoint], sort_keys=True, default=str)
+
+
+def write_full_plan(sweep: Sweep, stage1: list[PlannedTrial], stage2: list[PlannedTrial]) -> None:
+    d = plan_dict(sweep, stage1 + stage2, stage2_pending=False)
+    for i, t in enumerate(d["trials"]):
+        t["index"] = i
+    atomic_write_json(sweep.sweep_dir / "plan.json", d)
+
+
+def drive_stages(sweep: Sweep, plan: list[PlannedTrial],
+                 run_stage: Callable[[str, list[PlannedTrial]], Failures]) -> Failures:
+    """Run the planned stage, then (vtab protocol) stage 2 on each dataset's best val200 point."""
+    failures = run_stage(plan[0].stage if plan else "final", plan)
+    if sweep.protocol == "vtab" and "final" in stage_names(sweep):
+        best = select_best(sweep, plan)
+        for d in sweep.datasets:
+            if d in best:
+                print(f"synqt sweep: {d}: selected {best[d] or 'the only point'} on val200", flush=True)
+            else:
+                failures.append((f"final-{d}", "no stage-1 run finished; stage 2 skipped"))
+        stage2 = plan_trials(sweep, "final", best=best)
+        write_full_plan(sweep, plan, stage2)
+        if stage2:
+            failures += run_stage("final", stage2)
+    return failures
+
+
+def unfinished(sweep: Sweep, trials: list[PlannedTrial], skip: set[str] = frozenset(),
+               stopped_early_ok: bool = False) -> Failures:
+    """(run_name, reason) for each trial without an ok metrics.json (names in ``skip`` are reported already)."""
+    out: Failures = []
+    for t in trials:
+        if t.run_name in skip:
+            continue
+        m = read_metrics(t.run_dir(sweep))
+        if m is None:
+            if not stopped_early_ok:  # ASHA-stopped trials have no metrics
+                out.append((t.run_name, "no metrics.json was written"))
+        elif m.get("status") != "ok":
+            out.append((t.run_name, str(m.get("error"))))
+    return out
+
+
+def finish_sweep(sweep: Sweep, failures: Failures, started: float) -> dict[str, Any]:
+    """Aggregate the sweep folder, print the table and the failures; the result of ``synqt sweep``."""
+    from launcher.aggregate import aggregate, format_table
+
+    results = aggregate(sweep.sweep_dir)
+    print(format_table(results), flush=True)
+    if failures:
+        print(f"synqt sweep: {len(failures)} trial(s) failed:", file=sys.stderr)
+        for name, err in failures:
+            print(f"  {name}: {err}", file=sys.stderr)
+    print(f"synqt sweep: {sweep.sweep_dir} ({time.time() - started:.0f} s)", flush=True)
+    return {"ok": not failures, "failed": failures, "results": results, "sweep_dir": str(sweep.sweep_dir)}
+
+
+def run_sequential(sweep: Sweep, plan: list[PlannedTrial]) -> dict[str, Any]:
+    """Every pack of every stage, one after another in this process (no Ray); then aggregate.
+
+    Same packs, run dirs, resume rule (finished trials are skipped, interrupted ones resume) and
+    results as the Ray backend; a frozen backbone loaded from a checkpoint is built once per
+    (backbone, kwargs, checkpoint) and shared, as the Ray backend shares it through the object store.
+    A pack that raises is recorded as failed and the next pack runs.
+    """
+    import torch
+
+    from synqt.engine import run_pack
+    from synqt.model import build_backbone
+
+    started = time.time()
+    backbones: dict[str, torch.nn.Module] = {}
+
+    def shared_backbone(cfg: Any) -> torch.nn.Module | None:
+        if not cfg.checkpoint:  # a random backbone: the engine builds (and seeds) its own
+            return None
+        key = backbone_key(cfg)
+        if key not in backbones:
+            backbones[key] = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate,
+                                            checkpoint=cfg.checkpoint, **dict(cfg.backbone_kwargs))
+        return backbones[key]
+
+    def run_stage(stage: str, trials: list[PlannedTrial]) -> Failures:
+        packs = packs_of(trials)
+        print(f"synqt sweep: stage {stage}: {len(trials)} trial(s) in {len(packs)} pack(s), one after another "
+              "in this process (no Ray)", flush=True)
+        raised: Failures = []
+        for i, pack in enumerate(packs, 1):
+            cfgs = [t.config for t in pack]
+            run_dirs = [t.run_dir(sweep) for t in pack]
+            names = ", ".join(t.run_name for t in pack)
+            print(f"synqt sweep: pack {i}/{len(packs)}: {names}", flush=True)
+            for attempt in range(sweep.retries + 1):  # a retry resumes from the pack's epoch checkpoint
+                try:
+                    if sweep.resources["devices"] > 1:
+                        from synqt.deepspeed_trial import run_local
+
+                        run_local(cfgs[0], run_dirs[0], nprocs=sweep.resources["devices"], retries=0)
+                    else:
+                        run_pack(cfgs, run_dirs, resume=True, backbone=shared_backbone(cfgs[0]),
+                                 hparams=[dict(t.hparams) for t in pack])
+                    break
+                except Exception as err:  # noqa: BLE001 - one failed pack must not stop the sweep
+                    print(f"synqt sweep: pack {i} raised {type(err).__name__}: {err} "
+                          f"(attempt {attempt + 1} of {sweep.retries + 1})", file=sys.stderr, flush=True)
+                    if attempt == sweep.retries:
+                        raised += [(t.run_name, f"{type(err).__name__}: {err}") for t in pack
+                                   if (read_metrics(t.run_dir(sweep)) or {}).get("status") != "ok"]
+        return raised + unfinished(sweep, trials, skip={name for name, _ in raised})
+
+    failures = drive_stages(sweep, plan, run_stage)
+    return finish_sweep(sweep, failures, started)
+
+
+__all__ = ["backbone_key", "drive_stages", "finish_sweep", "run_sequential", "unfinished", "write_full_plan"]
