@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from launcher.sweep import (
@@ -61,7 +61,7 @@ def drive_stages(sweep: Sweep, plan: list[PlannedTrial],
     return failures
 
 
-def unfinished(sweep: Sweep, trials: list[PlannedTrial], skip: set[str] = frozenset(),
+def unfinished(sweep: Sweep, trials: list[PlannedTrial], skip: Collection[str] = (),
                stopped_early_ok: bool = False) -> Failures:
     """(run_name, reason) for each trial without an ok metrics.json (names in ``skip`` are reported already)."""
     out: Failures = []
@@ -97,7 +97,8 @@ def run_sequential(sweep: Sweep, plan: list[PlannedTrial]) -> dict[str, Any]:
     Same packs, run dirs, resume rule (finished trials are skipped, interrupted ones resume) and
     results as the Ray backend; a frozen backbone loaded from a checkpoint is built once per
     (backbone, kwargs, checkpoint) and shared, as the Ray backend shares it through the object store.
-    A pack that raises is recorded as failed and the next pack runs.
+    A pack that raises is retried ``retries`` times (resuming from its epoch checkpoint, as a Tune retry
+    does), then recorded as failed, and the next pack runs.
     """
     import torch
 
