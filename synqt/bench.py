@@ -499,7 +499,7 @@ def bench_main(args: argparse.Namespace) -> int:
     device = _device(cfg)
     result: dict[str, Any] = {"hardware": hardware_info(device), "config": config_to_dict(cfg), "rows": []}
     if device.type == "cpu":  # as the trainers do; also keeps one model's page faults out of the next one's timing
-        result["hardware"]["keep_freed_host_memory"] = keep_freed_host_memory()
+        result["hardware"]["keep_freed_host_memory"] = keep_freed_host_memory(device)
     result.update(bench_models(cfg, modes, steps=args.steps, baselines=not args.no_baselines))
     result["estimate_bytes"] = estimate_trial_memory(cfg, 1)
     if args.pack:

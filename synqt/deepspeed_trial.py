@@ -260,8 +260,7 @@ class _Worker:
 
         cfg = self.cfg
         self.device = device
-        if device.type == "cpu":
-            keep_freed_host_memory()  # no page faults for every step's activations (synqt.memory)
+        keep_freed_host_memory(device)  # on CPU: no page faults for every step's activations
         if not cfg.dataset or not cfg.data_root:
             raise ConfigError("dataset and data_root must be set (e.g. --dataset cifar --data-root /data/vtab-1k)")
         if self.is_main:  # one rank checks the folder; the others wait, then read the same lists

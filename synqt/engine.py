@@ -185,8 +185,7 @@ class TrialRecipe:
         self.device = self._device()
         self.accelerator = self._accelerator()
         self.device = self.accelerator.device
-        if self.device.type == "cpu":
-            keep_freed_host_memory()  # no page faults for every step's activations (synqt.memory)
+        keep_freed_host_memory(self.device)  # on CPU: no page faults for every step's activations
         for branch in self.branches:
             previous = read_metrics(branch.run_dir)
             if previous and previous.get("status") == "ok":

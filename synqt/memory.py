@@ -12,6 +12,7 @@ by the caller anyway.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import resource
@@ -101,8 +102,9 @@ def _rss_now() -> int:
         return _rss_high_water()
 
 
+@functools.cache
 def _glibc() -> Any:
-    """The C library if it is glibc (mallopt / malloc_trim exist), else None."""
+    """The C library if it is glibc (mallopt / malloc_trim exist), else None; loaded once."""
     import ctypes
     import ctypes.util
 
@@ -118,8 +120,11 @@ def _glibc() -> Any:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
 
 
-def keep_freed_host_memory() -> bool:
+def keep_freed_host_memory(device: torch.device | str | None = None) -> bool:
     """Let glibc keep freed memory for reuse instead of handing it back to the kernel every step.
+
+    ``device``: the device a trainer computes on; anything but a CPU leaves glibc alone (host memory
+    is then not where the activations live) and returns False.
 
     By default glibc serves large tensors with mmap (threshold adaptive up to 32 MiB) and trims the heap
     as soon as 128 KiB are free at its top, so a CPU training step can fault in its activations afresh
@@ -128,7 +133,7 @@ def keep_freed_host_memory() -> bool:
     in the process for the next one (as CUDA's caching allocator does). True when the setting took.
     """
     libc = _glibc()
-    if libc is None:
+    if libc is None or (device is not None and torch.device(device).type != "cpu"):
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 

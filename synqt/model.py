@@ -401,14 +401,14 @@ class _FrozenStream(nn.Module):
         heads = attn.num_heads
         head_dim = attn.qkv.out_features // (3 * heads)
         h = blk.norm1(x)
-        if kv_only:
-            kv = self._linear(attn.qkv, h, slice(heads * head_dim, None)).reshape(B, N, 2, heads, head_dim)
-            kv = kv.permute(2, 0, 3, 1, 4)
-            return None, torch.stack((attn.k_norm(kv[0]), kv[1]))
-        qkv = self._linear(attn.qkv, h).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        q = attn.q_norm(qkv[0])
+        parts = 2 if kv_only else 3  # kv_only: the K and V rows of qkv only
+        qkv = self._linear(attn.qkv, h, slice((3 - parts) * heads * head_dim, None))
+        qkv = qkv.reshape(B, N, parts, heads, head_dim).permute(2, 0, 3, 1, 4)
         # one contiguous copy of K and V: read by the image attention now and kept for the query stream
-        kv = torch.stack((attn.k_norm(qkv[1]), qkv[2]))
+        kv = torch.stack((attn.k_norm(qkv[-2]), qkv[-1]))
+        if kv_only:
+            return None, kv
+        q = attn.q_norm(qkv[0])
         drop_p = attn.attn_drop.p if (self.training and self.backbone_drop_path) else 0.0
         out = _image_attention(q, kv[0], kv[1], attn.scale, drop_p)
         out = out.transpose(1, 2).reshape(B, N, heads * head_dim)
