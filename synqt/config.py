@@ -76,6 +76,14 @@ class TrialConfig:
     attn_scale: float = 1.0
     ffn_scale: float = 1.0
     memory_mode: str = "keep"
+    branch_dropout: float = 0.1
+    branch_attn_dropout: float = 0.1
+    head_drop_path: float = 0.3
+    # frozen-stream K/V cache (synqt.kv_cache) and deferred test evaluation
+    kv_cache: str = "auto"
+    kv_cache_dtype: str = "bf16"
+    kv_cache_max_gb: float = 32.0
+    deferred_eval: bool = True
     # protocol and optimisation
     protocol: str = "paper"
     stage: str = "final"
@@ -116,6 +124,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "layout": ("auto", "vtab_json", "vtab_txt", "fgvc_json"),
     "interpolation": ("bicubic", "bilinear", "nearest", "lanczos"),
     "memory_mode": ("keep", "kv_bf16", "recompute"),
+    "kv_cache": ("off", "memory", "disk", "auto"),
+    "kv_cache_dtype": ("bf16", "fp32"),
     "protocol": ("paper", "vtab"),
     "stage": ("search", "final"),
     "precision": ("no", "bf16", "fp16"),
@@ -129,9 +139,13 @@ _MIN: dict[str, float] = {
     "eval_every": 1, "log_every": 1, "num_devices": 1, "checkpoint_every": 0, "num_classes": 1,
     "image_size": 1, "warmup_epochs": 0, "lr": 0, "min_lr": 0, "weight_decay": 0,
     "drop_path_rate": 0, "seed": 0, "data_seed": 0, "init_seed": 0,
+    "branch_dropout": 0, "branch_attn_dropout": 0, "head_drop_path": 0, "kv_cache_max_gb": 0,
 }  # fmt: skip
 _MAX: dict[str, float] = {
     "drop_path_rate": 1.0,
+    "branch_dropout": 1.0,
+    "branch_attn_dropout": 1.0,
+    "head_drop_path": 1.0,
     "seed": 2**32 - 1,
     "data_seed": 2**32 - 1,
     "init_seed": 2**32 - 1,
@@ -316,8 +330,9 @@ def _check_value(key: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{source}: key 'std' has value {value!r}; every entry must be > 0")
     if key in _MIN and out < _MIN[key]:
         raise ConfigError(f"{source}: key '{key}' has value {value!r}; expected a value >= {_MIN[key]:g}")
-    if key in _MAX and (out > _MAX[key] or (key == "drop_path_rate" and out >= 1.0)):
-        bound = "< 1" if key == "drop_path_rate" else f"<= {_MAX[key]:g}"
+    below_one = ("drop_path_rate", "branch_dropout", "branch_attn_dropout", "head_drop_path")
+    if key in _MAX and (out > _MAX[key] or (key in below_one and out >= 1.0)):
+        bound = "< 1" if key in below_one else f"<= {_MAX[key]:g}"
         raise ConfigError(f"{source}: key '{key}' has value {value!r}; expected a value {bound}")
     return out
 
@@ -341,6 +356,12 @@ def _check_cross(values: Mapping[str, Any], where: typing.Callable[[str], str]) 
         raise ConfigError(
             f"warmup_epochs={wu:g} (from {where('warmup_epochs')}) exceeds "
             f"epochs={ep} (from {where('epochs')})"
+        )
+    if values["kv_cache"] not in ("off", "auto") and values["backbone_drop_path"]:
+        raise ConfigError(
+            f"kv_cache={values['kv_cache']} (from {where('kv_cache')}) needs a deterministic image stream, but "
+            f"backbone_drop_path=true (from {where('backbone_drop_path')}) draws stochastic depth on it every step: "
+            "set backbone_drop_path: false, or kv_cache: off (or auto, which then runs live)"
         )
     if values["min_lr"] > values["lr"]:
         raise ConfigError(
