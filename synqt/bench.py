@@ -477,6 +477,10 @@ def format_table(result: dict[str, Any]) -> str:
             f"no cache {loader['no_cache_images_per_s']:.1f} img/s, cache build "
             f"{loader['cache_build_images_per_s']:.1f} img/s, cache hit {loader['cache_hit_images_per_s']:.1f} img/s"
         )
+    if result.get("kv_cache"):
+        from synqt.kv_bench import format_kv
+
+        lines.append(format_kv(result["kv_cache"]))
     est = result.get("estimate_bytes")
     if est is not None:
         lines.append(f"estimate_trial_memory (memory_mode={cfg['memory_mode']}, 1 branch): {_fmt_bytes(est)} GiB")
@@ -500,7 +504,15 @@ def bench_main(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"hardware": hardware_info(device), "config": config_to_dict(cfg), "rows": []}
     if device.type == "cpu":  # as the trainers do; also keeps one model's page faults out of the next one's timing
         result["hardware"]["keep_freed_host_memory"] = keep_freed_host_memory(device)
-    result.update(bench_models(cfg, modes, steps=args.steps, baselines=not args.no_baselines))
+    kv = getattr(args, "kv_cache", False)
+    if not kv or args.modes:  # --kv-cache alone times only the cache figures
+        result.update(bench_models(cfg, modes, steps=args.steps, baselines=not args.no_baselines))
+    else:
+        result["geometry"] = _geometry(cfg)
+    if kv:
+        from synqt.kv_bench import bench_kv_cache
+
+        result["kv_cache"] = bench_kv_cache(cfg, steps=args.steps, device=device)
     result["estimate_bytes"] = estimate_trial_memory(cfg, 1)
     if args.pack:
         if args.pack < 1:

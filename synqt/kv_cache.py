@@ -93,6 +93,39 @@ def estimate_bytes(backbone: torch.nn.Module, image_size: int, n_images: int, dt
     return geometry(backbone, image_size).bytes_per_image(dtype) * int(n_images)
 
 
+def planned_cache(cfg: Any, n_train: int, n_eval: int) -> dict[str, Any]:
+    """What a trial of ``cfg`` will cache, from the geometry alone (meta-device build, no weights, no data).
+
+    Returns ``{"active": bool, "reason": str, "bytes_per_image", "train_bytes", "eval_bytes",
+    "train_cached", "eval_cached"}``, applying the same rules as the trainer: ``off`` or stochastic depth on
+    the image stream -> live; splits in order train, eval while they fit ``kv_cache_max_gb``.
+    """
+    import timm
+
+    with torch.device("meta"):
+        bb = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **dict(cfg.backbone_kwargs))
+    size = int(cfg.image_size or (bb.patch_embed.img_size[0]))
+    per = geometry(bb, size).bytes_per_image(cfg.kv_cache_dtype)
+    out = {"bytes_per_image": per, "train_bytes": per * n_train, "eval_bytes": per * n_eval,
+           "train_cached": False, "eval_cached": False, "active": False, "reason": ""}
+    if cfg.kv_cache == "off":
+        out["reason"] = "kv_cache=off"
+        return out
+    if cfg.backbone_drop_path:
+        out["reason"] = "backbone_drop_path=true (stochastic image stream)"
+        return out
+    budget = cfg.kv_cache_max_gb * GIB
+    used = 0
+    for split in ("train", "eval"):
+        if used + out[f"{split}_bytes"] <= budget:
+            used += out[f"{split}_bytes"]
+            out[f"{split}_cached"] = True
+    out["active"] = out["train_cached"] or out["eval_cached"]
+    if not out["train_cached"]:
+        out["reason"] = f"over kv_cache_max_gb={cfg.kv_cache_max_gb:g}"
+    return out
+
+
 def format_bytes(n: float) -> str:
     if n >= GIB / 10:
         return f"{n / GIB:.2f} GiB"
@@ -313,7 +346,8 @@ class CacheRequest:
 
 
 def open_kv_cache(frozen: Any, request: CacheRequest, *, mode: str, dtype: str, precision: str,
-                  max_gb: float, used_bytes: int = 0, cache_dir: str | Path | None, device: torch.device, batch_size: int,
+                  max_gb: float, used_bytes: int = 0, cache_dir: str | Path | None, device: torch.device,
+                  batch_size: int,
                   mean: Sequence[float], std: Sequence[float],
                   autocast: Callable[[], AbstractContextManager] | None = None) -> tuple[KVCache | None, str]:
     """The split's cache in ``mode`` (``memory``, ``disk``; ``auto`` means ``disk``), or (None, why not).
@@ -393,6 +427,6 @@ def feed(cache: KVCache | None, live: Callable[[np.ndarray], torch.Tensor],
             yield {"kv": cache.batch(idx, nxt)}
 
 
-__all__ = ["STREAM_CODE_VERSION", "Geometry", "geometry", "estimate_bytes", "format_bytes", "cache_identity",
-           "identity_key", "cache_files", "validate", "compute_kv", "KVCache", "CacheRequest", "open_kv_cache",
+__all__ = ["planned_cache", "STREAM_CODE_VERSION", "Geometry", "geometry", "estimate_bytes", "format_bytes",
+           "cache_identity", "identity_key", "cache_files", "validate", "compute_kv", "KVCache", "CacheRequest", "open_kv_cache",
            "feed", "weights_digest"]

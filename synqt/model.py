@@ -506,9 +506,14 @@ class _FrozenStream(nn.Module):
         atts: list[list[torch.Tensor]] = [[] for _ in branches]
         ffns: list[list[torch.Tensor]] = [[] for _ in branches]
         for i in range(self.depth):
-            kv = next(kv_blocks)
+            stored = next(kv_blocks)
             with torch.no_grad():
-                kv_saved = kv.to(torch.bfloat16) if self.memory_mode == "kv_bf16" else kv
+                # cached K/V may be stored in bf16: promote once per block for every branch (forward and backward),
+                # not once per branch and use; live K/V already have the compute dtype, so this is a no-op there
+                device = stored.device.type
+                dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+                kv = stored.to(dtype)
+                kv_saved = stored.to(torch.bfloat16) if self.memory_mode == "kv_bf16" else kv
             for b, branch in enumerate(branches):
                 p = branch.synthesize(i, prev[b], batch)
                 p, f_att, f_ffn = self._query_block(i, p, kv, kv_saved, branch.generator)
@@ -518,7 +523,7 @@ class _FrozenStream(nn.Module):
                 hs[b].append(p)
                 atts[b].append(f_att)
                 ffns[b].append(f_ffn)
-            del kv, kv_saved
+            del kv, kv_saved, stored
         logits = []
         for b, branch in enumerate(branches):
             feats = torch.cat([hs[b][-1], *hs[b], *atts[b], *ffns[b]], dim=1)
