@@ -428,5 +428,5 @@ def feed(cache: KVCache | None, live: Callable[[np.ndarray], torch.Tensor],
 
 
 __all__ = ["planned_cache", "STREAM_CODE_VERSION", "Geometry", "geometry", "estimate_bytes", "format_bytes",
-           "cache_identity", "identity_key", "cache_files", "validate", "compute_kv", "KVCache", "CacheRequest", "open_kv_cache",
-           "feed", "weights_digest"]
+           "cache_identity", "identity_key", "cache_files", "validate", "compute_kv", "KVCache", "CacheRequest",
+           "open_kv_cache", "feed", "weights_digest"]
