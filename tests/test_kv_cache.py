@@ -276,3 +276,24 @@ def test_branch_dropout_keys_reach_the_model(assets):
     official = recipe._new_branch(_cfg(assets, epochs=1))
     assert official.query_drop == 0.1 and official.head.token_drop_path == 0.3
     assert all(blk.attn.attn_drop == 0.1 for blk in official.qsm_blocks)
+
+
+def test_bf16_autocast_cached_equals_live(assets, tmp_path):
+    """Under precision=bf16 the live K/V are already bf16 (frozen matmuls under autocast), so a bf16 cache holds
+    exactly them: the cached trial ends as the live one."""
+    live = _run(_cfg(assets, kv_cache="off", precision="bf16"), tmp_path / "live")
+    cached = _run(_cfg(assets, "cache-amp", kv_cache="disk", precision="bf16", kv_cache_dtype="bf16"),
+                  tmp_path / "cached")
+    assert comparable(cached) == comparable(live)
+    assert max_weight_diff(tmp_path / "live", tmp_path / "cached") <= TOL
+
+
+def test_gradient_accumulation_from_the_cache_equals_live(assets, tmp_path):
+    """grad_accum_steps=4 reads four cached micro-batches per step: same result as the live single batch."""
+    # every random op off (the frozen blocks' drop path also acts on the query stream), as in test_engine
+    common = dict(branch_dropout=0.0, branch_attn_dropout=0.0, head_drop_path=0.0, drop_path_rate=0.0)
+    a = _run(_cfg(assets, kv_cache="off", **common), tmp_path / "live")
+    b = _run(_cfg(assets, "cache-accum", kv_cache="disk", grad_accum_steps=4, **common), tmp_path / "accum")
+    assert a["status"] == b["status"] == "ok"
+    assert max_weight_diff(tmp_path / "live", tmp_path / "accum") <= 1e-4  # summation order differs
+    assert [e["acc"] for e in a["eval_history"]] == [e["acc"] for e in b["eval_history"]]
