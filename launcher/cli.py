@@ -59,15 +59,10 @@ def _trial_overrides(args: argparse.Namespace) -> list[str]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from synqt.config import load_config
-    from synqt.engine import run_trial
+    from synqt.training import run_trial
 
     cfg = load_config(args.config, _trial_overrides(args))
-    if cfg.trainer == "deepspeed" and cfg.num_devices > 1:
-        from synqt.deepspeed_trial import run_local
-
-        metrics = run_local(cfg, args.out, nprocs=cfg.num_devices)
-    else:
-        metrics = run_trial(cfg, args.out, resume=args.resume)
+    metrics = run_trial(cfg, args.out, resume=args.resume)
     return 0 if metrics["status"] == "ok" else 1
 
 
@@ -94,7 +89,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from synqt.config import load_config
-    from synqt.engine import evaluate_checkpoint
+    from synqt.training import evaluate_checkpoint
 
     cfg = load_config(args.config, _trial_overrides(args))
     result = evaluate_checkpoint(cfg, args.weights, split=args.split, official=args.official, out=args.out)
@@ -130,7 +125,7 @@ data_root, name, protocol, ...) and trial config keys (epochs=5, backbone_kwargs
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from launcher.sweep import run_sweep_command
+    from launcher.commands import run_sweep_command
 
     return run_sweep_command(
         args.sweep_file, args.overrides, dry_run=args.dry_run, resume=args.resume,
@@ -191,7 +186,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from launcher.sweep import run_demo
+    from launcher.commands import run_demo
 
     return run_demo(args.out, args.overrides)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launcher import commands
 from launcher import sweep as sw
 from synqt.errors import ConfigError, DataError
 
@@ -307,9 +308,9 @@ def test_missing_dataset_and_checkpoint_refused_before_ray(tmp_path, bench_root)
         f"checkpoint={bench_root / 'ckpt.safetensors'}",
     ]
     with pytest.raises(DataError, match="syn_texture"):
-        sw.run_sweep_command(str(CI), [*ov, "datasets=[syn_count,syn_texture]"])
+        commands.run_sweep_command(str(CI), [*ov, "datasets=[syn_count,syn_texture]"])
     with pytest.raises(ConfigError, match="nothing.safetensors"):
-        sw.run_sweep_command(str(CI), [*ov, "datasets=[syn_count]", f"checkpoint={tmp_path}/nothing.safetensors"])
+        commands.run_sweep_command(str(CI), [*ov, "datasets=[syn_count]", f"checkpoint={tmp_path}/nothing.safetensors"])
     assert not ray.is_initialized()
     assert not (tmp_path / "ci").exists()
     # the CLI prints the error without a traceback and exits 2
@@ -324,7 +325,7 @@ def test_bad_list_file_refused(tmp_path, bench_root):
     shutil.copytree(bench_root / "data" / "syn_count", root / "syn_count")
     (root / "syn_count" / "test.json").write_text("{not json")
     with pytest.raises(DataError, match="syn_count"):
-        sw.run_sweep_command(
+        commands.run_sweep_command(
             str(CI),
             [
                 f"storage_path={tmp_path}",
@@ -347,10 +348,10 @@ def test_existing_sweep_is_not_overwritten(tmp_path, bench_root):
     (tmp_path / "ci").mkdir()
     (tmp_path / "ci" / "plan.json").write_text("{}")
     with pytest.raises(ConfigError, match="--resume"):
-        sw.run_sweep_command(str(CI), ov)
+        commands.run_sweep_command(str(CI), ov)
     assert (tmp_path / "ci" / "plan.json").read_text() == "{}"
     with pytest.raises(ConfigError, match="no sweep at"):
-        sw.run_sweep_command(str(CI), [*ov, f"storage_path={tmp_path}/other"], resume=True)
+        commands.run_sweep_command(str(CI), [*ov, f"storage_path={tmp_path}/other"], resume=True)
     assert not ray.is_initialized()
 
 
@@ -370,5 +371,5 @@ def test_sequential_refuses_asha_before_anything_runs(tmp_path, bench_root):
         "asha.grace_period=1",
     ]
     with pytest.raises(ConfigError, match="asha needs Ray Tune"):
-        sw.run_sweep_command(str(CI), ov, sequential=True)
+        commands.run_sweep_command(str(CI), ov, sequential=True)
     assert not (tmp_path / "ci").exists()
