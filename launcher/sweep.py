@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from synqt import rundir
+from synqt import registry, rundir
 from synqt.config import TAGS, pack_key
 from synqt.errors import ConfigError, DataError
 from synqt.fileio import atomic_write_json, atomic_write_text
@@ -32,8 +32,7 @@ SWEEP_DIR = REPO_DIR / "configs" / "sweeps"
 PROTOCOLS = ("paper", "vtab")
 SEARCHES = ("grid", "random")
 DEFAULT_SEEDS = {"paper": [42], "vtab": [42, 44, 82, 100, 800]}
-VTAB_GROUPS = {"natural": "Natural", "specialized": "Specialized", "structured": "Structured"}
-DATASET_GROUPS = ("vtab1k", *VTAB_GROUPS, "fgvc", "demo")
+DATASET_GROUPS = ("vtab1k", *(g.lower() for g in registry.VTAB_GROUPS), "fgvc", "demo")
 RESOURCE_KEYS = ("cpus", "gpus", "devices")
 ASHA_KEYS = ("max_t", "grace_period", "reduction_factor")
 MAX_AUTO_PACK = 8
@@ -389,22 +388,19 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 
 
 def expand_datasets(entries: list[str], source: str = "<sweep>") -> list[str]:
-    """Dataset names and group names -> a list of dataset names (order kept, duplicates dropped)."""
-    from synqt.config import list_datasets
+    """Dataset names and group names -> a list of dataset names (order kept, duplicates dropped).
 
+    Groups: vtab1k, natural / specialized / structured, fgvc (the registry's tasks), demo (the synthetic tasks).
+    """
     out: list[str] = []
     for entry in entries:
         key = entry.lower()
-        if key == "vtab1k":
-            names = list_datasets(benchmark="vtab1k")
-        elif key in VTAB_GROUPS:
-            names = list_datasets(group=VTAB_GROUPS[key])
-        elif key == "fgvc":
-            names = list_datasets(benchmark="fgvc")
+        if key in ("vtab1k", "fgvc"):
+            names = registry.list_datasets(benchmark=key)
+        elif key in (g.lower() for g in registry.VTAB_GROUPS):
+            names = registry.list_datasets(group=key)
         elif key == "demo":
-            from synqt.synthetic import DEMO_TASKS
-
-            names = list(DEMO_TASKS)
+            names = [d.name for d in registry.demo_tasks()]
         else:
             names = [entry]
         if not names:
@@ -473,11 +469,9 @@ def trial_config(sweep: Sweep, dataset: str, hparams: dict[str, Any], seed: int,
             fixed["trainer"] = "deepspeed"
             fixed["num_devices"] = sweep.resources["devices"]
         values.update(fixed)
-        if values.get("group") is None:
-            from synqt.synthetic import DEMO_TASKS
-
-            if dataset in DEMO_TASKS:  # the synthetic tasks report under their VTAB-like group
-                values["group"] = DEMO_TASKS[dataset][0]
+        if values.get("group") is None:  # the synthetic tasks report under their VTAB-like group
+            info = registry.lookup(dataset)
+            values["group"] = info.group if info is not None else None
         return config_from_dict(values, where)
     except ConfigError as err:
         msg = str(err)

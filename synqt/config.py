@@ -15,7 +15,6 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 import re
 import types
 import typing
@@ -29,26 +28,14 @@ import yaml
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write_text
 
+# Dataset facts live in the registry; re-exported here for the config's users.
+from synqt.registry import CONFIG_DIR, VTAB_GROUPS, config_dir, dataset_config_path, list_datasets  # noqa: F401
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-VTAB_GROUPS = ("Natural", "Specialized", "Structured")
-
-# Spec section 6 order (Natural, Specialized, Structured): used to order list_datasets() output.
-VTAB1K_DATASETS = (
-    "cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397",
-    "patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy",
-    "clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
-    "smallnorb_azi", "smallnorb_ele",
-)  # fmt: skip
-FGVC_DATASETS = ("cub", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars")
-
-BENCHMARK_DIRS = {"vtab1k": "vtab", "fgvc": "fgvc"}
-_BENCHMARK_ALIASES = {"vtab1k": "vtab1k", "vtab-1k": "vtab1k", "vtab": "vtab1k", "fgvc": "fgvc"}
-
 OVERRIDE_SOURCE = "command line override"
 
-CONFIG_DIR = Path(os.environ.get("SYNQT_CONFIG_DIR") or Path(__file__).resolve().parent.parent / "configs")
 
 
 MEMORY_MODES = ("keep", "kv_bf16", "recompute")  # synqt.model.MEMORY_MODES is this tuple
@@ -456,24 +443,6 @@ def _finish(values: dict[str, Any], origin: Mapping[str, str], fallback: str = "
     return TrialConfig(**values)
 
 
-def config_dir() -> Path:
-    """``$SYNQT_CONFIG_DIR`` if set, else ``CONFIG_DIR`` (``<repo>/configs``); read at call time."""
-    env = os.environ.get("SYNQT_CONFIG_DIR")
-    return Path(env) if env else Path(CONFIG_DIR)
-
-
-def dataset_config_path(name: str) -> Path | None:
-    """The shipped ``vtab/<name>.yaml`` or ``fgvc/<name>.yaml``, or None when the dataset has none."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        return None
-    root = config_dir()
-    for sub in BENCHMARK_DIRS.values():
-        path = root / sub / f"{name}.yaml"
-        if path.is_file():
-            return path
-    return None
-
-
 def load_config(
     paths: Iterable[str | Path] = (), overrides: Iterable[str] = (), *, base: bool = True
 ) -> TrialConfig:
@@ -571,36 +540,3 @@ def effective_seeds(cfg: TrialConfig) -> tuple[int, int]:
     data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
     return data_seed, init_seed
-
-
-def list_datasets(group: str | None = None, benchmark: str | None = None) -> list[str]:
-    """Names of the datasets with a shipped config, VTAB first in spec order, then FGVC.
-
-    ``group``: natural / specialized / structured (any case; only VTAB datasets have one);
-    ``benchmark``: vtab1k or fgvc.
-    """
-    if benchmark is not None:
-        if benchmark.lower() not in _BENCHMARK_ALIASES:
-            raise ConfigError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARK_DIRS)}")
-        benchmarks = [_BENCHMARK_ALIASES[benchmark.lower()]]
-    else:
-        benchmarks = list(BENCHMARK_DIRS)
-    want_group = None
-    if group is not None:
-        want_group = {g.lower(): g for g in VTAB_GROUPS}.get(group.lower())
-        if want_group is None:
-            raise ConfigError(f"unknown group {group!r}; expected one of {', '.join(VTAB_GROUPS)} (any case)")
-
-    out: list[str] = []
-    for bench in benchmarks:
-        order = VTAB1K_DATASETS if bench == "vtab1k" else FGVC_DATASETS
-        folder = config_dir() / BENCHMARK_DIRS[bench]
-        names = [p.stem for p in folder.glob("*.yaml")] if folder.is_dir() else []
-        names.sort(key=lambda n: (order.index(n) if n in order else len(order), n))
-        for name in names:
-            if want_group is not None:
-                g = load_yaml_file(folder / f"{name}.yaml").get("group")
-                if not isinstance(g, str) or g.lower() != want_group.lower():
-                    continue
-            out.append(name)
-    return out

@@ -185,33 +185,40 @@ def _timestamp(value: Any) -> float | None:
     return None
 
 
-def read_run(run_dir: str | Path) -> RunRecord:
-    """The state of one run directory (metrics.json wins over progress.json).
+def read_run(run_dir: str | Path, plan: Mapping[str, Any] | None = None) -> RunRecord:
+    """The state of one run directory (metrics.json wins over progress.json); ``plan``: its plan.json entry.
 
     done: metrics.json with status ok; failed: a readable metrics.json with another status (its error);
-    broken: metrics.json that is not JSON, not an object or names no dataset; running: progress.json only;
-    pending: neither file.
+    broken: a metrics.json that is not JSON, not an object, or names no dataset when the plan does not
+    either (nothing can be attributed to it); running: progress.json only; pending: neither file.
     """
     d = Path(run_dir)
+    plan = dict(plan or {})
     if (d / METRICS).exists():
         metrics, err = read_json(d / METRICS)
         if err:
-            return RunRecord(d, "broken", error=err)
-        if not isinstance(metrics, dict) or not isinstance(metrics.get("dataset"), str) or not metrics["dataset"]:
-            return RunRecord(d, "broken", error=f"{d / METRICS}: expected a JSON object with a non-empty "
-                                                "'dataset' string")
+            return RunRecord(d, "broken", error=err, plan=plan)
+        if not isinstance(metrics, dict):
+            return RunRecord(d, "broken", error=f"{d / METRICS}: expected a JSON object, got "
+                                                f"{type(metrics).__name__}", plan=plan)
+        if not (isinstance(metrics.get("dataset"), str) and metrics["dataset"]):
+            if not plan.get("dataset"):
+                return RunRecord(d, "broken", error=f"{d / METRICS}: expected a non-empty 'dataset' string",
+                                 plan=plan)
+            metrics = {**metrics, "dataset": plan["dataset"]}
         if metrics.get("status") == "ok":
-            return RunRecord(d, "done", metrics=metrics)
-        return RunRecord(d, "failed", metrics=metrics, error=str(metrics.get("error") or "unknown error"))
+            return RunRecord(d, "done", metrics=metrics, plan=plan)
+        return RunRecord(d, "failed", metrics=metrics, error=str(metrics.get("error") or "unknown error"),
+                         plan=plan)
     if (d / PROGRESS).exists():
         progress, _ = read_json(d / PROGRESS)
-        rec = RunRecord(d, "running")
+        rec = RunRecord(d, "running", plan=plan)
         if isinstance(progress, dict):
             rec.epoch = progress.get("epoch") if isinstance(progress.get("epoch"), int) else None
             rec.epochs = progress.get("epochs") if isinstance(progress.get("epochs"), int) else None
             rec.updated = _timestamp(progress.get("updated"))
         return rec
-    return RunRecord(d, "pending")
+    return RunRecord(d, "pending", plan=plan)
 
 
 def find_run_dirs(root: str | Path) -> list[Path]:
@@ -239,9 +246,7 @@ def scan_runs(root: str | Path) -> tuple[dict[str, Any] | None, list[RunRecord]]
     records: dict[Path, RunRecord] = {}
     for t in (plan or {}).get("trials", []):
         d = root / RUNS / str(t["run_name"])
-        rec = read_run(d)
-        rec.plan = dict(t)
-        records[d] = rec
+        records[d] = read_run(d, t)
     for d in find_run_dirs(root):
         if d not in records:
             records[d] = read_run(d)
