@@ -373,3 +373,30 @@ def test_sequential_refuses_asha_before_anything_runs(tmp_path, bench_root):
     with pytest.raises(ConfigError, match="asha needs Ray Tune"):
         commands.run_sweep_command(str(CI), ov, sequential=True)
     assert not (tmp_path / "ci").exists()
+
+
+SHIPPED_SWEEPS = sorted((Path(__file__).resolve().parent.parent / "configs" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_SWEEPS, ids=[p.stem for p in SHIPPED_SWEEPS])
+def test_every_shipped_sweep_dry_runs(path, tmp_path):
+    """`synqt sweep FILE --dry-run` plans every shipped sweep; the trial count is recomputed from the file."""
+    raw = yaml.safe_load(path.read_text())
+    configs = path.parent.parent
+    per_group = {"vtab1k": len(list((configs / "vtab").glob("*.yaml"))),
+                 "fgvc": len(list((configs / "fgvc").glob("*.yaml"))), "demo": 6}
+    n_datasets = sum(per_group.get(d, 1) for d in raw["datasets"])
+    n_points = 1
+    for values in (raw.get("grid") or {}).values():
+        n_points *= len(values)
+    if raw.get("search") == "random":
+        n_points = min(n_points, raw["num_samples"])
+    seeds = raw.get("seeds") or ([42] if raw.get("protocol", "paper") == "paper" else [42, 44, 82, 100, 800])
+    stage1 = n_datasets * n_points * (len(seeds) if raw.get("protocol", "paper") == "paper" else 1)
+    out = subprocess.run([sys.executable, "-m", "launcher.cli", "sweep", str(path), f"storage_path={tmp_path}",
+                          "--dry-run", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert len(plan["trials"]) == stage1
+    assert len({t["run_name"] for t in plan["trials"]}) == stage1
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
