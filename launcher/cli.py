@@ -215,9 +215,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from synqt.bench import bench_main
+    import json
 
-    return bench_main(args)
+    from synqt.bench import format_table, run_bench
+    from synqt.fileio import atomic_write_json
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
+    result = run_bench(args.overrides, steps=args.steps, modes=modes, pack=args.pack, loader=args.loader,
+                       data_root=args.data_root, dataset=args.dataset, baselines=not args.no_baselines)
+    print(format_table(result))
+    if args.json:
+        atomic_write_json(args.json, json.loads(json.dumps(result, default=str)))
+        print(f"bench: figures written to {args.json}")
+    return 0
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -250,9 +260,11 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from synqt.data import check_main
+    from synqt.data import check_datasets
 
-    return check_main(args.root, args.names, layout=args.layout, decode=args.decode)
+    report = check_datasets(args.root, args.names, layout=args.layout, decode=args.decode)
+    print(report.text)
+    return report.exit_code
 
 
 def _cmd_data_synthetic(args: argparse.Namespace) -> int:

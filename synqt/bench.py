@@ -9,9 +9,7 @@ speed goals of issue 6 are measured against.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import platform
 import tempfile
 import time
@@ -438,40 +436,39 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bench_main(args: argparse.Namespace) -> int:
-    """Entry point of ``synqt bench`` (see launcher/cli.py for the arguments)."""
+def run_bench(overrides: Sequence[str] = (), *, steps: int = 3, modes: Sequence[str] | None = None, pack: int = 0,
+              loader: bool = False, data_root: str | None = None, dataset: str | None = None,
+              baselines: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`synqt bench`: the figures as a dict (``format_table`` renders them); ``overrides`` are TrialConfig
+    ``key=value``; ``modes`` the memory modes to time (default: all); ``pack`` > 0 also times a pack of that
+    size against as many separate trials; ``loader`` the data loader with and without its cache."""
     from synqt.config import config_to_dict
-    from synqt.fileio import atomic_write_json
 
-    cfg = bench_config(getattr(args, "overrides", None) or [])
-    modes = list(MEMORY_MODES) if not args.modes else [m.strip() for m in args.modes.split(",") if m.strip()]
+    cfg = bench_config(list(overrides))
+    modes = list(MEMORY_MODES) if not modes else list(modes)
     for m in modes:
         if m not in MEMORY_MODES:
             raise ConfigError(
                 f"--modes: {m!r} is not a memory mode; expected a comma list of {', '.join(MEMORY_MODES)}")
-    if args.steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if pack < 0:
+        raise ConfigError(f"--pack must be >= 1, got {pack}")
+    if loader and not (data_root and dataset):
+        raise ConfigError("--loader needs --data-root and --dataset")
     device = _device(cfg)
     result: dict[str, Any] = {"hardware": hardware_info(device), "config": config_to_dict(cfg), "rows": []}
     if device.type == "cpu":  # as the trainers do; also keeps one model's page faults out of the next one's timing
         result["hardware"]["keep_freed_host_memory"] = keep_freed_host_memory(device)
-    result.update(bench_models(cfg, modes, steps=args.steps, baselines=not args.no_baselines))
+    result.update(bench_models(cfg, modes, steps=steps, baselines=baselines, log=log))
     result["estimate_bytes"] = estimate_trial_memory(cfg, 1)
-    if args.pack:
-        if args.pack < 1:
-            raise ConfigError(f"--pack must be >= 1, got {args.pack}")
-        result["pack"] = bench_pack(cfg, args.pack, steps=args.steps)
-    if args.loader:
-        if not (args.data_root and args.dataset):
-            raise ConfigError("--loader needs --data-root and --dataset")
-        result["loader"] = bench_loader(cfg, args.data_root, args.dataset)
-    print(format_table(result))
-    if args.json:
-        atomic_write_json(args.json, json.loads(json.dumps(result, default=str)))
-        print(f"bench: figures written to {args.json}")
-    return 0
+    if pack:
+        result["pack"] = bench_pack(cfg, pack, steps=steps, log=log)
+    if loader:
+        result["loader"] = bench_loader(cfg, data_root, dataset, log=log)
+    return result
 
 
-__all__ = ["bench_main", "estimate_trial_memory", "hardware_info", "measure", "NaiveSynQT", "LinearProbe",
+__all__ = ["run_bench", "estimate_trial_memory", "hardware_info", "measure", "NaiveSynQT", "LinearProbe",
            "full_finetune_model", "bench_models", "bench_pack", "bench_loader", "format_table"]
 

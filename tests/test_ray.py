@@ -307,7 +307,7 @@ def test_demo_end_to_end(assets, tmp_path):
             "eval_every=1",
         ],
         cwd=REPO,
-        env=_env(SYNQT_CACHE_DIR=str(ckpt.parent)),  # the cached backbone: no second pre-training
+        env=_env(SYNQT_DEMO_DIR=str(ckpt.parent)),  # the cached backbone: no second pre-training
         capture_output=True,
         text=True,
         timeout=400,
