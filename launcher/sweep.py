@@ -111,15 +111,9 @@ class PlannedTrial:
 
 
 def _trial_keys() -> list[str]:
-    from synqt.config import TrialConfig
+    from synqt.config import CONFIG_KEYS
 
-    return [f.name for f in dataclasses.fields(TrialConfig)]
-
-
-def _parse_value(text: str, key: str) -> Any:
-    from synqt.config import yaml_load
-
-    return yaml_load(text, f"command line {key}={text}") if text.strip() != "" else None
+    return list(CONFIG_KEYS)
 
 
 def _set_dotted(d: dict[str, Any], parts: list[str], value: Any, where: str) -> None:
@@ -134,28 +128,38 @@ def _set_dotted(d: dict[str, Any], parts: list[str], value: Any, where: str) -> 
 
 
 def apply_sweep_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key=value` overrides: sweep keys (dotted into mappings) or TrialConfig keys (-> `trial`)."""
+    """Apply `key=value` overrides: sweep keys (dotted into mappings) or TrialConfig keys (-> `trial`).
+
+    One override syntax with `synqt train`: the text is split and parsed by synqt.config (string-typed trial
+    keys keep their text; other values are YAML 1.2 scalars or flow lists/mappings; empty means null).
+    """
+    from synqt.config import parse_override_value, split_override
+
     raw = json.loads(json.dumps(raw, default=str)) if raw else {}
     trial_keys = _trial_keys()
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"command line: override {item!r} is not key=value")
-        key, text = item.split("=", 1)
-        key = key.strip()
+        key, text = split_override(item, "command line")
         parts = key.split(".")
-        value = _parse_value(text, key)
         if parts[0] in SWEEP_KEYS:
+            value = yaml_value(text, key)
             _set_dotted(raw, parts, value, "command line")
         elif parts[0] in trial_keys:
             trial = raw.setdefault("trial", {}) or {}
             raw["trial"] = trial
-            _set_dotted(trial, parts, value, "command line")
+            _set_dotted(trial, parts, parse_override_value(key, text, "command line"), "command line")
         else:
             raise ConfigError(
                 f"command line: unknown key {parts[0]!r}; sweep keys: {', '.join(SWEEP_KEYS)}; "
                 f"trial keys: {', '.join(trial_keys)}"
             )
     return raw
+
+
+def yaml_value(text: str, key: str) -> Any:
+    """A sweep key's override text as a YAML 1.2 value (synqt.config's strict loader); empty text is null."""
+    from synqt.config import yaml_load
+
+    return yaml_load(text, f"command line {key}={text}") if text.strip() != "" else None
 
 
 def _expect(cond: bool, source: str, key: str, value: Any, expected: str) -> None:
