@@ -25,10 +25,9 @@ from synqt.fileio import atomic_write_bytes, atomic_write_json, atomic_write_tex
 
 log = logging.getLogger(__name__)
 
-GROUPS: tuple[str, ...] = ("Natural", "Specialized", "Structured")
+GROUPS: tuple[str, ...] = registry.VTAB_GROUPS
 
-# Keys that identify a run, not a hyperparameter point: never used to group runs into points.
-SEED_KEYS = frozenset({"seed", "data_seed", "init_seed"})
+SEED_KEYS = rundir.SEED_KEYS  # identify a run, not a hyperparameter point: never used to group runs into points
 
 GROUP_COLOURS = {"Natural": "#2e8b57", "Specialized": "#e08a1e", "Structured": "#3a6fb0", None: "#8c8c8c"}
 

@@ -56,6 +56,9 @@ METRIC_KEYS = (
     "status", "error",
 )  # fmt: skip
 
+# hparams keys that identify a run rather than a hyperparameter point (dropped when comparing points).
+SEED_KEYS = frozenset({"seed", "data_seed", "init_seed"})
+
 # States of a run directory. broken: a metrics.json that cannot be read as a run's result.
 STATES = ("done", "failed", "broken", "running", "pending")
 
@@ -165,7 +168,7 @@ class RunRecord:
         m = self.metrics
         if m is None:
             return None
-        hp = {k: v for k, v in (m.get("hparams") or {}).items() if k not in ("seed", "data_seed", "init_seed")}
+        hp = {k: v for k, v in (m.get("hparams") or {}).items() if k not in SEED_KEYS}
         return (str(m.get("dataset")), str(m.get("protocol")), str(m.get("stage")),
                 json.dumps(hp, sort_keys=True, default=str), json.dumps(m.get("seed")))
 
@@ -289,7 +292,7 @@ def counting(records: Iterable[RunRecord]) -> list[RunRecord]:
 
 __all__ = [
     "CONFIG", "METRICS", "PROGRESS", "RESUME", "DS_CHECKPOINT", "TRAINABLE", "TRAINABLE_INFO", "EVAL_METRICS",
-    "PLAN", "SWEEP", "RUNS", "SKIP_DIRS", "METRIC_KEYS", "STATES", "RunRecord", "read_json", "read_metrics",
-    "is_done", "write_metrics", "write_progress", "clear_progress", "read_plan", "read_run", "find_run_dirs",
-    "scan_runs", "resolve_duplicates", "counting",
+    "PLAN", "SWEEP", "RUNS", "SKIP_DIRS", "METRIC_KEYS", "SEED_KEYS", "STATES", "RunRecord", "read_json",
+    "read_metrics", "is_done", "write_metrics", "write_progress", "clear_progress", "read_plan", "read_run",
+    "find_run_dirs", "scan_runs", "resolve_duplicates", "counting",
 ]

@@ -258,6 +258,13 @@ class _Worker:
         self.hparams = run_hparams(cfg, {"num_devices": self.world})
         self.trainable_params: int | None = None
         self.train_list = self.eval_list = self.image_size = None
+        # set as setup and training go; a trial failing early still writes its metrics.json
+        self.device = torch.device("cpu")
+        self.backbone: nn.Module | None = None
+        self.peak: int | None = None
+        self.ds_params: int | None = None
+        self.ds_config: dict[str, Any] | None = None
+        self.rank_hashes: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self, device: torch.device) -> None:
@@ -496,11 +503,9 @@ def build_metrics(w: _Worker) -> dict[str, Any]:
     """metrics.json of a DeepSpeed trial: the engine's keys (``trial_metrics``) plus a ``deepspeed`` section."""
     import deepspeed
 
-    device = getattr(w, "device", torch.device("cpu"))  # setup may have failed before choosing it
-    peak, peak_kind = device_peak_memory(device)
-    peak = getattr(w, "peak", None) or peak
-    backbone = getattr(w, "backbone", None)
-    identity = getattr(backbone, "synqt_identity", {}) if backbone is not None else {}
+    peak, peak_kind = device_peak_memory(w.device)
+    peak = w.peak or peak
+    identity = w.backbone.synqt_identity if w.backbone is not None else {}
     data = RunData(w.train_split, w.eval_split, w.start_time, w.train_list, w.eval_list, w.image_size,
                    w.images_per_s)
     metrics = trial_metrics(w.outcome(), data, peak=peak, peak_kind=f"{peak_kind} (max over ranks)",
@@ -511,9 +516,9 @@ def build_metrics(w: _Worker) -> dict[str, Any]:
         "world_size": w.world,
         "backend": dist.get_backend() if dist.is_initialized() else None,
         "initialize_s": w.init_seconds,
-        "params_in_deepspeed": getattr(w, "ds_params", None),
-        "config": getattr(w, "ds_config", None),
-        "weights_sha256": getattr(w, "rank_hashes", None),
+        "params_in_deepspeed": w.ds_params,
+        "config": w.ds_config,
+        "weights_sha256": w.rank_hashes,
     }
     return metrics
 
