@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from synqt.config import config_dir, load_config
-from synqt.engine import run_pack
 from synqt.pretrain import ensure_demo_assets
 from synqt.synthetic import DEMO_TASKS
+from synqt.training import run_pack
 
 ROWS = {  # name -> (backbone_drop_path, kv_cache, branch dropout keys)
     "live, official branch dropout": (True, "off", (0.1, 0.1, 0.3)),

@@ -32,8 +32,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from synqt.config import load_config
     from synqt.data import load_images, read_split, to_tensor_batch
-    from synqt.engine import _build_seeded_backbone, run_trial
     from synqt.synthetic import write_benchmark
+    from synqt.training import run_trial
+    from synqt.training.build import frozen_backbone
 
     out = Path(args.out)
     n_val = args.n_train // 5
@@ -45,7 +46,7 @@ def main() -> None:
                            "eval_every=10", "device=cpu", "eval_batch_size=64"])
     splits = [read_split(data_root, "syn_count", s) for s in ("train800val200", "test")]
     images = [load_images(s, 224, cache_dir=cache)[0] for s in splits]  # decode once, outside both figures
-    backbone = _build_seeded_backbone(cfg)
+    backbone = frozen_backbone(cfg)
     t0 = time.perf_counter()
     with torch.no_grad():
         for arr in images:

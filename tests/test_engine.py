@@ -35,9 +35,9 @@ from engine_helpers import (  # noqa: F401 - _one_thread_no_progress is an autou
 )
 
 from synqt.config import config_dir, load_config
-from synqt.engine import evaluate_checkpoint, run_trial
 from synqt.errors import ConfigError, DataError
 from synqt.fileio import sha256_file
+from synqt.training import evaluate_checkpoint, run_trial
 
 # spelled out from docs/DESIGN.md (not imported from the engine), so a dropped key is caught
 CONTRACT_KEYS = ("dataset", "group", "protocol", "stage", "seed", "hparams", "val_acc", "test_acc", "best_of_test",

@@ -34,8 +34,8 @@ from engine_helpers import (  # noqa: F401 - _one_thread_no_progress is an autou
 )
 
 from synqt.config import load_config
-from synqt.engine import run_pack, run_trial
 from synqt.errors import ConfigError
+from synqt.training import run_pack, run_trial
 
 TOL = 1e-5
 # three branches of different shape and optimiser settings for the pack tests
@@ -152,7 +152,7 @@ def test_two_trials_started_together_build_the_cache_once(assets, tmp_path):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         torch.set_num_threads(1)
         from engine_helpers import tiny_cfg
-        from synqt.engine import run_trial
+        from synqt.training import run_trial
         from pathlib import Path
         cfg = tiny_cfg(Path({str(data_root)!r}), Path({str(ckpt)!r}), Path({str(cache)!r}), backbone_drop_path=False,
                        kv_cache="disk", kv_cache_dtype="fp32", epochs=2, eval_every=2, seed=int(sys.argv[2]))
@@ -205,7 +205,7 @@ def test_corrupt_or_foreign_cache_is_rebuilt_not_read(assets, live, tmp_path, da
 def test_cache_over_budget_falls_back_to_live_with_one_message(assets, live, tmp_path, caplog):
     live_dir, live_metrics = live
     cfg = _cfg(assets, "cache-budget", kv_cache="disk", kv_cache_max_gb=1e-6)  # ~1 KiB: nothing fits
-    caplog.set_level(logging.INFO, logger="synqt.engine")
+    caplog.set_level(logging.INFO, logger="synqt.training.pack")
     metrics = _run(cfg, tmp_path / "run")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len([w for w in warnings if "kv_cache_max_gb=1e-06" in w]) == 2  # once per split, naming the budget
@@ -216,7 +216,7 @@ def test_cache_over_budget_falls_back_to_live_with_one_message(assets, live, tmp
 
 def test_auto_runs_live_with_stochastic_depth_and_says_why_once(assets, tmp_path, caplog):
     cfg = _cfg(assets, "cache-auto", kv_cache="auto", backbone_drop_path=True, epochs=1)
-    caplog.set_level(logging.INFO, logger="synqt.engine")
+    caplog.set_level(logging.INFO, logger="synqt.training.pack")
     assert _run(cfg, tmp_path / "run")["status"] == "ok"
     said = [r.getMessage() for r in caplog.records if "backbone_drop_path=true" in r.getMessage()]
     assert len(said) == 1 and "live" in said[0]
@@ -257,23 +257,17 @@ def test_bf16_storage_tolerance(assets, live, tmp_path):
 
 
 def test_branch_dropout_keys_reach_the_model(assets):
-    from synqt.engine import TrialRecipe
+    from synqt.training.build import frozen_backbone, seeded_branch
 
     cfg = _cfg(assets, branch_dropout=0.0, branch_attn_dropout=0.25, head_drop_path=0.0, epochs=1)
-    recipe = TrialRecipe([cfg], [Path("/nonexistent-run-dir-never-written")])
-    recipe.cfg = cfg
-    recipe._backbone = None
-    from synqt.engine import _build_seeded_backbone
-
-    recipe._backbone = _build_seeded_backbone(cfg)
-    recipe.num_classes = 6
-    branch = recipe._new_branch(cfg)
+    backbone = frozen_backbone(cfg)
+    branch = seeded_branch(cfg, backbone, 6)
     assert branch.query_drop == 0.0 and branch.head.drop == 0.0 and branch.head.token_drop_path == 0.0
     assert all(blk.attn.attn_drop == 0.25 and blk.attn.out_drop == 0.0 and blk.ffn.drop == 0.0
                for blk in branch.qsm_blocks)
     assert all(ffn.drop == 0.0 for ffn in branch.prompt_ffns)
     # the official defaults: dropout 0.1 everywhere, head drop path 0.3 (spec sections 1-3)
-    official = recipe._new_branch(_cfg(assets, epochs=1))
+    official = seeded_branch(_cfg(assets, epochs=1), backbone, 6)
     assert official.query_drop == 0.1 and official.head.token_drop_path == 0.3
     assert all(blk.attn.attn_drop == 0.1 for blk in official.qsm_blocks)
 
