@@ -77,20 +77,40 @@ def main() -> None:
 
 
 def table(results: list[dict], tasks: list[str]) -> str:
-    def cell(task: str | None, row: str) -> str:
-        vals = [r["test_acc"] for r in results if r["row"] == row and (task is None or r["task"] == task)]
-        if task is None:  # mean over tasks of the per-task means
-            per = [statistics.mean([r["test_acc"] for r in results if r["row"] == row and r["task"] == t])
-                   for t in tasks if any(r["row"] == row and r["task"] == t for r in results)]
-            return f"{statistics.mean(per):.1f}" if per else "-"
+    """Mean ± std over seeds per task and row; the mean column averages only tasks that every row has; two
+    paired rows give the per-seed difference (same task, seed and branch settings) cached - live."""
+    by = {(r["task"], r["seed"], r["row"]): r["test_acc"] for r in results}
+    complete = [t for t in tasks if all(any(k[0] == t and k[2] == row for k in by) for row in ROWS)]
+
+    def fmt(vals: list[float], signed: bool = False) -> str:
         if not vals:
             return "-"
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        return f"{statistics.mean(vals):.1f} ± {sd:.1f} (n={len(vals)})"
+        return f"{statistics.mean(vals):{'+' if signed else ''}.1f} ± {sd:.1f} (n={len(vals)})"
 
-    head = "| row | " + " | ".join(tasks) + " | mean |\n|---|" + "---|" * (len(tasks) + 1) + "\n"
-    return head + "".join(f"| {row} | " + " | ".join(cell(t, row) for t in tasks) + f" | {cell(None, row)} |\n"
-                          for row in ROWS)
+    def cell(task: str, row: str) -> str:
+        return fmt([v for (t, _, r), v in by.items() if t == task and r == row])
+
+    def mean_cell(row: str) -> str:
+        per = [statistics.mean([v for (t, _, r), v in by.items() if t == task and r == row]) for task in complete]
+        return f"{statistics.mean(per):.1f}" if per else "-"
+
+    def paired(task: str | None, live: str, cached: str) -> list[float]:
+        return [by[(t, s, cached)] - v for (t, s, r), v in by.items()
+                if r == live and (task is None or t == task) and (t, s, cached) in by]
+
+    head = "| row | " + " | ".join(tasks) + f" | mean of {len(complete)} complete task(s) |\n|---|" + "---|" * (
+        len(tasks) + 1) + "\n"
+    body = "".join(f"| {row} | " + " | ".join(cell(t, row) for t in tasks) + f" | {mean_cell(row)} |\n" for row in ROWS)
+    for label, live, cached in (("cached - live, official dropout (paired)", "live, official branch dropout",
+                                 "cached, official branch dropout"),
+                                ("cached - live, dropout off (paired)", "live, branch dropout off",
+                                 "cached, branch dropout off"),
+                                ("dropout off - official, cached (paired)", "cached, official branch dropout",
+                                 "cached, branch dropout off")):
+        body += (f"| {label} | " + " | ".join(fmt(paired(t, live, cached), True) for t in tasks)
+                 + f" | {fmt(paired(None, live, cached), True)} |\n")
+    return head + body
 
 
 if __name__ == "__main__":
