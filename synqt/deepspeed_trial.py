@@ -244,6 +244,7 @@ class _Worker:
         self.train_split, self.eval_split = splits_for(cfg)
         self.step = 0
         self.epochs_done = 0
+        self.resumed_after_epoch: int | None = None
         self.eval_history: list[dict] = []
         self.last_loss: float | None = None
         self.images_per_s: float | None = None
@@ -337,6 +338,7 @@ class _Worker:
         self.step = int(client["step"])
         self.epochs_done = int(client["epochs_done"])
         self.eval_history = list(client["eval_history"])
+        self.resumed_after_epoch = self.epochs_done
         log.info("rank %d resumed %s after epoch %d (step %d)", self.rank, self.run_dir.name, self.epochs_done,
                  self.step)
 

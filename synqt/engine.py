@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -148,6 +149,7 @@ class _Branch:
     last_loss: float | None = None
     index: int = -1  # position in the PackedSynQT
     trainable_params: int | None = None  # per branch: token_nums differs between pack-mates
+    resumed_after_epoch: int | None = None  # set when this process continued the run from resume.pt
 
     @property
     def run_name(self) -> str:
@@ -284,6 +286,7 @@ class TrialRecipe:
         branch.epochs_done = int(state["epochs_done"])
         branch.eval_history = list(state["eval_history"])
         branch.module.generator.set_state(state["generator"])
+        branch.resumed_after_epoch = branch.epochs_done
         log.info("%s resumed after epoch %d (step %d)", branch.run_name, branch.epochs_done, branch.step)
 
     def _save_resume(self, branch: _Branch) -> None:
@@ -412,7 +415,7 @@ class TrialRecipe:
                 self._save_resume(b)
             atomic_write_json(b.run_dir / "progress.json", {
                 "epoch": epoch, "epochs": b.cfg.epochs, "wall_time_s": time.time() - self.start_time,
-                "updated": time.time(), "status": "running"})
+                "updated": time.time(), "status": "running", "host": socket.gethostname()})
         for b in trained:
             if epoch >= b.cfg.epochs:
                 self._finish(b)
@@ -532,6 +535,10 @@ def trial_metrics(run: Any, data: Any, *, peak: int | None, peak_kind: str, iden
             "data_seed": effective_seeds(cfg)[0],
             "init_seed": effective_seeds(cfg)[1],
             "packed_with": packed_with,
+            # where the run finished, and the epoch checkpoint it continued from (None: ran from the start
+            # in one process): shows which node of a multi-node sweep ran it and that a retry resumed
+            "host": socket.gethostname(),
+            "resumed_after_epoch": getattr(run, "resumed_after_epoch", None),
         },
         "status": "ok" if run.status == "ok" else "failed",
         "error": run.error,
