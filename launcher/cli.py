@@ -7,8 +7,11 @@ Heavy imports (torch, ray) happen inside each subcommand so that `synqt --help` 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
+
+INTERRUPTED_EXIT = 130  # a sweep stopped by SIGINT/SIGUSR1 before it ended (what a shell reports for Ctrl+C)
 
 EPILOG = """examples:
   synqt demo                                   # synthetic benchmark + tiny ViT, whole pipeline on CPU
@@ -342,6 +345,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SynQTError as err:
         print(f"synqt {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # launcher.stages.SweepInterrupted, or Ctrl+C outside the stages
+        if args.command not in ("sweep", "demo"):
+            raise
+        words = list(sys.argv[1:] if argv is None else argv)
+        if args.command == "sweep" and "--resume" not in words:
+            words.append("--resume")  # `synqt demo` continues its sweep by itself
+        print(f"synqt {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        print(f"interrupted: resume with: synqt {shlex.join(words)}", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT
 
 
 if __name__ == "__main__":

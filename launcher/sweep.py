@@ -557,15 +557,43 @@ def plan_trials(
     return trials
 
 
-def select_best(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> dict[str, dict[str, Any]]:
-    """Stage-1 winner per dataset: highest val_acc; ties -> the grid point first in grid order.
+DIVERGED = "non-finite training loss"  # the engine's error for a run whose loss blew up: a search result
 
-    Runs without an ok metrics.json (failed, or stopped early by ASHA) take no part.
+
+def stage1_unfinished(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> dict[str, list[str]]:
+    """dataset -> its stage-1 run names that did not finish (no metrics.json, or failed by raising).
+
+    Finished: an ok metrics.json, or a failed one whose loss diverged (``DIVERGED``: a learning rate that
+    blows up is an outcome of the search, and takes no part in the selection). With ``asha`` a run without
+    metrics.json was stopped early by the scheduler and counts as finished (call this after the stage ended).
     """
     if trials is None:
         trials = plan_trials(sweep, "search")
+    out: dict[str, list[str]] = {}
+    for t in trials:
+        m = read_metrics(t.run_dir(sweep))
+        if m is None:
+            done = bool(sweep.asha)
+        else:
+            done = m.get("status") == "ok" or DIVERGED in str(m.get("error") or "")
+        if not done:
+            out.setdefault(t.dataset, []).append(t.run_name)
+    return out
+
+
+def select_best(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> dict[str, dict[str, Any]]:
+    """Stage-1 winner per dataset: highest val_acc; ties -> the grid point first in grid order.
+
+    Only datasets whose stage-1 points all finished (``stage1_unfinished``) are selected: never on
+    partial results. Runs that diverged or were stopped early by ASHA take no part.
+    """
+    if trials is None:
+        trials = plan_trials(sweep, "search")
+    held = stage1_unfinished(sweep, trials)
     best: dict[str, tuple[float, int, dict[str, Any]]] = {}
     for t in trials:
+        if t.dataset in held:
+            continue
         m = read_metrics(t.run_dir(sweep))
         if not m or m.get("status") != "ok" or m.get("val_acc") is None:
             continue

@@ -69,7 +69,8 @@ def run_metrics(sweep_dir: Path) -> dict[str, dict]:
 def table(sweep_dir: Path) -> dict[str, dict]:
     """Per dataset: the aggregate's status and numbers (no timings, which differ run to run)."""
     results = json.loads((sweep_dir / "results.json").read_text())
-    keep = ("status", "mean", "std", "n", "values", "test_acc", "val_acc", "seeds", "hparams")
+    keep = ("status", "accuracy", "std", "seeds", "hparams", "best_of_test", "val_acc", "trainable_params", "n_runs",
+            "selection", "n_failed", "failed_runs", "n_points", "error")
     return {d: {k: v for k, v in e.items() if k in keep} for d, e in results["datasets"].items()}
 
 
@@ -181,3 +182,143 @@ def test_three_node_sweep_spreads_over_nodes(cluster: SlurmCluster, reference: d
     assert all(m["provenance"]["resumed_after_epoch"] is None for m in metrics.values())
     assert leftovers(cluster) == []
     print(f"three-node CI sweep: {reference['seconds']:.0f} s")
+
+
+def running_checkpointed(sweep_dir: Path, hosts: set[str]) -> dict[str, str]:
+    """run name -> host, for runs on ``hosts`` that saved an epoch checkpoint and have not finished."""
+    out = {}
+    for p in (sweep_dir / "runs").glob("*/progress.json"):
+        run = p.parent
+        try:
+            host = json.loads(p.read_text()).get("host")
+        except (OSError, ValueError):
+            continue
+        if host in hosts and (run / "resume.pt").is_file() and not (run / "metrics.json").exists():
+            out[run.name] = host
+    return out
+
+
+def snapshot(sweep_dir: Path) -> dict[str, tuple[int, str]]:
+    """run name -> (mtime_ns, text) of every ok metrics.json: what 'not rerun' is checked against."""
+    return single._metrics_files(sweep_dir)
+
+
+def test_worker_node_lost_mid_sweep(cluster: SlurmCluster, ci_assets: list[str], tmp_path: Path) -> None:
+    """SIGKILL one worker node's Ray: its trial resumes on another node from its epoch checkpoint."""
+    storage = tmp_path / "store"
+    sweep_dir = storage / "ci"
+    # 6 packs on 3 one-CPU nodes: a second round runs on every node after the first round finished
+    r = single._sbatch(cluster, *SBATCH, str(VTAB_SH), str(CI_SWEEP), f"storage_path={storage}", *ci_assets,
+                       *SWEEP_ARGS, "seeds=[42,44,46]", cwd=tmp_path, env=job_env(cluster))
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    workers = {n.name: n for n in cluster.nodes[1:]}  # sqn1 is the head (it runs the driver)
+
+    victim = wait_for(lambda: snapshot(sweep_dir) and running_checkpointed(sweep_dir, set(workers)),
+                      "a finished run and a checkpointed run on a worker node", (cluster, job), tmp_path)
+    run_name, host = sorted(victim.items())[0]
+    done_before = snapshot(sweep_dir)
+    killed = kill_ray_on(workers[host])
+    assert any("raylet" in c for c in killed), killed
+
+    state = cluster.wait_job(job, timeout=SWEEP_TIMEOUT)
+    logs = single._job_logs(tmp_path)
+    assert state == "COMPLETED", f"{state}\n{logs}\n{cluster.logs()}"
+    single._check_results(sweep_dir, logs)
+    metrics = run_metrics(sweep_dir)
+    plan = json.loads((sweep_dir / "plan.json").read_text())
+    assert sorted(metrics) == sorted(t["run_name"] for t in plan["trials"])  # nothing lost
+    # the interrupted run finished elsewhere, continuing from its epoch checkpoint
+    moved = metrics[run_name]["provenance"]
+    assert moved["host"] != host and moved["host"] in NODES, moved
+    assert moved["resumed_after_epoch"] == 1, moved
+    # nothing finished was rerun (same bytes, same mtime)
+    after = snapshot(sweep_dir)
+    for name, before in done_before.items():
+        assert after[name] == before, f"{name} was rerun"
+    assert leftovers(cluster) == []
+
+
+def test_usr1_checkpoints_requeues_and_resumes(cluster: SlurmCluster, ci_assets: list[str], reference: dict,
+                                               tmp_path: Path) -> None:
+    """``scancel --batch --signal=USR1``: stop, requeue, resume; the same table as the uninterrupted run."""
+    assert reference["rc"] == 0, "the uninterrupted reference sweep failed (see the first test)"
+    storage = tmp_path / "store"
+    sweep_dir = storage / "ci"
+    r = single._sbatch(cluster, *SBATCH, str(VTAB_SH), str(CI_SWEEP), f"storage_path={storage}", *ci_assets,
+                       *SWEEP_ARGS, cwd=tmp_path, env=job_env(cluster))
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    checkpointed = wait_for(lambda: snapshot(sweep_dir) and running_checkpointed(sweep_dir, NODES),
+                            "a finished run and a checkpointed running one", (cluster, job), tmp_path)
+    done_before = snapshot(sweep_dir)
+    cluster.run("scancel", "--batch", "--signal=USR1", job)
+
+    wait_for(lambda: int(job_field(cluster, job, "Restarts") or 0) >= 1, "the requeue", None, tmp_path, 300)
+    state = cluster.wait_job(job, timeout=SWEEP_TIMEOUT)
+    logs = single._job_logs(tmp_path)
+    assert state == "COMPLETED", f"{state}\n{logs}\n{cluster.logs()}"
+    assert job_field(cluster, job, "Restarts") == "1"
+    for expected in ("time limit warning (USR1)", "interrupted: resume with: synqt sweep", f"requeueing job {job}",
+                     "already holds this sweep: resuming"):
+        assert expected in logs, f"{expected!r} missing\n{logs}"
+    single._check_results(sweep_dir, logs)
+    assert table(sweep_dir) == table(reference["sweep_dir"])
+    metrics, ref = run_metrics(sweep_dir), run_metrics(reference["sweep_dir"])
+    assert sorted(metrics) == sorted(ref)
+    for name, m in metrics.items():  # every run: the uninterrupted run's accuracies, epoch by epoch
+        assert m["eval_history"] == ref[name]["eval_history"], name
+    after = snapshot(sweep_dir)
+    for name, before in done_before.items():
+        assert after[name] == before, f"{name} was rerun after the requeue"
+    resumed = [n for n in checkpointed if metrics[n]["provenance"]["resumed_after_epoch"] == 1]
+    assert resumed, {n: metrics[n]["provenance"] for n in checkpointed}
+    assert leftovers(cluster) == []
+
+
+def test_ray_start_in_namespaces_and_job_submit(cluster: SlurmCluster, ci_assets: list[str], tmp_path: Path) -> None:
+    """The same nodes without SLURM: ``ray start`` in each namespace, ``ray job submit`` from outside."""
+    head, *workers = cluster.nodes
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    gcs, dash = f"{head.addr}:6379", f"http://{head.addr}:8265"
+    common = ["--num-cpus=1", "--object-store-memory=200000000", f"--temp-dir={cluster.local_dir}/ray",
+              "--disable-usage-stats", "--block"]
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    procs = [subprocess.Popen(node_command(cluster, head, [
+        ray_bin, "start", "--head", f"--node-ip-address={head.addr}", "--port=6379",
+        f"--dashboard-host={head.addr}", "--dashboard-port=8265", *common]),
+        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)]
+    try:
+        waiter = ("import ray,sys,time\nray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
+                  "t=time.time()+240\nwhile sum(n['Alive'] for n in ray.nodes())<3 and time.time()<t: time.sleep(1)\n"
+                  "print('ALIVE', sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']))\n")
+        up = subprocess.run([sys.executable, "-c", "import socket,sys,time\nfor _ in range(240):\n"
+                             " try: socket.create_connection((sys.argv[1], 6379), 1); break\n"
+                             " except OSError: time.sleep(1)\n", head.addr], timeout=300)
+        assert up.returncode == 0
+        for w in workers:
+            procs.append(subprocess.Popen(node_command(cluster, w, [ray_bin, "start", f"--address={gcs}", *common]),
+                                          env=env, stdout=open(tmp_path / f"{w.name}.log", "w"),
+                                          stderr=subprocess.STDOUT))
+        alive = subprocess.run([sys.executable, "-c", waiter, gcs], env=env, capture_output=True, text=True,
+                               timeout=300)
+        assert f"ALIVE {sorted(n.addr for n in cluster.nodes)}" in alive.stdout, alive.stdout + alive.stderr
+
+        storage = tmp_path / "store"
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", "--address", dash, "--", "synqt", "sweep", str(CI_SWEEP),
+             f"storage_path={storage}", *ci_assets, *SWEEP_ARGS],
+            env=env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT)
+        assert submit.returncode == 0, submit.stdout[-5000:] + submit.stderr[-3000:]
+        assert "SUCCEEDED" in submit.stdout + submit.stderr
+        single._check_results(storage / "ci", submit.stdout[-3000:])
+        hosts = {m["provenance"]["host"] for m in run_metrics(storage / "ci").values()}
+        assert hosts == NODES
+    finally:
+        for p in procs:
+            p.terminate()
+        for n in cluster.nodes:
+            kill_ray_on(n)
+        for p in procs:
+            p.wait(timeout=60)

@@ -158,14 +158,16 @@ def test_vtab_two_stage_plan_and_selection(tmp_path):
     search = sw.plan_trials(s)
     assert len(search) == 2 * 3 and {t.seed for t in search} == {42}
     assert all(t.stage == "search" and t.config.stage == "search" and t.config.protocol == "vtab" for t in search)
-    # stage-1 results: dtd has a tie between the 2nd and 3rd point -> the earlier grid point wins
+    # stage-1 results: dtd has a tie between the 2nd and 3rd point -> the earlier grid point wins;
+    # cifar's third point diverged (a search result: it takes no part, the others still select)
     accs = {"dtd": [50.0, 70.0, 70.0], "cifar": [90.0, 10.0, None]}
     for t in search:
         acc = accs[t.dataset][[1e-3, 5e-4, 1e-4].index(t.hparams["lr"])]
         d = t.run_dir(s)
         d.mkdir(parents=True)
         status = "ok" if acc is not None else "failed"
-        (d / "metrics.json").write_text(json.dumps({"status": status, "val_acc": acc}))
+        error = None if acc is not None else "non-finite training loss (nan) at epoch 3, step 90"
+        (d / "metrics.json").write_text(json.dumps({"status": status, "val_acc": acc, "error": error}))
     best = sw.select_best(s, search)
     assert best == {"dtd": {"lr": 5e-4}, "cifar": {"lr": 1e-3}}
     final = sw.plan_trials(s, "final")
@@ -176,6 +178,29 @@ def test_vtab_two_stage_plan_and_selection(tmp_path):
     assert final[0].run_name == "final-dtd-lr0.0005-s42"
     with pytest.raises(ConfigError, match="no search stage"):
         sw.plan_trials(sw.load_sweep(CI), "search")
+
+
+@pytest.mark.parametrize("kind", ["missing", "raised"])
+def test_select_best_never_on_partial_stage1(tmp_path: Path, kind: str) -> None:
+    """A dataset with a stage-1 point that did not finish (never wrote metrics, or raised) is not selected."""
+    data = {"name": "v", "datasets": ["dtd", "cifar"], "protocol": "vtab", "grid": {"lr": [1e-3, 5e-4]},
+            "storage_path": str(tmp_path)}
+    s = sw.load_sweep(_write(tmp_path, data))
+    search = sw.plan_trials(s)
+    unfinished = {"cifar-lr0.0005"}  # cifar's second point: the best of the finished ones is cifar lr=1e-3
+    for t in search:
+        d = t.run_dir(s)
+        d.mkdir(parents=True)
+        key = f"{t.dataset}-lr{t.hparams['lr']:g}"
+        if key in unfinished:
+            if kind == "raised":
+                (d / "metrics.json").write_text(json.dumps(
+                    {"status": "failed", "val_acc": None, "error": "RuntimeError: worker died"}))
+            continue
+        (d / "metrics.json").write_text(json.dumps({"status": "ok", "val_acc": 60.0 if "0.001" in key else 40.0}))
+    assert sw.stage1_unfinished(s, search) == {"cifar": ["search-cifar-lr0.0005-s42"]}
+    assert sw.select_best(s, search) == {"dtd": {"lr": 1e-3}}
+    assert [t.dataset for t in sw.plan_trials(s, "final")] == ["dtd"] * 5
 
 
 def test_random_search_samples_distinct_grid_points(tmp_path):
