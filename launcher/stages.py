@@ -59,10 +59,10 @@ class InterruptGuard:
 
     def __init__(self, sigs: list[int], wakeup_read: int | None) -> None:
         self.sigs, self._read, self.received = sigs, wakeup_read, ""
+        self.stage: str | None = None  # the stage being run, named in the interruption
 
-    @staticmethod
-    def handler(signum: int, _frame: Any) -> None:
-        raise SweepInterrupted(f"{signal.Signals(signum).name} received")
+    def handler(self, signum: int, _frame: Any) -> None:
+        raise SweepInterrupted(f"{signal.Signals(signum).name} received", stage=self.stage)
 
     def install(self) -> None:
         for s in self.sigs:
@@ -136,7 +136,7 @@ def drive_stages(sweep: Sweep, plan: list[PlannedTrial],
     stage 2 waits for a ``--resume`` that finishes them, and it is listed among the failures.
     """
     with interrupt_handlers() as guard:
-        stage = plan[0].stage if plan else "final"
+        stage = guard.stage = plan[0].stage if plan else "final"
         failures = run_stage(stage, plan)
         guard.after_stage(stage, sweep, plan)
         if sweep.protocol == "vtab" and "final" in stage_names(sweep):
@@ -154,6 +154,7 @@ def drive_stages(sweep: Sweep, plan: list[PlannedTrial],
             stage2 = plan_trials(sweep, "final", best=best)
             write_full_plan(sweep, plan, stage2)
             if stage2:
+                guard.stage = "final"
                 failures += run_stage("final", stage2)
                 guard.after_stage("final", sweep, stage2)
     return failures
