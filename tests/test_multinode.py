@@ -255,13 +255,17 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster: SlurmCluster, ci_assets:
     cluster.run("scancel", "--batch", "--signal=USR1", job)
 
     wait_for(lambda: int(job_field(cluster, job, "Restarts") or 0) >= 1, "the requeue", None, tmp_path, 300)
+    if job_field(cluster, job, "JobState") == "PENDING":
+        # SLURM holds a requeued job for about two minutes (Reason=BeginTime); as the admin, start it now
+        cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
     state = cluster.wait_job(job, timeout=SWEEP_TIMEOUT)
     logs = single._job_logs(tmp_path)
     assert state == "COMPLETED", f"{state}\n{logs}\n{cluster.logs()}"
     assert job_field(cluster, job, "Restarts") == "1"
+    full = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("*.err")))
     for expected in ("time limit warning (USR1)", "interrupted: resume with: synqt sweep", f"requeueing job {job}",
                      "already holds this sweep: resuming"):
-        assert expected in logs, f"{expected!r} missing\n{logs}"
+        assert expected in full, f"{expected!r} missing\n{logs}"
     single._check_results(sweep_dir, logs)
     assert table(sweep_dir) == table(reference["sweep_dir"])
     metrics, ref = run_metrics(sweep_dir), run_metrics(reference["sweep_dir"])
@@ -298,7 +302,8 @@ def test_ray_start_in_namespaces_and_job_submit(cluster: SlurmCluster, ci_assets
                              " except OSError: time.sleep(1)\n", head.addr], timeout=300)
         assert up.returncode == 0
         for w in workers:
-            procs.append(subprocess.Popen(node_command(cluster, w, [ray_bin, "start", f"--address={gcs}", *common]),
+            procs.append(subprocess.Popen(node_command(cluster, w, [ray_bin, "start", f"--address={gcs}",
+                                                                    f"--node-ip-address={w.addr}", *common]),
                                           env=env, stdout=open(tmp_path / f"{w.name}.log", "w"),
                                           stderr=subprocess.STDOUT))
         alive = subprocess.run([sys.executable, "-c", waiter, gcs], env=env, capture_output=True, text=True,
