@@ -193,12 +193,15 @@ def write_config(root: Path, node: str, cpus: int, nodes: list[NetNode] | None =
         part = ",".join(n.name for n in nodes)
         per_node = "-%n"
         ports = "SlurmctldPort=6817\nSlurmdPort=6818"  # every daemon has a network namespace of its own
+        # a requeued job may start again once its old credential expired (default 120 s): the USR1 test waits less
+        cred = ",cred_expire=30"
     else:
         ctl = node
         node_lines = f"NodeName={node} CPUs={cpus} RealMemory={_real_memory_mb()} State=UNKNOWN"
         part = node
         per_node = ""
         ports = f"SlurmctldPort={_free_port()}\nSlurmdPort={_free_port()}"
+        cred = ""
     conf.write_text(f"""\
 ClusterName=synqtci
 SlurmctldHost={ctl}
@@ -207,7 +210,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root / 'munge' / 'munge.socket'}
+AuthInfo=socket={root / 'munge' / 'munge.socket'}{cred}
 StateSaveLocation={root / 'state'}
 SlurmdSpoolDir={root / 'spool'}{per_node}
 SlurmctldPidFile={root / 'run' / 'slurmctld.pid'}
