@@ -307,8 +307,9 @@ def test_ray_start_in_namespaces_and_job_submit(cluster: SlurmCluster, ci_assets
                                                                     f"--node-ip-address={w.addr}", *common]),
                                           env=env, stdout=open(tmp_path / f"{w.name}.log", "w"),
                                           stderr=subprocess.STDOUT))
-        alive = subprocess.run([sys.executable, "-c", waiter, gcs], env=env, capture_output=True, text=True,
-                               timeout=300)
+        # a driver needs a raylet of its own: wait from the head node, as vtab.sh does
+        alive = subprocess.run(node_command(cluster, head, [sys.executable, "-c", waiter, gcs]), env=env,
+                               capture_output=True, text=True, timeout=300)
         assert f"ALIVE {sorted(n.addr for n in cluster.nodes)}" in alive.stdout, alive.stdout + alive.stderr
 
         storage = tmp_path / "store"
