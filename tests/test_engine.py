@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -278,6 +279,10 @@ def test_interrupted_run_resumes_to_the_same_result(paper_run, tmp_path):
 
     metrics_b = run_trial(cfg, run_b, resume=True)
     assert comparable(metrics_b) == comparable(metrics_a)
+    # provenance says where each finished and that b continued from its epoch-2 checkpoint
+    assert metrics_a["provenance"]["resumed_after_epoch"] is None
+    assert metrics_b["provenance"]["resumed_after_epoch"] == 2
+    assert metrics_b["provenance"]["host"] == metrics_a["provenance"]["host"] == socket.gethostname()
     assert max_weight_diff(run_a, run_b) <= 1e-6
     assert not (run_b / "resume.pt").exists() and not (run_b / "progress.json").exists()
     # the resumed process trained epoch 3 only: every optimizer step logged exactly once over both processes
