@@ -42,6 +42,22 @@ def signal_at_first_checkpoint(proc: subprocess.Popen, sweep_dir: Path, sig: int
     return found
 
 
+def kept_checkpoints(sweep_dir: Path, checkpointed: list[str]) -> list[str]:
+    """Each run checkpointed at the signal either kept its epoch checkpoint (never a failed metrics.json) or
+    finished during the stop (an ok metrics.json); returns the stopped ones, which must not be all of them."""
+    stopped = []
+    for name in checkpointed:
+        run = sweep_dir / "runs" / name
+        if (run / "metrics.json").exists():
+            assert json.loads((run / "metrics.json").read_text())["status"] == "ok", name
+            assert not (run / "resume.pt").exists()
+        else:
+            assert (run / "resume.pt").is_file(), name
+            stopped.append(name)
+    assert stopped, f"every checkpointed run finished during the stop: {checkpointed}"
+    return stopped
+
+
 def test_sigusr1_stops_stage1_and_resumes(demo_assets, tmp_path: Path) -> None:
     data_root, ckpt = demo_assets
     args = [str(CI_SWEEP), "protocol=vtab", f"storage_path={tmp_path}", f"data_root={data_root}",
@@ -63,16 +79,14 @@ def test_sigusr1_stops_stage1_and_resumes(demo_assets, tmp_path: Path) -> None:
     line = next(x for x in err.splitlines() if x.startswith("interrupted: resume with: "))
     words = shlex.split(line.removeprefix("interrupted: resume with: "))
     assert words == ["synqt", "sweep", *args, "--resume"]
-    for name in checkpointed:  # the interrupted runs keep their epoch checkpoint, not a failed metrics.json
-        assert (sweep_dir / "runs" / name / "resume.pt").is_file()
-        assert not (sweep_dir / "runs" / name / "metrics.json").exists()
+    stopped = kept_checkpoints(sweep_dir, checkpointed)
 
     again = subprocess.run([*SYNQT, *words[1:]], cwd=REPO, capture_output=True, text=True, timeout=900,
                            env=dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0"))
     assert again.returncode == 0, again.stdout + again.stderr
     results = json.loads((sweep_dir / "results.json").read_text())
     assert {d: e["status"] for d, e in results["datasets"].items()} == {"syn_colour_shape": "ok", "syn_count": "ok"}
-    for name in checkpointed:
+    for name in stopped:
         m = json.loads((sweep_dir / "runs" / name / "metrics.json").read_text())
         assert m["status"] == "ok" and m["provenance"]["resumed_after_epoch"] == 1
     assert len(list((sweep_dir / "runs").glob("final-*/metrics.json"))) == 4  # 2 datasets x 2 seeds
@@ -93,6 +107,4 @@ def test_sigint_stops_sequential_sweep(demo_assets, tmp_path: Path) -> None:
     assert "interrupted in stage search (SIGINT received)" in err
     assert f"interrupted: resume with: synqt sweep {shlex.join(args)} --resume" in err
     assert not list((sweep_dir / "runs").glob("final-*"))
-    for name in checkpointed:
-        assert (sweep_dir / "runs" / name / "resume.pt").is_file()
-        assert not (sweep_dir / "runs" / name / "metrics.json").exists()
+    kept_checkpoints(sweep_dir, checkpointed)
