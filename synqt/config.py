@@ -27,6 +27,7 @@ import yaml
 
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write_text
+from synqt.resources import shipped_config_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,7 +48,9 @@ _BENCHMARK_ALIASES = {"vtab1k": "vtab1k", "vtab-1k": "vtab1k", "vtab": "vtab1k",
 
 OVERRIDE_SOURCE = "command line override"
 
-CONFIG_DIR = Path(os.environ.get("SYNQT_CONFIG_DIR") or Path(__file__).resolve().parent.parent / "configs")
+# The shipped configs live inside the package (synqt/configs, found through importlib.resources) so that a
+# wheel install finds them; the repository root links configs -> synqt/configs.
+CONFIG_DIR = Path(os.environ.get("SYNQT_CONFIG_DIR") or shipped_config_dir())
 
 
 @dataclass
@@ -438,7 +441,7 @@ def _finish(values: dict[str, Any], origin: Mapping[str, str], fallback: str = "
 
 
 def config_dir() -> Path:
-    """``$SYNQT_CONFIG_DIR`` if set, else ``CONFIG_DIR`` (``<repo>/configs``); read at call time."""
+    """``$SYNQT_CONFIG_DIR`` if set, else ``CONFIG_DIR`` (the shipped ``synqt/configs``); read at call time."""
     env = os.environ.get("SYNQT_CONFIG_DIR")
     return Path(env) if env else Path(CONFIG_DIR)
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -36,6 +34,7 @@ from synqt.errors import ConfigError
 from synqt.fileio import atomic_write, atomic_write_json
 from synqt.memory import keep_freed_host_memory
 from synqt.model import PackedSynQT, QueryBranch, SynQT, build_backbone, count_trainable, new_branch
+from synqt.provenance import library_versions, split_provenance
 from synqt.schedule import adamw, lr_at
 
 log = logging.getLogger("synqt.engine")
@@ -75,23 +74,6 @@ def read_metrics(run_dir: str | Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def library_versions() -> dict[str, str | None]:
-    import accelerate
-    import timm
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "accelerate": accelerate.__version__, "numpy": np.__version__, "git_commit": _git_commit()}
 
 
 def device_peak_memory(device: torch.device) -> tuple[int, str]:
@@ -528,6 +510,8 @@ def trial_metrics(run: Any, data: Any, *, peak: int | None, peak_kind: str, iden
             "train_list_sha256": getattr(train_list, "list_hash", None),
             "eval_list_sha256": getattr(eval_list, "list_hash", None),
             "derived_splits": bool(getattr(train_list, "derived", False) or getattr(eval_list, "derived", False)),
+            "train_data": split_provenance(train_list),
+            "eval_data": split_provenance(eval_list),
             "image_size": getattr(data, "image_size", None),
             "data_seed": effective_seeds(cfg)[0],
             "init_seed": effective_seeds(cfg)[1],
