@@ -157,10 +157,10 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from launcher.aggregate import aggregate
-    from launcher.report import paper_table_markdown
+    from launcher.report import summary_text
 
     results = aggregate(args.run_dir, out_dir=args.out)
-    print(paper_table_markdown(results))
+    print(summary_text(results))
     out = Path(args.out or args.run_dir)
     print(f"report: {out / 'results.md'}  tables: {out / 'table.md'}, {out / 'table.tex'}, "
           f"{out / 'results.csv'}, {out / 'runs.csv'}  plots: {out / 'results.png'}, {out / 'curves.png'}, "

@@ -257,9 +257,10 @@ def means_frame(results: Mapping[str, Any]) -> Any:
         fg = [n for n, d in ds.items() if d["group"] not in GROUPS]
         rows.append({"mean": "mean_fgvc", "group": None, "n_tasks": len(fg), "value": results["mean_fgvc"],
                      "best_of_test_selected_on_test": bot.get("mean_fgvc"), "definition": labels["mean_fgvc"]})
+    for row in rows:  # before pandas turns None into NaN
+        # "absent", not "n/a": pandas.read_csv would read "n/a" as a missing value
+        row["status"] = "ok" if row["value"] is not None else ("absent" if row["n_tasks"] == 0 else "incomplete")
     frame = pd.DataFrame(rows)
-    frame["status"] = ["ok" if v is not None else ("n/a" if n == 0 else "incomplete")
-                       for v, n in zip(frame["value"], frame["n_tasks"], strict=True)]
     frame["n_tasks"] = frame["n_tasks"].astype("Int64")
     return frame
 
@@ -315,7 +316,7 @@ def table_rows(results: Mapping[str, Any], method: str, bench: str) -> list[tupl
         best += [cell((bot.get("groups") or {}).get(g)) for g, _ in cols] + [cell(bot.get("mean_of_groups"))]
     rows.append((method, final))
     if any(d["best_of_test"] is not None for d in ds.values()):
-        rows.append((f"{method}, best of test (selected on test)", best))
+        rows.append(("best of test (selected on test)", best))
     return rows
 
 
@@ -378,7 +379,8 @@ def paper_table_latex(results: Mapping[str, Any], method: str = "SynQT (this swe
     n_tasks = sum(len(names) for _, names in cols)
     spec = "l" + "".join("c" * len(names) for _, names in cols) + "|" + "c" * len(tail)
     lines = [r"\begin{table*}[t]", r"\centering", r"\setlength{\tabcolsep}{3pt}",
-             rf"\caption{{{latex_escape(_caption(results, bench))}}}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule"]
+             rf"\caption{{{latex_escape(_caption(results, bench))}}}",
+             r"\resizebox{\textwidth}{!}{%", rf"\begin{{tabular}}{{{spec}}}", r"\toprule"]
     group_cells, rules, start = [], [], 2
     for g, names in cols:
         group_cells.append(rf"\multicolumn{{{len(names)}}}{{c}}{{{latex_escape(g)}}}")
@@ -393,7 +395,7 @@ def paper_table_latex(results: Mapping[str, Any], method: str = "SynQT (this swe
     for label, cells in table_rows(results, method, bench):
         assert len(cells) == n_tasks + len(tail)
         lines.append(" & ".join([latex_escape(label), *(latex_escape(c) for c in cells)]) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table*}", ""]
+    lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table*}", ""]
     return "\n".join(lines)
 
 
@@ -564,6 +566,18 @@ def format_report(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]] 
         plots = [k for k in files if k.endswith(".png")]
         if plots:
             lines += [""] + [f"![{k}]({relpath(files[k], out)})" for k in plots]
+    return "\n".join(lines) + "\n"
+
+
+def summary_text(results: Mapping[str, Any]) -> str:
+    """What ``synqt aggregate`` prints: the paper table, the means (incomplete ones spelled out) and
+    the tasks without an ok final run."""
+    lines = [paper_table_markdown(results), "| mean | value (%) | best of test (%, selected on test) |",
+             "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c, _ in _mean_rows(results)]
+    if results["incomplete"]:
+        lines += ["", "incomplete (no ok final run):"]
+        lines += [f"  {i['dataset']}: {i['status']}: {i['error']}" for i in results["incomplete"]]
     return "\n".join(lines) + "\n"
 
 
