@@ -171,7 +171,8 @@ def test_vtab_paper_table_markdown_has_19_tasks_group_means_and_mean(tmp_path):
                    for g in ("Natural", "Specialized", "Structured")}
     assert final[20:23] == [f"{v:.1f}" for v in group_means.values()]
     assert final[23] == f"{statistics.fmean(group_means.values()):.1f}"
-    assert best[0] == "best of test (selected on test)" and best[23] == f"{statistics.fmean(group_means.values()) + 1.0:.1f}"
+    assert best[0] == "best of test (selected on test)"
+    assert best[23] == f"{statistics.fmean(group_means.values()) + 1.0:.1f}"
 
 
 def _tabular_rows(tex: str) -> tuple[int, list[str]]:
