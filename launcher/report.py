@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from launcher.aggregate import hparams_key
+
 GROUPS: tuple[str, ...] = ("Natural", "Specialized", "Structured")
 
 # Column titles of the paper tables (the names NOAH / SynQT tables use).
@@ -140,6 +142,45 @@ def _run_group(run: Mapping[str, Any], results: Mapping[str, Any]) -> str | None
     return run.get("group") or (ds["group"] if ds else None)
 
 
+def setup_lines(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What every run shared (or the distinct values when they differ): backbone, checkpoint, input size,
+    data layout and image formats, code and library versions; from each metrics.json's provenance."""
+    def distinct(get: Any) -> list[str]:
+        seen: list[str] = []
+        for run in runs:
+            try:
+                value = get(run)
+            except (KeyError, TypeError, AttributeError):
+                value = None
+            if value is not None and str(value) not in seen:
+                seen.append(str(value))
+        return seen
+
+    prov = lambda key: (lambda r: (r.get("provenance") or {}).get(key))  # noqa: E731
+    vers = lambda key: (lambda r: (r.get("versions") or {}).get(key))  # noqa: E731
+    def train_formats(run: Mapping[str, Any]) -> str | None:
+        counts = (run["provenance"].get("train_data") or {}).get("image_formats") or {}
+        return ", ".join(f"{k} ({v} images)" for k, v in counts.items()) or None
+
+    formats = distinct(train_formats)
+    notes = distinct(lambda r: (r["provenance"].get("train_data") or {}).get("note"))
+    items = [
+        ("backbone", distinct(prov("backbone"))),
+        ("backbone checkpoint", distinct(prov("backbone_checkpoint"))),
+        ("input size (px)", distinct(prov("image_size"))),
+        ("data layout", distinct(lambda r: (r["provenance"].get("train_data") or {}).get("layout"))),
+        ("training images, by format", formats),
+        ("synqt", distinct(vers("synqt"))),
+        ("git commit", distinct(vers("git_commit"))),
+        ("torch / timm", distinct(lambda r: f"{r['versions']['torch']} / {r['versions']['timm']}")),
+        ("Pillow", distinct(vers("pillow"))),
+        ("Ray", distinct(vers("ray"))),
+    ]
+    lines = [f"- {name}: {' | '.join(values)}" for name, values in items if values]
+    lines += [f"- note: {n}" for n in notes]
+    return lines
+
+
 def runs_frame(runs: Sequence[Mapping[str, Any]], results: Mapping[str, Any], out_dir: Path) -> Any:
     """One row per run, in table order (task, stage, hyperparameters, seed). Columns: identity, one
     column per hyperparameter key (name as in the config; ``hp_<key>`` if it would clash), accuracies,
@@ -163,8 +204,6 @@ def runs_frame(runs: Sequence[Mapping[str, Any]], results: Mapping[str, Any], ou
         ds = results["datasets"].get(run["dataset"], {})
         chosen_hp = ds.get("hparams")
         hp = run.get("hparams") or {}
-        from launcher.aggregate import hparams_key
-
         is_chosen = (chosen_hp is not None and run.get("stage") in ("final", None) and run.get("status") == "ok"
                      and hparams_key(hp) == hparams_key(chosen_hp))
         peak = run.get("peak_memory_bytes")
@@ -349,7 +388,7 @@ def paper_table_markdown(results: Mapping[str, Any], method: str = "SynQT (this 
     if bench == "mixed":
         return "\n".join(paper_table_markdown(_subset(results, b), method, b) for b in _split_benchmarks(results))
     cols, tail = _header(results, bench)
-    groups_line = ", ".join(f"{g}: {', '.join(_title(n) for n in names)}" for g, names in cols)
+    groups_line = "; ".join(f"{g}: {', '.join(_title(n) for n in names)}" for g, names in cols)
     header = ["Method"] + [_title(n) for _, names in cols for n in names] + tail
     lines = [f"### {BENCHMARK_TITLES[bench]}", "", f"Columns by group — {groups_line}.", "",
              "| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
@@ -498,6 +537,10 @@ def format_report(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]] 
     if show_best:
         lines.append(f"- best of test: {BEST_OF_TEST_LABEL}.")
     lines.append(f"- selection: {results['labels']['selection']}.")
+    setup = setup_lines(runs or [])
+    if setup:
+        lines += ["", "## Setup (from the runs' metrics.json; values separated by | differ between runs)", "",
+                  *setup]
     if constant:
         lines += ["", "## Settings shared by every task", "",
                   ", ".join(f"`{k}` = {_num(v)}" for k, v in constant.items()) + "."]

@@ -32,6 +32,8 @@ VTAB = {  # the 19 VTAB-1k tasks and their groups (spec section 6), in table ord
     "smallnorb_ele": "Structured",
 }  # fmt: skip
 FGVC = ["cub", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars"]
+VERSIONS = {"synqt": "0.1.0", "git_commit": "0123abc", "torch": "2.9.0", "timm": "1.0.20", "pillow": "11.3.0",
+            "ray": "2.52.1"}
 HP = {"token_nums": 4, "feat_scale": 0.1, "attn_scale": 1.0, "ffn_scale": 0.1, "lr": 1e-3, "weight_decay": 1e-2}
 
 
@@ -68,7 +70,10 @@ def grid_sweep(tmp_path: Path) -> tuple[Path, dict]:
             name = f"{ds}-lr{lr}-s{seed}"
             write_run(sweep, name, dataset=ds, group=groups[ds], seed=seed, hparams={**HP, "lr": lr}, test_acc=a,
                       best_of_test=a + 2.0, eval_history=history(a, a + 2.0), trainable_params=params[ds],
-                      peak_memory_bytes=(400 + seed) * 2**20)
+                      peak_memory_bytes=(400 + seed) * 2**20, versions=VERSIONS,
+                      provenance={"backbone": "vit_base_patch16_224", "image_size": 224,
+                                  "train_data": {"layout": "vtab_txt", "image_formats": {"JPEG": 1000},
+                                                 "note": "JPEG copy note"}})
             written.append(name)
     write_run(sweep, "dmlab-lr0.001-s44", dataset="dmlab", group="Structured", seed=44, status="failed",
               error='CUDA out of memory, "tried" to allocate\nsecond line', test_acc=None)
@@ -245,6 +250,10 @@ def test_results_md_lists_constants_once_defines_abbreviations_and_links_relativ
     assert str(tmp_path) not in md  # no absolute paths
     assert md.count("`token_nums` = 4") == 1 and "hyperparameters (lr)" in md
     assert "- T: `token_nums`" in md and "- lr: `lr`" in md
+    for line in ("- backbone: vit_base_patch16_224", "- input size (px): 224", "- data layout: vtab_txt",
+                 "- training images, by format: JPEG (1000 images)", "- git commit: 0123abc",
+                 "- torch / timm: 2.9.0 / 1.0.20", "- Pillow: 11.3.0", "- Ray: 2.52.1", "- note: JPEG copy note"):
+        assert line in md.splitlines(), line
     links = re.findall(r"\]\(([^)]+)\)", md)
     assert "results.png" in links and "runs.csv" in links and "table.tex" in links
     for link in links:
