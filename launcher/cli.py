@@ -178,7 +178,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
   synqt compare paper=published_synqt.csv mine=/shared/runs/vtab1k --metric best_of_test
   synqt compare A B C --out report/compare                            # also report/compare.{md,csv}
 a source: a sweep folder (its results.json, or aggregated on the fly), a results.json, or a CSV with
-columns dataset,accuracy (optional method, group); NAME=SOURCE names its column.""",
+columns dataset,accuracy (optional method, group), or a paper-layout CSV (method + one column per task,
+e.g. CIFAR-100,Caltech101,...); NAME=SOURCE names its column.""",
     )
     p.add_argument("sources", nargs="+", help="two or more: sweep folders, results.json files or CSV tables")
     p.add_argument("--metric", default="accuracy", choices=["accuracy", "best_of_test"],

@@ -4,7 +4,10 @@ A source is
 - a sweep or run folder: its ``results.json`` if present, else aggregated on the fly (nothing written);
 - a ``results.json`` file;
 - a CSV with columns ``dataset`` and ``accuracy`` (and optionally ``method``: one source per method),
-  e.g. a published table typed in by hand or another sweep's ``results.csv``.
+  e.g. another sweep's ``results.csv``;
+- a CSV in the paper layout: a ``method`` column and one column per task, named as in the paper tables
+  (``CIFAR-100``, ``Caltech101``, ..., ``sNORB-Elev``) or by dataset name, one row per method; group and
+  Mean columns are ignored (recomputed). A published table is typed in this way.
 
 The first source is the baseline; every other source gets a difference column (other − baseline, in
 accuracy points). Means (per VTAB group and over all tasks) are taken over the tasks every source has,
@@ -46,6 +49,40 @@ def _from_results(name: str, origin: str, results: Mapping[str, Any], metric: st
     return src
 
 
+def _task_of_column(column: str) -> str | None:
+    """The task a wide table's column names: a dataset name or a paper-table title (``CIFAR-100``)."""
+    from launcher.report import FGVC_TITLES, VTAB_TITLES
+
+    titles = {t.lower(): n for n, t in {**VTAB_TITLES, **FGVC_TITLES}.items()}
+    key = column.strip()
+    if key in VTAB_TITLES or key in FGVC_TITLES:
+        return key
+    return titles.get(key.lower())
+
+
+def _from_wide(path: Path, frame: Any) -> list[Source]:
+    """One source per row of a paper-style table: ``method`` + one column per task (titles or names);
+    group and Mean columns are ignored (recomputed over the common tasks)."""
+    import pandas as pd
+
+    tasks = {c: _task_of_column(str(c)) for c in frame.columns if c != "method"}
+    known = {c: t for c, t in tasks.items() if t is not None}
+    ignored = [str(c) for c, t in tasks.items() if t is None and str(c).lower() not in
+               ("natural", "specialized", "structured", "mean", "mean of groups", "mean of tasks")]
+    if not known or ignored:
+        raise SynQTError(f"{path}: a wide table needs a 'method' column and task columns (dataset names or "
+                         f"titles like CIFAR-100); unknown columns: {', '.join(ignored) or '(no task column)'}")
+    out = []
+    for _, row in frame.iterrows():
+        src = Source(str(row["method"]), str(path))
+        for column, task in known.items():
+            value = pd.to_numeric(row[column], errors="coerce")
+            if pd.notna(value):
+                src.acc[task] = float(value)
+        out.append(src)
+    return out
+
+
 def _from_csv(path: Path, metric: str) -> list[Source]:
     import pandas as pd
 
@@ -53,6 +90,8 @@ def _from_csv(path: Path, metric: str) -> list[Source]:
         frame = pd.read_csv(path)
     except (OSError, ValueError) as err:
         raise SynQTError(f"{path}: not a readable CSV ({err})") from err
+    if "dataset" not in frame.columns and "method" in frame.columns:
+        return _from_wide(path, frame)
     column = metric if metric in frame.columns else ("accuracy" if metric == "accuracy" else None)
     if metric == "best_of_test" and "best_of_test_selected_on_test" in frame.columns:
         column = "best_of_test_selected_on_test"

@@ -356,6 +356,23 @@ def test_compare_two_sweeps_and_a_published_csv(grid_sweep, tmp_path, capsys):
     assert out.with_suffix(".md").read_text() in printed
 
 
+def test_compare_reads_a_paper_layout_table_one_source_per_method(grid_sweep, tmp_path, capsys):
+    sweep, _ = grid_sweep
+    wide = tmp_path / "published.csv"
+    wide.write_text("method,CIFAR-100,DMLab,Natural,Mean\nA,80.0,50.0,80.0,65.0\nB,70.0,,70.0,\n")
+    assert main(["compare", f"mine={sweep}", str(wide), "--out", str(tmp_path / "c")]) == 0
+    frame = pd.read_csv(tmp_path / "c.csv").set_index("name")
+    mine_cifar = statistics.fmean([75.0, 76.5])
+    assert frame.loc["cifar", "A"] == 80.0 and frame.loc["dmlab", "A"] == 50.0 and pd.isna(frame.loc["dmlab", "B"])
+    assert frame.loc["cifar", "diff_B"] == pytest.approx(70.0 - mine_cifar)
+    # B has no DMLab, so the common tasks are cifar only; the Natural/Mean columns are not read
+    assert frame.loc["Mean of 1 common tasks", "A"] == pytest.approx(80.0)
+    bad = tmp_path / "bad_wide.csv"
+    bad.write_text("method,CIFAR-100,Foo\nA,1,2\n")
+    assert main(["compare", str(sweep), str(bad)]) == 2
+    assert "unknown columns: Foo" in capsys.readouterr().err
+
+
 def test_compare_needs_two_sources_and_a_readable_csv(grid_sweep, tmp_path, capsys):
     sweep, _ = grid_sweep
     assert main(["compare", str(sweep)]) == 2
