@@ -203,8 +203,12 @@ def cost_figure(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -
                 ax.annotate(r["dataset"], (x, r["test_acc"]), xytext=(4, 2), textcoords="offset points", fontsize=6)
     ax_p.set_xlabel("trainable parameters (millions)")
     ax_m.set_xlabel(f"peak memory (MiB, {', '.join(kinds) or 'unknown kind'})")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_p, ax_m):
         ax.ticklabel_format(axis="x", useOffset=False)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.margins(x=0.18, y=0.08)  # room for the task labels
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     from matplotlib.lines import Line2D
@@ -215,7 +219,7 @@ def cost_figure(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -
         handles.append(Line2D([], [], marker="s", ls="none", color=_colour(None), label="FGVC/other"))
     handles += [Line2D([], [], marker="o", ls="none", color="#777777", label="reported point"),
                 Line2D([], [], marker="x", ls="none", color="#777777", label="other grid point")]
-    ax_m.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.legend(handles=handles, fontsize=7, loc="outside lower center", ncol=len(handles), frameon=False)
     fig.suptitle(f"Accuracy against cost, {len(ok)} ok final run(s)", fontsize=10)
     return fig
 
