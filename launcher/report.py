@@ -582,7 +582,7 @@ def format_report(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]] 
 
     lines += ["", "## Paper table", "", paper_table_markdown(results)]
 
-    lines += ["## Abbreviations", ""]
+    lines += ["", "## Abbreviations", ""]
     used = [k for k in [*varying, *constant] if k in ABBREVIATIONS]
     lines += [f"- {ABBREVIATIONS[k][0]}: `{k}`, {ABBREVIATIONS[k][1]}" for k in used]
     lines += [
