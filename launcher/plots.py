@@ -138,10 +138,24 @@ def accuracy_figure(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]
     return fig
 
 
-def curves_figure(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> Any:
-    """Learning curves of the chosen point per task: accuracy (%) against epoch, mean ± std over seeds."""
+def _mean_curve(histories: Sequence[Sequence[Mapping[str, Any]]]) -> tuple[list[int], Any, Any]:
+    """(epochs, mean, sample std — 0 where one run) over runs' eval histories, per epoch."""
     import numpy as np
 
+    by_epoch: dict[int, list[float]] = {}
+    for hist in histories:
+        for h in hist:
+            by_epoch.setdefault(int(h["epoch"]), []).append(float(h["acc"]))
+    epochs = sorted(by_epoch)
+    mean = np.array([statistics.fmean(by_epoch[e]) for e in epochs])
+    std = np.array([statistics.stdev(by_epoch[e]) if len(by_epoch[e]) > 1 else 0.0 for e in epochs])
+    return epochs, mean, std
+
+
+def curves_figure(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> Any:
+    """Learning curves of the chosen point per task: accuracy (%) of the periodic evaluations against the
+    epoch, mean ± std over seeds (a band only with two or more seeds). Under the vtab protocol the final run
+    scores test once, so the search stage's val200 curve of the same point is drawn too (dashed)."""
     ds = {n: d for n, d in results["datasets"].items() if d["status"] == "ok"}
     names = list(ds) or ["(no ok task)"]
     ncols = min(4, len(names))
@@ -155,27 +169,30 @@ def curves_figure(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]])
         if d is None:
             ax.text(0.5, 0.5, "no ok task", ha="center", transform=ax.transAxes)
             continue
-        histories = [r.get("eval_history") or [] for r in _chosen_runs(name, d, runs)]
-        splits = sorted({h.get("split") for hist in histories for h in hist if h.get("split")})
-        by_epoch: dict[int, list[float]] = {}
-        for hist in histories:
-            for h in hist:
-                by_epoch.setdefault(int(h["epoch"]), []).append(float(h["acc"]))
-        epochs = sorted(by_epoch)
-        mean = np.array([statistics.fmean(by_epoch[e]) for e in epochs])
-        std = np.array([statistics.stdev(by_epoch[e]) if len(by_epoch[e]) > 1 else 0.0 for e in epochs])
         colour = _colour(d["group"])
-        ax.plot(epochs, mean, marker="o", ms=3, color=colour)
-        if len(histories) > 1:
-            ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.25, lw=0)
-        if epochs:
-            ax.annotate(f"{mean[-1]:.1f}", (epochs[-1], mean[-1]), xytext=(-4, -4), textcoords="offset points",
-                        ha="right", va="top", fontsize=7)
-        ax.set_title(f"{name} ({len(histories)} seed{'s' if len(histories) != 1 else ''})", fontsize=8)
+        key = hparams_key(d["hparams"])
+        search = [r.get("eval_history") or [] for r in runs
+                  if r["dataset"] == name and r.get("stage") == "search" and r.get("status") == "ok"
+                  and hparams_key(r.get("hparams")) == key]
+        final = [r.get("eval_history") or [] for r in _chosen_runs(name, d, runs)]
+        curves = [("final", final, "-")] + ([("search", search, "--")] if search else [])
+        for stage, histories, style in curves:
+            epochs, mean, std = _mean_curve(histories)
+            splits = "/".join(sorted({h.get("split") for hist in histories for h in hist if h.get("split")}))
+            ax.plot(epochs, mean, marker="o", ms=3, color=colour, ls=style,
+                    label=f"{splits or 'eval'} ({stage}, {len(histories)} seed{'s' if len(histories) != 1 else ''})")
+            if len(histories) > 1:
+                ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.25 if style == "-" else 0.12,
+                                lw=0)
+            if epochs:
+                ax.annotate(f"{mean[-1]:.1f}", (epochs[-1], mean[-1]), xytext=(-4, -4), textcoords="offset points",
+                            ha="right", va="top", fontsize=7)
+        ax.set_title(name, fontsize=8)
         ax.set_xlabel("epoch", fontsize=7)
-        ax.set_ylabel(f"{'/'.join(splits) or 'eval'} acc (%)", fontsize=7)
+        ax.set_ylabel("accuracy (%)", fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower right", frameon=False)
     fig.suptitle("Learning curves of the reported point (mean ± std over seeds)", fontsize=10)
     return fig
 

@@ -306,12 +306,31 @@ def test_learning_curves_are_the_mean_over_seeds_with_a_band(grid_sweep):
 
     sweep, _ = grid_sweep
     fig = curves_figure(build_results(sweep), load_runs(sweep))
-    axes = {ax.get_title().split(" (")[0]: ax for ax in fig.axes if ax.get_visible()}
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
     assert set(axes) == {"cifar", "dmlab", "cub"}
+    assert axes["cifar"].get_legend().get_texts()[0].get_text() == "test (final, 2 seeds)"
     line = axes["cifar"].lines[0]
     assert list(line.get_xdata()) == [5, 10]
     assert list(line.get_ydata()) == pytest.approx([statistics.fmean([77.0, 78.5]), statistics.fmean([75.0, 76.5])])
     assert len(axes["cifar"].collections) == 1 and len(axes["dmlab"].collections) == 0  # band only with 2 seeds
+
+
+def test_vtab_curves_show_the_search_val200_curve_beside_the_single_test_point(tmp_path):
+    from launcher.aggregate import build_results, load_runs
+    from launcher.plots import curves_figure
+
+    for seed, (v1, v2, t) in {1: (50.0, 60.0, 70.0), 2: (54.0, 64.0, 72.0)}.items():
+        write_run(tmp_path, f"search-s{seed}", dataset="dtd", group="Natural", protocol="vtab", stage="search",
+                  seed=seed, val_acc=v2, eval_history=[{"epoch": 5, "split": "val200", "acc": v1},
+                                                       {"epoch": 10, "split": "val200", "acc": v2}])
+        write_run(tmp_path, f"final-s{seed}", dataset="dtd", group="Natural", protocol="vtab", stage="final",
+                  seed=seed, test_acc=t, eval_history=[{"epoch": 10, "split": "test", "acc": t}])
+    ax = curves_figure(build_results(tmp_path), load_runs(tmp_path)).axes[0]
+    final, search = ax.lines
+    assert list(final.get_ydata()) == [71.0] and final.get_linestyle() == "-"
+    assert list(search.get_ydata()) == [52.0, 62.0] and search.get_linestyle() == "--"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["test (final, 2 seeds)", "val200 (search, 2 seeds)"]
 
 
 def test_cost_figure_has_every_ok_final_run(grid_sweep):
