@@ -524,7 +524,10 @@ def format_report(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]] 
     """results.md: title by benchmark, constant settings once, per-task table (only what varies), means
     with their definitions, the paper table, abbreviations, failures and files (relative to ``out_dir``)."""
     ds = results["datasets"]
-    out = Path(out_dir) if out_dir is not None else Path.cwd()
+    out = Path(out_dir) if out_dir is not None else None
+
+    def rel(path: str | Path | None) -> str:  # relative to the report's folder; as given without one
+        return relpath(path, out) if out is not None else (str(path) if path else "–")
     bench = benchmark_of(ds, {n: d["group"] for n, d in ds.items()})
     protocol = results.get("protocol")
     show_best = any(d["best_of_test"] is not None for d in ds.values())
@@ -597,7 +600,7 @@ def format_report(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]] 
     if failed_runs:
         lines += ["", "## Failed runs of tasks that also have ok runs", ""]
         lines += [f"- {n}: {f['run_name']} (stage {f['stage']}, seed {f['seed']}): {f['error']}"
-                  f" ({relpath(Path(f['path']).parent, out) if f.get('path') else '–'})" for n, f in failed_runs]
+                  f" ({rel(Path(f['path']).parent) if f.get('path') else '–'})" for n, f in failed_runs]
     if results["incomplete"]:
         lines += ["", "## Incomplete (no ok final run)", ""]
         lines += [f"- {i['dataset']} ({i['group'] or 'FGVC/other'}): {i['status']}: {i['error']}"
@@ -605,10 +608,10 @@ def format_report(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]] 
     files = results.get("files")
     if files:
         lines += ["", "## Files", ""]
-        lines += [f"- {k}: [{relpath(v, out)}]({relpath(v, out)})" for k, v in files.items()]
+        lines += [f"- {k}: [{rel(v)}]({rel(v)})" for k, v in files.items()]
         plots = [k for k in files if k.endswith(".png")]
         if plots:
-            lines += [""] + [f"![{k}]({relpath(files[k], out)})" for k in plots]
+            lines += [""] + [f"![{k}]({rel(files[k])})" for k in plots]
     return "\n".join(lines) + "\n"
 
 
