@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from launcher.aggregate import hparams_key
 from launcher.report import CHOSEN_ON_TEST_MARK, GROUPS
+from synqt.rundir import point_key as hparams_key
 
 GROUP_COLOURS = {"Natural": "#2e8b57", "Specialized": "#e08a1e", "Structured": "#3a6fb0", None: "#7f5aa2"}
 DPI = 300
@@ -233,7 +233,7 @@ def cost_figure(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -
     handles = [Line2D([], [], marker="s", ls="none", color=_colour(g), label=g)
                for g in GROUPS if any(d["group"] == g for d in ds.values())]
     if any(d["group"] not in GROUPS for d in ds.values()):
-        handles.append(Line2D([], [], marker="s", ls="none", color=_colour(None), label="FGVC/other"))
+        handles.append(Line2D([], [], marker="s", ls="none", color=_colour(None), label="FGVC / other"))
     handles += [Line2D([], [], marker="o", ls="none", color="#777777", label="reported point"),
                 Line2D([], [], marker="x", ls="none", color="#777777", label="other grid point")]
     fig.legend(handles=handles, fontsize=7, loc="outside lower center", ncol=len(handles), frameon=False)

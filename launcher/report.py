@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from launcher.aggregate import hparams_key
+from synqt.rundir import point_key as hparams_key
 
 GROUPS: tuple[str, ...] = ("Natural", "Specialized", "Structured")
 
@@ -64,9 +64,9 @@ CHOSEN_ON_TEST_MARK = "†"
 
 def _dataset_orders() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(VTAB-1k in table order, FGVC in table order), from the shipped dataset registry."""
-    from synqt import config
+    from synqt import registry
 
-    return tuple(config.VTAB1K_DATASETS), tuple(config.FGVC_DATASETS)
+    return (tuple(registry.list_datasets(benchmark="vtab1k")), tuple(registry.list_datasets(benchmark="fgvc")))
 
 
 def benchmark_of(names: Iterable[str], groups: Mapping[str, str | None]) -> str:
@@ -101,7 +101,9 @@ def _num(value: Any) -> str:
 
 
 def short_name(key: str) -> str:
-    return ABBREVIATIONS.get(key, (key, ""))[0]
+    from synqt.config import LABELS
+
+    return LABELS.get(key, key)
 
 
 def constant_settings(runs: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[str]]:
@@ -293,7 +295,7 @@ def means_frame(results: Mapping[str, Any]) -> Any:
         rows.append({"mean": key, "group": None, "n_tasks": len(vtab), "value": results[key],
                      "best_of_test_selected_on_test": bot.get(key), "definition": labels[key]})
     if "mean_fgvc" in results:
-        fg = [n for n, d in ds.items() if d["group"] not in GROUPS]
+        fg = [n for n, d in ds.items() if d["group"] not in GROUPS and d.get("benchmark") == "fgvc"]
         rows.append({"mean": "mean_fgvc", "group": None, "n_tasks": len(fg), "value": results["mean_fgvc"],
                      "best_of_test_selected_on_test": bot.get("mean_fgvc"), "definition": labels["mean_fgvc"]})
     for row in rows:  # before pandas turns None into NaN
@@ -321,9 +323,10 @@ def _table_columns(results: Mapping[str, Any], bench: str) -> list[tuple[str, li
 
 
 def _vtab_group(name: str) -> str | None:
-    from launcher.aggregate import dataset_group
+    from synqt import registry
 
-    return dataset_group(name)
+    info = registry.lookup(name)
+    return info.group if info is not None else None
 
 
 def _title(name: str) -> str:
@@ -469,6 +472,13 @@ def _incomplete_note(results: Mapping[str, Any], members: Iterable[str]) -> str:
     return "incomplete (" + "; ".join(f"{s}: {', '.join(n)}" for s, n in parts.items()) + ")"
 
 
+def _group_cell(d: Mapping[str, Any]) -> str:
+    """The table's group column: the VTAB group, FGVC, or other (a dataset the registry does not know)."""
+    if d["group"]:
+        return str(d["group"])
+    return "FGVC" if d.get("benchmark") == "fgvc" else "other"
+
+
 def _acc_cell(d: Mapping[str, Any]) -> str:
     if d["status"] != "ok":
         return d["status"]
@@ -512,7 +522,7 @@ def _mean_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
             text = "; ".join(notes)
         rows.append((name, text, fmt(bot.get(key)), labels[key]))
     if "mean_fgvc" in results:
-        fg = [n for n, d in ds.items() if d["group"] not in GROUPS]
+        fg = [n for n, d in ds.items() if d["group"] not in GROUPS and d.get("benchmark") == "fgvc"]
         value = results["mean_fgvc"]
         rows.append(("FGVC mean", fmt(value) if value is not None else _incomplete_note(results, fg),
                      fmt(bot.get("mean_fgvc")), labels["mean_fgvc"]))
@@ -560,7 +570,7 @@ def format_report(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]] 
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     for name, d in ds.items():
-        row = [name, d["group"] or "FGVC/other", _acc_cell(d)]
+        row = [name, _group_cell(d), _acc_cell(d)]
         if show_best:
             row.append(fmt(d["best_of_test"]))
         if show_val:
@@ -603,8 +613,14 @@ def format_report(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]] 
                   f" ({rel(Path(f['path']).parent) if f.get('path') else '–'})" for n, f in failed_runs]
     if results["incomplete"]:
         lines += ["", "## Incomplete (no ok final run)", ""]
-        lines += [f"- {i['dataset']} ({i['group'] or 'FGVC/other'}): {i['status']}: {i['error']}"
+        lines += [f"- {i['dataset']} ({_group_cell(ds[i['dataset']])}): {i['status']}: {i['error']}"
                   for i in results["incomplete"]]
+    acc = results.get("runs") or {}
+    if acc.get("broken") or acc.get("superseded"):
+        lines += ["", "## Run directories not counted", ""]
+        lines += [f"- broken: {rel(b['path'])}: {b['error']}" for b in acc.get("broken", [])]
+        lines += [f"- duplicate: {rel(d['path'])} is the same trial as {rel(d['counted'])}, "
+                  "which finished later and counts" for d in acc.get("superseded", [])]
     files = results.get("files")
     if files:
         lines += ["", "## Files", ""]

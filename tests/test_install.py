@@ -42,10 +42,13 @@ def _copy_tree(dest: Path) -> Path:
     return dest
 
 
+DROP_ENV = ("PYTHONPATH", "SYNQT_CONFIG_DIR", "VIRTUAL_ENV", "SYNQT_CACHE_DIR")
+
+
 def _env(venv: Path, cache: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SYNQT_CONFIG_DIR", "VIRTUAL_ENV")}
+    env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    env["SYNQT_CACHE_DIR"] = str(cache)
+    env["SYNQT_DEMO_DIR"] = str(cache)  # where synqt demo finds its assets
     env["OMP_NUM_THREADS"] = "1"
     return env
 

@@ -285,7 +285,7 @@ def test_accuracy_figure_dots_per_seed_no_error_bar_for_one_seed_labels_and_mark
     from launcher.plots import accuracy_figure
 
     sweep, _ = grid_sweep
-    res, runs = build_results(sweep), load_runs(sweep)
+    res, runs = build_results(sweep), load_runs(sweep)[1]
     ax = accuracy_figure(res, runs).axes[0]
     # error bars only for tasks with two or more seeds of the chosen point: cifar and cub, not dmlab
     bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
@@ -305,7 +305,7 @@ def test_learning_curves_are_the_mean_over_seeds_with_a_band(grid_sweep):
     from launcher.plots import curves_figure
 
     sweep, _ = grid_sweep
-    fig = curves_figure(build_results(sweep), load_runs(sweep))
+    fig = curves_figure(build_results(sweep), load_runs(sweep)[1])
     axes = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
     assert set(axes) == {"cifar", "dmlab", "cub"}
     assert axes["cifar"].get_legend().get_texts()[0].get_text() == "test (final, 2 seeds)"
@@ -325,7 +325,7 @@ def test_vtab_curves_show_the_search_val200_curve_beside_the_single_test_point(t
                                                        {"epoch": 10, "split": "val200", "acc": v2}])
         write_run(tmp_path, f"final-s{seed}", dataset="dtd", group="Natural", protocol="vtab", stage="final",
                   seed=seed, test_acc=t, eval_history=[{"epoch": 10, "split": "test", "acc": t}])
-    ax = curves_figure(build_results(tmp_path), load_runs(tmp_path)).axes[0]
+    ax = curves_figure(build_results(tmp_path), load_runs(tmp_path)[1]).axes[0]
     final, search = ax.lines
     assert list(final.get_ydata()) == [71.0] and final.get_linestyle() == "-"
     assert list(search.get_ydata()) == [52.0, 62.0] and search.get_linestyle() == "--"
@@ -338,7 +338,7 @@ def test_cost_figure_has_every_ok_final_run(grid_sweep):
     from launcher.plots import cost_figure
 
     sweep, exp = grid_sweep
-    fig = cost_figure(build_results(sweep), load_runs(sweep))
+    fig = cost_figure(build_results(sweep), load_runs(sweep)[1])
     ax_p, ax_m = fig.axes[:2]
     n_ok = sum(len(v) for v in exp["acc"].values())
     xs = sorted(x for line in ax_p.lines for x in line.get_xdata())
