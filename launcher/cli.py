@@ -18,6 +18,7 @@ EPILOG = """examples:
   synqt sweep configs/sweeps/vtab1k.yaml data_root=/data/vtab-1k storage_path=/shared/runs
   synqt sweep configs/sweeps/vtab1k.yaml --dry-run
   synqt aggregate /shared/runs/vtab1k
+  synqt compare /shared/runs/vtab1k /shared/runs/vtab1k_T4
   synqt status /shared/runs/vtab1k
   synqt data check /data/vtab-1k cifar dtd
   synqt bench backbone=vit_base_patch16_224 batch_size=64
@@ -148,11 +149,44 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
-    from launcher.aggregate import aggregate, format_table
+    from pathlib import Path
+
+    from launcher.aggregate import aggregate
+    from launcher.report import summary_text
 
     results = aggregate(args.run_dir, out_dir=args.out)
-    print(format_table(results))
+    print(summary_text(results))
+    out = Path(args.out or args.run_dir)
+    print(f"report: {out / 'results.md'}  tables: {out / 'table.md'}, {out / 'table.tex'}, "
+          f"{out / 'results.csv'}, {out / 'runs.csv'}  plots: {out / 'results.png'}, {out / 'curves.png'}, "
+          f"{out / 'cost.png'} (+ .pdf)")
     return 0
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="two or more sweeps (or published tables as CSV) side by side per task, with differences",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  synqt compare /shared/runs/vtab1k /shared/runs/vtab1k_T4            # first = baseline
+  synqt compare paper=published_synqt.csv mine=/shared/runs/vtab1k --metric best_of_test
+  synqt compare A B C --out report/compare                            # also report/compare.{md,csv}
+a source: a sweep folder (its results.json, or aggregated on the fly), a results.json, or a CSV with
+columns dataset,accuracy (optional method, group), or a paper-layout CSV (method + one column per task,
+e.g. CIFAR-100,Caltech101,...); NAME=SOURCE names its column.""",
+    )
+    p.add_argument("sources", nargs="+", help="two or more: sweep folders, results.json files or CSV tables")
+    p.add_argument("--metric", default="accuracy", choices=["accuracy", "best_of_test"],
+                   help="accuracy: final test accuracy (default); best_of_test: selected on test")
+    p.add_argument("--out", help="write OUT.md and OUT.csv too")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from launcher.compare import compare_main
+
+    return compare_main(args.sources, metric=args.metric, out=args.out)
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
@@ -310,6 +344,19 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
     t.add_argument("index", type=int)
     t.add_argument("overrides", nargs="*")
     t.set_defaults(func=_cmd_slurm_task)
+    w = slurm_sub.add_parser(
+        "script",
+        help="write the shipped sbatch script to a path of your choice (to edit its #SBATCH lines)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  synqt slurm script my_vtab.sh                 # then: sbatch my_vtab.sh vtab1k storage_path=/shared/runs
+  synqt slurm script jobs/ --name vtab_array    # jobs/vtab_array.sh""",
+    )
+    w.add_argument("dest", help="file or existing folder to write to")
+    w.add_argument("--name", default="vtab", choices=["vtab", "vtab_array"],
+                   help="vtab: Ray cluster on the allocation (default); vtab_array: one array task per trial")
+    w.add_argument("--force", action="store_true", help="overwrite an existing file")
+    w.set_defaults(func=_cmd_slurm_script)
 
 
 def _cmd_slurm_array(args: argparse.Namespace) -> int:
@@ -317,6 +364,14 @@ def _cmd_slurm_array(args: argparse.Namespace) -> int:
 
     return submit_array(args.sweep_file, args.overrides, print_only=args.print,
                         concurrency=args.concurrency, sbatch_args=args.sbatch_args)
+
+
+def _cmd_slurm_script(args: argparse.Namespace) -> int:
+    from launcher.slurm import write_script
+
+    path = write_script(args.dest, args.name, force=args.force)
+    print(f"wrote {path}")
+    return 0
 
 
 def _cmd_slurm_task(args: argparse.Namespace) -> int:
@@ -332,8 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
+    from synqt.version import version_string
+
+    parser.add_argument("--version", action="version", version=f"synqt {version_string()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_sweep, _add_aggregate, _add_status, _add_demo, _add_bench,
+    for add in (_add_train, _add_eval, _add_sweep, _add_aggregate, _add_compare, _add_status, _add_demo, _add_bench,
                 _add_data, _add_slurm):
         add(sub)
     return parser

@@ -115,6 +115,8 @@ def run_demo(out: str | Path, overrides: list[str] | None = None) -> int:
     d = sweep.sweep_dir
     print(
         f"\nresults: {d / 'results.md'}  chart: {d / 'results.png'}\n"
+        f"tables: {d / 'table.md'}, {d / 'table.tex'}, {d / 'runs.csv'}  plots: {d / 'curves.png'}, "
+        f"{d / 'cost.png'} (+ .pdf)\n"
         f"TensorBoard: tensorboard --logdir {d}   (per-run logs under {d / rundir.RUNS}, "
         f"sweep summary under {d / 'tensorboard'})",
         flush=True,

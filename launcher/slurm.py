@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from synqt.errors import ConfigError, SynQTError
+from synqt.resources import package_path
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-ARRAY_SCRIPT = REPO_DIR / "slurm" / "vtab_array.sh"
-SWEEP_SCRIPT = REPO_DIR / "slurm" / "vtab.sh"
+# The sbatch scripts ship inside the package (launcher/sbatch; the repository root links slurm -> launcher/sbatch).
+SBATCH_DIR = package_path("launcher", "sbatch")
+ARRAY_SCRIPT = SBATCH_DIR / "vtab_array.sh"
+SWEEP_SCRIPT = SBATCH_DIR / "vtab.sh"
+SCRIPTS = {"vtab": SWEEP_SCRIPT, "vtab_array": ARRAY_SCRIPT}
 
 
 def _plan(sweep_file: str, overrides: list[str], *, prepare: bool) -> tuple[Any, list[Any]]:
@@ -143,3 +146,24 @@ def run_array_task(sweep_file: str, index: int, overrides: list[str]) -> int:
     status = metrics.get("status")
     print(f"[synqt slurm task] {trial.run_name}: {status}", flush=True)
     return 0 if status == "ok" else 1
+
+
+def write_script(dest: str | Path, name: str = "vtab", *, force: bool = False) -> Path:
+    """Copy the shipped sbatch script ``name`` (``vtab`` or ``vtab_array``) to ``dest``, executable.
+
+    ``dest`` may be a folder (the script keeps its file name there). An existing file is kept unless
+    ``force``; raises ConfigError naming the path or the unknown script name.
+    """
+    if name not in SCRIPTS:
+        raise ConfigError(f"unknown sbatch script {name!r}: expected one of {', '.join(SCRIPTS)}")
+    src = SCRIPTS[name]
+    out = Path(dest)
+    if out.is_dir():
+        out = out / src.name
+    if out.exists() and not force:
+        raise ConfigError(f"{out} exists; choose another path or pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise ConfigError(f"folder {out.parent} does not exist; create it or choose another path")
+    out.write_bytes(src.read_bytes())
+    out.chmod(0o755)
+    return out

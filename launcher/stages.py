@@ -73,10 +73,11 @@ def unfinished(sweep: Sweep, trials: list[PlannedTrial], skip: Collection[str] =
 
 def finish_sweep(sweep: Sweep, failures: Failures, started: float) -> dict[str, Any]:
     """Aggregate the sweep folder, print the table and the failures; the result of ``synqt sweep``."""
-    from launcher.aggregate import aggregate, format_table
+    from launcher.aggregate import aggregate
+    from launcher.report import summary_text
 
     results = aggregate(sweep.sweep_dir)
-    print(format_table(results), flush=True)
+    print(summary_text(results), flush=True)
     if failures:
         print(f"synqt sweep: {len(failures)} trial(s) failed:", file=sys.stderr)
         for name, err in failures:

@@ -25,9 +25,10 @@ from synqt import registry, rundir
 from synqt.config import TAGS, Schema, pack_key, setting
 from synqt.errors import ConfigError, DataError
 from synqt.fileio import atomic_write_json, atomic_write_text
+from synqt.resources import shipped_config_dir
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-SWEEP_DIR = REPO_DIR / "configs" / "sweeps"
+# The shipped sweeps (synqt/configs/sweeps inside the installed package; `configs/sweeps` in a checkout).
+SWEEP_DIR = shipped_config_dir() / "sweeps"
 
 PROTOCOLS = ("paper", "vtab")
 SEARCHES = ("grid", "random")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.aggregate import aggregate, choose_point, format_table
+from launcher.aggregate import aggregate, choose_point, format_table, load_runs
 from synqt.errors import SynQTError
 
 METRIC_KEYS = (
@@ -83,7 +83,7 @@ def test_paper_sweep_with_missing_failed_grid_and_fgvc(paper_sweep, tmp_path):
     res = aggregate(sweep, out_dir=out)
     on_disk = json.loads((out / "results.json").read_text())
     assert set(on_disk) == {"datasets", "groups", "mean_of_groups", "mean_of_tasks", "protocol", "incomplete",
-                            "labels", "expected_datasets", "mean_fgvc", "runs"}
+                            "labels", "expected_datasets", "mean_fgvc", "runs", "best_of_test"}
     assert on_disk == {k: v for k, v in res.items() if k != "files"}
     ds = on_disk["datasets"]
 
@@ -131,14 +131,15 @@ def test_paper_sweep_with_missing_failed_grid_and_fgvc(paper_sweep, tmp_path):
     assert "selected on test" in md and "chosen on test" in md
     assert "mean of the three group means" in md and "plain mean of the" in md
     assert "CUDA out of memory" in md  # the failed run of a dataset with ok runs is listed
-    assert md == format_table(res)
+    assert md == format_table(res, load_runs(sweep)[1], out)
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader((out / "results.csv").open()))
     by_name = {r["dataset"]: r for r in rows}
     assert float(by_name["eurosat"]["accuracy"]) == pytest.approx(90.5)
-    assert by_name["caltech101"]["accuracy_label"] == "chosen on test"
-    assert "best_of_test (selected on test)" in rows[0]
-    assert by_name["mean_of_groups"]["status"] == "incomplete"
+    assert by_name["caltech101"]["chosen_on_test"] == "True"
+    assert "best_of_test_selected_on_test" in rows[0]
+    means = {r["mean"]: r for r in csv.DictReader((out / "means.csv").open())}
+    assert means["mean_of_groups"]["status"] == "incomplete"
     # nothing written into the sweep directory when --out is given
     assert not (sweep / "results.json").exists()
 

@@ -106,11 +106,17 @@ def test_run_writes_every_output_with_the_metrics_contract(paper_run, assets):
     assert on_disk["trainable_params"] == expected_trainable(TINY_KW["embed_dim"], TINY_KW["depth"], 1, TASK_CLASSES)
     assert isinstance(on_disk["peak_memory_bytes"], int) and on_disk["peak_memory_bytes"] > 0
     assert on_disk["images_per_s"] > 0 and on_disk["wall_time_s"] > 0
-    assert {"python", "torch", "timm", "accelerate", "git_commit"} <= set(on_disk["versions"])
+    assert {"python", "synqt", "torch", "timm", "accelerate", "pillow", "ray", "git_commit", "git_dirty"} <= set(
+        on_disk["versions"])
     prov = on_disk["provenance"]
     assert prov["backbone_checkpoint_sha256"] == sha256_file(ckpt)
     assert prov["train_split"] == "train800val200" and prov["eval_split"] == "test"
     assert len(prov["train_list_sha256"]) == 64 and prov["train_list_sha256"] != prov["eval_list_sha256"]
+    # the data's layout and image format per split (the test data are PNG files in the vtab_json layout)
+    for key, split in (("train_data", "train800val200"), ("eval_data", "test")):
+        n_listed = len(json.loads((Path(cfg.data_root) / cfg.dataset / f"{split}.json").read_text()))
+        assert prov[key] == {"split": split, "layout": "vtab_json", "images": n_listed,
+                             "image_formats": {"PNG": n_listed}, "data_root": prov[key]["data_root"], "note": None}
 
     # the resolved config loads back strictly and is the config that ran
     assert load_config([run_dir / "config.yaml"], base=False) == cfg

@@ -9,8 +9,6 @@ written through ``synqt.rundir``.
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 
 from synqt.config import HPARAM_KEYS, TrialConfig, config_to_dict, effective_seeds
+from synqt.provenance import library_versions, split_provenance
 
 
 def derive_seed(*parts: int) -> int:
@@ -95,23 +94,6 @@ def summary(run: TrialOutcome, eval_split: str) -> dict[str, Any]:
             "test_acc": last if eval_split == "test" else None}
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def library_versions() -> dict[str, str | None]:
-    import accelerate
-    import timm
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "accelerate": accelerate.__version__, "numpy": np.__version__, "git_commit": _git_commit()}
-
-
 def device_peak_memory(device: torch.device) -> tuple[int, str]:
     """(bytes, kind): CUDA max allocated, or the process's max resident set size on CPU."""
     if device.type == "cuda":
@@ -156,6 +138,8 @@ def trial_metrics(run: TrialOutcome, data: RunData, *, peak: int | None, peak_ki
             "eval_list_sha256": None if eval_list is None else eval_list.list_hash,
             "derived_splits": bool((train_list is not None and train_list.derived)
                                    or (eval_list is not None and eval_list.derived)),
+            "train_data": split_provenance(train_list),
+            "eval_data": split_provenance(eval_list),
             "image_size": data.image_size,
             "data_seed": data_seed,
             "init_seed": init_seed,
