@@ -38,18 +38,19 @@ DRIVER_MEMORY = 256 * 2**20  # bytes of Ray's logical memory resource a multi-de
 def shared_backbones(trials: list[PlannedTrial], existing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read each distinct (backbone, kwargs, checkpoint) once: {key: {"state": numpy dict, "identity": ...}}.
 
-    Trials without a checkpoint (random backbone) or with tensors numpy cannot hold (bf16) build their
+    Trials with checkpoint=random (a seeded random backbone) or with tensors numpy cannot hold (bf16) build their
     own backbone in the engine.
     """
     import torch
 
+    from synqt.checkpoint import is_random
     from synqt.model import build_backbone
 
     out = dict(existing or {})
     for t in trials:
         cfg = t.config
         key = backbone_key(cfg)
-        if key in out or not cfg.checkpoint:
+        if key in out or not cfg.checkpoint or is_random(cfg.checkpoint):
             continue
         model = build_backbone(
             cfg.backbone,

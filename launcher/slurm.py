@@ -35,7 +35,13 @@ def _plan(sweep_file: str, overrides: list[str], *, prepare: bool) -> tuple[Any,
         )
     if prepare:
         prepare_demo_assets(sweep)
-    return sweep, plan_trials(sweep)
+    trials = plan_trials(sweep)
+    if prepare:  # before sbatch: a missing checkpoint would otherwise fail (or, once, train) in every task
+        from synqt.ckptfile import require_backbone_weights
+
+        for t in trials:
+            require_backbone_weights(t.config.checkpoint, f"{sweep_file}: dataset {t.dataset!r}")
+    return sweep, trials
 
 
 def _synqt_command() -> list[str]:

@@ -109,7 +109,9 @@ def run_sequential(sweep: Sweep, plan: list[PlannedTrial]) -> dict[str, Any]:
     backbones: dict[str, torch.nn.Module] = {}
 
     def shared_backbone(cfg: Any) -> torch.nn.Module | None:
-        if not cfg.checkpoint:  # a random backbone: the engine builds (and seeds) its own
+        from synqt.checkpoint import is_random
+
+        if not cfg.checkpoint or is_random(cfg.checkpoint):  # a random backbone: the engine builds (and seeds) its own
             return None
         key = backbone_key(cfg)
         if key not in backbones:

@@ -19,13 +19,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from synqt.ckptfile import (
+from synqt.ckptfile import (  # noqa: F401 - RANDOM, is_random, require_backbone_weights: re-exported
+    RANDOM,
     check_file,
     check_fit,
     grid,
+    is_random,
     model_geometry,
     npz_geometry,
     npz_required_keys,
+    require_backbone_weights,
     state_dict_geometry,
 )
 from synqt.errors import ModelError
@@ -207,11 +210,28 @@ def load_backbone_checkpoint(model: nn.Module, checkpoint: str | Path | Mapping[
     model.load_state_dict(state, strict=True)
 
 
+def weights_text(identity: Mapping[str, Any] | None) -> str:
+    """One line saying which backbone weights a model holds, from its ``backbone_identity``."""
+    identity = identity or {}
+    ckpt = identity.get("checkpoint")
+    if ckpt == RANDOM:
+        return "random initialisation (checkpoint=random)"
+    if ckpt is None:
+        return "random initialisation (no checkpoint)"
+    where = identity.get("checkpoint_path") or ckpt
+    sha = identity.get("checkpoint_sha256")
+    return f"{where} (sha256 {sha})" if sha else str(where)
+
+
 def backbone_identity(model: nn.Module, name: str, kwargs: Mapping[str, Any] | None,
                       checkpoint: Any) -> dict[str, Any]:
     """What a trainable-only checkpoint records so it is never loaded onto another backbone."""
-    if isinstance(checkpoint, (str, Path)):
+    ckpt_path = None
+    if is_random(checkpoint):
+        ckpt_name, ckpt_hash = RANDOM, None
+    elif isinstance(checkpoint, (str, Path)):
         ckpt_name, ckpt_hash = Path(checkpoint).name, sha256_file(checkpoint)
+        ckpt_path = str(Path(checkpoint).absolute())
     elif checkpoint is None:
         ckpt_name, ckpt_hash = None, None
     else:
@@ -224,6 +244,7 @@ def backbone_identity(model: nn.Module, name: str, kwargs: Mapping[str, Any] | N
         "num_heads": int(model.blocks[0].attn.num_heads),
         "checkpoint": ckpt_name,
         "checkpoint_sha256": ckpt_hash,
+        "checkpoint_path": ckpt_path,
     }
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from synqt.errors import ModelError
+from synqt.errors import ConfigError, ModelError
 
 PYTORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SUFFIXES = (".npz", *PYTORCH_SUFFIXES, ".safetensors")
@@ -37,6 +37,30 @@ EXPECTED = {
     **{s: "a PyTorch state dict (torch.save zip or pickle)" for s in PYTORCH_SUFFIXES},
 }
 WEIGHT_KINDS = ("npz", "torch_zip", "torch_pickle", "safetensors")
+
+
+RANDOM = "random"  # checkpoint=random: a randomly initialised backbone, asked for on purpose
+
+
+def is_random(checkpoint: Any) -> bool:
+    """True for ``checkpoint=random`` (any case)."""
+    return isinstance(checkpoint, str) and checkpoint.strip().lower() == RANDOM
+
+
+def require_backbone_weights(checkpoint: Any, where: str) -> Any:
+    """The rule for a trial's backbone weights: a path (or state dict), or ``random`` said explicitly.
+
+    Returns ``checkpoint`` unchanged. A missing one (None or empty) raises ConfigError naming
+    ``where``: a VTAB-1k/FGVC recipe on a random backbone gives numbers near chance, so it must
+    never happen by omission.
+    """
+    if checkpoint is None or (isinstance(checkpoint, (str, Path)) and not str(checkpoint).strip()):
+        raise ConfigError(
+            f"{where}: no backbone weights: key 'checkpoint' is not set. Set checkpoint=/path/to/ViT-B_16.npz "
+            "(the pre-trained weights the recipe expects; .npz, .pth, .bin or .safetensors), or checkpoint=random "
+            "to train on a randomly initialised backbone on purpose (demos, tests)"
+        )
+    return checkpoint
 
 
 def _preview(data: bytes, n: int = 60) -> str:

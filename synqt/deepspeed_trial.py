@@ -270,7 +270,10 @@ class _Worker:
         self.num_classes = cfg.num_classes or dataset_num_classes(cfg.data_root, cfg.dataset, layout=cfg.layout)
         self.train_list = read_split(cfg.data_root, cfg.dataset, self.train_split, layout=cfg.layout)
         self.eval_list = read_split(cfg.data_root, cfg.dataset, self.eval_split, layout=cfg.layout)
-        checkpoint = dict(self.backbone_state) if self.backbone_state is not None else cfg.checkpoint
+        from synqt.checkpoint import require_backbone_weights
+
+        checkpoint = require_backbone_weights(cfg.checkpoint, f"dataset {cfg.dataset!r}")
+        checkpoint = dict(self.backbone_state) if self.backbone_state is not None else checkpoint
         if checkpoint is not None and not isinstance(checkpoint, str):
             checkpoint = {k: torch.as_tensor(np.asarray(v)) for k, v in checkpoint.items()}
         self.backbone = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=checkpoint,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synqt.checkpoint import load_official_state_dict, load_trainable, save_trainable
+from synqt.checkpoint import load_official_state_dict, load_trainable, save_trainable, weights_text
 from synqt.config import TrialConfig, config_to_dict, effective_seeds, save_config, splits_for
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write, atomic_write_json
@@ -116,9 +116,12 @@ def _build_seeded_backbone(cfg: TrialConfig) -> torch.nn.Module:
     A randomly initialised backbone (tests, smoke runs) must be the same in a resumed run, in every
     branch of a pack and in ``evaluate_checkpoint``, so it never depends on the global RNG state.
     """
+    from synqt.checkpoint import require_backbone_weights
+
+    checkpoint = require_backbone_weights(cfg.checkpoint, f"dataset {cfg.dataset!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(effective_seeds(cfg)[0], 3))
-        return build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=cfg.checkpoint,
+        return build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=checkpoint,
                               **cfg.backbone_kwargs)
 
 
@@ -227,6 +230,8 @@ class TrialRecipe:
         self.train_list = read_split(cfg.data_root, cfg.dataset, self.train_split, layout=cfg.layout)
         self.eval_list = read_split(cfg.data_root, cfg.dataset, self.eval_split, layout=cfg.layout)
         self._backbone = self.shared_backbone or _build_seeded_backbone(cfg)
+        log.info("%s: backbone %s, weights: %s", ", ".join(b.run_name for b in self.branches), cfg.backbone,
+                 weights_text(getattr(self._backbone, "synqt_identity", None)))
         size = cfg.image_size or int(self._backbone.patch_embed.img_size[0])
         self.image_size = size
         load = dict(interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
@@ -523,6 +528,7 @@ def trial_metrics(run: Any, data: Any, *, peak: int | None, peak_kind: str, iden
             "backbone": identity.get("name"),
             "backbone_checkpoint": identity.get("checkpoint"),
             "backbone_checkpoint_sha256": identity.get("checkpoint_sha256"),
+            "backbone_weights": weights_text(identity),
             "train_split": data.train_split,
             "eval_split": data.eval_split,
             "train_list_sha256": getattr(train_list, "list_hash", None),
@@ -588,6 +594,10 @@ def run_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, res
              backbone: torch.nn.Module | None = None, report: Callable[[dict], None] | None = None,
              hparams: Sequence[dict] | None = None) -> list[dict]:
     """Train a pack (k >= 1) of trials; returns each branch's metrics dict (also in its metrics.json)."""
+    from synqt.checkpoint import require_backbone_weights
+
+    for c in cfgs:  # before any run dir, device or data: a missing checkpoint is a config error
+        require_backbone_weights(c.checkpoint, f"dataset {c.dataset!r}")
     recipe = TrialRecipe(cfgs, run_dirs, resume=resume, backbone=backbone, report=report, hparams=hparams)
     try:
         recipe.setup()
