@@ -697,6 +697,10 @@ def check_main(root: str | Path, names: Sequence[str] | None = None, layout: str
                         unreadable.append(f"{show_path(p)} ({src}): {e}")
             note = f" (derived from {', '.join(f.name for f in sl.list_files)})" if sl.derived else ""
             print(f"  {split:<15} {len(sl):>7} images {len(set(sl.labels)):>5} classes{note}")
+            for f in sl.list_files:
+                enc = read_list_text(f).encoding
+                if enc != "UTF-8":  # read right, but say so: the next tool may not
+                    print(f"    list {f.name}: read as {enc}")
             if sl.notes:
                 print(f"    {len(sl.notes)} listed path(s) found under another spelling, e.g. {sl.notes[0]}")
             if decode and modes:

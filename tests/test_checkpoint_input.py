@@ -78,6 +78,14 @@ def test_wrong_depth_refused_in_every_format(tmp_path: Path, fmt: str) -> None:
         _build(ckpt)
 
 
+@pytest.mark.parametrize("fmt", ["npz", "pth"])
+def test_input_channel_mismatch_refused(tmp_path: Path, fmt: str) -> None:
+    # timm's npz loader would silently sum the kernel over input channels; a 1-channel ViT is another model
+    ckpt = _write(_timm_vit(5, **dict(TINY_KW, in_chans=1)), tmp_path, fmt)
+    with pytest.raises(ModelError, match=r"input channels 1 in the checkpoint, 3 in the backbone"):
+        _build(ckpt)
+
+
 def test_heads_mismatch_refused_where_the_format_records_heads(tmp_path: Path) -> None:
     ckpt = _write(_timm_vit(5, **dict(TINY_KW, num_heads=4)), tmp_path, "npz")
     with pytest.raises(ModelError, match=r"heads 4 in the checkpoint, 2 in the backbone"):

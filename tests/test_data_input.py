@@ -95,6 +95,18 @@ def test_line_ends_and_separators(tmp_path: Path, sep: str, end: str) -> None:
     assert sl.paths == _expected(ds) and sl.labels == LABELS
 
 
+def test_data_check_names_the_encoding_it_read(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("SYNQT_CONFIG_DIR", str(tmp_path / "no-configs"))
+    ds = _dataset(tmp_path / "data")
+    (ds / "test.txt").write_bytes(ENCODINGS["utf16le_bom"](_txt_lines()))
+    (ds / "train800.txt").write_bytes(_txt_lines(["c0/a.png"], [0]).encode("cp1252") + "c1/é.png 1\n".encode("cp1252"))
+    Image.new("RGB", (4, 4)).save(ds / "c1" / "é.png")
+    assert check_main(tmp_path / "data", ["toy"]) == 0
+    out = capsys.readouterr().out
+    assert "list test.txt: read as UTF-16 LE with BOM" in out
+    assert "list train800.txt: read as cp1252 (not UTF-8: byte 0xe9 at line 2, column 4)" in out
+
+
 def test_backslash_paths_from_windows(tmp_path: Path) -> None:
     ds = _dataset(tmp_path)
     (ds / "test.txt").write_text(_txt_lines([n.replace("/", "\\") for n in NAMES]))
@@ -307,6 +319,18 @@ def test_data_check_counts_modes_and_reports_refused(tmp_path: Path, capsys, mon
 
 
 # ---------------------------------------------------------------------------------------------- handled before
+
+
+def test_split_missing_a_class_keeps_the_class_count(tmp_path: Path) -> None:
+    ds = _dataset(tmp_path, [f"c{i}/{i}.png" for i in range(4)])
+    (ds / "train800.txt").write_text(_txt_lines([f"c{i}/{i}.png" for i in range(4)], [0, 1, 2, 3]))
+    (ds / "test.txt").write_text(_txt_lines(["c0/0.png", "c3/3.png"], [0, 3]))  # classes 1, 2 absent
+    assert validate_dataset(tmp_path, "toy", ["train800", "test"], 4) == {"train800": 4, "test": 2}
+    assert read_split(tmp_path, "toy", "test").labels == [0, 3]
+    from synqt.data import dataset_num_classes
+
+    assert dataset_num_classes(tmp_path, "toy") == 4
+
 
 
 def test_truncated_jpeg_is_a_clean_error(tmp_path: Path) -> None:
