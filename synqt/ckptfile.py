@@ -237,6 +237,9 @@ def npz_geometry(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> Geometry
         g.patch, g.in_chans, g.width = (emb[0], emb[1]), emb[2], emb[3]
     blocks = {k[len(prefix):].split("/")[1] for k in shapes if k.startswith(prefix + "Transformer/encoderblock_")}
     g.depth = len(blocks)
+    stacked = shapes.get(prefix + "Transformer/encoderblock/LayerNorm_0/scale")  # big_vision: [depth, C]
+    if stacked is not None and len(stacked) == 2:
+        g.depth = stacked[0]
     q = shapes.get(prefix + "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel")  # [C, H, d]
     if q is not None and len(q) == 3:
         g.heads = q[1]
@@ -244,7 +247,7 @@ def npz_geometry(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> Geometry
     if mlp is not None:
         g.mlp = mlp[1]
     g.cls_token = (prefix + "cls") in shapes
-    pos = shapes.get(prefix + "Transformer/posembed_input/pos_embedding")
+    pos = shapes.get(prefix + "Transformer/posembed_input/pos_embedding", shapes.get(prefix + "pos_embedding"))
     if pos is not None and len(pos) == 3:
         g.pos_tokens = pos[1]
     return g

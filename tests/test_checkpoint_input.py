@@ -234,3 +234,31 @@ def test_cli_refuses_a_broken_checkpoint_without_a_traceback(tmp_path: Path) -> 
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "HTML/XML page" in proc.stderr and str(page) in proc.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_big_vision_npz_with_stacked_blocks_loads(tmp_path: Path) -> None:
+    """big_vision's layout: `params/` prefix, blocks stacked on a leading axis, sub-module indices 0/1/0."""
+    vit = _timm_vit(9)
+    classic = _to_google_npz(vit)
+    depth = TINY_KW["depth"]
+    rename = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0", "LayerNorm_2": "LayerNorm_1",
+              "MlpBlock_3": "MlpBlock_0", "LayerNorm_0": "LayerNorm_0"}
+    out: dict[str, np.ndarray] = {}
+    for key, value in classic.items():
+        if key.startswith("Transformer/encoderblock_"):
+            continue
+        if key == "Transformer/posembed_input/pos_embedding":
+            key = "pos_embedding"
+        out["params/" + key] = value
+    per_block = [k.split("/", 2)[2] for k in classic if k.startswith("Transformer/encoderblock_0/")]
+    for sub in per_block:
+        first, rest = sub.split("/", 1)
+        stacked = np.stack([classic[f"Transformer/encoderblock_{i}/{sub}"] for i in range(depth)])
+        out[f"params/Transformer/encoderblock/{rename[first]}/{rest}"] = stacked
+    path = tmp_path / "big_vision.npz"
+    np.savez(path, **out)
+    _assert_backbone_equals(_build(path), vit)
+    deeper = tmp_path / "big_vision_deep.npz"
+    np.savez(deeper, **{k: (np.concatenate([v, v[:1]]) if "/encoderblock/" in k else v) for k, v in out.items()})
+    with pytest.raises(ModelError, match=r"depth \(blocks\) 3 in the checkpoint, 2 in the backbone"):
+        _build(deeper)
