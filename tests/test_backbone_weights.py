@@ -21,9 +21,10 @@ from engine_helpers import (  # noqa: F401 - _one_thread_no_progress is an autou
     write_tiny_assets,
 )
 
+from launcher import commands
 from launcher import sweep as sw
-from synqt.engine import run_trial
 from synqt.errors import ConfigError
+from synqt.training import run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 VTAB = REPO / "configs" / "sweeps" / "vtab1k.yaml"
@@ -84,7 +85,7 @@ def test_shipped_sweep_without_checkpoint_is_refused_before_ray(tmp_path, assets
     data_root, _, _ = assets
     ov = [f"storage_path={tmp_path}", f"data_root={data_root}", f"datasets=[{TASK}]"]
     with pytest.raises(ConfigError, match=r"no backbone weights: key 'checkpoint' is not set"):
-        sw.run_sweep_command(str(sweep_file), ov)
+        commands.run_sweep_command(str(sweep_file), ov)
     assert not ray.is_initialized() and not list(tmp_path.iterdir())
 
 
@@ -94,7 +95,7 @@ def test_sweep_refuses_a_checkpoint_that_is_not_weights_before_ray(tmp_path, ass
     page.write_bytes(b"<html><body>404 Not Found</body></html>")
     ov = [f"storage_path={tmp_path / 'runs'}", f"data_root={data_root}", f"datasets=[{TASK}]", f"checkpoint={page}"]
     with pytest.raises(Exception, match=r"ViT-B_16.npz is an HTML/XML page"):
-        sw.run_sweep_command(str(VTAB), ov)
+        commands.run_sweep_command(str(VTAB), ov)
     assert not (tmp_path / "runs").exists()
 
 

@@ -18,9 +18,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synqt.data import check_main, decode_image, detect_layout, load_images, read_split, validate_dataset
+from synqt.data import check_datasets, decode_image, detect_layout, load_images, read_split, validate_dataset
 from synqt.errors import DataError
 from synqt.listfiles import show_path
+
+
+def check_main(root: Path, names: list[str], decode: bool = False) -> int:
+    """`synqt data check` as the CLI runs it: the report printed, its exit code returned."""
+    report = check_datasets(root, names, decode=decode)
+    print(report.text)
+    return report.exit_code
+
 
 BICUBIC = Image.Resampling.BICUBIC
 NEAREST = Image.Resampling.NEAREST
