@@ -36,7 +36,9 @@ def _plan(sweep_file: str, overrides: list[str], *, prepare: bool) -> tuple[Any,
     if prepare:
         prepare_demo_assets(sweep)
     trials = plan_trials(sweep)
-    if prepare:  # before sbatch: a missing checkpoint would otherwise fail (or, once, train) in every task
+    # before sbatch (and in each task): a missing checkpoint would fail every array task; a demo_assets
+    # sweep gets its checkpoint when a task prepares the assets
+    if prepare or not sweep.demo_assets:
         from synqt.ckptfile import require_backbone_weights
 
         for t in trials:

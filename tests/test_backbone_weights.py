@@ -123,3 +123,14 @@ def test_random_sweep_passes_preflight_and_keeps_the_word(tmp_path, assets):
     trials = sw.plan_trials(s)
     assert {t.config.checkpoint for t in trials} == {"random"}
     sw.validate(s, trials)  # no error: random was asked for
+
+
+def test_slurm_array_without_checkpoint_is_refused_before_sbatch(tmp_path, assets, capsys):
+    from launcher.slurm import submit_array
+
+    data_root, ckpt, _ = assets
+    ov = [f"storage_path={tmp_path}", f"data_root={data_root}", f"datasets=[{TASK}]"]
+    with pytest.raises(ConfigError, match=r"vtab1k.yaml: dataset 'syn_count': no backbone weights"):
+        submit_array(str(VTAB), ov, print_only=True)
+    assert submit_array(str(VTAB), [*ov, f"checkpoint={ckpt}"], print_only=True) == 0
+    assert "sbatch" in capsys.readouterr().out
