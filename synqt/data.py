@@ -112,14 +112,14 @@ def _dataset_dir(data_root: str | Path, dataset: str) -> Path:
     if not str(data_root):
         raise DataError("data_root is empty: set data_root (or --data-root) to the folder holding datasets")
     if not root.is_dir():
-        raise DataError(f"data root {root} does not exist or is not a folder")
+        raise DataError(f"data root {show_path(root)} does not exist or is not a folder")
     if not dataset:
         raise DataError(f"dataset name is empty: name one of the folders under {root}")
     ds_dir = root / dataset
     if not ds_dir.is_dir():
         folders = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise DataError(
-            f"dataset folder {ds_dir} does not exist; folders under {root}: "
+            f"dataset folder {show_path(ds_dir)} does not exist; folders under {root}: "
             + (", ".join(folders) if folders else "(none)")
         )
     return ds_dir

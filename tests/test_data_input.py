@@ -347,3 +347,10 @@ def test_truncated_jpeg_is_a_clean_error(tmp_path: Path) -> None:
     p.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=f"cannot decode image {p}"):
         decode_image(p, 8, BICUBIC)
+
+
+def test_dataset_name_with_an_invisible_character_is_shown(tmp_path: Path) -> None:
+    _dataset(tmp_path, name="cifar")
+    shown = r"cifar\\u200b \[contains invisible characters: ZERO WIDTH SPACE\] does not exist"
+    with pytest.raises(DataError, match=r"dataset folder .*" + shown + r".*: cifar"):
+        read_split(tmp_path, "cifar\u200b", "test")
