@@ -38,7 +38,15 @@ def _plan(sweep_file: str, overrides: list[str], *, prepare: bool) -> tuple[Any,
         )
     if prepare:
         prepare_demo_assets(sweep)
-    return sweep, plan_trials(sweep)
+    trials = plan_trials(sweep)
+    # before sbatch (and in each task): a missing checkpoint would fail every array task; a demo_assets
+    # sweep gets its checkpoint when a task prepares the assets
+    if prepare or not sweep.demo_assets:
+        from synqt.ckptfile import require_backbone_weights
+
+        for t in trials:
+            require_backbone_weights(t.config.checkpoint, f"{sweep_file}: dataset {t.dataset!r}")
+    return sweep, trials
 
 
 def _synqt_command() -> list[str]:

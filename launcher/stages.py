@@ -25,6 +25,7 @@ from launcher.sweep import (
     stage_names,
 )
 from synqt import rundir
+from synqt.ckptfile import is_random
 from synqt.fileio import atomic_write_json
 
 Failures = list[tuple[str, str]]
@@ -104,7 +105,8 @@ def run_sequential(sweep: Sweep, plan: list[PlannedTrial]) -> dict[str, Any]:
     backbones: dict[str, torch.nn.Module] = {}
 
     def shared_backbone(cfg: Any) -> torch.nn.Module | None:
-        if not cfg.checkpoint or trainer_for(cfg) == "deepspeed":  # random: the trainer seeds its own
+        # random (or no) weights: the trainer seeds its own; DeepSpeed workers build theirs
+        if not cfg.checkpoint or is_random(cfg.checkpoint) or trainer_for(cfg) == "deepspeed":
             return None
         key = backbone_key(cfg)
         if key not in backbones:

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from synqt import registry, rundir
+from synqt.ckptfile import RANDOM, is_random, require_backbone_weights
 from synqt.config import TAGS, Schema, pack_key, setting
 from synqt.errors import ConfigError, DataError
 from synqt.fileio import atomic_write_json, atomic_write_text
@@ -314,6 +315,9 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
     s.storage_path = str(Path(os.path.expanduser(sp)).absolute())
     for k in ("data_root", "checkpoint"):
         v = SWEEP.check(k, raw.get(k), source)
+        if k == "checkpoint" and is_random(v):
+            s.checkpoint = RANDOM  # said on purpose: a randomly initialised backbone, not the path <cwd>/random
+            continue
         setattr(s, k, str(Path(os.path.expanduser(v)).absolute()) if v else None)
     pack = raw.get("pack", "off")
     if isinstance(pack, bool):
@@ -608,10 +612,12 @@ def prepare_demo_assets(sweep: Sweep) -> None:
 
 def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
     """Refuse a sweep before any Ray resource: data folders + list files, checkpoint, resources."""
+    from synqt.ckptfile import check_file
     from synqt.config import splits_for
     from synqt.data import validate_dataset
 
     seen: set[tuple] = set()
+    checked: set[str] = set()
     for t in trials:
         cfg = t.config
         if not cfg.data_root:
@@ -632,11 +638,16 @@ def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
                 validate_dataset(cfg.data_root, cfg.dataset, list(splits), cfg.num_classes, cfg.layout)
             except DataError as err:
                 raise DataError(f"dataset {t.dataset!r} ({folder}): {err}") from None
-        if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
-            raise ConfigError(
-                f"{sweep.source}: backbone checkpoint {cfg.checkpoint} (key 'checkpoint', "
-                f"dataset {t.dataset!r}) does not exist"
-            )
+        where = f"{sweep.source}: dataset {t.dataset!r}"
+        require_backbone_weights(cfg.checkpoint, where)
+        if not is_random(cfg.checkpoint) and cfg.checkpoint not in checked:
+            if not Path(cfg.checkpoint).is_file():
+                raise ConfigError(
+                    f"{sweep.source}: backbone checkpoint {cfg.checkpoint} (key 'checkpoint', "
+                    f"dataset {t.dataset!r}) does not exist"
+                )
+            check_file(Path(cfg.checkpoint))  # a cut-off download or an HTML page: refused before Ray
+            checked.add(cfg.checkpoint)
 
 
 def _split_size(cfg: Any, split: str, default: int) -> int:
@@ -709,6 +720,33 @@ def write_plan(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) -
     return atomic_write_json(d / rundir.PLAN, plan_dict(sweep, trials, stage2_pending))
 
 
+def weights_lines(sweep: Sweep, trials: list[PlannedTrial]) -> list[str]:
+    """Which backbone weights the trials will use: path + sha256, random, the demo backbone, or none."""
+    from synqt.fileio import sha256_file
+
+    out: dict[str, list[str]] = {}
+    for t in trials:
+        ckpt = t.config.checkpoint
+        if is_random(ckpt):
+            text = "random initialisation (checkpoint=random)"
+        elif not ckpt and sweep.demo_assets:
+            text = "the pre-trained demo backbone (demo_assets: created or reused when the sweep starts)"
+        elif not ckpt:
+            text = ("NONE: key 'checkpoint' is not set, so the sweep will be refused; set "
+                    "checkpoint=/path/ViT-B_16.npz or checkpoint=random")
+        elif Path(ckpt).is_file():
+            text = f"{Path(ckpt).absolute()} (sha256 {sha256_file(ckpt)})"
+        else:
+            text = f"{ckpt} (file not found: the sweep will be refused)"
+        out.setdefault(text, []).append(t.dataset)
+    if len(out) == 1:
+        return [f"backbone weights: {next(iter(out))}"]
+    lines = ["backbone weights:"]
+    for text, datasets in out.items():
+        lines.append(f"  {', '.join(dict.fromkeys(datasets))}: {text}")
+    return lines
+
+
 def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
     """The human-readable plan: counts, per-dataset trials, packs, resources, estimated images."""
     lines = [
@@ -739,6 +777,7 @@ def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
     lines.append("packs:")
     for i, p in enumerate(packs):
         lines.append(f"  pack {i:>3} ({len(p)}): " + ", ".join(t.run_name for t in p))
+    lines.extend(weights_lines(sweep, trials))
     imgs = estimated_images(sweep, trials)
     lines.append(
         f"estimated images through the backbone (training epochs x train images + evals): "

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synqt.ckptfile import RANDOM
 from synqt.errors import ConfigError, DataError
 from synqt.memory import (
     GIB,
@@ -270,7 +271,7 @@ def bench_models(cfg: Any, modes: Sequence[str], *, steps: int, baselines: bool 
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     device = _device(cfg)
     torch.manual_seed(cfg.seed)
-    backbone = frozen_backbone(cfg).to(device)
+    backbone = frozen_backbone(cfg, checkpoint=cfg.checkpoint or RANDOM).to(device)  # timing: random is fine
     size = _image_size(cfg, backbone)
     B = int(cfg.batch_size)
     classes = int(cfg.num_classes or BENCH_NUM_CLASSES)
@@ -319,7 +320,7 @@ def bench_pack(cfg: Any, n: int, *, steps: int, log: Callable[[str], None] = pri
     """Wall time of one training step of a pack of ``n`` branches against ``n`` single-branch steps."""
     device = _device(cfg)
     torch.manual_seed(cfg.seed)
-    backbone = frozen_backbone(cfg).to(device)
+    backbone = frozen_backbone(cfg, checkpoint=cfg.checkpoint or RANDOM).to(device)  # timing: random is fine
     size = _image_size(cfg, backbone)
     classes = int(cfg.num_classes or BENCH_NUM_CLASSES)
     images = torch.randn(cfg.batch_size, 3, size, size, device=device)

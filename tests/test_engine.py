@@ -3,6 +3,7 @@ precision, gradient accumulation and bad input, on a tiny ViT on CPU."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -110,6 +111,8 @@ def test_run_writes_every_output_with_the_metrics_contract(paper_run, assets):
         on_disk["versions"])
     prov = on_disk["provenance"]
     assert prov["backbone_checkpoint_sha256"] == sha256_file(ckpt)
+    want = f"{Path(ckpt).absolute()} (sha256 {hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()})"
+    assert prov["backbone_weights"] == want
     assert prov["train_split"] == "train800val200" and prov["eval_split"] == "test"
     assert len(prov["train_list_sha256"]) == 64 and prov["train_list_sha256"] != prov["eval_list_sha256"]
     # the data's layout and image format per split (the test data are PNG files in the vtab_json layout)

@@ -283,6 +283,11 @@ class _Worker:
         self.train_list = read_split(cfg.data_root, cfg.dataset, self.train_split, layout=cfg.layout)
         self.eval_list = read_split(cfg.data_root, cfg.dataset, self.eval_split, layout=cfg.layout)
         self.backbone = frozen_backbone(cfg, state=self.backbone_state)
+        if self.is_main:
+            from synqt.checkpoint import weights_text
+
+            log.info("%s: backbone %s, weights: %s", Path(self.run_dir).name, cfg.backbone,
+                     weights_text(getattr(self.backbone, "synqt_identity", None)))
         self.image_size = cfg.image_size or int(self.backbone.patch_embed.img_size[0])
         load = dict(interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
         # rank 0 builds the decoded-image cache first (the file lock would serialise them anyway)

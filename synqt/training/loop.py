@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from synqt.checkpoint import weights_text
 from synqt.config import HPARAM_KEYS, TrialConfig, config_to_dict, effective_seeds
 from synqt.provenance import library_versions, split_provenance
 
@@ -132,6 +133,7 @@ def trial_metrics(run: TrialOutcome, data: RunData, *, peak: int | None, peak_ki
             "backbone": identity.get("name"),
             "backbone_checkpoint": identity.get("checkpoint"),
             "backbone_checkpoint_sha256": identity.get("checkpoint_sha256"),
+            "backbone_weights": weights_text(identity),
             "train_split": data.train_split,
             "eval_split": data.eval_split,
             "train_list_sha256": None if train_list is None else train_list.list_hash,

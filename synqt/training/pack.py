@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from synqt import rundir
-from synqt.checkpoint import load_official_state_dict, load_trainable, save_trainable
+from synqt.checkpoint import load_official_state_dict, load_trainable, save_trainable, weights_text
 from synqt.config import PACK_KEYS, TrialConfig, effective_seeds, pack_key, save_config, splits_for
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write, atomic_write_json
@@ -137,6 +137,8 @@ class TrialRecipe:
         self.train_list = read_split(cfg.data_root, cfg.dataset, self.train_split, layout=cfg.layout)
         self.eval_list = read_split(cfg.data_root, cfg.dataset, self.eval_split, layout=cfg.layout)
         self._backbone = self.shared_backbone or frozen_backbone(cfg)
+        log.info("%s: backbone %s, weights: %s", ", ".join(b.run_name for b in self.branches), cfg.backbone,
+                 weights_text(getattr(self._backbone, "synqt_identity", None)))
         size = cfg.image_size or int(self._backbone.patch_embed.img_size[0])
         self.image_size = size
         load = dict(interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
