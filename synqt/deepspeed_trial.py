@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synqt.checkpoint import save_trainable
+from synqt.compat import check_same_run
 from synqt.config import (
     CONFIG_DIR,
     TrialConfig,
@@ -494,7 +495,8 @@ class _Worker:
             save_trainable(self.branch, self.run_dir / "trainable.safetensors",
                            backbone_identity=self.backbone.synqt_identity,
                            extra={"dataset": self.cfg.dataset, "run_name": self.run_dir.name,
-                                  "num_classes": self.num_classes, "trainer": "deepspeed"})
+                                  "num_classes": self.num_classes, "image_size": self.image_size,
+                                  "trainer": "deepspeed"})
         metrics = build_metrics(self)
         self._write_hparams(metrics)
         atomic_write_json(metrics_path(self.run_dir), metrics)
@@ -549,6 +551,7 @@ def train_worker(cfg: TrialConfig | dict, run_dir: str | Path, *, report: Callab
     run_dir = Path(run_dir)
     device = _device(cfg)
     _init_distributed(device)
+    check_same_run(cfg, run_dir)  # a resume continues exactly the same run, or stops naming each change
     done = read_metrics(run_dir)
     if done and done.get("status") == "ok":
         log.info("%s already finished; skipping", run_dir.name)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from synqt.checkpoint import load_official_state_dict, load_trainable, save_trainable
+from synqt.compat import check_same_run, check_weights_fit
 from synqt.config import TrialConfig, config_to_dict, effective_seeds, save_config, splits_for
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write, atomic_write_json
@@ -188,7 +189,10 @@ class TrialRecipe:
         keep_freed_host_memory(self.device)  # on CPU: no page faults for every step's activations
         for branch in self.branches:
             previous = read_metrics(branch.run_dir)
-            if previous and previous.get("status") == "ok":
+            finished = bool(previous and previous.get("status") == "ok")
+            if self.resume or finished:  # continue exactly the same run, or stop naming what changed
+                check_same_run(branch.cfg, branch.run_dir)
+            if finished:
                 branch.status = "skipped"
                 log.info("%s already finished; skipping", branch.run_name)
         if all(b.status == "skipped" for b in self.branches):
@@ -278,6 +282,11 @@ class TrialRecipe:
         if not path.is_file():
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
+        fits = state.get("fits") or {}
+        if "num_classes" not in fits and "head.classifier.weight" in state["branch"]:  # older resume.pt
+            fits = {**fits, "num_classes": int(state["branch"]["head.classifier.weight"].shape[0])}
+        check_weights_fit(str(path), fits, dataset=branch.cfg.dataset, num_classes=self.num_classes,
+                          image_size=self.image_size)
         branch.module.load_state_dict(state["branch"])
         branch.optimizer.load_state_dict(state["optimizer"])
         branch.step = int(state["step"])
@@ -294,6 +303,8 @@ class TrialRecipe:
             "epochs_done": branch.epochs_done,
             "eval_history": branch.eval_history,
             "generator": branch.module.generator.get_state(),
+            # what the weights fit, checked before they are loaded again (synqt.compat)
+            "fits": {"dataset": branch.cfg.dataset, "num_classes": self.num_classes, "image_size": self.image_size},
         }
         atomic_write(branch.run_dir / "resume.pt", lambda tmp: torch.save(state, tmp))
 
@@ -454,7 +465,8 @@ class TrialRecipe:
     def _finish(self, b: _Branch) -> None:
         b.status = "ok"
         identity = self._backbone.synqt_identity
-        extra = {"dataset": b.cfg.dataset, "run_name": b.run_name, "num_classes": self.num_classes}
+        extra = {"dataset": b.cfg.dataset, "run_name": b.run_name, "num_classes": self.num_classes,
+                 "image_size": self.image_size}
         save_trainable(b.module, b.run_dir / "trainable.safetensors", backbone_identity=identity, extra=extra)
         atomic_write_json(b.run_dir / "trainable.json", {
             "weights": "trainable.safetensors", "backbone": identity, "token_nums": b.cfg.token_nums,
@@ -640,10 +652,13 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
     else:
         load_trainable(model, weights)
     data_classes = cfg.num_classes or dataset_num_classes(cfg.data_root, cfg.dataset, layout=cfg.layout)
-    if data_classes > num_classes:
-        raise ConfigError(f"{weights} has {num_classes} classes but {cfg.dataset} has {data_classes}")
-    split_list = read_split(cfg.data_root, cfg.dataset, split, layout=cfg.layout)
     size = cfg.image_size or int(backbone.patch_embed.img_size[0])
+    recorded = {"num_classes": num_classes}
+    if not official:
+        recorded.update({k: header.get("extra", {}).get(k) for k in ("dataset", "image_size")})
+    warnings = check_weights_fit(str(weights), recorded, dataset=cfg.dataset, num_classes=data_classes,
+                                 image_size=size)
+    split_list = read_split(cfg.data_root, cfg.dataset, split, layout=cfg.layout)
     images, labels = load_images(split_list, size, interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
     model.eval()
     correct = 0
@@ -654,7 +669,8 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
             correct += int((logits.argmax(-1) == torch.as_tensor(labels[idx])).sum())
     acc = 100.0 * correct / max(len(labels), 1)
     result = {"dataset": cfg.dataset, "split": split, "acc": acc, "images": int(len(labels)),
-              "weights": str(weights), "official": official, "test_acc" if split == "test" else "val_acc": acc}
+              "weights": str(weights), "official": official, "test_acc" if split == "test" else "val_acc": acc,
+              "warnings": warnings}
     out_path = Path(out) if out else Path(weights).parent / "eval_metrics.json"
     atomic_write_json(out_path if out_path.suffix == ".json" else out_path / "eval_metrics.json", result)
     return result
