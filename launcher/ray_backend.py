@@ -9,6 +9,8 @@ the driver and shared through the object store as numpy arrays (zero-copy on eac
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 import warnings
@@ -145,8 +147,16 @@ def pack_trainable(
     backbones: dict[str, Any] | None = None,
     fail_once: str | None = None,
 ) -> None:
-    """Tune function trainable: run one pack with the engine; forward its epoch reports to Tune."""
-    pack = (packs or [])[config["pack"]]
+    """Tune function trainable: run one pack with the engine; forward its epoch reports to Tune.
+
+    ``config["pack"]`` is the pack's content key (``launcher.resume.pack_id``), never its position, so
+    a Tune trial restored from an earlier experiment can only run the pack it was made for.
+    """
+    by_id = {p["id"]: p for p in (packs or [])}
+    if config["pack"] not in by_id:
+        raise RuntimeError(f"Ray trial for pack {config['pack']} is not in this sweep's plan (a restored trial of "
+                           "an earlier plan); it runs nothing")
+    pack = by_id[config["pack"]]
     entry = (backbones or {}).get(backbone_key(pack["cfgs"][0]))
     if pack["devices"] > 1:
         _deepspeed_trial(pack, entry)
@@ -275,10 +285,13 @@ def _start_ray(address: str | None, num_cpus: int | None = None) -> bool:
 
 
 def _payload(sweep: Sweep, trials: list[PlannedTrial]) -> list[dict[str, Any]]:
+    from launcher.resume import pack_id
+
     out = []
     for p in packs_of(trials):
         out.append(
             {
+                "id": pack_id([t.run_name for t in p], [t.config for t in p]),
                 "cfgs": [t.config for t in p],
                 "run_dirs": [str(t.run_dir(sweep)) for t in p],
                 "run_names": [t.run_name for t in p],
@@ -315,49 +328,92 @@ def _run_stage(
         _trial_resources(sweep),
     )
     storage = sweep.sweep_dir / "_ray"
-    exp_dir = storage / stage
     print(f"synqt sweep: stage {stage}: {len(trials)} trial(s) in {len(payload)} Ray trial(s)", flush=True)
-    if resume and Tuner.can_restore(str(exp_dir)):
-        tuner = Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    ids = [p["id"] for p in payload]
+    exp_name, restore = _experiment(storage, stage, ids, resume)
+    if restore:
+        tuner = Tuner.restore(str(storage / exp_name), trainable=trainable, resume_unfinished=True,
+                              resume_errored=True)
     else:
         scheduler = None
         if sweep.asha and stage == "search":
             from ray.tune.schedulers import ASHAScheduler
 
             scheduler = ASHAScheduler(time_attr="epoch", metric="score", mode="max", **sweep.asha)
-        names = [
-            p["run_names"][0] + (f"+{len(p['run_names']) - 1}" if len(p["run_names"]) > 1 else "")
+        names = {
+            p["id"]: p["run_names"][0] + (f"+{len(p['run_names']) - 1}" if len(p["run_names"]) > 1 else "")
             for p in payload
-        ]
+        }
+        position = {pid: i for i, pid in enumerate(ids)}
         tuner = Tuner(
             trainable,
-            param_space={"pack": tune.grid_search(list(range(len(payload))))},
+            param_space={"pack": tune.grid_search(ids)},
             tune_config=TuneConfig(
                 max_concurrent_trials=sweep.max_concurrent,
                 scheduler=scheduler,
                 trial_name_creator=lambda t: names[t.config["pack"]],
-                trial_dirname_creator=lambda t: f"pack{t.config['pack']:04d}",
+                trial_dirname_creator=lambda t: f"pack{position[t.config['pack']]:04d}-{t.config['pack'][:8]}",
             ),
             run_config=RunConfig(
-                name=stage,
+                name=exp_name,
                 storage_path=str(storage),
                 verbose=1,
                 failure_config=FailureConfig(max_failures=sweep.retries),
             ),
         )
+    _write_pack_ids(storage / exp_name, ids)
     grid = tuner.fit()
     failures: list[tuple[str, str]] = []
     errored: set[str] = set()
+    by_id = {p["id"]: p for p in payload}
     for res in grid:
         if res.error is not None:
-            idx = (res.config or {}).get("pack")
-            members = payload[idx]["run_names"] if idx is not None and idx < len(payload) else ["?"]
+            pid = (res.config or {}).get("pack")
+            members = by_id[pid]["run_names"] if pid in by_id else ["?"]
             for name in members:
                 m = read_metrics(sweep.sweep_dir / "runs" / name)
                 if not (m and m.get("status") == "ok"):
                     errored.add(name)
                     failures.append((name, f"{type(res.error).__name__}: {str(res.error).strip()[-500:]}"))
     return failures + unfinished(sweep, trials, skip=errored, stopped_early_ok=bool(sweep.asha and stage == "search"))
+
+
+PACK_IDS_FILE = "synqt_packs.json"  # the pack keys a stage's Tune experiment was made for
+
+
+def _write_pack_ids(exp_dir: Path, ids: list[str]) -> None:
+    from synqt.fileio import atomic_write_json
+
+    atomic_write_json(exp_dir / PACK_IDS_FILE, sorted(ids))
+
+
+def _experiment(storage: Path, stage: str, ids: list[str], resume: bool) -> tuple[str, bool]:
+    """(Tune experiment name, restore it?) for a stage whose packs have the keys ``ids``.
+
+    A Tune experiment is restored only when it was made for exactly these packs. A resume with a changed
+    plan starts a new experiment (named by the plan's keys) instead: Tune's restore knows only the trials
+    it had, so added packs would never run, and it must never run a changed plan inside old trials. The
+    engine itself skips finished trials and resumes unfinished ones from their epoch checkpoints.
+    """
+    from ray.tune import Tuner
+
+    digest = hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:8]
+    candidates = [stage, f"{stage}-{digest}"]
+    if resume:
+        for name in candidates:
+            exp = storage / name
+            try:
+                made_for = json.loads((exp / PACK_IDS_FILE).read_text())
+            except (OSError, ValueError):
+                continue
+            if made_for == sorted(ids) and Tuner.can_restore(str(exp)):
+                return name, True
+    if (storage / stage).exists():
+        print(f"synqt sweep: stage {stage}: the plan differs from the one its Ray experiment "
+              f"{storage / stage} was made for; running a new Ray experiment {candidates[1]} (finished trials are "
+              "not rerun, unfinished ones continue from their last epoch)", flush=True)
+        return candidates[1], False
+    return stage, False
 
 
 def run_sweep(
