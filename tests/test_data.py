@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import multiprocessing as mp
 import shutil
 from pathlib import Path
@@ -279,7 +280,10 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.delenv("SLURM_TMPDIR", raising=False)
     import tempfile
 
-    assert default_cache_dir() == Path(tempfile.gettempdir()) / "synqt-cache"
+    import pwd
+
+    # per user: a folder the first user makes is not writable by the next (issue 14)
+    assert default_cache_dir() == Path(tempfile.gettempdir()) / f"synqt-cache-{pwd.getpwuid(os.getuid()).pw_name}"
     monkeypatch.setenv("SLURM_TMPDIR", str(tmp_path / "slurm"))
     assert default_cache_dir() == tmp_path / "slurm" / "synqt-cache"
     monkeypatch.setenv("SYNQT_CACHE_DIR", str(tmp_path / "mine"))
