@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import multiprocessing as mp
+import os
 import shutil
 from pathlib import Path
 
@@ -278,9 +278,8 @@ def test_concurrent_build_happens_once(tmp_path: Path, cache: Path) -> None:
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("SYNQT_CACHE_DIR", raising=False)
     monkeypatch.delenv("SLURM_TMPDIR", raising=False)
-    import tempfile
-
     import pwd
+    import tempfile
 
     # per user: a folder the first user makes is not writable by the next (issue 14)
     assert default_cache_dir() == Path(tempfile.gettempdir()) / f"synqt-cache-{pwd.getpwuid(os.getuid()).pw_name}"
