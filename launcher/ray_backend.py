@@ -20,6 +20,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from launcher.resources import DRIVER_MEMORY, check_fits, concurrency_cap, worker_request
 from launcher.stages import backbone_key, drive_stages, finish_sweep, unfinished
 from launcher.sweep import (
     PlannedTrial,
@@ -30,7 +31,6 @@ from launcher.sweep import (
 
 FAIL_ONCE_ENV = "SYNQT_FAIL_ONCE"  # test hook: run_name whose pack raises once, after its first epoch
 FAIL_ONCE_MARKER = ".synqt_fail_once"
-DRIVER_MEMORY = 256 * 2**20  # bytes of Ray's logical memory resource a multi-device trial's driver holds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,7 +38,8 @@ DRIVER_MEMORY = 256 * 2**20  # bytes of Ray's logical memory resource a multi-de
 
 
 def shared_backbones(trials: list[PlannedTrial], existing: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read each distinct (backbone, kwargs, checkpoint) once: {key: {"state": numpy dict, "identity": ...}}.
+    """Read each distinct (backbone, kwargs, checkpoint) once and ``ray.put`` it once:
+    {key: {"ref": ObjectRef of the numpy state dict, "identity": ...}}.
 
     Trials without a checkpoint (random backbone) or with tensors numpy cannot hold (bf16) build their
     own backbone in the engine.
@@ -63,8 +64,9 @@ def shared_backbones(trials: list[PlannedTrial], existing: dict[str, Any] | None
         if any(v.dtype == torch.bfloat16 for v in state.values()):
             out[key] = None
             continue
+        # one object-store copy per sweep: every trial (and every DeepSpeed worker) gets this reference
         out[key] = {
-            "state": {k: v.detach().cpu().contiguous().numpy() for k, v in state.items()},
+            "ref": ray.put({k: v.detach().cpu().contiguous().numpy() for k, v in state.items()}),
             "identity": getattr(model, "synqt_identity", None),
         }
     return out
@@ -77,9 +79,10 @@ def backbone_from_shared(entry: dict[str, Any], cfg: Any) -> Any:
     from synqt.model import build_backbone
 
     kwargs = dict(cfg.backbone_kwargs or {})
+    state = ray.get(entry["ref"])  # numpy arrays mapped from the node's object store, not copied
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # object-store arrays are read-only; the backbone is frozen
-        tensors = {k: torch.from_numpy(v) for k, v in entry["state"].items()}
+        tensors = {k: torch.from_numpy(v) for k, v in state.items()}
         try:
             with torch.device("meta"):
                 model = build_backbone(
@@ -206,16 +209,13 @@ def _deepspeed_trial(pack: dict[str, Any], backbone_entry: dict[str, Any] | None
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from synqt.config import config_to_dict
 
     cfg, run_dir = pack["cfgs"][0], pack["run_dirs"][0]
     done = read_metrics(Path(run_dir))
     if not (done and done.get("status") == "ok"):
         res = pack["resources"]
         per_worker = {"CPU": res["cpus"], "GPU": res["gpus"]} if res["gpus"] > 0 else {"CPU": res["cpus"]}
-        loop_config = {"cfg": config_to_dict(cfg), "run_dir": run_dir, "backbone": None}
-        if backbone_entry is not None:
-            loop_config["backbone"] = ray.put(backbone_entry["state"])
+        loop_config = deepspeed_loop_config(cfg, run_dir, backbone_entry)
         trainer = TorchTrainer(
             _deepspeed_worker,
             train_loop_config=loop_config,
@@ -231,6 +231,15 @@ def _deepspeed_trial(pack: dict[str, Any], backbone_entry: dict[str, Any] | None
         trainer.fit()  # raises on a worker failure: Tune's FailureConfig retries, the workers resume
     m = read_metrics(Path(run_dir)) or {"run_name": pack["run_names"][0], "status": "missing"}
     tune.report(_final_report([m]))
+
+
+def deepspeed_loop_config(cfg: Any, run_dir: str, backbone_entry: dict[str, Any] | None) -> dict[str, Any]:
+    """The TorchTrainer workers' config: the trial config, its run dir, and the sweep's one reference to the
+    shared frozen backbone (put once per sweep by ``shared_backbones``, never again per trial)."""
+    from synqt.config import config_to_dict
+
+    return {"cfg": config_to_dict(cfg), "run_dir": run_dir,
+            "backbone": backbone_entry["ref"] if backbone_entry is not None else None}
 
 
 def _train_to_tune_callbacks() -> list[Any]:
@@ -275,13 +284,41 @@ def _start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            runtime_env=env,
-            log_to_driver=True,
-        )
+        # num_cpus only when asked for: Ray's own count honours the cgroup (salloc, containers), while
+        # os.cpu_count() is every core of the node
+        extra = {"num_cpus": num_cpus} if num_cpus else {}
+        ray.init(include_dashboard=False, runtime_env=env, log_to_driver=True, **extra)
     return True
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+class _PendingReporter(tune.Callback):
+    """Names each Tune trial that has waited longer than ``after_s`` seconds for its resources (once)."""
+
+    def __init__(self, after_s: float, members: dict[str, list[str]], request: dict[str, float]) -> None:
+        self.after_s, self.members, self.request = after_s, members, request
+        self.since: dict[str, float] = {}
+        self.reported: set[str] = set()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        for trial in trials:
+            if trial.status != "PENDING":
+                self.since.pop(trial.trial_id, None)
+                continue
+            start = self.since.setdefault(trial.trial_id, now)
+            if now - start >= self.after_s and trial.trial_id not in self.reported:
+                self.reported.add(trial.trial_id)
+                runs = self.members.get((trial.config or {}).get("pack"), ["?"])
+                avail = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+                total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+                unit = "worker" if self.request.get("devices", 1) > 1 else "trial"
+                print(f"synqt sweep: trial {', '.join(runs)} has been pending for {now - start:.0f} s "
+                      f"(pending_report_s={self.after_s:g}); it needs {self.request} per {unit}; the cluster "
+                      f"has {total} in total, {avail} free now", flush=True)
 
 
 def _payload(sweep: Sweep, trials: list[PlannedTrial]) -> list[dict[str, Any]]:
@@ -304,6 +341,13 @@ def _payload(sweep: Sweep, trials: list[PlannedTrial]) -> list[dict[str, Any]]:
     return out
 
 
+def _pending_reporter(sweep: Sweep, payload: list[dict[str, Any]]) -> _PendingReporter:
+    request: dict[str, float] = dict(worker_request(sweep.resources))
+    if sweep.resources["devices"] > 1:
+        request["devices"] = sweep.resources["devices"]
+    return _PendingReporter(sweep.pending_report_s, {p["id"]: p["run_names"] for p in payload}, request)
+
+
 def _trial_resources(sweep: Sweep) -> dict[str, float]:
     res = sweep.resources
     if res["devices"] > 1:
@@ -320,6 +364,9 @@ def _run_stage(
     """Run one stage's packs as Tune trials (restoring the stage's Tuner on --resume); return failures."""
     from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 
+    # Tune's automatic CSV/JSON/TensorBoardX loggers would put a second copy of every trial under _ray/
+    # (the engine writes each run's TensorBoard events itself); read by Tune when the Tuner starts
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     payload = _payload(sweep, trials)
     refs = {k: v for k, v in backbones.items() if v is not None}
     fail_once = os.environ.get(FAIL_ONCE_ENV)
@@ -349,7 +396,7 @@ def _run_stage(
             trainable,
             param_space={"pack": tune.grid_search(ids)},
             tune_config=TuneConfig(
-                max_concurrent_trials=sweep.max_concurrent,
+                max_concurrent_trials=concurrency_cap(sweep.resources, _alive_nodes(), sweep.max_concurrent),
                 scheduler=scheduler,
                 trial_name_creator=lambda t: names[t.config["pack"]],
                 trial_dirname_creator=lambda t: f"pack{position[t.config['pack']]:04d}-{t.config['pack'][:8]}",
@@ -359,6 +406,7 @@ def _run_stage(
                 storage_path=str(storage),
                 verbose=1,
                 failure_config=FailureConfig(max_failures=sweep.retries),
+                callbacks=[_pending_reporter(sweep, payload)],
             ),
         )
     _write_pack_ids(storage / exp_name, ids)
@@ -426,6 +474,12 @@ def run_sweep(
     """
     t0 = time.time()
     started = _start_ray(address)
+    try:  # a request no node can satisfy would pend forever: refuse it, with both numbers, before any trial
+        check_fits(sweep.resources, _alive_nodes(), ray.cluster_resources())
+    except Exception:
+        if started:
+            ray.shutdown()
+        raise
     refs: dict[str, Any] = {}
 
     def run_stage(stage: str, trials: list[PlannedTrial]) -> list[tuple[str, str]]:

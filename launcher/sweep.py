@@ -91,6 +91,7 @@ class Sweep:
     trial: dict[str, Any] = field(default_factory=dict)
     per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
     retries: int = 2
+    pending_report_s: float = 600.0  # a Ray trial waiting longer than this for resources is reported by name
     demo_assets: bool = False
     source: str = "<sweep>"
 
@@ -376,6 +377,10 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
     r = raw.get("retries", 2)
     _expect(isinstance(r, int) and r >= 0, source, "retries", r, "an integer >= 0")
     s.retries = r
+    pr = raw.get("pending_report_s", s.pending_report_s)
+    _expect(isinstance(pr, int | float) and not isinstance(pr, bool) and pr > 0, source, "pending_report_s", pr,
+            "a number of seconds > 0")
+    s.pending_report_s = float(pr)
     da = raw.get("demo_assets", False)
     _expect(isinstance(da, bool), source, "demo_assets", da, "true or false")
     s.demo_assets = da
