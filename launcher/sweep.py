@@ -697,9 +697,14 @@ def prepare_demo_assets(sweep: Sweep) -> None:
 
 
 def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
-    """Refuse a sweep before any Ray resource: data folders + list files, checkpoint, resources."""
+    """Refuse a sweep before any Ray resource: data folders + list files, checkpoint, resources, precision."""
     from synqt.config import splits_for
     from synqt.data import validate_dataset
+
+    if _trial_device(sweep) == "cpu" and any(t.config.precision == "bf16" for t in trials):
+        from synqt.precision import check_precision
+
+        check_precision("bf16", "cpu")  # CPU trials: this node's CPU stands for the cluster's (each trial rechecks)
 
     seen: set[tuple] = set()
     for t in trials:
@@ -777,6 +782,25 @@ def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]
     return {"unpacked": unpacked, "packed": packed}
 
 
+def _trial_device(sweep: Sweep) -> str:
+    """Where the sweep's trials will compute, judged from this machine: cuda when they ask for GPUs."""
+    return "cuda" if sweep.resources["gpus"] > 0 else "cpu"
+
+
+def _bf16_line(sweep: Sweep, trials: list[PlannedTrial]) -> str | None:
+    """The dry run's word on bf16 (synqt/precision.py), for the device the trials would use on this machine."""
+    if not any(t.config.precision == "bf16" for t in trials):
+        return None
+    import torch
+
+    from synqt.precision import describe
+
+    device = _trial_device(sweep)
+    if device == "cuda" and not torch.cuda.is_available():
+        return "bf16: this machine has no GPU to judge; each trial checks its own device before training"
+    return describe("bf16", device)
+
+
 def plan_dict(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) -> dict[str, Any]:
     return {
         "name": sweep.name,
@@ -829,6 +853,9 @@ def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
     lines.append("packs:")
     for i, p in enumerate(packs):
         lines.append(f"  pack {i:>3} ({len(p)}): " + ", ".join(t.run_name for t in p))
+    bf16 = _bf16_line(sweep, trials)
+    if bf16:
+        lines.append(bf16)
     imgs = estimated_images(sweep, trials)
     lines.append(
         f"estimated images through the backbone (training epochs x train images + evals): "

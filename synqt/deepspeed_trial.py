@@ -67,6 +67,7 @@ from synqt.errors import ConfigError
 from synqt.fileio import atomic_write_json
 from synqt.memory import keep_freed_host_memory
 from synqt.model import PackedSynQT, build_backbone, count_trainable, new_branch
+from synqt.precision import check_precision
 from synqt.schedule import adamw, lr_at
 
 log = logging.getLogger("synqt.deepspeed")
@@ -139,9 +140,11 @@ def _device(cfg: TrialConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible (use device=auto or cpu)")
     if cfg.device == "cpu" or not torch.cuda.is_available():
+        check_precision(cfg.precision, "cpu")  # bf16 only where it is native (synqt/precision.py)
         return torch.device("cpu")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
+    check_precision(cfg.precision, torch.device("cuda", local))
     return torch.device("cuda", local)
 
 

@@ -37,6 +37,7 @@ from synqt.errors import ConfigError
 from synqt.fileio import atomic_write, atomic_write_json
 from synqt.memory import keep_freed_host_memory
 from synqt.model import PackedSynQT, QueryBranch, SynQT, build_backbone, count_trainable, new_branch
+from synqt.precision import check_precision
 from synqt.schedule import adamw, lr_at
 
 log = logging.getLogger("synqt.engine")
@@ -207,9 +208,9 @@ class TrialRecipe:
         if self.cfg.precision == "fp16" and (want == "cpu" or not torch.cuda.is_available()):
             raise ConfigError("precision=fp16 needs a CUDA GPU and none is in use: on CPU autocast would silently "
                               "stay fp32; use precision=bf16 or precision=no")
-        if want == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(want)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want)
+        check_precision(self.cfg.precision, device)  # bf16 only where it is native (synqt/precision.py)
+        return device
 
     def _accelerator(self):
         from accelerate import Accelerator
