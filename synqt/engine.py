@@ -57,6 +57,39 @@ METRIC_KEYS = ("dataset", "group", "protocol", "stage", "seed", "hparams", "val_
                "status", "error")
 
 
+class BranchScaler:
+    """One branch's fp16 loss scale (``torch.amp.GradScaler``); a pass-through when disabled (fp32, bf16).
+
+    Each branch of a pack has its own: one shared scaler (accelerate's) is updated by every branch's
+    step, so one branch's overflow would halve the scale its pack-mates' gradients are unscaled with.
+    Branches have disjoint parameters, so one backward over the sum of the scaled losses gives each
+    branch exactly its own scaled gradients.
+    """
+
+    def __init__(self, enabled: bool, device_type: str, **kwargs: Any) -> None:
+        self.scaler = torch.amp.GradScaler(device_type, **kwargs) if enabled else None
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Unscale, step unless the gradients overflowed, update the scale; True when the step was taken."""
+        if self.scaler is None:
+            optimizer.step()
+            return True
+        before = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= before  # the scale backs off exactly when a step is skipped
+
+    def state_dict(self) -> dict | None:
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
 def pack_key(cfg: TrialConfig) -> tuple:
     """Trials with equal pack keys can be trained in lockstep over one frozen image stream."""
     data_seed, _ = effective_seeds(cfg)
@@ -150,6 +183,7 @@ class _Branch:
     last_loss: float | None = None
     index: int = -1  # position in the PackedSynQT
     trainable_params: int | None = None  # per branch: token_nums differs between pack-mates
+    scaler: BranchScaler | None = None  # fp16 loss scale of this branch alone
 
     @property
     def run_name(self) -> str:
@@ -218,7 +252,13 @@ class TrialRecipe:
 
         # a process may run several trials with different precisions (tests, packs run one after another)
         AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(mixed_precision=self.cfg.precision, cpu=self.device.type == "cpu")
+        handlers = []
+        if self.cfg.precision == "fp16":  # one GradScaler per branch instead of accelerate's shared one
+            from accelerate.utils import GradScalerKwargs
+
+            handlers.append(GradScalerKwargs(enabled=False))
+        return Accelerator(mixed_precision=self.cfg.precision, cpu=self.device.type == "cpu",
+                           kwargs_handlers=handlers)
 
     def _setup_data(self) -> None:
         from synqt.data import dataset_num_classes, load_images, read_split, validate_dataset
@@ -255,6 +295,7 @@ class TrialRecipe:
             branch.index = len(modules)
             branch.trainable_params = count_trainable(module)
             branch.optimizer = adamw(module.parameters(), lr=branch.cfg.lr, weight_decay=branch.cfg.weight_decay)
+            branch.scaler = BranchScaler(cfg.precision == "fp16", self.device.type)
             modules.append(module)
             if self.resume:
                 self._load_resume(branch)
@@ -294,6 +335,7 @@ class TrialRecipe:
         branch.epochs_done = int(state["epochs_done"])
         branch.eval_history = list(state["eval_history"])
         branch.module.generator.set_state(state["generator"])
+        branch.scaler.load_state_dict(state.get("scaler"))
         log.info("%s resumed after epoch %d (step %d)", branch.run_name, branch.epochs_done, branch.step)
 
     def _save_resume(self, branch: _Branch) -> None:
@@ -304,6 +346,7 @@ class TrialRecipe:
             "epochs_done": branch.epochs_done,
             "eval_history": branch.eval_history,
             "generator": branch.module.generator.get_state(),
+            "scaler": branch.scaler.state_dict(),
             # what the weights fit, checked before they are loaded again (synqt.compat)
             "fits": {"dataset": branch.cfg.dataset, "num_classes": self.num_classes, "image_size": self.image_size},
         }
@@ -368,7 +411,7 @@ class TrialRecipe:
                                           f"step {b.step}")
                             continue
                         losses[id(b)] += loss.item() * weight
-                        terms.append(loss * weight)
+                        terms.append(b.scaler.scale(loss * weight))
                     if terms:
                         self.accelerator.backward(torch.stack(terms).sum())
                     if any(b.status != "running" for b in training):
@@ -377,7 +420,7 @@ class TrialRecipe:
                         if not training:
                             break
                 for b in training:
-                    b.optimizer.step()
+                    b.scaler.step(b.optimizer)  # fp16: this branch's own scale; otherwise optimizer.step()
                     b.step += 1
                     b.loss_sum += losses[id(b)]
                     b.loss_count += 1
