@@ -114,15 +114,24 @@ def check_same_run(cfg: TrialConfig, run_dir: str | Path) -> None:
         )
 
 
+BACKBONE_IDENTITY_KEYS = ("name", "embed_dim", "depth", "num_heads", "checkpoint_sha256")
+
+
 def check_weights_fit(source: str, recorded: Mapping[str, Any], *, dataset: str, num_classes: int,
-                      image_size: int | None) -> list[str]:
+                      image_size: int | None, backbone: Mapping[str, Any] | None = None) -> list[str]:
     """Apply the weights rule (module docstring); returns the warnings, raises ``ModelError`` on a misfit.
 
-    ``recorded``: what the weights file says (``dataset``, ``num_classes``, ``image_size``; absent keys
-    are not checked); ``dataset``/``num_classes``/``image_size``: what the data and config give now.
-    Backbone identity is checked where the weights are loaded (``synqt.checkpoint.load_trainable``).
+    ``recorded``: what the weights file says (``dataset``, ``num_classes``, ``image_size``, ``backbone``
+    identity; absent keys are not checked); the keyword arguments: what the data and config give now.
+    (``synqt eval`` checks the backbone where it loads the weights, ``synqt.checkpoint.load_trainable``.)
     """
     misfits = []
+    rec_backbone = recorded.get("backbone") or {}
+    for key in BACKBONE_IDENTITY_KEYS if backbone is not None else ():
+        theirs, ours = rec_backbone.get(key), backbone.get(key)
+        if theirs is not None and theirs != ours:
+            misfits.append(f"backbone {key}={theirs!r}, but this config's backbone has {key}={ours!r}"
+                           + (f" ({backbone.get('checkpoint')})" if key == "checkpoint_sha256" else ""))
     rec_classes = recorded.get("num_classes")
     if rec_classes is not None and int(rec_classes) != int(num_classes):
         misfits.append(f"{rec_classes} classes, but {dataset!r} has {num_classes}")

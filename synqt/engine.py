@@ -328,7 +328,7 @@ class TrialRecipe:
         if "num_classes" not in fits and "head.classifier.weight" in state["branch"]:  # older resume.pt
             fits = {**fits, "num_classes": int(state["branch"]["head.classifier.weight"].shape[0])}
         check_weights_fit(str(path), fits, dataset=branch.cfg.dataset, num_classes=self.num_classes,
-                          image_size=self.image_size)
+                          image_size=self.image_size, backbone=getattr(self._backbone, "synqt_identity", {}))
         branch.module.load_state_dict(state["branch"])
         branch.optimizer.load_state_dict(state["optimizer"])
         branch.step = int(state["step"])
@@ -348,7 +348,9 @@ class TrialRecipe:
             "generator": branch.module.generator.get_state(),
             "scaler": branch.scaler.state_dict(),
             # what the weights fit, checked before they are loaded again (synqt.compat)
-            "fits": {"dataset": branch.cfg.dataset, "num_classes": self.num_classes, "image_size": self.image_size},
+            "fits": {"dataset": branch.cfg.dataset, "num_classes": self.num_classes, "image_size": self.image_size,
+                     "backbone": {k: v for k, v in getattr(self._backbone, "synqt_identity", {}).items()
+                                  if k in ("name", "embed_dim", "depth", "num_heads", "checkpoint_sha256")}},
         }
         atomic_write(branch.run_dir / "resume.pt", lambda tmp: torch.save(state, tmp))
 

@@ -162,3 +162,26 @@ def test_eval_on_a_renamed_folder_warns_and_records_it(assets, finished, tmp_pat
     result = read_json(out)
     assert result["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-9)  # the same images
     assert any(TASK in w and "renamed" in w for w in result["warnings"])
+
+
+def test_resume_on_other_backbone_weights_at_the_same_path_is_refused(assets, tmp_path, capsys):
+    """The config names the same checkpoint file, but its bytes changed (a re-download, another model)."""
+    import timm
+    import torch
+    from engine_helpers import TINY_BACKBONE, TINY_KW
+    from safetensors.torch import save_file
+
+    data_root, ckpt, cache = assets
+    mine = tmp_path / "backbone.safetensors"
+    shutil.copy(ckpt, mine)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run_trial(tiny_cfg(data_root, mine, cache), run, report=interrupt_after(1))
+    torch.manual_seed(999)
+    other = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=0, **TINY_KW)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(mine))
+    code = main(["train", "--dataset", TASK, "--data-root", str(data_root), "--out", str(run),
+                 *tiny_overrides(data_root, mine, cache), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "resume.pt" in err and "checkpoint_sha256" in err and sha256_file(mine)[:12] in err
