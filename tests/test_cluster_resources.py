@@ -121,8 +121,7 @@ def test_the_frozen_backbone_is_put_once_per_sweep(assets, tmp_path):
     import ray
     from safetensors.torch import load_file
 
-    from launcher.ray_backend import _payload, deepspeed_loop_config, shared_backbones
-    from launcher.stages import backbone_key
+    from launcher.ray_backend import _payload, backbone_key, deepspeed_loop_config, shared_backbones
     from launcher.sweep import load_sweep, plan_trials
 
     sweep = load_sweep(CI, _sweep_args(assets, tmp_path, "grid.lr=[1e-3,2e-3]", "resources.devices=2")[5:])
