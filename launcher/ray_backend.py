@@ -363,9 +363,10 @@ def _run_stage(
 ) -> list[tuple[str, str]]:
     """Run one stage's packs as Tune trials (restoring the stage's Tuner on --resume); return failures."""
     from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
+    from ray.tune.logger import JsonLoggerCallback
 
-    # Tune's automatic CSV/JSON/TensorBoardX loggers would put a second copy of every trial under _ray/
-    # (the engine writes each run's TensorBoard events itself); read by Tune when the Tuner starts
+    # Tune's automatic loggers off: its TensorBoardX logger put a second copy of every trial under _ray/ into
+    # `tensorboard --logdir <sweep>` (the engine writes each run's events itself); read when the Tuner starts
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     payload = _payload(sweep, trials)
     refs = {k: v for k, v in backbones.items() if v is not None}
@@ -406,7 +407,8 @@ def _run_stage(
                 storage_path=str(storage),
                 verbose=1,
                 failure_config=FailureConfig(max_failures=sweep.retries),
-                callbacks=[_pending_reporter(sweep, payload)],
+                # Ray's JSON record of what each Tune trial reported (result.json; not read by TensorBoard)
+                callbacks=[JsonLoggerCallback(), _pending_reporter(sweep, payload)],
             ),
         )
     _write_pack_ids(storage / exp_name, ids)
