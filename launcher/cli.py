@@ -59,11 +59,11 @@ def _trial_overrides(args: argparse.Namespace) -> list[str]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from synqt.config import load_config
-    from synqt.engine import run_trial
+    from synqt.training import run_trial
 
     cfg = load_config(args.config, _trial_overrides(args))
     from synqt.compat import check_same_run
-    from synqt.engine import read_metrics
+    from synqt.rundir import read_metrics
 
     previous = read_metrics(args.out)
     if args.resume or (previous and previous.get("status") == "ok"):
@@ -73,12 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"synqt train: {args.out} already finished ({', '.join(f'{k}={v:.2f}' for k, v in acc.items())}); "
               "nothing to train", file=sys.stderr)
         return 0
-    if cfg.trainer == "deepspeed" and cfg.num_devices > 1:
-        from synqt.deepspeed_trial import run_local
-
-        metrics = run_local(cfg, args.out, nprocs=cfg.num_devices)
-    else:
-        metrics = run_trial(cfg, args.out, resume=args.resume)
+    metrics = run_trial(cfg, args.out, resume=args.resume)
     return 0 if metrics["status"] == "ok" else 1
 
 
@@ -105,7 +100,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from synqt.config import load_config
-    from synqt.engine import evaluate_checkpoint
+    from synqt.training import evaluate_checkpoint
 
     cfg = load_config(args.config, _trial_overrides(args))
     result = evaluate_checkpoint(cfg, args.weights, split=args.split, official=args.official, out=args.out)
@@ -141,7 +136,7 @@ data_root, name, protocol, ...) and trial config keys (epochs=5, backbone_kwargs
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from launcher.sweep import run_sweep_command
+    from launcher.commands import run_sweep_command
 
     return run_sweep_command(
         args.sweep_file, args.overrides, dry_run=args.dry_run, resume=args.resume,
@@ -202,7 +197,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from launcher.sweep import run_demo
+    from launcher.commands import run_demo
 
     return run_demo(args.out, args.overrides)
 
@@ -231,9 +226,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from synqt.bench import bench_main
+    import json
 
-    return bench_main(args)
+    from synqt.bench import format_table, run_bench
+    from synqt.fileio import atomic_write_json
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
+    result = run_bench(args.overrides, steps=args.steps, modes=modes, pack=args.pack, loader=args.loader,
+                       data_root=args.data_root, dataset=args.dataset, baselines=not args.no_baselines)
+    print(format_table(result))
+    if args.json:
+        atomic_write_json(args.json, json.loads(json.dumps(result, default=str)))
+        print(f"bench: figures written to {args.json}")
+    return 0
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -266,9 +271,11 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from synqt.data import check_main
+    from synqt.data import check_datasets
 
-    return check_main(args.root, args.names, layout=args.layout, decode=args.decode)
+    report = check_datasets(args.root, args.names, layout=args.layout, decode=args.decode)
+    print(report.text)
+    return report.exit_code
 
 
 def _cmd_data_synthetic(args: argparse.Namespace) -> int:

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.sweep import PlannedTrial, Sweep, read_metrics
+from launcher.sweep import PlannedTrial, Sweep
+from synqt import rundir
 from synqt.compat import config_changes, format_changes, has_state, saved_config
 
 
@@ -88,10 +89,10 @@ def reconcile(sweep: Sweep, trials: Sequence[PlannedTrial], stage: str) -> Recon
             moved = _move_aside(sweep, run_dir)
             out.changed.append((t.run_name, format_changes(changes), moved))
             continue
-        m = read_metrics(run_dir)
+        m = rundir.read_metrics(run_dir)
         (out.kept_finished if m and m.get("status") == "ok" else out.kept_unfinished).append(t.run_name)
     planned = {t.run_name for t in trials}
-    runs = sweep.sweep_dir / "runs"
+    runs = sweep.sweep_dir / rundir.RUNS
     if runs.is_dir():  # run names start with their stage (launcher.sweep.plan_trials)
         out.dropped = sorted(d.name for d in runs.iterdir()
                              if d.name.startswith(f"{stage}-") and d.name not in planned and has_state(d))

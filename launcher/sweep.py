@@ -1,7 +1,8 @@
-"""Sweep files, overrides, the trial plan, packs and the dry-run text.
+"""The plan: sweep files and overrides, the trial plan, packs and the dry-run text (pure: runs nothing).
 
-Nothing here imports ray: the plan, the validation and `--dry-run` must work (and fail fast on a
-bad sweep file or a missing dataset) before any cluster resource is requested. Execution lives in
+Nothing here imports ray or another launcher module: the plan, the validation and `--dry-run` must work
+(and fail fast on a bad sweep file or a missing dataset) before any cluster resource is requested. The
+`synqt sweep` / `synqt demo` commands are in `launcher.commands`; execution in `launcher.stages` and
 `launcher.ray_backend`.
 """
 
@@ -14,13 +15,14 @@ import math
 import os
 import random
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from synqt import registry, rundir
+from synqt.config import TAGS, Schema, pack_key, setting
 from synqt.errors import ConfigError, DataError
 from synqt.fileio import atomic_write_json, atomic_write_text
 
@@ -30,70 +32,40 @@ SWEEP_DIR = REPO_DIR / "configs" / "sweeps"
 PROTOCOLS = ("paper", "vtab")
 SEARCHES = ("grid", "random")
 DEFAULT_SEEDS = {"paper": [42], "vtab": [42, 44, 82, 100, 800]}
-VTAB_GROUPS = {"natural": "Natural", "specialized": "Specialized", "structured": "Structured"}
-DATASET_GROUPS = ("vtab1k", *VTAB_GROUPS, "fgvc", "demo")
+DATASET_GROUPS = ("vtab1k", *(g.lower() for g in registry.VTAB_GROUPS), "fgvc", "demo")
 RESOURCE_KEYS = ("cpus", "gpus", "devices")
 ASHA_KEYS = ("max_t", "grace_period", "reduction_factor")
-# Settings a pack's branches may differ in; every other TrialConfig key must agree within a pack
-# (the engine shares one data stream and one frozen forward pass between branches).
-BRANCH_KEYS = frozenset(
-    {
-        "token_nums",
-        "feat_scale",
-        "attn_scale",
-        "ffn_scale",
-        "lr",
-        "min_lr",
-        "weight_decay",
-        "warmup_epochs",
-        "seed",
-        "init_seed",
-    }
-)
-# Short names used in run names; other keys use their name without underscores.
-SHORT = {
-    "lr": "lr",
-    "weight_decay": "wd",
-    "token_nums": "T",
-    "feat_scale": "fs",
-    "attn_scale": "as",
-    "ffn_scale": "ffs",
-    "batch_size": "bs",
-    "epochs": "ep",
-    "drop_path_rate": "dpr",
-    "memory_mode": "mem",
-    "min_lr": "minlr",
-    "warmup_epochs": "wu",
-}
 MAX_AUTO_PACK = 8
 DEFAULT_TRAIN_IMAGES = 1000
 
 
 @dataclass
 class Sweep:
-    """A resolved sweep file (after overrides). Field names are the sweep file keys."""
+    """A resolved sweep file (after overrides). Field names are the sweep file keys; scalar keys are declared
+    with synqt.config's ``setting`` and checked by the same typed check as TrialConfig keys (``SWEEP``)."""
 
-    name: str = "sweep"
-    datasets: list[str] = field(default_factory=list)
-    protocol: str = "paper"
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    search: str = "grid"
-    num_samples: int | None = None
-    asha: dict[str, Any] | None = None
-    seeds: list[int] | None = None
-    resources: dict[str, Any] = field(default_factory=lambda: {"cpus": 1, "gpus": 0, "devices": 1})
-    max_concurrent: int | None = None
-    storage_path: str = "runs"
-    data_root: str | None = None
-    checkpoint: str | None = None
-    pack: str | int = "off"
-    pack_memory_gb: float | None = None
-    trial: dict[str, Any] = field(default_factory=dict)
-    per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
-    retries: int = 2
-    pending_report_s: float = 600.0  # a Ray trial waiting longer than this for resources is reported by name
-    demo_assets: bool = False
-    source: str = "<sweep>"
+    name: str = setting("sweep")
+    datasets: list[str] = setting(factory=list)
+    protocol: str = setting("paper", choices=PROTOCOLS)
+    grid: dict[str, list[Any]] = setting(factory=dict)
+    search: str = setting("grid", choices=SEARCHES)
+    num_samples: int | None = setting(None, min=1)
+    asha: dict[str, Any] | None = setting(None)
+    seeds: list[int] | None = setting(None)
+    resources: dict[str, Any] = setting(factory=lambda: {"cpus": 1, "gpus": 0, "devices": 1})
+    max_concurrent: int | None = setting(None, min=1)
+    storage_path: str = setting("runs")
+    data_root: str | None = setting(None)
+    checkpoint: str | None = setting(None)
+    pack: str | int = setting("off")
+    pack_memory_gb: float | None = setting(None, min=0)
+    trial: dict[str, Any] = setting(factory=dict)
+    per_dataset: dict[str, dict[str, Any]] = setting(factory=dict)
+    retries: int = setting(2, min=0)
+    # a Ray trial waiting longer than this many seconds for its resources is reported by name
+    pending_report_s: float = setting(600.0, min=0)
+    demo_assets: bool = setting(False)
+    source: str = field(default="<sweep>", metadata={})
 
     @property
     def sweep_dir(self) -> Path:
@@ -106,6 +78,7 @@ class Sweep:
 
 
 SWEEP_KEYS = tuple(f.name for f in dataclasses.fields(Sweep) if f.name != "source")
+SWEEP = Schema.of(Sweep)
 
 
 @dataclass
@@ -122,7 +95,7 @@ class PlannedTrial:
     pack: int = -1
 
     def run_dir(self, sweep: Sweep) -> Path:
-        return sweep.sweep_dir / "runs" / self.run_name
+        return sweep.sweep_dir / rundir.RUNS / self.run_name
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -142,15 +115,9 @@ class PlannedTrial:
 
 
 def _trial_keys() -> list[str]:
-    from synqt.config import TrialConfig
+    from synqt.config import CONFIG_KEYS
 
-    return [f.name for f in dataclasses.fields(TrialConfig)]
-
-
-def _parse_value(text: str, key: str) -> Any:
-    from synqt.config import yaml_load
-
-    return yaml_load(text, f"command line {key}={text}") if text.strip() != "" else None
+    return list(CONFIG_KEYS)
 
 
 def _set_dotted(d: dict[str, Any], parts: list[str], value: Any, where: str) -> None:
@@ -165,28 +132,38 @@ def _set_dotted(d: dict[str, Any], parts: list[str], value: Any, where: str) -> 
 
 
 def apply_sweep_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key=value` overrides: sweep keys (dotted into mappings) or TrialConfig keys (-> `trial`)."""
+    """Apply `key=value` overrides: sweep keys (dotted into mappings) or TrialConfig keys (-> `trial`).
+
+    One override syntax with `synqt train`: the text is split and parsed by synqt.config (string-typed trial
+    keys keep their text; other values are YAML 1.2 scalars or flow lists/mappings; empty means null).
+    """
+    from synqt.config import parse_override_value, split_override
+
     raw = json.loads(json.dumps(raw, default=str)) if raw else {}
     trial_keys = _trial_keys()
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"command line: override {item!r} is not key=value")
-        key, text = item.split("=", 1)
-        key = key.strip()
+        key, text = split_override(item, "command line")
         parts = key.split(".")
-        value = _parse_value(text, key)
         if parts[0] in SWEEP_KEYS:
+            value = yaml_value(text, key)
             _set_dotted(raw, parts, value, "command line")
         elif parts[0] in trial_keys:
             trial = raw.setdefault("trial", {}) or {}
             raw["trial"] = trial
-            _set_dotted(trial, parts, value, "command line")
+            _set_dotted(trial, parts, parse_override_value(key, text, "command line"), "command line")
         else:
             raise ConfigError(
                 f"command line: unknown key {parts[0]!r}; sweep keys: {', '.join(SWEEP_KEYS)}; "
                 f"trial keys: {', '.join(trial_keys)}"
             )
     return raw
+
+
+def yaml_value(text: str, key: str) -> Any:
+    """A sweep key's override text as a YAML 1.2 value (synqt.config's strict loader); empty text is null."""
+    from synqt.config import yaml_load
+
+    return yaml_load(text, f"command line {key}={text}") if text.strip() != "" else None
 
 
 def _expect(cond: bool, source: str, key: str, value: Any, expected: str) -> None:
@@ -215,6 +192,8 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
     trial_keys = _trial_keys()
     s = Sweep(source=source)
     if "name" in raw:
+        SWEEP.check("name", raw["name"], source)
+    if "name" in raw:
         _expect(
             isinstance(raw["name"], str) and re.fullmatch(r"[A-Za-z0-9._-]+", raw["name"] or "") is not None,
             source,
@@ -234,8 +213,7 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
         "a non-empty list of dataset names or groups (" + ", ".join(DATASET_GROUPS) + ")",
     )
     s.datasets = list(ds)
-    s.protocol = raw.get("protocol", "paper")
-    _expect(s.protocol in PROTOCOLS, source, "protocol", s.protocol, " or ".join(PROTOCOLS))
+    s.protocol = SWEEP.check("protocol", raw.get("protocol", "paper"), source)
     grid = raw.get("grid") or {}
     _expect(isinstance(grid, dict), source, "grid", grid, "a mapping: TrialConfig key -> list of values")
     for k, values in grid.items():
@@ -252,17 +230,8 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
         _expect(len(values) > 0, source, f"grid.{k}", values, "a non-empty list")
         grid[k] = values
     s.grid = dict(grid)
-    s.search = raw.get("search", "grid")
-    _expect(s.search in SEARCHES, source, "search", s.search, " or ".join(SEARCHES))
-    s.num_samples = raw.get("num_samples")
-    if s.num_samples is not None:
-        _expect(
-            isinstance(s.num_samples, int) and s.num_samples > 0,
-            source,
-            "num_samples",
-            s.num_samples,
-            "a positive integer",
-        )
+    s.search = SWEEP.check("search", raw.get("search", "grid"), source)
+    s.num_samples = SWEEP.check("num_samples", raw.get("num_samples"), source)
     _expect(
         s.search == "grid" or s.num_samples is not None,
         source,
@@ -340,17 +309,12 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
         "an integer >= 1 (> 1: one trial over several DeepSpeed processes)",
     )
     s.resources = res
-    mc = raw.get("max_concurrent")
-    _expect(
-        mc is None or (isinstance(mc, int) and mc > 0), source, "max_concurrent", mc, "a positive integer"
-    )
-    s.max_concurrent = mc
-    sp = raw.get("storage_path", s.storage_path)
-    _expect(isinstance(sp, str) and sp != "", source, "storage_path", sp, "a folder path")
+    s.max_concurrent = SWEEP.check("max_concurrent", raw.get("max_concurrent"), source)
+    sp = SWEEP.check("storage_path", raw.get("storage_path", s.storage_path), source)
+    _expect(sp != "", source, "storage_path", sp, "a folder path")
     s.storage_path = str(Path(os.path.expanduser(sp)).absolute())
     for k in ("data_root", "checkpoint"):
-        v = raw.get(k)
-        _expect(v is None or isinstance(v, str), source, k, v, "a path")
+        v = SWEEP.check(k, raw.get(k), source)
         setattr(s, k, str(Path(os.path.expanduser(v)).absolute()) if v else None)
     pack = raw.get("pack", "off")
     if isinstance(pack, bool):
@@ -363,10 +327,8 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
         "auto, off or a pack size >= 1",
     )
     s.pack = pack
-    pm = raw.get("pack_memory_gb")
-    _expect(
-        pm is None or (isinstance(pm, int | float) and pm > 0), source, "pack_memory_gb", pm, "a number > 0"
-    )
+    pm = SWEEP.check("pack_memory_gb", raw.get("pack_memory_gb"), source)
+    _expect(pm is None or pm > 0, source, "pack_memory_gb", pm, "a number > 0")
     s.pack_memory_gb = pm
     s.trial = _check_trial_mapping(raw.get("trial"), source, "trial", trial_keys)
     pdm = raw.get("per_dataset") or {}
@@ -374,16 +336,9 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
     s.per_dataset = {
         d: _check_trial_mapping(v, source, f"per_dataset.{d}", trial_keys) for d, v in pdm.items()
     }
-    r = raw.get("retries", 2)
-    _expect(isinstance(r, int) and r >= 0, source, "retries", r, "an integer >= 0")
-    s.retries = r
-    pr = raw.get("pending_report_s", s.pending_report_s)
-    _expect(isinstance(pr, int | float) and not isinstance(pr, bool) and pr > 0, source, "pending_report_s", pr,
-            "a number of seconds > 0")
-    s.pending_report_s = float(pr)
-    da = raw.get("demo_assets", False)
-    _expect(isinstance(da, bool), source, "demo_assets", da, "true or false")
-    s.demo_assets = da
+    s.retries = SWEEP.check("retries", raw.get("retries", 2), source)
+    s.pending_report_s = SWEEP.check("pending_report_s", raw.get("pending_report_s", 600.0), source)
+    s.demo_assets = SWEEP.check("demo_assets", raw.get("demo_assets", False), source)
     s.datasets = expand_datasets(s.datasets, source)
     for d in s.per_dataset:
         if d not in s.datasets:
@@ -423,22 +378,19 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 
 
 def expand_datasets(entries: list[str], source: str = "<sweep>") -> list[str]:
-    """Dataset names and group names -> a list of dataset names (order kept, duplicates dropped)."""
-    from synqt.config import list_datasets
+    """Dataset names and group names -> a list of dataset names (order kept, duplicates dropped).
 
+    Groups: vtab1k, natural / specialized / structured, fgvc (the registry's tasks), demo (the synthetic tasks).
+    """
     out: list[str] = []
     for entry in entries:
         key = entry.lower()
-        if key == "vtab1k":
-            names = list_datasets(benchmark="vtab1k")
-        elif key in VTAB_GROUPS:
-            names = list_datasets(group=VTAB_GROUPS[key])
-        elif key == "fgvc":
-            names = list_datasets(benchmark="fgvc")
+        if key in ("vtab1k", "fgvc"):
+            names = registry.list_datasets(benchmark=key)
+        elif key in (g.lower() for g in registry.VTAB_GROUPS):
+            names = registry.list_datasets(group=key)
         elif key == "demo":
-            from synqt.synthetic import DEMO_TASKS
-
-            names = list(DEMO_TASKS)
+            names = [d.name for d in registry.demo_tasks()]
         else:
             names = [entry]
         if not names:
@@ -465,7 +417,7 @@ def hparam_short(hp: dict[str, Any]) -> str:
     """Readable, deterministic tag of a grid point: {'lr': 0.001, 'weight_decay': 0.01} -> lr0.001_wd0.01."""
     if not hp:
         return "default"
-    return "_".join(f"{SHORT.get(k, k.replace('_', ''))}{_fmt(v)}" for k, v in hp.items())
+    return "_".join(f"{TAGS.get(k, k.replace('_', ''))}{_fmt(v)}" for k, v in hp.items())
 
 
 def grid_points(sweep: Sweep) -> list[dict[str, Any]]:
@@ -507,11 +459,9 @@ def trial_config(sweep: Sweep, dataset: str, hparams: dict[str, Any], seed: int,
             fixed["trainer"] = "deepspeed"
             fixed["num_devices"] = sweep.resources["devices"]
         values.update(fixed)
-        if values.get("group") is None:
-            from synqt.synthetic import DEMO_TASKS
-
-            if dataset in DEMO_TASKS:  # the synthetic tasks report under their VTAB-like group
-                values["group"] = DEMO_TASKS[dataset][0]
+        if values.get("group") is None:  # the synthetic tasks report under their VTAB-like group
+            info = registry.lookup(dataset)
+            values["group"] = info.group if info is not None else None
         return config_from_dict(values, where)
     except ConfigError as err:
         msg = str(err)
@@ -571,7 +521,7 @@ def select_best(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> dict[
         trials = plan_trials(sweep, "search")
     best: dict[str, tuple[float, int, dict[str, Any]]] = {}
     for t in trials:
-        m = read_metrics(t.run_dir(sweep))
+        m = rundir.read_metrics(t.run_dir(sweep))
         if not m or m.get("status") != "ok" or m.get("val_acc") is None:
             continue
         key = (float(m["val_acc"]), -t.index)
@@ -580,53 +530,15 @@ def select_best(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> dict[
     return {d: v[2] for d, v in best.items()}
 
 
-def read_metrics(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(run_dir) / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 # ----------------------------------------------------------------------------------------------
 # packs
 
 
-def pack_key(cfg: Any) -> str:
-    """Everything a pack's branches must share (the TrialConfig minus per-branch settings)."""
-    from synqt.config import config_to_dict
-
-    d = config_to_dict(cfg)
-    d["data_seed"] = d.get("data_seed") if d.get("data_seed") is not None else d.get("seed")
-    return json.dumps({k: v for k, v in d.items() if k not in BRANCH_KEYS}, sort_keys=True, default=str)
-
-
 def estimate_memory(cfg: Any, n_branches: int) -> float:
-    """Peak training memory (bytes) of a pack: synqt.bench's estimate if present, else a formula.
+    """Peak training memory (bytes) of a pack of ``n_branches`` (``synqt.memory.estimate_trial_memory``)."""
+    from synqt.memory import estimate_trial_memory
 
-    Formula: the frozen stream's saved activations (~12 floats per token and channel per block,
-    independent of the pack size in `keep` mode) + per branch its query path (~40 floats per query
-    token, channel and block), 2.6M trainable parameters x 16 bytes (weights, grads, AdamW) and logits.
-    """
-    try:
-        from synqt.bench import estimate_trial_memory  # type: ignore[attr-defined]
-    except ImportError:
-        estimate_trial_memory = None
-    if estimate_trial_memory is not None:
-        return float(estimate_trial_memory(cfg, n_branches))
-    kw = cfg.backbone_kwargs or {}
-    size = cfg.image_size or kw.get("img_size", 224)
-    patch = kw.get("patch_size", 16)
-    dims = {"tiny": (192, 12), "small": (384, 12), "base": (768, 12), "large": (1024, 24), "huge": (1280, 32)}
-    c, depth = next((v for k, v in dims.items() if k in cfg.backbone), (768, 12))
-    c, depth = kw.get("embed_dim", c), kw.get("depth", depth)
-    tokens = (size // patch) ** 2 + 1
-    micro = cfg.batch_size // max(1, cfg.grad_accum_steps)
-    frozen = micro * tokens * c * depth * 12 * 4
-    if cfg.memory_mode == "recompute":
-        frozen //= depth
-    branch = micro * cfg.token_nums * c * depth * 40 * 4 + (2.6e6 * (c / 768) ** 2) * 16
-    weights = 86e6 * (c / 768) ** 2 * (depth / 12) * 4
-    return weights + frozen + n_branches * branch
+    return float(estimate_trial_memory(cfg, n_branches))
 
 
 def auto_pack_size(sweep: Sweep, cfg: Any) -> int:
@@ -819,8 +731,8 @@ def plan_dict(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) ->
 def write_plan(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) -> Path:
     d = sweep.sweep_dir
     d.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(d / "sweep.yaml", yaml.safe_dump(sweep.to_dict(), sort_keys=False))
-    return atomic_write_json(d / "plan.json", plan_dict(sweep, trials, stage2_pending))
+    atomic_write_text(d / rundir.SWEEP, yaml.safe_dump(sweep.to_dict(), sort_keys=False))
+    return atomic_write_json(d / rundir.PLAN, plan_dict(sweep, trials, stage2_pending))
 
 
 def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
@@ -862,113 +774,3 @@ def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
         f"{imgs['packed']:,} packed ({imgs['unpacked']:,} if every trial ran alone)"
     )
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# commands
-
-
-def _stage2_pending(sweep: Sweep, stage: str) -> bool:
-    return sweep.protocol == "vtab" and stage == "search"
-
-
-def run_sweep_command(
-    sweep_file: str,
-    overrides: list[str],
-    *,
-    dry_run: bool = False,
-    resume: bool = False,
-    address: str | None = None,
-    as_json: bool = False,
-    sequential: bool = False,
-) -> int:
-    """`synqt sweep`: plan, validate, then run on Ray (in this process with ``sequential``; print the plan with
-    ``dry_run``)."""
-    sweep = load_sweep(sweep_file, overrides)
-    if sequential and sweep.asha:
-        raise ConfigError(f"{sweep.source}: asha needs Ray Tune's scheduler; --sequential runs every trial to its "
-                          "end (remove the asha section or run without --sequential)")
-    if dry_run:
-        trials = plan_trials(sweep)
-        if as_json:
-            print(
-                json.dumps(
-                    plan_dict(sweep, trials, _stage2_pending(sweep, trials[0].stage if trials else "final")),
-                    indent=2,
-                    default=str,
-                )
-            )
-        else:
-            print(dry_run_text(sweep, trials))
-        return 0
-    prepare_demo_assets(sweep)
-    trials = plan_trials(sweep)
-    validate(sweep, trials)
-    plan_file = sweep.sweep_dir / "plan.json"
-    if not resume and sweep.sweep_dir.exists() and any(sweep.sweep_dir.iterdir()):
-        raise ConfigError(
-            f"sweep folder {sweep.sweep_dir} already exists (plan: {plan_file}); continue it with "
-            f"`synqt sweep {sweep_file} ... --resume`, or choose another storage_path/name"
-        )
-    if resume and not plan_file.is_file():
-        raise ConfigError(f"--resume: no sweep at {sweep.sweep_dir} (missing {plan_file})")
-    if resume:  # keep unchanged trials, move changed ones aside, say so (launcher/resume.py)
-        from launcher.resume import reconcile
-
-        reconcile(sweep, trials, trials[0].stage if trials else "final")
-    if not (resume and _same_plan(plan_file, sweep, trials)):
-        write_plan(sweep, trials, _stage2_pending(sweep, trials[0].stage if trials else "final"))
-    if sequential:
-        from launcher.stages import run_sequential
-
-        result = run_sequential(sweep, trials)
-    else:
-        from launcher.ray_backend import run_sweep
-
-        result = run_sweep(sweep, trials, address=address, resume=resume)
-    return 0 if result.get("ok") else 1
-
-
-def _same_plan(plan_file: Path, sweep: Sweep, trials: list[PlannedTrial]) -> bool:
-    """On --resume keep plan.json when stage 1 is unchanged (it may already list stage 2)."""
-    try:
-        old = json.loads(plan_file.read_text())
-    except (OSError, ValueError):
-        return False
-    names = [t["run_name"] for t in old.get("trials", [])]
-    return names[: len(trials)] == [t.run_name for t in trials]
-
-
-def run_demo(out: str | Path, overrides: list[str] | None = None) -> int:
-    """`synqt demo`: synthetic benchmark + pre-trained tiny ViT, a real local Ray sweep, the table."""
-    from synqt.pretrain import ensure_demo_assets
-
-    out = Path(out).absolute()
-    print(
-        "synqt demo: preparing the synthetic benchmark and the pre-trained demo backbone (cached) ...",
-        flush=True,
-    )
-    data_root, ckpt = ensure_demo_assets()
-    ov = [
-        f"storage_path={out}",
-        f"data_root={Path(data_root).absolute()}",
-        f"checkpoint={Path(ckpt).absolute()}",
-        *list(overrides or []),
-    ]
-    sweep = load_sweep(SWEEP_DIR / "demo.yaml", ov)
-    resume = (sweep.sweep_dir / "plan.json").is_file()
-    if resume:
-        print(f"synqt demo: continuing the demo sweep already at {sweep.sweep_dir}")
-    code = run_sweep_command(str(SWEEP_DIR / "demo.yaml"), ov, resume=resume)
-    d = sweep.sweep_dir
-    print(
-        f"\nresults: {d / 'results.md'}  chart: {d / 'results.png'}\n"
-        f"TensorBoard: tensorboard --logdir {d}   (per-run logs under {d / 'runs'}, "
-        f"sweep summary under {d / 'tensorboard'})",
-        flush=True,
-    )
-    return code
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run_sweep_command(sys.argv[1], sys.argv[2:], dry_run=True))

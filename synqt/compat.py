@@ -24,19 +24,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from synqt.config import TrialConfig, config_to_dict, yaml_load
+from synqt import rundir
+from synqt.config import RESULT_NEUTRAL_KEYS, TrialConfig, config_to_dict, yaml_load
 from synqt.errors import ConfigError, ModelError
 
 log = logging.getLogger("synqt.compat")
 
-# Keys whose value cannot change a run's numbers: they only say how often to write logs or resume
-# checkpoints, how many images to score at once (evaluation is per image) and where decoded images are
-# cached. Every other TrialConfig key is part of the run's identity. (The house refactor's per-key
-# declarations in synqt/config.py are the place for this flag once they land.)
-RESULT_NEUTRAL_KEYS = frozenset({"log_every", "checkpoint_every", "eval_batch_size", "cache_dir"})
+# RESULT_NEUTRAL_KEYS (from synqt.config's key declarations, ``result=False``): how often to log or
+# checkpoint, how many images to score at once (evaluation is per image), where decoded images are cached.
 
 # files whose presence means a run directory holds a run (started or finished)
-_STATE_FILES = ("resume.pt", "metrics.json", "progress.json", "ds_checkpoint")
+_STATE_FILES = (rundir.RESUME, rundir.METRICS, rundir.PROGRESS, rundir.DS_CHECKPOINT)
 
 _MISSING = object()
 
@@ -73,17 +71,12 @@ def format_changes(changes: list[tuple[str, Any, Any]]) -> str:
 def saved_config(run_dir: str | Path) -> dict[str, Any] | None:
     """The resolved config a run directory was started with (``config.yaml``, else metrics.json's copy)."""
     run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
+    path = run_dir / rundir.CONFIG
     if path.is_file():
         data = yaml_load(path.read_text(), str(path))
         if isinstance(data, dict):
             return data
-    import json
-
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
+    metrics = rundir.read_metrics(run_dir)
     cfg = metrics.get("config") if isinstance(metrics, dict) else None
     return cfg if isinstance(cfg, dict) else None
 

@@ -3,7 +3,7 @@
 With one GradScaler for the whole pack (accelerate's, the old engine), every branch's ``optimizer.step()``
 updated the shared scale: an overflow in one branch halved the scale the others' gradients were then
 unscaled with, and the growth counter advanced k times per step. The engine now scales, unscales, skips and
-updates each branch through its own scaler (``synqt.engine.BranchScaler``). fp16 runs only on CUDA; this
+updates each branch through its own scaler (``synqt.training.loop.BranchScaler``). fp16 runs only on CUDA; this
 test drives the same code with real ``torch.amp.GradScaler("cpu")`` objects on fp32 tensors, where an
 overflow is made by a huge loss.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from synqt.engine import BranchScaler
+from synqt.training.loop import BranchScaler
 
 
 def _branch(seed: int) -> tuple[torch.nn.Linear, torch.optim.Optimizer]:

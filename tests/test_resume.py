@@ -23,8 +23,8 @@ from engine_helpers import (  # noqa: F401 - _one_thread_no_progress is an autou
 )
 
 from launcher.cli import main
-from synqt.engine import run_trial
 from synqt.fileio import sha256_file
+from synqt.training import run_trial
 
 
 @pytest.fixture(scope="module")

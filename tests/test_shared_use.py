@@ -124,7 +124,7 @@ def _reference_sum(data_root: Path, split: str) -> int:
 
 @pytest.mark.parametrize("mask", [0o002, 0o022, 0o077])
 def test_every_file_of_a_run_honours_the_umask(shared_dir, umask, mask):
-    from synqt.engine import run_trial
+    from synqt.training import run_trial
 
     data_root, ckpt = write_tiny_assets(shared_dir)
     umask(mask)
@@ -140,7 +140,7 @@ def test_every_file_of_a_run_honours_the_umask(shared_dir, umask, mask):
 
 
 def test_a_labmate_reads_a_run_on_a_shared_storage_path(shared_dir, lab_users):
-    from synqt.engine import run_trial
+    from synqt.training import run_trial
 
     data_root, ckpt = write_tiny_assets(shared_dir)
     run = shared_dir / "runs" / "r"

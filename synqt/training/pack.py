@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import platform
-import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,164 +26,47 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from synqt import rundir
 from synqt.checkpoint import load_official_state_dict, load_trainable, save_trainable
-from synqt.compat import check_same_run, check_weights_fit
-from synqt.config import TrialConfig, config_to_dict, effective_seeds, save_config, splits_for
+from synqt.compat import BACKBONE_IDENTITY_KEYS, check_same_run, check_weights_fit
+from synqt.config import PACK_KEYS, TrialConfig, effective_seeds, pack_key, save_config, splits_for
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write, atomic_write_json
 from synqt.memory import keep_freed_host_memory
-from synqt.model import PackedSynQT, QueryBranch, SynQT, build_backbone, count_trainable, new_branch
+from synqt.model import PackedSynQT, QueryBranch, SynQT, count_trainable
 from synqt.precision import check_precision
 from synqt.schedule import adamw, lr_at
-
-log = logging.getLogger("synqt.engine")
-
-# keys that must agree between the branches of one pack (they share batches and the frozen stream)
-PACK_KEYS = (
-    "dataset", "data_root", "layout", "num_classes", "image_size", "interpolation", "mean", "std", "cache_dir",
-    "backbone", "backbone_kwargs", "checkpoint", "drop_path_rate", "backbone_drop_path", "memory_mode",
-    "protocol", "stage", "epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "eval_every",
-    "precision", "trainer", "num_devices", "device",
+from synqt.training.build import frozen_backbone, seeded_branch
+from synqt.training.loop import (
+    BranchScaler,
+    ProgressBar,
+    RunData,
+    TrialOutcome,
+    derive_seed,
+    device_peak_memory,
+    epoch_order,
+    run_hparams,
+    should_eval,
+    summary,
+    trial_metrics,
+    write_hparams,
 )
-# the settings recorded as a run's hyperparameters (besides whatever a sweep varied)
-HPARAM_KEYS = ("lr", "weight_decay", "token_nums", "feat_scale", "attn_scale", "ffn_scale", "warmup_epochs",
-               "epochs", "batch_size", "memory_mode", "precision")
-METRIC_KEYS = ("dataset", "group", "protocol", "stage", "seed", "hparams", "val_acc", "test_acc", "best_of_test",
-               "trainable_params", "peak_memory_bytes", "images_per_s", "wall_time_s", "versions", "provenance",
-               "status", "error")
 
-
-class BranchScaler:
-    """One branch's fp16 loss scale (``torch.amp.GradScaler``); a pass-through when disabled (fp32, bf16).
-
-    Each branch of a pack has its own: one shared scaler (accelerate's) is updated by every branch's
-    step, so one branch's overflow would halve the scale its pack-mates' gradients are unscaled with.
-    Branches have disjoint parameters, so one backward over the sum of the scaled losses gives each
-    branch exactly its own scaled gradients.
-    """
-
-    def __init__(self, enabled: bool, device_type: str, **kwargs: Any) -> None:
-        self.scaler = torch.amp.GradScaler(device_type, **kwargs) if enabled else None
-
-    def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss if self.scaler is None else self.scaler.scale(loss)
-
-    def step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Unscale, step unless the gradients overflowed, update the scale; True when the step was taken."""
-        if self.scaler is None:
-            optimizer.step()
-            return True
-        before = self.scaler.get_scale()
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        return self.scaler.get_scale() >= before  # the scale backs off exactly when a step is skipped
-
-    def state_dict(self) -> dict | None:
-        return None if self.scaler is None else self.scaler.state_dict()
-
-    def load_state_dict(self, state: dict | None) -> None:
-        if self.scaler is not None and state:
-            self.scaler.load_state_dict(state)
-
-
-def pack_key(cfg: TrialConfig) -> tuple:
-    """Trials with equal pack keys can be trained in lockstep over one frozen image stream."""
-    data_seed, _ = effective_seeds(cfg)
-    return tuple(repr(getattr(cfg, k)) for k in PACK_KEYS) + (repr(data_seed),)
-
-
-def metrics_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "metrics.json"
-
-
-def read_metrics(run_dir: str | Path) -> dict | None:
-    import json
-
-    path = metrics_path(run_dir)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def library_versions() -> dict[str, str | None]:
-    import accelerate
-    import timm
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "accelerate": accelerate.__version__, "numpy": np.__version__, "git_commit": _git_commit()}
-
-
-def device_peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes, unlike hash())."""
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-    return value & 0x7FFFFFFFFFFFFFFF
-
-
-def _build_seeded_backbone(cfg: TrialConfig) -> torch.nn.Module:
-    """The frozen backbone of ``cfg``; without a checkpoint its random init is drawn from ``data_seed``.
-
-    A randomly initialised backbone (tests, smoke runs) must be the same in a resumed run, in every
-    branch of a pack and in ``evaluate_checkpoint``, so it never depends on the global RNG state.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(effective_seeds(cfg)[0], 3))
-        return build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=cfg.checkpoint,
-                              **cfg.backbone_kwargs)
-
-
-def _hparams(cfg: TrialConfig, extra: dict | None) -> dict[str, Any]:
-    out = {k: getattr(cfg, k) for k in HPARAM_KEYS}
-    out.update(extra or {})
-    return out
+log = logging.getLogger("synqt.training.pack")
 
 
 @dataclass
-class _Branch:
-    """Runtime state of one trial inside a pack."""
+class _Branch(TrialOutcome):
+    """Runtime state of one trial inside a pack (its outcome plus its module, optimizer and writer)."""
 
-    cfg: TrialConfig
-    run_dir: Path
-    hparams: dict[str, Any]
-    status: str = "pending"  # pending -> running -> ok | failed; "skipped" when already finished
-    error: str | None = None
     module: QueryBranch | None = None
     optimizer: torch.optim.Optimizer | None = None
     step: int = 0
-    epochs_done: int = 0
-    eval_history: list[dict] = field(default_factory=list)
     loss_sum: float = 0.0
     loss_count: int = 0
     writer: Any = None
-    last_loss: float | None = None
     index: int = -1  # position in the PackedSynQT
-    trainable_params: int | None = None  # per branch: token_nums differs between pack-mates
     scaler: BranchScaler | None = None  # fp16 loss scale of this branch alone
-
-    @property
-    def run_name(self) -> str:
-        return self.run_dir.name
 
 
 class TrialRecipe:
@@ -209,22 +88,21 @@ class TrialRecipe:
         self.report = report
         self.shared_backbone = backbone
         self.branches = [
-            _Branch(cfg=c, run_dir=Path(d), hparams=_hparams(c, (hparams or [None] * len(cfgs))[i]))
+            _Branch(cfg=c, run_dir=Path(d), hparams=run_hparams(c, (hparams or [None] * len(cfgs))[i]))
             for i, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True))
         ]
         self.start_time = time.time()
+        self.train_split, self.eval_split = splits_for(self.cfg)
+        self.train_list = self.eval_list = self.image_size = self.images_per_s = None
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        cfg = self.cfg
-        self.train_split, self.eval_split = splits_for(cfg)
         self.device = self._device()
         self.accelerator = self._accelerator()
         self.device = self.accelerator.device
         keep_freed_host_memory(self.device)  # on CPU: no page faults for every step's activations
         for branch in self.branches:
-            previous = read_metrics(branch.run_dir)
-            finished = bool(previous and previous.get("status") == "ok")
+            finished = rundir.is_done(branch.run_dir)
             if self.resume or finished:  # continue exactly the same run, or stop naming what changed
                 check_same_run(branch.cfg, branch.run_dir)
             if finished:
@@ -271,7 +149,7 @@ class TrialRecipe:
         self.num_classes = cfg.num_classes or dataset_num_classes(cfg.data_root, cfg.dataset, layout=cfg.layout)
         self.train_list = read_split(cfg.data_root, cfg.dataset, self.train_split, layout=cfg.layout)
         self.eval_list = read_split(cfg.data_root, cfg.dataset, self.eval_split, layout=cfg.layout)
-        self._backbone = self.shared_backbone or _build_seeded_backbone(cfg)
+        self._backbone = self.shared_backbone or frozen_backbone(cfg)
         size = cfg.image_size or int(self._backbone.patch_embed.img_size[0])
         self.image_size = size
         load = dict(interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
@@ -286,10 +164,7 @@ class TrialRecipe:
             if branch.status == "skipped":
                 continue
             _, init_seed = effective_seeds(branch.cfg)
-            torch.manual_seed(init_seed)
-            module = new_branch(self._backbone, self.num_classes, token_nums=branch.cfg.token_nums,
-                                feat_scale=branch.cfg.feat_scale, attn_scale=branch.cfg.attn_scale,
-                                ffn_scale=branch.cfg.ffn_scale).to(self.device)
+            module = seeded_branch(branch.cfg, self._backbone, self.num_classes).to(self.device)
             module.seed_generator(derive_seed(init_seed, 1), self.device)
             branch.module = module
             branch.index = len(modules)
@@ -300,7 +175,7 @@ class TrialRecipe:
             if self.resume:
                 self._load_resume(branch)
             branch.status = "running"
-            save_config(branch.cfg, branch.run_dir / "config.yaml")
+            save_config(branch.cfg, branch.run_dir / rundir.CONFIG)
         self.model = PackedSynQT(self._backbone, modules, drop_path_rate=cfg.drop_path_rate,
                                  backbone_drop_path=cfg.backbone_drop_path, memory_mode=cfg.memory_mode)
         self.model.to(self.device)
@@ -320,7 +195,7 @@ class TrialRecipe:
 
     # --------------------------------------------------------------------------------------------- checkpoints
     def _load_resume(self, branch: _Branch) -> None:
-        path = branch.run_dir / "resume.pt"
+        path = branch.run_dir / rundir.RESUME
         if not path.is_file():
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -350,9 +225,9 @@ class TrialRecipe:
             # what the weights fit, checked before they are loaded again (synqt.compat)
             "fits": {"dataset": branch.cfg.dataset, "num_classes": self.num_classes, "image_size": self.image_size,
                      "backbone": {k: v for k, v in getattr(self._backbone, "synqt_identity", {}).items()
-                                  if k in ("name", "embed_dim", "depth", "num_heads", "checkpoint_sha256")}},
+                                  if k in BACKBONE_IDENTITY_KEYS}},
         }
-        atomic_write(branch.run_dir / "resume.pt", lambda tmp: torch.save(state, tmp))
+        atomic_write(branch.run_dir / rundir.RESUME, lambda tmp: torch.save(state, tmp))
 
     # ----------------------------------------------------------------------------------------------- training
     def _batch(self, images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,11 +236,6 @@ class TrialRecipe:
         x = to_tensor_batch(images[idx], self.mean, self.std).to(self.device, non_blocking=True)
         y = torch.as_tensor(labels[idx], dtype=torch.long).to(self.device, non_blocking=True)
         return x, y
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        data_seed, _ = effective_seeds(self.cfg)
-        gen = torch.Generator().manual_seed(derive_seed(data_seed, epoch))
-        return torch.randperm(len(self.train_labels), generator=gen).numpy()
 
     @property
     def steps_per_epoch(self) -> int:
@@ -379,7 +249,7 @@ class TrialRecipe:
         micro = cfg.batch_size // cfg.grad_accum_steps
         images_seen, train_seconds = 0, 0.0
         desc = self.branches[0].run_name if len(self.branches) == 1 else f"pack of {len(self.branches)}"
-        progress = _progress_bar(cfg.epochs * self.steps_per_epoch, start_epoch * self.steps_per_epoch, desc)
+        progress = ProgressBar(cfg.epochs * self.steps_per_epoch, start_epoch * self.steps_per_epoch, desc)
         for epoch in range(start_epoch, cfg.epochs):
             # branches ahead of the others (resumed from a later checkpoint) sit this epoch out
             training = [b for b in self.active if b.epochs_done <= epoch]
@@ -388,7 +258,7 @@ class TrialRecipe:
             index = [b.index for b in training]
             self.model.train()
             self.model.image_generator.manual_seed(derive_seed(effective_seeds(cfg)[0], epoch, 7))
-            order = self._epoch_order(epoch)
+            order = epoch_order(cfg, len(self.train_labels), epoch)
             t0 = time.perf_counter()
             for start in range(0, len(order), cfg.batch_size):
                 batch_idx = order[start:start + cfg.batch_size]
@@ -441,20 +311,10 @@ class TrialRecipe:
                 b.epochs_done = epoch + 1
             self._after_epoch(epoch + 1, training)
         progress.close()
-        if not hasattr(self, "images_per_s"):
-            self.images_per_s = None
-
-    def _should_eval(self, epoch: int) -> bool:
-        cfg = self.cfg
-        if epoch == cfg.epochs:
-            return True
-        if cfg.protocol == "vtab" and cfg.stage == "final":
-            return False  # the retrain stage scores test once, at the end
-        return cfg.eval_every > 0 and epoch % cfg.eval_every == 0
 
     def _after_epoch(self, epoch: int, trained: list[_Branch]) -> None:
         trained = [b for b in trained if b.status == "running"]
-        if trained and self._should_eval(epoch):
+        if trained and should_eval(self.cfg, epoch):
             accs = self.evaluate([b.index for b in trained])
             for b, acc in zip(trained, accs, strict=True):
                 b.eval_history.append({"epoch": epoch, "split": self.eval_split, "acc": acc})
@@ -467,14 +327,12 @@ class TrialRecipe:
             every = b.cfg.checkpoint_every
             if every and (epoch % every == 0) and epoch < b.cfg.epochs:
                 self._save_resume(b)
-            atomic_write_json(b.run_dir / "progress.json", {
-                "epoch": epoch, "epochs": b.cfg.epochs, "wall_time_s": time.time() - self.start_time,
-                "updated": time.time(), "status": "running"})
+            rundir.write_progress(b.run_dir, epoch, b.cfg.epochs, self.start_time)
         for b in trained:
             if epoch >= b.cfg.epochs:
                 self._finish(b)
         if self.report is not None:
-            self.report({"epoch": epoch, "branches": [self._summary(b) for b in self.branches]})
+            self.report({"epoch": epoch, "branches": [summary(b, self.eval_split) for b in self.branches]})
 
     @torch.no_grad()
     def evaluate(self, index: list[int]) -> list[float]:
@@ -496,16 +354,12 @@ class TrialRecipe:
         return [100.0 * c / max(total, 1) for c in correct.tolist()]
 
     # --------------------------------------------------------------------------------------------- outcomes
-    def _summary(self, b: _Branch) -> dict[str, Any]:
-        last = b.eval_history[-1]["acc"] if b.eval_history else None
-        return {"run_name": b.run_name, "status": b.status, "epoch": b.epochs_done, "train_loss": b.last_loss,
-                "val_acc": last if self.eval_split == "val200" else None,
-                "test_acc": last if self.eval_split == "test" else None}
-
     def _metrics(self, b: _Branch) -> dict[str, Any]:
         peak, peak_kind = device_peak_memory(self.device)
         identity = self._backbone.synqt_identity if hasattr(self, "_backbone") else {}
-        return trial_metrics(b, self, peak=peak, peak_kind=peak_kind, identity=identity,
+        data = RunData(self.train_split, self.eval_split, self.start_time, self.train_list, self.eval_list,
+                       self.image_size, self.images_per_s)
+        return trial_metrics(b, data, peak=peak, peak_kind=peak_kind, identity=identity,
                              packed_with=len(self.branches))
 
     def _finish(self, b: _Branch) -> None:
@@ -513,15 +367,15 @@ class TrialRecipe:
         identity = self._backbone.synqt_identity
         extra = {"dataset": b.cfg.dataset, "run_name": b.run_name, "num_classes": self.num_classes,
                  "image_size": self.image_size}
-        save_trainable(b.module, b.run_dir / "trainable.safetensors", backbone_identity=identity, extra=extra)
-        atomic_write_json(b.run_dir / "trainable.json", {
-            "weights": "trainable.safetensors", "backbone": identity, "token_nums": b.cfg.token_nums,
+        save_trainable(b.module, b.run_dir / rundir.TRAINABLE, backbone_identity=identity, extra=extra)
+        atomic_write_json(b.run_dir / rundir.TRAINABLE_INFO, {
+            "weights": rundir.TRAINABLE, "backbone": identity, "token_nums": b.cfg.token_nums,
             "trainable_params": b.trainable_params, **extra})
         metrics = self._metrics(b)
         self._write_hparams(b, metrics)
-        atomic_write_json(metrics_path(b.run_dir), metrics)
-        (b.run_dir / "resume.pt").unlink(missing_ok=True)
-        (b.run_dir / "progress.json").unlink(missing_ok=True)
+        rundir.write_metrics(b.run_dir, metrics)
+        (b.run_dir / rundir.RESUME).unlink(missing_ok=True)
+        rundir.clear_progress(b.run_dir)
         log.info("%s finished: %s", b.run_name,
                  {k: metrics[k] for k in ("val_acc", "test_acc", "best_of_test") if metrics[k] is not None})
 
@@ -529,8 +383,8 @@ class TrialRecipe:
         b.status = "failed"
         b.error = error
         log.error("%s failed: %s", b.run_name, error)
-        atomic_write_json(metrics_path(b.run_dir), self._metrics(b))
-        (b.run_dir / "progress.json").unlink(missing_ok=True)
+        rundir.write_metrics(b.run_dir, self._metrics(b))
+        rundir.clear_progress(b.run_dir)
 
     def _write_hparams(self, b: _Branch, metrics: dict) -> None:
         write_hparams(b.writer, b.cfg, b.hparams, metrics)
@@ -544,107 +398,13 @@ class TrialRecipe:
     def results(self) -> list[dict]:
         out = []
         for b in self.branches:
-            out.append(read_metrics(b.run_dir) or self._metrics(b))
+            out.append(rundir.read_metrics(b.run_dir) or self._metrics(b))
         return out
 
 
-def trial_metrics(run: Any, data: Any, *, peak: int | None, peak_kind: str, identity: dict,
-                  packed_with: int) -> dict[str, Any]:
-    """metrics.json of one trial (every key of the contract in docs/DESIGN.md, null where it does not apply).
-
-    ``run`` holds the trial's outcome (cfg, hparams, eval_history, epochs_done, status, error, run_dir,
-    trainable_params); ``data`` what it ran on (train_split, eval_split, train_list, eval_list, image_size,
-    images_per_s, start_time). A pack branch and a DeepSpeed worker both provide them.
-    """
-    cfg = run.cfg
-    evals = [e["acc"] for e in run.eval_history]
-    final = evals[-1] if evals and run.epochs_done >= cfg.epochs else None
-    is_test = data.eval_split == "test"
-    train_list, eval_list = getattr(data, "train_list", None), getattr(data, "eval_list", None)
-    return {
-        "dataset": cfg.dataset,
-        "group": cfg.group,
-        "protocol": cfg.protocol,
-        "stage": cfg.stage if cfg.protocol == "vtab" else "final",
-        "seed": cfg.seed,
-        "hparams": run.hparams,
-        "val_acc": final if not is_test else None,
-        "test_acc": final if is_test else None,
-        "best_of_test": (max(evals) if evals else None) if (cfg.protocol == "paper" and is_test) else None,
-        "trainable_params": getattr(run, "trainable_params", None),
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": peak_kind,
-        "images_per_s": getattr(data, "images_per_s", None),
-        "wall_time_s": time.time() - data.start_time,
-        "versions": library_versions(),
-        "provenance": {
-            "backbone": identity.get("name"),
-            "backbone_checkpoint": identity.get("checkpoint"),
-            "backbone_checkpoint_sha256": identity.get("checkpoint_sha256"),
-            "train_split": data.train_split,
-            "eval_split": data.eval_split,
-            "train_list_sha256": getattr(train_list, "list_hash", None),
-            "eval_list_sha256": getattr(eval_list, "list_hash", None),
-            "derived_splits": bool(getattr(train_list, "derived", False) or getattr(eval_list, "derived", False)),
-            "image_size": getattr(data, "image_size", None),
-            "data_seed": effective_seeds(cfg)[0],
-            "init_seed": effective_seeds(cfg)[1],
-            "packed_with": packed_with,
-        },
-        "status": "ok" if run.status == "ok" else "failed",
-        "error": run.error,
-        "run_name": Path(run.run_dir).name,
-        "epochs_done": run.epochs_done,
-        "eval_history": run.eval_history,
-        "config": config_to_dict(cfg),
-    }
-
-
-def write_hparams(writer: Any, cfg: TrialConfig, hparams: dict, metrics: dict, extra: dict | None = None) -> None:
-    """The run's hyperparameters and final metrics for TensorBoard's hparams plugin."""
-    if writer is None:
-        return
-
-    def scalar(v: Any) -> Any:
-        return v if isinstance(v, (int, float, str, bool)) else str(v)
-
-    hp = {k: scalar(v) for k, v in hparams.items()}
-    hp.update(dataset=cfg.dataset, seed=cfg.seed, protocol=cfg.protocol, **(extra or {}))
-    values = {f"hparam/{k}": metrics[k] for k in ("val_acc", "test_acc", "best_of_test") if metrics[k] is not None}
-    writer.add_hparams(hp, values, run_name=".")
-    writer.flush()
-
-
-class _progress_bar:
-    """tqdm on a terminal, a plain log line per ~10% otherwise (SLURM / Ray logs stay readable)."""
-
-    def __init__(self, total: int, initial: int, desc: str) -> None:
-        self.total, self.n, self.desc = total, initial, desc
-        self.bar = None
-        self.next_log = initial + max(1, total // 10)
-        if sys.stderr.isatty() and not os.environ.get("SYNQT_NO_PROGRESS"):
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
-
-    def update(self, n: int, losses: dict[str, float | None]) -> None:
-        self.n += n
-        shown = {k: round(v, 4) for k, v in losses.items() if v is not None}
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix(loss=list(shown.values())[:3])
-        elif self.n >= self.next_log or self.n == self.total:
-            print(f"[synqt] {self.desc}: step {self.n}/{self.total} loss {shown}", flush=True)
-            self.next_log = self.n + max(1, self.total // 10)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def run_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, resume: bool = True,
-             backbone: torch.nn.Module | None = None, report: Callable[[dict], None] | None = None,
-             hparams: Sequence[dict] | None = None) -> list[dict]:
+def train_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, resume: bool = True,
+               backbone: torch.nn.Module | None = None, report: Callable[[dict], None] | None = None,
+               hparams: Sequence[dict] | None = None) -> list[dict]:
     """Train a pack (k >= 1) of trials; returns each branch's metrics dict (also in its metrics.json)."""
     recipe = TrialRecipe(cfgs, run_dirs, resume=resume, backbone=backbone, report=report, hparams=hparams)
     try:
@@ -657,19 +417,11 @@ def run_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, res
             if b.status == "running":
                 b.status = "failed"
                 b.error = message + "\n" + traceback.format_exc(limit=5)
-                atomic_write_json(metrics_path(b.run_dir), recipe._metrics(b))
+                rundir.write_metrics(b.run_dir, recipe._metrics(b))
         raise
     finally:
         recipe.cleanup()
     return recipe.results()
-
-
-def run_trial(cfg: TrialConfig, run_dir: str | Path, *, resume: bool = True,
-              backbone: torch.nn.Module | None = None, report: Callable[[dict], None] | None = None,
-              hparams: dict | None = None) -> dict:
-    """One trial (a pack of one); see ``run_pack``."""
-    return run_pack([cfg], [run_dir], resume=resume, backbone=backbone, report=report,
-                    hparams=[hparams] if hparams else None)[0]
 
 
 def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "test", official: bool = False,
@@ -685,11 +437,8 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
     else:
         _, header = read_trainable(weights)
         num_classes = int(header["branch"]["num_classes"])
-    if official:
-        backbone = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=None,
-                                  **cfg.backbone_kwargs)
-    else:
-        backbone = _build_seeded_backbone(cfg)
+    # official: the state dict holds the backbone too, so it is built without the configured checkpoint
+    backbone = frozen_backbone(cfg, checkpoint=None) if official else frozen_backbone(cfg)
     token_nums = int(state["synqt.q"].shape[1]) if official else int(header["branch"]["token_nums"])
     model = SynQT(backbone, num_classes, token_nums=token_nums, drop_path_rate=cfg.drop_path_rate,
                   backbone_drop_path=cfg.backbone_drop_path, memory_mode=cfg.memory_mode)
@@ -717,6 +466,6 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
     result = {"dataset": cfg.dataset, "split": split, "acc": acc, "images": int(len(labels)),
               "weights": str(weights), "official": official, "test_acc" if split == "test" else "val_acc": acc,
               "warnings": warnings}
-    out_path = Path(out) if out else Path(weights).parent / "eval_metrics.json"
-    atomic_write_json(out_path if out_path.suffix == ".json" else out_path / "eval_metrics.json", result)
+    out_path = Path(out) if out else Path(weights).parent / rundir.EVAL_METRICS
+    atomic_write_json(out_path if out_path.suffix == ".json" else out_path / rundir.EVAL_METRICS, result)
     return result
