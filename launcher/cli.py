@@ -63,6 +63,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from synqt.training import run_trial
 
     cfg = load_config(args.config, _trial_overrides(args))
+    from synqt.compat import check_same_run
+    from synqt.rundir import read_metrics
+
+    previous = read_metrics(args.out)
+    if args.resume or (previous and previous.get("status") == "ok"):
+        check_same_run(cfg, args.out)  # a resume continues exactly the same run, or stops naming each change
+    if previous and previous.get("status") == "ok":
+        acc = {k: previous[k] for k in ("val_acc", "test_acc") if previous.get(k) is not None}
+        print(f"synqt train: {args.out} already finished ({', '.join(f'{k}={v:.2f}' for k, v in acc.items())}); "
+              "nothing to train", file=sys.stderr)
+        return 0
     metrics = run_trial(cfg, args.out, resume=args.resume)
     return 0 if metrics["status"] == "ok" else 1
 

@@ -69,6 +69,10 @@ def run_sweep_command(
         )
     if resume and not plan_file.is_file():
         raise ConfigError(f"--resume: no sweep at {sweep.sweep_dir} (missing {plan_file})")
+    if resume:  # keep unchanged trials, move changed ones aside, say so (launcher/resume.py)
+        from launcher.resume import reconcile
+
+        reconcile(sweep, trials, trials[0].stage if trials else "final")
     if not (resume and _same_plan(plan_file, trials)):
         write_plan(sweep, trials, _stage2_pending(sweep, trials[0].stage if trials else "final"))
     if sequential:

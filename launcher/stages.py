@@ -50,6 +50,9 @@ def drive_stages(sweep: Sweep, plan: list[PlannedTrial],
             else:
                 failures.append((f"final-{d}", "no stage-1 run finished; stage 2 skipped"))
         stage2 = plan_trials(sweep, "final", best=best)
+        from launcher.resume import reconcile
+
+        reconcile(sweep, stage2, "final")  # a resumed sweep: keep unchanged stage-2 runs, move changed ones aside
         write_full_plan(sweep, plan, stage2)
         if stage2:
             failures += run_stage("final", stage2)

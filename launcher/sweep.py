@@ -64,6 +64,8 @@ class Sweep:
     trial: dict[str, Any] = setting(factory=dict)
     per_dataset: dict[str, dict[str, Any]] = setting(factory=dict)
     retries: int = setting(2, min=0)
+    # a Ray trial waiting longer than this many seconds for its resources is reported by name
+    pending_report_s: float = setting(600.0, min=0)
     demo_assets: bool = setting(False)
     source: str = field(default="<sweep>", metadata={})
 
@@ -340,6 +342,7 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
         d: _check_trial_mapping(v, source, f"per_dataset.{d}", trial_keys) for d, v in pdm.items()
     }
     s.retries = SWEEP.check("retries", raw.get("retries", 2), source)
+    s.pending_report_s = SWEEP.check("pending_report_s", raw.get("pending_report_s", 600.0), source)
     s.demo_assets = SWEEP.check("demo_assets", raw.get("demo_assets", False), source)
     s.datasets = expand_datasets(s.datasets, source)
     for d in s.per_dataset:
@@ -611,10 +614,15 @@ def prepare_demo_assets(sweep: Sweep) -> None:
 
 
 def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
-    """Refuse a sweep before any Ray resource: data folders + list files, checkpoint, resources."""
+    """Refuse a sweep before any Ray resource: data folders + list files, checkpoint, resources, precision."""
     from synqt.ckptfile import check_file
     from synqt.config import splits_for
     from synqt.data import validate_dataset
+
+    if _trial_device(sweep) == "cpu" and any(t.config.precision == "bf16" for t in trials):
+        from synqt.precision import check_precision
+
+        check_precision("bf16", "cpu")  # CPU trials: this node's CPU stands for the cluster's (each trial rechecks)
 
     seen: set[tuple] = set()
     checked: set[str] = set()
@@ -698,6 +706,25 @@ def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]
     return {"unpacked": unpacked, "packed": packed}
 
 
+def _trial_device(sweep: Sweep) -> str:
+    """Where the sweep's trials will compute, judged from this machine: cuda when they ask for GPUs."""
+    return "cuda" if sweep.resources["gpus"] > 0 else "cpu"
+
+
+def _bf16_line(sweep: Sweep, trials: list[PlannedTrial]) -> str | None:
+    """The dry run's word on bf16 (synqt/precision.py), for the device the trials would use on this machine."""
+    if not any(t.config.precision == "bf16" for t in trials):
+        return None
+    import torch
+
+    from synqt.precision import describe
+
+    device = _trial_device(sweep)
+    if device == "cuda" and not torch.cuda.is_available():
+        return "bf16: this machine has no GPU to judge; each trial checks its own device before training"
+    return describe("bf16", device)
+
+
 def plan_dict(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) -> dict[str, Any]:
     return {
         "name": sweep.name,
@@ -778,6 +805,9 @@ def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
     for i, p in enumerate(packs):
         lines.append(f"  pack {i:>3} ({len(p)}): " + ", ".join(t.run_name for t in p))
     lines.extend(weights_lines(sweep, trials))
+    bf16 = _bf16_line(sweep, trials)
+    if bf16:
+        lines.append(bf16)
     imgs = estimated_images(sweep, trials)
     lines.append(
         f"estimated images through the backbone (training epochs x train images + evals): "

@@ -398,6 +398,8 @@ def format_table(result: dict[str, Any]) -> str:
                  f"{hw['threads']} threads)")
     if "cpu_flags" in hw:
         lines.append("cpu flags: " + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in hw["cpu_flags"].items()))
+    if "bf16" in hw:
+        lines.append(hw["bf16"])
     cfg = result["config"]
     lines.append(f"config: backbone={cfg['backbone']} image_size={result['geometry']['image_size']} "
                  f"batch_size={cfg['batch_size']} token_nums={cfg['token_nums']} precision={cfg['precision']}")
@@ -458,7 +460,12 @@ def run_bench(overrides: Sequence[str] = (), *, steps: int = 3, modes: Sequence[
     if loader and not (data_root and dataset):
         raise ConfigError("--loader needs --data-root and --dataset")
     device = _device(cfg)
+    from synqt.precision import check_precision, describe
+
+    bf16_line = describe(cfg.precision, device)  # shown in the table (format_table)
+    check_precision(cfg.precision, device)  # a refused bf16 bench says why in its error, before any timing
     result: dict[str, Any] = {"hardware": hardware_info(device), "config": config_to_dict(cfg), "rows": []}
+    result["hardware"]["bf16"] = bf16_line
     if device.type == "cpu":  # as the trainers do; also keeps one model's page faults out of the next one's timing
         result["hardware"]["keep_freed_host_memory"] = keep_freed_host_memory(device)
     result.update(bench_models(cfg, modes, steps=steps, baselines=baselines, log=log))

@@ -473,13 +473,30 @@ def _decode_into(out: np.ndarray, paths: Sequence[Path], image_size: int, resamp
         pool.shutdown(wait=True, cancel_futures=True)  # first bad image: stop, do not decode the rest
 
 
+CACHE_SHARED_ENV = "SYNQT_CACHE_SHARED"  # 1: cache folders and files group-writable (a group-shared cache)
+_cache_warned: set[str] = set()
+
+
+def _user_name() -> str:
+    import pwd
+
+    try:
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (containers)
+        name = str(os.getuid())
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
 def default_cache_dir() -> Path:
-    """Node-local by default: `$SYNQT_CACHE_DIR`, else `$SLURM_TMPDIR/synqt-cache`, else `<tmp>/synqt-cache`.
+    """Node-local and per user by default: `$SYNQT_CACHE_DIR`, else `$SLURM_TMPDIR/synqt-cache` (per job),
+    else `<tmp>/synqt-cache-<user>`.
 
     The cache is built under a `filelock.FileLock`, and POSIX/flock locks are unreliable on
     NFS and Lustre (silently not exclusive, or very slow), so the default is a node-local disk;
     node-local reads of the memory-mapped array are also much faster than a shared filesystem.
-    Point SYNQT_CACHE_DIR at shared storage only if its locking is known to work.
+    Point SYNQT_CACHE_DIR at shared storage only if its locking is known to work. Per user, because a
+    folder the first user makes is not writable by the next one; for one cache shared by a group see
+    `cache_is_shared`.
     """
     env = os.environ.get("SYNQT_CACHE_DIR")
     if env:
@@ -487,7 +504,40 @@ def default_cache_dir() -> Path:
     slurm = os.environ.get("SLURM_TMPDIR")
     if slurm:
         return Path(slurm) / "synqt-cache"
-    return Path(tempfile.gettempdir()) / "synqt-cache"
+    return Path(tempfile.gettempdir()) / f"synqt-cache-{_user_name()}"
+
+
+def cache_is_shared() -> bool:
+    """`SYNQT_CACHE_SHARED=1`: folders are made 2775 and files 664 whatever the umask, so a group shares one
+    cache (the admin makes the folder: `mkdir D; chgrp GROUP D; chmod 2775 D`; users set `SYNQT_CACHE_DIR=D`)."""
+    return os.environ.get(CACHE_SHARED_ENV, "").strip().lower() in ("1", "true", "yes", "group")
+
+
+def _owner(path: Path) -> str:
+    import pwd
+
+    try:
+        uid = path.stat().st_uid
+    except OSError:
+        return "?"
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _warn_cache_unusable(cdir: Path, err: OSError) -> None:
+    key = str(cdir)
+    if key in _cache_warned:
+        return
+    _cache_warned.add(key)
+    import logging
+
+    where = cdir if cdir.exists() else cdir.parent
+    logging.getLogger("synqt.data").warning(
+        "decoded-image cache %s is not usable by user %s (%s: %s; %s belongs to %s): decoding without the cache. "
+        "Set SYNQT_CACHE_DIR (or cache_dir) to a folder of your own, or see docs/data.md for a group-shared cache",
+        cdir, _user_name(), err.strerror or type(err).__name__, err.filename or cdir, where, _owner(where))
 
 
 def cache_key(split: SplitList, image_size: int, interpolation: str) -> str:
@@ -515,6 +565,7 @@ def cache_paths(split: SplitList, image_size: int, interpolation: str, cache_dir
 
 def _build_cache(split: SplitList, image_size: int, resample: int, files: dict[str, Path]) -> None:
     n = len(split.paths)
+    mode = 0o664 if cache_is_shared() else None
 
     def write_labels(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
@@ -527,15 +578,18 @@ def _build_cache(split: SplitList, image_size: int, resample: int, files: dict[s
         del arr
 
     # Labels first: readers test only for the images file, which appears last.
-    atomic_write(files["labels"], write_labels)
-    atomic_write(files["images"], write_images)
+    atomic_write(files["labels"], write_labels, mode=mode)
+    atomic_write(files["images"], write_images, mode=mode)
     stamp = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     line = (
         f"{stamp}\t{files['key']}\t{split.dataset}\t{split.split}\t{image_size}\t{n}"
         f"\t{socket.gethostname()}\t{os.getpid()}\n"
     )
-    with open(files["images"].parent / BUILD_LOG_NAME, "a") as fh:
+    build_log = files["images"].parent / BUILD_LOG_NAME
+    with open(build_log, "a") as fh:
         fh.write(line)
+    if mode is not None and build_log.stat().st_uid == os.getuid():
+        build_log.chmod(mode)  # the next labmate appends to it
 
 
 def load_images(
@@ -561,23 +615,39 @@ def load_images(
         out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
         _decode_into(out, split.paths, image_size, resample)
         return out, labels
-    from filelock import FileLock
-
     cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    files = cache_paths(split, image_size, interpolation, cdir)
-    if not files["images"].is_file():
-        cdir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(files["lock"])):
-            if not files["images"].is_file():
-                _build_cache(split, image_size, resample, files)
-    images = np.load(files["images"], mmap_mode="r")
-    cached_labels = np.load(files["labels"])
+    try:
+        images, cached_labels, files = _open_cache(split, image_size, interpolation, resample, cdir)
+    except OSError as err:  # a folder or file of another user, a read-only or full disk: never a traceback
+        _warn_cache_unusable(cdir, err)
+        out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+        _decode_into(out, split.paths, image_size, resample)
+        return out, labels
     if images.shape != (n, image_size, image_size, 3) or not np.array_equal(cached_labels, labels):
         raise DataError(
             f"cache file {files['images']} does not match split {split.dataset}/{split.split} "
             f"(shape {images.shape}, expected {(n, image_size, image_size, 3)}); delete it to rebuild"
         )
     return images, labels
+
+
+def _open_cache(split: SplitList, image_size: int, interpolation: str, resample: int,
+                cdir: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Path]]:
+    """Open (building it first, under its lock, when absent) one cache entry; OSError when unusable."""
+    from filelock import FileLock
+
+    shared = cache_is_shared()
+    files = cache_paths(split, image_size, interpolation, cdir)
+    if not files["images"].is_file():
+        if not cdir.is_dir():
+            cdir.mkdir(parents=True, exist_ok=True)
+            if shared:
+                cdir.chmod(0o2775)
+        lock = FileLock(str(files["lock"]), mode=0o664) if shared else FileLock(str(files["lock"]))
+        with lock:
+            if not files["images"].is_file():
+                _build_cache(split, image_size, resample, files)
+    return np.load(files["images"], mmap_mode="r"), np.load(files["labels"]), files
 
 
 def to_tensor_batch(images_uint8: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -45,6 +45,7 @@ from torch import nn
 
 from synqt import rundir
 from synqt.checkpoint import save_trainable
+from synqt.compat import check_same_run
 from synqt.config import (
     TrialConfig,
     config_dir,
@@ -57,6 +58,7 @@ from synqt.config import (
 from synqt.errors import ConfigError
 from synqt.memory import keep_freed_host_memory
 from synqt.model import PackedSynQT, count_trainable
+from synqt.precision import check_precision
 from synqt.schedule import adamw, lr_at
 from synqt.training.build import frozen_backbone, seeded_branch
 from synqt.training.loop import (
@@ -142,9 +144,11 @@ def _device(cfg: TrialConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible (use device=auto or cpu)")
     if cfg.device == "cpu" or not torch.cuda.is_available():
+        check_precision(cfg.precision, "cpu")  # bf16 only where it is native (synqt/precision.py)
         return torch.device("cpu")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
+    check_precision(cfg.precision, torch.device("cuda", local))
     return torch.device("cuda", local)
 
 
@@ -487,7 +491,8 @@ class _Worker:
             save_trainable(self.branch, self.run_dir / rundir.TRAINABLE,
                            backbone_identity=self.backbone.synqt_identity,
                            extra={"dataset": self.cfg.dataset, "run_name": self.run_dir.name,
-                                  "num_classes": self.num_classes, "trainer": "deepspeed"})
+                                  "num_classes": self.num_classes, "image_size": self.image_size,
+                                  "trainer": "deepspeed"})
         metrics = build_metrics(self)
         self._write_hparams(metrics)
         rundir.write_metrics(self.run_dir, metrics)
@@ -543,6 +548,7 @@ def train_worker(cfg: TrialConfig | dict, run_dir: str | Path, *, report: Callab
     device = _device(cfg)
     _init_distributed(device)
     done = rundir.read_metrics(run_dir)
+    check_same_run(cfg, run_dir)  # a resume continues exactly the same run, or stops naming each change
     if rundir.is_done(run_dir):
         log.info("%s already finished; skipping", run_dir.name)
         return done if dist.get_rank() == 0 else None

@@ -171,6 +171,39 @@ def write_hparams(writer: Any, cfg: TrialConfig, hparams: dict, metrics: dict, e
     writer.flush()
 
 
+class BranchScaler:
+    """One branch's fp16 loss scale (``torch.amp.GradScaler``); a pass-through when disabled (fp32, bf16).
+
+    Each branch of a pack has its own: one shared scaler (accelerate's) is updated by every branch's
+    step, so one branch's overflow would halve the scale its pack-mates' gradients are unscaled with.
+    Branches have disjoint parameters, so one backward over the sum of the scaled losses gives each
+    branch exactly its own scaled gradients.
+    """
+
+    def __init__(self, enabled: bool, device_type: str, **kwargs: Any) -> None:
+        self.scaler = torch.amp.GradScaler(device_type, **kwargs) if enabled else None
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Unscale, step unless the gradients overflowed, update the scale; True when the step was taken."""
+        if self.scaler is None:
+            optimizer.step()
+            return True
+        before = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= before  # the scale backs off exactly when a step is skipped
+
+    def state_dict(self) -> dict | None:
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
 class ProgressBar:
     """tqdm on a terminal, a plain log line per ~10% otherwise (SLURM / Ray logs stay readable)."""
 

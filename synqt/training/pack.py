@@ -28,14 +28,17 @@ import torch.nn.functional as F
 
 from synqt import rundir
 from synqt.checkpoint import load_official_state_dict, load_trainable, save_trainable, weights_text
+from synqt.compat import BACKBONE_IDENTITY_KEYS, check_same_run, check_weights_fit
 from synqt.config import PACK_KEYS, TrialConfig, effective_seeds, pack_key, save_config, splits_for
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write, atomic_write_json
 from synqt.memory import keep_freed_host_memory
 from synqt.model import PackedSynQT, QueryBranch, SynQT, count_trainable
+from synqt.precision import check_precision
 from synqt.schedule import adamw, lr_at
 from synqt.training.build import frozen_backbone, seeded_branch
 from synqt.training.loop import (
+    BranchScaler,
     ProgressBar,
     RunData,
     TrialOutcome,
@@ -63,6 +66,7 @@ class _Branch(TrialOutcome):
     loss_count: int = 0
     writer: Any = None
     index: int = -1  # position in the PackedSynQT
+    scaler: BranchScaler | None = None  # fp16 loss scale of this branch alone
 
 
 class TrialRecipe:
@@ -98,7 +102,10 @@ class TrialRecipe:
         self.device = self.accelerator.device
         keep_freed_host_memory(self.device)  # on CPU: no page faults for every step's activations
         for branch in self.branches:
-            if rundir.is_done(branch.run_dir):
+            finished = rundir.is_done(branch.run_dir)
+            if self.resume or finished:  # continue exactly the same run, or stop naming what changed
+                check_same_run(branch.cfg, branch.run_dir)
+            if finished:
                 branch.status = "skipped"
                 log.info("%s already finished; skipping", branch.run_name)
         if all(b.status == "skipped" for b in self.branches):
@@ -113,9 +120,9 @@ class TrialRecipe:
         if self.cfg.precision == "fp16" and (want == "cpu" or not torch.cuda.is_available()):
             raise ConfigError("precision=fp16 needs a CUDA GPU and none is in use: on CPU autocast would silently "
                               "stay fp32; use precision=bf16 or precision=no")
-        if want == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(want)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want)
+        check_precision(self.cfg.precision, device)  # bf16 only where it is native (synqt/precision.py)
+        return device
 
     def _accelerator(self):
         from accelerate import Accelerator
@@ -123,7 +130,13 @@ class TrialRecipe:
 
         # a process may run several trials with different precisions (tests, packs run one after another)
         AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(mixed_precision=self.cfg.precision, cpu=self.device.type == "cpu")
+        handlers = []
+        if self.cfg.precision == "fp16":  # one GradScaler per branch instead of accelerate's shared one
+            from accelerate.utils import GradScalerKwargs
+
+            handlers.append(GradScalerKwargs(enabled=False))
+        return Accelerator(mixed_precision=self.cfg.precision, cpu=self.device.type == "cpu",
+                           kwargs_handlers=handlers)
 
     def _setup_data(self) -> None:
         from synqt.data import dataset_num_classes, load_images, read_split, validate_dataset
@@ -159,6 +172,7 @@ class TrialRecipe:
             branch.index = len(modules)
             branch.trainable_params = count_trainable(module)
             branch.optimizer = adamw(module.parameters(), lr=branch.cfg.lr, weight_decay=branch.cfg.weight_decay)
+            branch.scaler = BranchScaler(cfg.precision == "fp16", self.device.type)
             modules.append(module)
             if self.resume:
                 self._load_resume(branch)
@@ -187,12 +201,18 @@ class TrialRecipe:
         if not path.is_file():
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
+        fits = state.get("fits") or {}
+        if "num_classes" not in fits and "head.classifier.weight" in state["branch"]:  # older resume.pt
+            fits = {**fits, "num_classes": int(state["branch"]["head.classifier.weight"].shape[0])}
+        check_weights_fit(str(path), fits, dataset=branch.cfg.dataset, num_classes=self.num_classes,
+                          image_size=self.image_size, backbone=getattr(self._backbone, "synqt_identity", {}))
         branch.module.load_state_dict(state["branch"])
         branch.optimizer.load_state_dict(state["optimizer"])
         branch.step = int(state["step"])
         branch.epochs_done = int(state["epochs_done"])
         branch.eval_history = list(state["eval_history"])
         branch.module.generator.set_state(state["generator"])
+        branch.scaler.load_state_dict(state.get("scaler"))
         log.info("%s resumed after epoch %d (step %d)", branch.run_name, branch.epochs_done, branch.step)
 
     def _save_resume(self, branch: _Branch) -> None:
@@ -203,6 +223,11 @@ class TrialRecipe:
             "epochs_done": branch.epochs_done,
             "eval_history": branch.eval_history,
             "generator": branch.module.generator.get_state(),
+            "scaler": branch.scaler.state_dict(),
+            # what the weights fit, checked before they are loaded again (synqt.compat)
+            "fits": {"dataset": branch.cfg.dataset, "num_classes": self.num_classes, "image_size": self.image_size,
+                     "backbone": {k: v for k, v in getattr(self._backbone, "synqt_identity", {}).items()
+                                  if k in BACKBONE_IDENTITY_KEYS}},
         }
         atomic_write(branch.run_dir / rundir.RESUME, lambda tmp: torch.save(state, tmp))
 
@@ -260,7 +285,7 @@ class TrialRecipe:
                                           f"step {b.step}")
                             continue
                         losses[id(b)] += loss.item() * weight
-                        terms.append(loss * weight)
+                        terms.append(b.scaler.scale(loss * weight))
                     if terms:
                         self.accelerator.backward(torch.stack(terms).sum())
                     if any(b.status != "running" for b in training):
@@ -269,7 +294,7 @@ class TrialRecipe:
                         if not training:
                             break
                 for b in training:
-                    b.optimizer.step()
+                    b.scaler.step(b.optimizer)  # fp16: this branch's own scale; otherwise optimizer.step()
                     b.step += 1
                     b.loss_sum += losses[id(b)]
                     b.loss_count += 1
@@ -342,7 +367,8 @@ class TrialRecipe:
     def _finish(self, b: _Branch) -> None:
         b.status = "ok"
         identity = self._backbone.synqt_identity
-        extra = {"dataset": b.cfg.dataset, "run_name": b.run_name, "num_classes": self.num_classes}
+        extra = {"dataset": b.cfg.dataset, "run_name": b.run_name, "num_classes": self.num_classes,
+                 "image_size": self.image_size}
         save_trainable(b.module, b.run_dir / rundir.TRAINABLE, backbone_identity=identity, extra=extra)
         atomic_write_json(b.run_dir / rundir.TRAINABLE_INFO, {
             "weights": rundir.TRAINABLE, "backbone": identity, "token_nums": b.cfg.token_nums,
@@ -423,10 +449,13 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
     else:
         load_trainable(model, weights)
     data_classes = cfg.num_classes or dataset_num_classes(cfg.data_root, cfg.dataset, layout=cfg.layout)
-    if data_classes > num_classes:
-        raise ConfigError(f"{weights} has {num_classes} classes but {cfg.dataset} has {data_classes}")
-    split_list = read_split(cfg.data_root, cfg.dataset, split, layout=cfg.layout)
     size = cfg.image_size or int(backbone.patch_embed.img_size[0])
+    recorded = {"num_classes": num_classes}
+    if not official:
+        recorded.update({k: header.get("extra", {}).get(k) for k in ("dataset", "image_size")})
+    warnings = check_weights_fit(str(weights), recorded, dataset=cfg.dataset, num_classes=data_classes,
+                                 image_size=size)
+    split_list = read_split(cfg.data_root, cfg.dataset, split, layout=cfg.layout)
     images, labels = load_images(split_list, size, interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
     model.eval()
     correct = 0
@@ -437,7 +466,8 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
             correct += int((logits.argmax(-1) == torch.as_tensor(labels[idx])).sum())
     acc = 100.0 * correct / max(len(labels), 1)
     result = {"dataset": cfg.dataset, "split": split, "acc": acc, "images": int(len(labels)),
-              "weights": str(weights), "official": official, "test_acc" if split == "test" else "val_acc": acc}
+              "weights": str(weights), "official": official, "test_acc" if split == "test" else "val_acc": acc,
+              "warnings": warnings}
     out_path = Path(out) if out else Path(weights).parent / rundir.EVAL_METRICS
     atomic_write_json(out_path if out_path.suffix == ".json" else out_path / rundir.EVAL_METRICS, result)
     return result
