@@ -9,6 +9,7 @@ the driver and shared through the object store as numpy arrays (zero-copy on eac
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -18,6 +19,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from launcher.console import verbosity
 from launcher.stages import backbone_key, drive_stages, finish_sweep, unfinished
 from launcher.sweep import (
     PlannedTrial,
@@ -262,14 +264,19 @@ def _start_ray(address: str | None, num_cpus: int | None = None) -> bool:
             )
         }
     }
+    # Ray's own console output (its INFO log, the workers' forwarded stdout/stderr) only with -v: the
+    # sweep's lines come from launcher.console.SweepWatcher; trial errors are reported by finish_sweep
+    # and stay in each trial's metrics.json and Ray's session logs.
+    verbose = verbosity() >= 1
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
     else:
         ray.init(
             num_cpus=num_cpus or os.cpu_count() or 1,
             include_dashboard=False,
             runtime_env=env,
-            log_to_driver=True,
+            **quiet,
         )
     return True
 
@@ -341,7 +348,7 @@ def _run_stage(
             run_config=RunConfig(
                 name=stage,
                 storage_path=str(storage),
-                verbose=1,
+                verbose=min(2, verbosity()),  # Tune's table: -v (1) or -vv (2), silent by default (0)
                 failure_config=FailureConfig(max_failures=sweep.retries),
             ),
         )

@@ -41,6 +41,9 @@ def write_full_plan(sweep: Sweep, stage1: list[PlannedTrial], stage2: list[Plann
     for i, t in enumerate(d["trials"]):
         t["index"] = i
     atomic_write_json(sweep.sweep_dir / "plan.json", d)
+    from launcher.aggregate import write_planned_experiment
+
+    write_planned_experiment(sweep.sweep_dir, stage1 + stage2)
 
 
 def drive_stages(sweep: Sweep, plan: list[PlannedTrial],

@@ -18,7 +18,7 @@ from synqt.errors import SynQTError
 
 STATES = ("done", "failed", "running", "pending")
 
-_SKIP_DIRS = frozenset({"_ray", "tensorboard", "__pycache__"})
+_SKIP_DIRS = frozenset({"_ray", "_sweep_summary", "tensorboard", "__pycache__"})
 
 # A progress.json not rewritten for this long probably belongs to a dead process.
 STALE_AFTER_S = 3600.0
@@ -197,9 +197,22 @@ def format_duration(seconds: float) -> str:
     return f"{s} s"
 
 
-def status_text(run_dir: str | Path) -> str:
-    """The text `synqt status RUN_DIR` prints."""
-    st = collect_status(run_dir)
+def status_exit(st: Mapping[str, Any]) -> int:
+    """Exit code of `synqt status` (launcher.console.Exit): FAILED_RUNS when a trial failed, NOT_FINISHED while
+    trials run or are pending (final-stage ones included), OK when all are done."""
+    from launcher.console import Exit
+
+    c = st["counts"]
+    if c["failed"]:
+        return Exit.FAILED_RUNS
+    if c["running"] or c["pending"] or st.get("stage2_pending"):
+        return Exit.NOT_FINISHED
+    return Exit.OK
+
+
+def status_text(run_dir: str | Path, st: Mapping[str, Any] | None = None) -> str:
+    """The text `synqt status RUN_DIR` prints (of ``st``, a ``collect_status`` result, when given)."""
+    st = collect_status(run_dir) if st is None else st
     c = st["counts"]
     proto = f" (protocol {st['protocol']})" if st["protocol"] else ""
     lines = [f"sweep {st['name']}{proto}: {st['run_dir']}"]

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import platform
 import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from synqt import progress
 from synqt.checkpoint import load_official_state_dict, load_trainable, save_trainable
 from synqt.config import TrialConfig, config_to_dict, effective_seeds, save_config, splits_for
 from synqt.errors import ConfigError
@@ -321,8 +320,9 @@ class TrialRecipe:
         start_epoch = min(b.epochs_done for b in self.active)
         micro = cfg.batch_size // cfg.grad_accum_steps
         images_seen, train_seconds = 0, 0.0
-        desc = self.branches[0].run_name if len(self.branches) == 1 else f"pack of {len(self.branches)}"
-        progress = _progress_bar(cfg.epochs * self.steps_per_epoch, start_epoch * self.steps_per_epoch, desc)
+        total_steps = cfg.epochs * self.steps_per_epoch
+        progress.emit(progress.TrainStart(tuple(b.run_name for b in self.active), cfg.epochs, self.steps_per_epoch,
+                                          start_epoch * self.steps_per_epoch))
         for epoch in range(start_epoch, cfg.epochs):
             # branches ahead of the others (resumed from a later checkpoint) sit this epoch out
             training = [b for b in self.active if b.epochs_done <= epoch]
@@ -333,6 +333,8 @@ class TrialRecipe:
             self.model.image_generator.manual_seed(derive_seed(effective_seeds(cfg)[0], epoch, 7))
             order = self._epoch_order(epoch)
             t0 = time.perf_counter()
+            epoch_images = 0
+            epoch_loss = {id(b): [0.0, 0] for b in training}  # sum, count: the epoch's mean loss
             for start in range(0, len(order), cfg.batch_size):
                 batch_idx = order[start:start + cfg.batch_size]
                 for b in training:
@@ -370,20 +372,29 @@ class TrialRecipe:
                     b.loss_sum += losses[id(b)]
                     b.loss_count += 1
                     b.last_loss = losses[id(b)]
+                    epoch_loss[id(b)][0] += losses[id(b)]
+                    epoch_loss[id(b)][1] += 1
                     if b.step % cfg.log_every == 0 or b.step == 1:
                         b.writer.add_scalar("train/loss", b.loss_sum / b.loss_count, b.step)
                         b.writer.add_scalar("train/lr", b.optimizer.param_groups[0]["lr"], b.step)
                         b.loss_sum, b.loss_count = 0.0, 0
                 images_seen += len(batch_idx)
-                progress.update(1, {b.run_name: b.last_loss for b in training})
+                epoch_images += len(batch_idx)
+                if training:
+                    progress.emit(progress.Step(epoch * self.steps_per_epoch + start // cfg.batch_size + 1,
+                                                total_steps, {b.run_name: losses[id(b)] for b in training}))
                 if not training:
                     break
-            train_seconds += time.perf_counter() - t0
+            epoch_s = time.perf_counter() - t0
+            train_seconds += epoch_s
             self.images_per_s = images_seen / max(train_seconds, 1e-9)
             for b in training:
                 b.epochs_done = epoch + 1
+                total, count = epoch_loss[id(b)]
+                progress.emit(progress.EpochEnd(b.run_name, epoch + 1, b.cfg.epochs, total / count if count else None,
+                                                b.optimizer.param_groups[0]["lr"],
+                                                epoch_images / max(epoch_s, 1e-9), epoch_s))
             self._after_epoch(epoch + 1, training)
-        progress.close()
         if not hasattr(self, "images_per_s"):
             self.images_per_s = None
 
@@ -401,11 +412,14 @@ class TrialRecipe:
             accs = self.evaluate([b.index for b in trained])
             for b, acc in zip(trained, accs, strict=True):
                 b.eval_history.append({"epoch": epoch, "split": self.eval_split, "acc": acc})
-                b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, epoch)
-        peak, _ = device_peak_memory(self.device)
+                # every scalar of a run shares one x-axis, the optimizer step (train/epoch maps it to epochs)
+                b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, b.step)
+                progress.emit(progress.Eval(b.run_name, epoch, b.cfg.epochs, self.eval_split, acc))
+        peak, peak_kind = device_peak_memory(self.device)
         for b in trained:
-            b.writer.add_scalar("perf/images_per_s", self.images_per_s, epoch)
-            b.writer.add_scalar("perf/peak_memory_bytes", peak, epoch)
+            b.writer.add_scalar("train/epoch", epoch, b.step)
+            b.writer.add_scalar("perf/images_per_s", self.images_per_s, b.step)
+            b.writer.add_scalar(memory_tag(peak_kind), peak / 2**20, b.step)
             b.writer.flush()
             every = b.cfg.checkpoint_every
             if every and (epoch % every == 0) and epoch < b.cfg.epochs:
@@ -464,18 +478,19 @@ class TrialRecipe:
         atomic_write_json(metrics_path(b.run_dir), metrics)
         (b.run_dir / "resume.pt").unlink(missing_ok=True)
         (b.run_dir / "progress.json").unlink(missing_ok=True)
-        log.info("%s finished: %s", b.run_name,
-                 {k: metrics[k] for k in ("val_acc", "test_acc", "best_of_test") if metrics[k] is not None})
+        _emit_end(b.run_dir, metrics)
 
     def _fail(self, b: _Branch, error: str) -> None:
         b.status = "failed"
         b.error = error
         log.error("%s failed: %s", b.run_name, error)
-        atomic_write_json(metrics_path(b.run_dir), self._metrics(b))
+        metrics = self._metrics(b)
+        atomic_write_json(metrics_path(b.run_dir), metrics)
+        _emit_end(b.run_dir, metrics)
         (b.run_dir / "progress.json").unlink(missing_ok=True)
 
     def _write_hparams(self, b: _Branch, metrics: dict) -> None:
-        write_hparams(b.writer, b.cfg, b.hparams, metrics)
+        write_hparams(b.writer, b.cfg, b.hparams, metrics, step=b.step)
 
     def cleanup(self) -> None:
         for b in self.branches:
@@ -542,46 +557,27 @@ def trial_metrics(run: Any, data: Any, *, peak: int | None, peak_kind: str, iden
     }
 
 
-def write_hparams(writer: Any, cfg: TrialConfig, hparams: dict, metrics: dict, extra: dict | None = None) -> None:
-    """The run's hyperparameters and final metrics for TensorBoard's hparams plugin."""
+def write_hparams(writer: Any, cfg: TrialConfig, hparams: dict, metrics: dict, extra: dict | None = None,
+                  step: int = 0) -> None:
+    """The run's hyperparameters (session) and final metrics for TensorBoard's HParams view; see synqt.tblog."""
     if writer is None:
         return
+    from synqt.tblog import write_session
 
-    def scalar(v: Any) -> Any:
-        return v if isinstance(v, (int, float, str, bool)) else str(v)
-
-    hp = {k: scalar(v) for k, v in hparams.items()}
-    hp.update(dataset=cfg.dataset, seed=cfg.seed, protocol=cfg.protocol, **(extra or {}))
-    values = {f"hparam/{k}": metrics[k] for k in ("val_acc", "test_acc", "best_of_test") if metrics[k] is not None}
-    writer.add_hparams(hp, values, run_name=".")
-    writer.flush()
+    write_session(writer, metrics, extra=extra, step=step)
 
 
-class _progress_bar:
-    """tqdm on a terminal, a plain log line per ~10% otherwise (SLURM / Ray logs stay readable)."""
+def memory_tag(peak_kind: str) -> str:
+    """TensorBoard tag of a peak-memory scalar in MiB, named by what was measured (see device_peak_memory)."""
+    return {"cuda_max_allocated": "perf/process_peak_cuda_alloc_mib",
+            "cpu_max_rss": "perf/process_peak_cpu_rss_mib"}.get(peak_kind, f"perf/process_peak_{peak_kind}_mib")
 
-    def __init__(self, total: int, initial: int, desc: str) -> None:
-        self.total, self.n, self.desc = total, initial, desc
-        self.bar = None
-        self.next_log = initial + max(1, total // 10)
-        if sys.stderr.isatty() and not os.environ.get("SYNQT_NO_PROGRESS"):
-            from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
-
-    def update(self, n: int, losses: dict[str, float | None]) -> None:
-        self.n += n
-        shown = {k: round(v, 4) for k, v in losses.items() if v is not None}
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix(loss=list(shown.values())[:3])
-        elif self.n >= self.next_log or self.n == self.total:
-            print(f"[synqt] {self.desc}: step {self.n}/{self.total} loss {shown}", flush=True)
-            self.next_log = self.n + max(1, self.total // 10)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _emit_end(run_dir: Path, metrics: dict) -> None:
+    progress.emit(progress.TrialEnd(
+        run_name=Path(run_dir).name, run_dir=str(run_dir), status=metrics["status"], val_acc=metrics["val_acc"],
+        test_acc=metrics["test_acc"], best_of_test=metrics["best_of_test"], wall_time_s=metrics["wall_time_s"],
+        error=metrics.get("error")))
 
 
 def run_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, resume: bool = True,
