@@ -164,8 +164,6 @@ class TrainPrinter:
         elif isinstance(event, progress.Eval):
             self._line(event.run_name, f"eval  epoch {event.epoch}/{event.epochs}  {event.split} accuracy "
                                        f"{event.acc:.2f}%")
-        elif isinstance(event, progress.TrialEnd) and event.status != "ok":
-            self._line(event.run_name, f"FAILED: {(event.error or 'unknown error').splitlines()[0]}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -9,6 +9,8 @@ the driver and shared through the object store as numpy arrays (zero-copy on eac
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import time
@@ -352,7 +354,10 @@ def _run_stage(
                 failure_config=FailureConfig(max_failures=sweep.retries),
             ),
         )
-    grid = tuner.fit()
+    # Tune prints its experiment header and paths on stdout even at verbose=0: only with -v
+    quiet = contextlib.redirect_stdout(io.StringIO()) if verbosity() < 1 else contextlib.nullcontext()
+    with quiet:
+        grid = tuner.fit()
     failures: list[tuple[str, str]] = []
     errored: set[str] = set()
     for res in grid:
