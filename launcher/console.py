@@ -53,6 +53,21 @@ class _Formatter(logging.Formatter):
         return message
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (tests swap it; tqdm wraps it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
 def configure_logging(verbosity: int, stream: TextIO | None = None) -> None:
     """Levels for this process: ours (``synqt``, ``launcher``) and everyone else's (Ray, torch, ...).
 
@@ -61,7 +76,7 @@ def configure_logging(verbosity: int, stream: TextIO | None = None) -> None:
     """
     ours = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     others = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(_Formatter("%(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):

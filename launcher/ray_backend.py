@@ -316,6 +316,9 @@ def _run_stage(
     """Run one stage's packs as Tune trials (restoring the stage's Tuner on --resume); return failures."""
     from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 
+    # Tune's automatic CSV/JSON/TensorBoardX loggers would put a second copy of every trial under _ray/
+    # (the engine writes each run's TensorBoard events itself); read by Tune when the Tuner starts
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     payload = _payload(sweep, trials)
     refs = {k: v for k, v in backbones.items() if v is not None}
     fail_once = os.environ.get(FAIL_ONCE_ENV)

@@ -227,7 +227,7 @@ def test_vtab_search_trains_on_train800_and_scores_val200(assets, tmp_path):
     assert (metrics["provenance"]["train_split"], metrics["provenance"]["eval_split"]) == ("train800", "val200")
     # 48 train800 images in batches of 16: 3 optimizer steps per epoch
     assert scalar_steps(tmp_path / "search", "train/lr") == list(range(1, 3 * 2 + 1))
-    assert scalar_steps(tmp_path / "search", "eval/val200_acc") == [2]
+    assert scalar_steps(tmp_path / "search", "eval/val200_acc") == [2 * 3]  # after epoch 2 = optimizer step 6
 
 
 def test_vtab_final_trains_on_train800val200_and_scores_test_once(assets, tmp_path):
