@@ -194,7 +194,7 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
         help="turn a run directory's metrics.json files into the VTAB-1k table",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
-  synqt aggregate /shared/runs/vtab1k        # writes results.{json,csv,md,png} + tensorboard/ there
+  synqt aggregate /shared/runs/vtab1k        # writes results.{json,csv,md,png} + _sweep_summary/ there
   synqt aggregate runs/ --out report/""",
     )
     p.add_argument("run_dir")

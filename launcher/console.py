@@ -206,6 +206,16 @@ def final_line(metrics: dict[str, Any], run_dir: str | Path) -> str:
 # ------------------------------------------------------------------------------------------ synqt sweep
 
 
+_watchers: list[SweepWatcher] = []
+
+
+def before_summary() -> None:
+    """Print the last finished-trial lines of every active watcher now, before the sweep's table."""
+    for w in list(_watchers):
+        w.stop()
+        w.poll()
+
+
 class SweepWatcher:
     """Prints a sweep's finished trials and a running count, polling its run directories (a thread).
 
@@ -222,9 +232,9 @@ class SweepWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seen: set[str] = set()
-        self._last_counts: tuple | None = None
 
     def __enter__(self) -> SweepWatcher:
+        _watchers.append(self)
         self._seen = {t["run_name"] for t in self._trials() if t["state"] in ("done", "failed")}
         if self._seen:
             print(f"synqt sweep: {len(self._seen)} trial(s) already finished", file=self.out, flush=True)
@@ -233,11 +243,16 @@ class SweepWatcher:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        _watchers.remove(self)
+        if exc[0] is None:
+            self.poll()  # the trials that finished after the last poll
+
+    def stop(self) -> None:
+        """Stop the polling thread (idempotent); ``poll`` still works."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if exc[0] is None:
-            self.poll()  # the trials that finished after the last poll
 
     def _trials(self) -> list[dict[str, Any]]:
         from launcher.status import collect_status
@@ -265,12 +280,8 @@ class SweepWatcher:
         for t in new:
             self._seen.add(t["run_name"])
             print(self.trial_line(t), file=self.out, flush=True)
-        c = st["counts"]
-        counts = (c["done"], c["running"], c["pending"], c["failed"])
-        if new or counts != self._last_counts:
-            self._last_counts = counts
-            if new:
-                print(self.count_line(st), file=self.out, flush=True)
+        if new:
+            print(self.count_line(st), file=self.out, flush=True)
 
     @staticmethod
     def trial_line(t: dict[str, Any]) -> str:

@@ -83,7 +83,9 @@ def unfinished(sweep: Sweep, trials: list[PlannedTrial], skip: Collection[str] =
 def finish_sweep(sweep: Sweep, failures: Failures, started: float) -> dict[str, Any]:
     """Aggregate the sweep folder, print the table and the failures; the result of ``synqt sweep``."""
     from launcher.aggregate import aggregate, format_table
+    from launcher.console import before_summary
 
+    before_summary()  # the last finished-trial lines come before the table
     results = aggregate(sweep.sweep_dir)
     print(format_table(results), flush=True)
     if failures:
