@@ -84,13 +84,12 @@ def configure_logging(verbosity: int, stream: TextIO | None = None) -> None:
             root.removeHandler(old)
     handler._synqt = True  # type: ignore[attr-defined]
     root.addHandler(handler)
-    root.setLevel(min(ours, others))
+    # the root level governs every library that does not set its own; ours are set explicitly (a record
+    # of a logger that passes its own level reaches the root's handlers whatever the root's level)
+    root.setLevel(others)
     handler.setLevel(min(ours, others))
     for name in ("synqt", "launcher"):
         logging.getLogger(name).setLevel(ours)
-    for name in logging.root.manager.loggerDict:  # already-imported libraries that set their own level
-        if not name.startswith(("synqt", "launcher")) and "." not in name:
-            logging.getLogger(name).setLevel(others)
     logging.captureWarnings(verbosity >= 1)
     global _verbosity
     _verbosity = verbosity

@@ -215,3 +215,19 @@ def test_hparams_view_shows_what_varied_with_the_final_metrics(sweep, board):
             assert s["status"] == "STATUS_SUCCESS"
             value = {v["name"]["tag"]: v["value"] for v in s["metricValues"]}["final/test_acc"]
             assert value == pytest.approx(run["test_acc"], abs=1e-4)
+
+
+def test_resume_with_v_shows_rays_own_output(sweep):
+    """Last in this module (it re-aggregates the sweep): `--resume -v` lets Ray's output through, and the
+    finished trials are counted, not listed or rerun."""
+    sweep_dir, first = sweep
+    before = {n: m["wall_time_s"] for n, m in _metrics(sweep_dir).items()}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([*first.args, "--resume", "-v"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"synqt sweep: {len(before)} trial(s) already finished" in proc.stdout
+    assert not any(x.startswith("done   ") for x in proc.stdout.splitlines())
+    assert "Configuration for experiment" in proc.stdout  # Tune's header, hidden without -v
+    assert {n: m["wall_time_s"] for n, m in _metrics(sweep_dir).items()} == before  # nothing was retrained
