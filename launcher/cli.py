@@ -324,7 +324,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     c.add_argument("names", nargs="*", help="dataset folders (default: all under root)")
     c.add_argument("--layout", default="auto")
     c.add_argument("--decode", action="store_true", help="decode every image (slow), not only check it exists")
-    c.set_defaults(func=_cmd_data_check)
+    c.set_defaults(func=_cmd_data_check, _rest="names")  # names are accepted after flags too
     s = data_sub.add_parser(
         "synthetic",
         parents=[_common()],
@@ -397,9 +397,16 @@ def _cmd_slurm_array(args: argparse.Namespace) -> int:
 
 
 def _cmd_slurm_task(args: argparse.Namespace) -> int:
+    from launcher.console import TrainPrinter
     from launcher.slurm import run_array_task
+    from synqt import progress
 
-    return run_array_task(args.sweep_file, args.index, args.overrides)
+    printer = TrainPrinter(quiet=args.quiet > 0)  # the array task's log gets the lines of `synqt train`
+    try:
+        with progress.listening(printer):
+            return run_array_task(args.sweep_file, args.index, args.overrides)
+    finally:
+        printer.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -426,12 +433,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     """
     args, extra = parser.parse_known_args(argv)
     if extra:
-        takes = hasattr(args, "overrides")
-        bad = [e for e in extra if not takes or e.startswith("-") or "=" not in e]
+        rest = getattr(args, "_rest", "overrides" if hasattr(args, "overrides") else None)
+        # overrides must look like key=value; a list of names (`data check ROOT NAME ...`) takes any word
+        bad = [e for e in extra if rest is None or e.startswith("-") or (rest == "overrides" and "=" not in e)]
         if bad:
             parser.error(f"unrecognized arguments: {' '.join(bad)}"
-                         + ("" if takes else f" (`synqt {args.command}` takes no key=value overrides)"))
-        args.overrides = [*args.overrides, *extra]
+                         + ("" if rest else f" (`synqt {args.command}` takes no key=value overrides)"))
+        setattr(args, rest, [*getattr(args, rest), *extra])
     return args
 
 

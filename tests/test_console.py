@@ -151,6 +151,15 @@ def test_an_unknown_flag_or_bare_word_after_flags_is_still_refused(capsys):
     assert err.value.code == 2 and "takes no key=value overrides" in capsys.readouterr().err
 
 
+def test_data_check_takes_dataset_names_after_flags(tmp_path, capsys):
+    from synqt.synthetic import write_benchmark
+
+    root = write_benchmark(tmp_path / "data", tasks=["syn_count", "syn_blobs"], n_train=8, n_val=4, n_test=4)
+    assert main(["data", "check", str(root), "--decode", "syn_blobs"]) == 0
+    out = capsys.readouterr().out
+    assert "syn_blobs" in out and "syn_count" not in out  # only the named folder was checked
+
+
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     """`synqt sweep ... --dry-run | head -1` through a real shell pipe: no BrokenPipe traceback.
 
