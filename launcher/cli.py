@@ -459,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parse_args(parser, argv)
-    configure_logging(args.verbose - args.quiet)
+    restore_logging = configure_logging(args.verbose - args.quiet)
     from synqt.errors import SynQTError
 
     try:
@@ -474,6 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nsynqt {args.command}: interrupted", file=sys.stderr)
         return Exit.INTERRUPTED
+    finally:
+        restore_logging()
 
 
 if __name__ == "__main__":

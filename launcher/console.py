@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -68,17 +69,20 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def configure_logging(verbosity: int, stream: TextIO | None = None) -> None:
+def configure_logging(verbosity: int, stream: TextIO | None = None) -> Callable[[], None]:
     """Levels for this process: ours (``synqt``, ``launcher``) and everyone else's (Ray, torch, ...).
 
     verbosity -2: errors only; -1 (``-q``): warnings; 0: our INFO messages (what ``--resume`` decided,
     what was skipped); 1 (``-v``): also our DEBUG and others' INFO (Ray's own output); 2: others' DEBUG.
+    Returns a function that puts back what it changed (``main`` called in-process, e.g. by tests).
     """
+    global _verbosity
+    root = logging.getLogger()
+    saved = (root.level, {n: logging.getLogger(n).level for n in ("synqt", "launcher")}, _verbosity)
     ours = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     others = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING
     handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(_Formatter("%(message)s"))
-    root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_synqt", False):
             root.removeHandler(old)
@@ -91,8 +95,18 @@ def configure_logging(verbosity: int, stream: TextIO | None = None) -> None:
     for name in ("synqt", "launcher"):
         logging.getLogger(name).setLevel(ours)
     logging.captureWarnings(verbosity >= 1)
-    global _verbosity
     _verbosity = verbosity
+
+    def restore() -> None:
+        global _verbosity
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        for name, level in saved[1].items():
+            logging.getLogger(name).setLevel(level)
+        logging.captureWarnings(False)
+        _verbosity = saved[2]
+
+    return restore
 
 
 _verbosity = 0
