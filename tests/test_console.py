@@ -280,3 +280,23 @@ def test_train_of_a_diverging_run_exits_3_and_says_failed(tiny, tmp_path):
     assert proc.returncode == 3, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("FAILED") and "non-finite training loss" in last and str(run) in last
+
+
+def test_sequential_sweep_with_a_failing_trial_prints_it_and_exits_3(tiny, tmp_path):
+    """A sweep whose second grid point diverges (lr=1e30: non-finite loss) finishes the first, lists both, exits 3."""
+    data_root, ckpt = tiny
+    proc = _synqt(["sweep", str(REPO / "configs" / "sweeps" / "ci.yaml"), "--sequential", f"storage_path={tmp_path}",
+                   f"data_root={data_root}", f"checkpoint={ckpt}", f"datasets=[{TASK}]", "grid.lr=[0.001,1e30]",
+                   "seeds=[42]", "pack=off", "epochs=1", "warmup_epochs=0", "batch_size=16", "eval_every=1",
+                   "demo_assets=false", f"backbone={TINY_BACKBONE}",
+                   *[f"trial.backbone_kwargs.{k}={v}" for k, v in TINY_KW.items()]])
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = {p.parent.name: read_json(p) for p in (tmp_path / "ci" / "runs").glob("*/metrics.json")}
+    ok = next(n for n, m in runs.items() if m["status"] == "ok")
+    bad = next(n for n, m in runs.items() if m["status"] == "failed")
+    lines = proc.stdout.splitlines()
+    assert f"done   {ok}   test {runs[ok]['test_acc']:.2f}%" in "\n".join(lines)
+    assert any(x.startswith(f"FAILED {bad}: non-finite training loss") for x in lines)
+    assert lines.count(next(x for x in lines if x.startswith("[2/2]"))) == 1
+    assert any(re.fullmatch(r"\[2/2\] done 1 · running 0 · pending 0 · failed 1 · left .+", x) for x in lines)
+    assert "trial(s) failed" in proc.stderr and "Traceback" not in proc.stderr
