@@ -1,8 +1,10 @@
 """Turn the ``metrics.json`` files of a finished (or partly finished) sweep into the VTAB-1k table.
 
-Only run directories are read (never Ray's files), so trials run by hand with ``synqt train``
-aggregate exactly like sweep trials. Every mean that a missing or failed dataset would change is
-reported as null ("incomplete") rather than silently averaged over fewer tasks. Never imports ray.
+Only run directories are read (never Ray's files), through ``synqt.rundir.scan_runs`` (the reader
+``synqt status`` uses too), so trials run by hand with ``synqt train`` aggregate exactly like sweep
+trials, and two copies of one trial count once (the one finished last). Every mean that a missing or
+failed dataset would change is reported as null ("incomplete") rather than silently averaged over fewer
+tasks. Never imports ray.
 """
 
 from __future__ import annotations
@@ -16,42 +18,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from synqt import registry, rundir
+from synqt.config import LABELS
 from synqt.errors import SynQTError
 from synqt.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from synqt.tblog import SWEEP_SUMMARY_RUN
 
 log = logging.getLogger(__name__)
 
-GROUPS: tuple[str, ...] = ("Natural", "Specialized", "Structured")
+GROUPS: tuple[str, ...] = registry.VTAB_GROUPS
 
-# Used ONLY when synqt.config cannot be imported (spec section 6); otherwise the group of a
-# dataset that has no metrics.json comes from its shipped configs/vtab/<name>.yaml.
-_FALLBACK_GROUPS: dict[str, str] = {
-    **dict.fromkeys(
-        ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"], "Natural"
-    ),
-    **dict.fromkeys(["patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"], "Specialized"),
-    **dict.fromkeys(
-        ["clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
-         "smallnorb_azi", "smallnorb_ele"],
-        "Structured",
-    ),
-}  # fmt: skip
-_FALLBACK_ORDER: tuple[str, ...] = tuple(_FALLBACK_GROUPS)
-
-# Keys that identify a run, not a hyperparameter point: never used to group runs into points.
-SEED_KEYS = frozenset({"seed", "data_seed", "init_seed"})
-
-# Directories under a sweep that never hold run directories (Ray internals, our own output).
-_SKIP_DIRS = frozenset({"_ray", "_sweep_summary", "tensorboard", "__pycache__"})
-
-_SHORT_HPARAM = {
-    "token_nums": "T",
-    "feat_scale": "s_feat",
-    "attn_scale": "s_attn",
-    "ffn_scale": "s_ffn",
-    "weight_decay": "wd",
-}
+SEED_KEYS = rundir.SEED_KEYS  # identify a run, not a hyperparameter point: never used to group runs into points
 
 GROUP_COLOURS = {"Natural": "#2e8b57", "Specialized": "#e08a1e", "Structured": "#3a6fb0", None: "#8c8c8c"}
 
@@ -61,39 +38,19 @@ OUTPUT_FILES = ("results.json", "results.csv", "results.md", "results.png")
 # ----------------------------------------------------------------------------- dataset metadata
 
 
-def _config_module() -> Any | None:
-    """synqt.config if importable (it pulls in the synqt package); None otherwise."""
-    try:
-        from synqt import config
-    except ImportError as err:  # pragma: no cover - only while the package is incomplete
-        log.debug("synqt.config unavailable (%s): using the built-in VTAB group map", err)
-        return None
-    return config
-
-
 def dataset_group(name: str) -> str | None:
-    """VTAB group of ``name`` from its shipped config (None for FGVC and unknown datasets).
+    """VTAB group of ``name`` (a task or an alias) from the registry; None for FGVC and "other" datasets."""
+    info = registry.lookup(name)
+    return info.group if info is not None else None
 
-    Falls back to the spec's hard-coded map only when synqt.config cannot be imported.
-    """
-    config = _config_module()
-    if config is None:
-        return _FALLBACK_GROUPS.get(name)
-    path = config.dataset_config_path(name)
-    if path is None:
-        return None
-    data = config.load_yaml_file(path)
-    group = data.get("group") if isinstance(data, Mapping) else None
-    return group if isinstance(group, str) else None
+
+def _benchmark(name: str) -> str | None:
+    info = registry.lookup(name)
+    return info.benchmark if info is not None else None
 
 
 def _canonical_order() -> tuple[str, ...]:
-    config = _config_module()
-    if config is None:
-        return _FALLBACK_ORDER
-    return tuple(getattr(config, "VTAB1K_DATASETS", _FALLBACK_ORDER)) + tuple(
-        getattr(config, "FGVC_DATASETS", ())
-    )
+    return tuple(d.name for d in registry.datasets())
 
 
 def _sort_datasets(names: Iterable[str], groups: Mapping[str, str | None]) -> list[str]:
@@ -111,51 +68,35 @@ def _sort_datasets(names: Iterable[str], groups: Mapping[str, str | None]) -> li
 # ----------------------------------------------------------------------------- reading runs
 
 
-def find_metrics(run_dir: str | Path) -> list[Path]:
-    """Every ``metrics.json`` below ``run_dir`` (recursively), skipping Ray's and our own folders."""
-    root = Path(run_dir)
-    found: list[Path] = []
-    for path in root.rglob("metrics.json"):
-        rel = path.relative_to(root).parts[:-1]
-        if any(part in _SKIP_DIRS or part.startswith(".") for part in rel):
-            continue
-        if path.is_file():
-            found.append(path)
-    return sorted(found)
+def load_runs(run_dir: str | Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]], dict[str, Any]]:
+    """(plan, runs, accounting) of a sweep or run folder, read with ``synqt.rundir.scan_runs``.
 
-
-def load_runs(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Parsed metrics.json files; unreadable ones are logged and skipped (the file is named)."""
+    runs: the parsed metrics.json of every done or failed run that counts (a superseded copy does not),
+    with ``_path`` and ``dataset`` set to the task's registry name (an alias folder reports as its task).
+    accounting: the state counts and the broken / superseded runs, each naming its path(s); the same
+    states ``synqt status`` shows.
+    """
+    plan, records = rundir.scan_runs(run_dir)
     runs = []
-    for path in find_metrics(run_dir):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            log.warning("skipping %s: not readable JSON (%s)", path, err)
+    for rec in rundir.counting(records):
+        if rec.state not in ("done", "failed"):
             continue
-        if not isinstance(data, dict) or not isinstance(data.get("dataset"), str) or not data["dataset"]:
-            log.warning("skipping %s: expected a JSON object with a non-empty 'dataset' string", path)
-            continue
-        data["_path"] = str(path)
-        data.setdefault("run_name", path.parent.name)
+        data = dict(rec.metrics or {})
+        data["_path"] = str(rec.dir / rundir.METRICS)
+        data["dataset"] = registry.canonical(data["dataset"])
         if not data.get("run_name"):
-            data["run_name"] = path.parent.name
+            data["run_name"] = rec.dir.name
         runs.append(data)
-    return runs
-
-
-def read_plan(run_dir: str | Path) -> dict[str, Any] | None:
-    """``<run_dir>/plan.json`` written by the sweep launcher, or None when absent."""
-    path = Path(run_dir) / "plan.json"
-    if not path.is_file():
-        return None
-    try:
-        plan = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise SynQTError(f"{path}: not readable JSON ({err}); expected the sweep plan") from err
-    if not isinstance(plan, dict):
-        raise SynQTError(f"{path}: expected a JSON object with a 'datasets' list, got {type(plan).__name__}")
-    return plan
+    for rec in records:
+        if rec.state == "broken":
+            log.warning("skipping %s: %s", rec.dir, rec.error)
+    accounting = {
+        "counts": {s: sum(r.state == s for r in rundir.counting(records)) for s in rundir.STATES},
+        "broken": [{"path": str(r.dir), "error": r.error} for r in records if r.state == "broken"],
+        "superseded": [{"path": str(r.dir), "counted": str(r.superseded_by)} for r in records
+                       if r.superseded_by is not None],
+    }
+    return plan, runs, accounting
 
 
 # ----------------------------------------------------------------------------- selection
@@ -181,19 +122,6 @@ def _is_final(run: Mapping[str, Any]) -> bool:
 
 def _is_ok(run: Mapping[str, Any]) -> bool:
     return run.get("status") == "ok" and isinstance(run.get("test_acc"), (int, float))
-
-
-def _dedupe_seeds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One run per seed (the first by path): a run repeated in two directories must not count twice."""
-    seen: dict[Any, dict[str, Any]] = {}
-    for run in sorted(runs, key=lambda r: r["_path"]):
-        seed = run.get("seed")
-        if seed in seen:
-            log.warning("%s repeats seed %s of %s: counting the seed once", run["_path"], seed,
-                        seen[seed]["_path"])
-            continue
-        seen[seed] = run
-    return list(seen.values())
 
 
 def _point_stats(runs: list[dict[str, Any]]) -> tuple[float, float | None]:
@@ -267,7 +195,6 @@ def _summarise_dataset(name: str, group: str | None, runs: list[dict[str, Any]])
     points: dict[str, list[dict[str, Any]]] = {}
     for run in finals_ok:
         points.setdefault(hparams_key(run.get("hparams")), []).append(run)
-    points = {k: _dedupe_seeds(v) for k, v in points.items()}
     key = choose_point(points)
     chosen = points[key]
     mean, std = _point_stats(chosen)
@@ -286,7 +213,7 @@ def _summarise_dataset(name: str, group: str | None, runs: list[dict[str, Any]])
         selection = "fixed"
 
     if protocol == "vtab":
-        val_acc = _mean([float(r["val_acc"]) for r in _dedupe_seeds(search_of_point)])
+        val_acc = _mean([float(r["val_acc"]) for r in search_of_point])
     else:
         vals = [float(r["val_acc"]) for r in chosen if isinstance(r.get("val_acc"), (int, float))]
         val_acc = _mean(vals) if len(vals) == len(chosen) else None
@@ -358,8 +285,7 @@ def build_results(run_dir: str | Path) -> dict[str, Any]:
     root = Path(run_dir)
     if not root.is_dir():
         raise SynQTError(f"run directory {root} does not exist; expected a sweep or run directory")
-    plan = read_plan(root)
-    runs = load_runs(root)
+    plan, runs, accounting = load_runs(root)
     plan_datasets: list[str] | None = None
     if plan is not None:
         raw = plan.get("datasets")
@@ -381,9 +307,12 @@ def build_results(run_dir: str | Path) -> dict[str, Any]:
     for name in set(expected) | set(seen):
         from_metrics = [r.get("group") for r in by_dataset.get(name, []) if r.get("group")]
         groups_of[name] = from_metrics[0] if from_metrics else dataset_group(name)
+    benchmark_of = {name: _benchmark(name) for name in groups_of}
     names = _sort_datasets(set(expected) | set(seen), groups_of)
 
     datasets = {n: _summarise_dataset(n, groups_of[n], by_dataset.get(n, [])) for n in names}
+    for n, d in datasets.items():  # FGVC is a benchmark of the registry; any other name is "other"
+        d["benchmark"] = benchmark_of[n] or ("vtab1k" if d["group"] in GROUPS else "other")
     incomplete = [
         {"dataset": n, "group": d["group"], "status": d["status"], "error": d["error"]}
         for n, d in datasets.items()
@@ -396,7 +325,7 @@ def build_results(run_dir: str | Path) -> dict[str, Any]:
         return statistics.fmean(datasets[m]["accuracy"] for m in members)
 
     vtab = [n for n in names if datasets[n]["group"] in GROUPS]
-    fgvc = [n for n in names if datasets[n]["group"] not in GROUPS]
+    fgvc = [n for n in names if datasets[n]["group"] not in GROUPS and datasets[n]["benchmark"] == "fgvc"]
     groups = {g: mean_over([n for n in vtab if datasets[n]["group"] == g]) for g in GROUPS}
     group_means = [groups[g] for g in GROUPS]
     mean_of_groups = statistics.fmean(group_means) if all(m is not None for m in group_means) else None
@@ -416,6 +345,7 @@ def build_results(run_dir: str | Path) -> dict[str, Any]:
         "incomplete": incomplete,
         "labels": _labels(len(vtab), len(fgvc), protocol),
         "expected_datasets": list(expected),
+        "runs": accounting,
     }
     if fgvc:
         results["mean_fgvc"] = mean_over(fgvc)
@@ -439,7 +369,7 @@ def compact_hparams(hparams: Mapping[str, Any] | None) -> str:
     """``T=4 s_feat=0.1 lr=0.001``: short names for the SynQT keys, everything else as is."""
     if not hparams:
         return "–"
-    return " ".join(f"{_SHORT_HPARAM.get(k, k)}={_fmt_num(v)}" for k, v in sorted(hparams.items()))
+    return " ".join(f"{LABELS.get(k, k)}={_fmt_num(v)}" for k, v in sorted(hparams.items()))
 
 
 def _mib(value: Any) -> str:
@@ -448,6 +378,13 @@ def _mib(value: Any) -> str:
 
 def _params(value: Any) -> str:
     return "–" if not isinstance(value, int) else f"{value:,}"
+
+
+def _group_cell(d: Mapping[str, Any]) -> str:
+    """The table's group column: the VTAB group, FGVC, or other (a dataset the registry does not know)."""
+    if d["group"]:
+        return str(d["group"])
+    return "FGVC" if d.get("benchmark") == "fgvc" else "other"
 
 
 def _acc_cell(d: Mapping[str, Any]) -> str:
@@ -500,7 +437,7 @@ def _mean_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             text = "; ".join(notes)
         rows.append((name, text, labels[key]))
     if "mean_fgvc" in results:
-        fg = [n for n, d in ds.items() if d["group"] not in GROUPS]
+        fg = [n for n, d in ds.items() if d["group"] not in GROUPS and d.get("benchmark") == "fgvc"]
         value = results["mean_fgvc"]
         rows.append(("FGVC mean", _fmt(value) if value is not None else _incomplete_note(results, fg),
                      labels["mean_fgvc"]))
@@ -538,7 +475,7 @@ def format_table(results: Mapping[str, Any]) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     for name, d in ds.items():
-        row = [name, d["group"] or "FGVC/other", _acc_cell(d)]
+        row = [name, _group_cell(d), _acc_cell(d)]
         if show_best:
             row.append(_fmt(d["best_of_test"]))
         if show_val:
@@ -576,8 +513,14 @@ def format_table(results: Mapping[str, Any]) -> str:
                   for n, f in failed_runs]
     if results["incomplete"]:
         lines += ["", "## Incomplete (no ok final run)", ""]
-        lines += [f"- {i['dataset']} ({i['group'] or 'FGVC/other'}): {i['status']}: {i['error']}"
+        lines += [f"- {i['dataset']} ({_group_cell(ds[i['dataset']])}): {i['status']}: {i['error']}"
                   for i in results["incomplete"]]
+    acc = results.get("runs") or {}
+    if acc.get("broken") or acc.get("superseded"):
+        lines += ["", "## Run directories not counted", ""]
+        lines += [f"- broken: {b['path']}: {b['error']}" for b in acc.get("broken", [])]
+        lines += [f"- duplicate: {d['path']} is the same trial as {d['counted']}, which finished later and counts"
+                  for d in acc.get("superseded", [])]
     files = results.get("files")
     if files:
         lines += ["", "## Files", ""]
@@ -764,5 +707,5 @@ def aggregate(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[st
     atomic_write_text(out / "results.md", table)
     fig = make_figure(results)
     atomic_write_bytes(out / "results.png", _figure_png(fig))
-    write_tensorboard(results, table, _figure_rgb(fig), out / SWEEP_SUMMARY_RUN, runs=load_runs(run_dir))
+    write_tensorboard(results, table, _figure_rgb(fig), out / SWEEP_SUMMARY_RUN, runs=load_runs(run_dir)[1])
     return {**results, "files": files}

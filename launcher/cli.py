@@ -86,18 +86,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from launcher.console import TrainPrinter, final_line
     from synqt import progress
     from synqt.config import load_config
-    from synqt.engine import run_trial
+    from synqt.training import run_trial
 
     cfg = load_config(args.config, _trial_overrides(args))
     printer = TrainPrinter(quiet=args.quiet > 0)
     try:
         with progress.listening(printer):
-            if cfg.trainer == "deepspeed" and cfg.num_devices > 1:
-                from synqt.deepspeed_trial import run_local
-
-                metrics = run_local(cfg, args.out, nprocs=cfg.num_devices)
-            else:
-                metrics = run_trial(cfg, args.out, resume=args.resume)
+            metrics = run_trial(cfg, args.out, resume=args.resume)
     finally:
         printer.close()
     if args.quiet < 2:
@@ -129,7 +124,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from synqt.config import load_config
-    from synqt.engine import evaluate_checkpoint
+    from synqt.training import evaluate_checkpoint
 
     cfg = load_config(args.config, _trial_overrides(args))
     result = evaluate_checkpoint(cfg, args.weights, split=args.split, official=args.official, out=args.out)
@@ -176,7 +171,7 @@ def _sweep_console(args: argparse.Namespace):
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from launcher.sweep import run_sweep_command
+    from launcher.commands import run_sweep_command
     from synqt import progress
 
     listener, watch = _sweep_console(args)
@@ -208,7 +203,8 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     results = aggregate(args.run_dir, out_dir=args.out)
     if args.quiet < 2:
         print(format_table(results))
-    failed = results["incomplete"] or any(d.get("n_failed") for d in results["datasets"].values())
+    failed = (results["incomplete"] or any(d.get("n_failed") for d in results["datasets"].values())
+              or (results.get("runs") or {}).get("broken"))  # a broken metrics.json: a run without a result
     return Exit.FAILED_RUNS if failed else Exit.OK
 
 
@@ -235,7 +231,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from launcher.status import collect_status, status_exit, status_text
+    from launcher.console import status_exit
+    from launcher.status import collect_status, status_text
 
     while True:
         st = collect_status(args.run_dir)
@@ -267,7 +264,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from launcher.sweep import run_demo
+    from launcher.commands import run_demo
     from synqt import progress
 
     listener, watch = _sweep_console(args)
@@ -300,9 +297,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from synqt.bench import bench_main
+    import json
 
-    return bench_main(args)
+    from synqt.bench import format_table, run_bench
+    from synqt.fileio import atomic_write_json
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
+    result = run_bench(args.overrides, steps=args.steps, modes=modes, pack=args.pack, loader=args.loader,
+                       data_root=args.data_root, dataset=args.dataset, baselines=not args.no_baselines)
+    print(format_table(result))
+    if args.json:
+        atomic_write_json(args.json, json.loads(json.dumps(result, default=str)))
+        print(f"bench: figures written to {args.json}")
+    return 0
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -337,9 +344,11 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from synqt.data import check_main
+    from synqt.data import check_datasets
 
-    return check_main(args.root, args.names, layout=args.layout, decode=args.decode)
+    report = check_datasets(args.root, args.names, layout=args.layout, decode=args.decode)
+    print(report.text)
+    return report.exit_code
 
 
 def _cmd_data_synthetic(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,6 +37,17 @@ class Exit(enum.IntEnum):
     NOT_FINISHED = 4  # status only: trials still running or pending, none failed
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
     BROKEN_PIPE = 141  # the reader of stdout went away (`| head`): ended quietly (128 + SIGPIPE)
+
+
+def status_exit(st: Mapping[str, Any]) -> int:
+    """Exit code of `synqt status` (launcher.console.Exit): FAILED_RUNS when a trial failed or is broken,
+    NOT_FINISHED while trials run or are pending (final-stage ones included), OK when all are done."""
+    c = st["counts"]
+    if c["failed"] or c.get("broken"):  # a broken metrics.json is a run without a usable result
+        return Exit.FAILED_RUNS
+    if c["running"] or c["pending"] or st.get("stage2_pending"):
+        return Exit.NOT_FINISHED
+    return Exit.OK
 
 
 # ------------------------------------------------------------------------------------------ logging

@@ -1,7 +1,7 @@
 """Everything that touches ray, ray.tune and ray.train (the only module in the project importing ray).
 
-One Tune trial per pack (a pack of 1 is one plain trial). Each Tune trial calls the single-trial
-engine (`synqt.engine.run_pack`), which writes its run directories itself, under the sweep folder,
+One Tune trial per pack (a pack of 1 is one plain trial). Each Tune trial calls the training entry
+(`synqt.training.run_pack`), which writes its run directories itself, under the sweep folder,
 on the shared file system: Ray never copies trial artifacts, and a retried or restored Tune trial
 resumes from the engine's own `resume.pt`. The frozen backbone is read from its checkpoint once by
 the driver and shared through the object store as numpy arrays (zero-copy on each node).
@@ -14,7 +14,6 @@ import io
 import logging
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,14 @@ import ray
 from ray import tune
 
 from launcher.console import verbosity
-from launcher.stages import backbone_key, drive_stages, finish_sweep, unfinished
-from launcher.sweep import (
-    PlannedTrial,
-    Sweep,
-    packs_of,
-    read_metrics,
-)
+from launcher.stages import drive_stages, finish_sweep, unfinished
+from launcher.sweep import PlannedTrial, Sweep, packs_of
+from synqt import rundir
+from synqt.training.build import backbone_key
 
 FAIL_ONCE_ENV = "SYNQT_FAIL_ONCE"  # test hook: run_name whose pack raises once, after its first epoch
 FAIL_ONCE_MARKER = ".synqt_fail_once"
+RAY_DIR = "_ray"  # Ray's own files under the sweep folder (one of rundir.SKIP_DIRS)
 DRIVER_MEMORY = 256 * 2**20  # bytes of Ray's logical memory resource a multi-device trial's driver holds
 
 
@@ -43,61 +40,16 @@ def shared_backbones(trials: list[PlannedTrial], existing: dict[str, Any] | None
     """Read each distinct (backbone, kwargs, checkpoint) once: {key: {"state": numpy dict, "identity": ...}}.
 
     Trials without a checkpoint (random backbone) or with tensors numpy cannot hold (bf16) build their
-    own backbone in the engine.
+    own backbone in the trainer (entry None).
     """
-    import torch
-
-    from synqt.model import build_backbone
+    from synqt.training.build import shareable_state
 
     out = dict(existing or {})
     for t in trials:
-        cfg = t.config
-        key = backbone_key(cfg)
-        if key in out or not cfg.checkpoint:
-            continue
-        model = build_backbone(
-            cfg.backbone,
-            drop_path_rate=cfg.drop_path_rate,
-            checkpoint=cfg.checkpoint,
-            **dict(cfg.backbone_kwargs or {}),
-        )
-        state = model.state_dict()
-        if any(v.dtype == torch.bfloat16 for v in state.values()):
-            out[key] = None
-            continue
-        out[key] = {
-            "state": {k: v.detach().cpu().contiguous().numpy() for k, v in state.items()},
-            "identity": getattr(model, "synqt_identity", None),
-        }
+        key = backbone_key(t.config)
+        if key not in out and t.config.checkpoint:
+            out[key] = shareable_state(t.config)
     return out
-
-
-def backbone_from_shared(entry: dict[str, Any], cfg: Any) -> Any:
-    """Build the trial's frozen ViT on the shared arrays (torch.from_numpy views, assign=True: no copy)."""
-    import torch
-
-    from synqt.model import build_backbone
-
-    kwargs = dict(cfg.backbone_kwargs or {})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # object-store arrays are read-only; the backbone is frozen
-        tensors = {k: torch.from_numpy(v) for k, v in entry["state"].items()}
-        try:
-            with torch.device("meta"):
-                model = build_backbone(
-                    cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=None, **kwargs
-                )
-            model.load_state_dict(tensors, strict=True, assign=True)
-            if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-                raise RuntimeError("meta tensors left")
-        except Exception:  # noqa: BLE001 - fall back to a normal build, still assigning the shared arrays
-            model = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=None, **kwargs)
-            model.load_state_dict(tensors, strict=True, assign=True)
-    model.requires_grad_(False)
-    model.eval()
-    if entry.get("identity") is not None:
-        model.synqt_identity = entry["identity"]
-    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,13 +104,14 @@ def pack_trainable(
     """Tune function trainable: run one pack with the engine; forward its epoch reports to Tune."""
     pack = (packs or [])[config["pack"]]
     entry = (backbones or {}).get(backbone_key(pack["cfgs"][0]))
-    if pack["devices"] > 1:
-        _deepspeed_trial(pack, entry)
-        return
-    from synqt.engine import run_pack
+    from synqt.training import run_pack, trainer_for
+    from synqt.training.build import frozen_backbone
 
     cfgs, run_dirs = pack["cfgs"], [Path(d) for d in pack["run_dirs"]]
-    backbone = backbone_from_shared(entry, cfgs[0]) if entry else None
+    if trainer_for(cfgs[0]) == "deepspeed":
+        _deepspeed_trial(pack, entry)
+        return
+    backbone = frozen_backbone(cfgs[0], state=entry["state"], identity=entry["identity"]) if entry else None
     hook = _fail_once_hook(pack["run_names"], pack["run_dirs"], fail_once)
 
     def report(payload: dict[str, Any]) -> None:
@@ -203,8 +156,7 @@ def _deepspeed_trial(pack: dict[str, Any], backbone_entry: dict[str, Any] | None
     from synqt.config import config_to_dict
 
     cfg, run_dir = pack["cfgs"][0], pack["run_dirs"][0]
-    done = read_metrics(Path(run_dir))
-    if not (done and done.get("status") == "ok"):
+    if not rundir.is_done(run_dir):
         res = pack["resources"]
         per_worker = {"CPU": res["cpus"], "GPU": res["gpus"]} if res["gpus"] > 0 else {"CPU": res["cpus"]}
         loop_config = {"cfg": config_to_dict(cfg), "run_dir": run_dir, "backbone": None}
@@ -223,7 +175,7 @@ def _deepspeed_trial(pack: dict[str, Any], backbone_entry: dict[str, Any] | None
             ),
         )
         trainer.fit()  # raises on a worker failure: Tune's FailureConfig retries, the workers resume
-    m = read_metrics(Path(run_dir)) or {"run_name": pack["run_names"][0], "status": "missing"}
+    m = rundir.read_metrics(run_dir) or {"run_name": pack["run_names"][0], "status": "missing"}
     tune.report(_final_report([m]))
 
 
@@ -240,7 +192,7 @@ def _deepspeed_worker(conf: dict[str, Any]) -> None:
     """One Ray Train worker: every rank reports its per-epoch result with ``ray.train.report``."""
     import ray.train
 
-    from synqt.deepspeed_trial import train_worker
+    from synqt.training.deepspeed import train_worker
 
     def report(payload: dict[str, Any]) -> None:
         ray.train.report(_metrics_of(payload))
@@ -294,7 +246,7 @@ def _payload(sweep: Sweep, trials: list[PlannedTrial]) -> list[dict[str, Any]]:
                 "hparams": [dict(t.hparams) for t in p],
                 "devices": sweep.resources["devices"],
                 "resources": dict(sweep.resources),
-                "train_storage": str(sweep.sweep_dir / "_ray" / "train"),
+                "train_storage": str(sweep.sweep_dir / RAY_DIR / "train"),
             }
         )
     return out
@@ -326,7 +278,7 @@ def _run_stage(
         tune.with_parameters(pack_trainable, packs=payload, backbones=refs, fail_once=fail_once),
         _trial_resources(sweep),
     )
-    storage = sweep.sweep_dir / "_ray"
+    storage = sweep.sweep_dir / RAY_DIR
     exp_dir = storage / stage
     print(f"synqt sweep: stage {stage}: {len(trials)} trial(s) in {len(payload)} Ray trial(s)", flush=True)
     if resume and Tuner.can_restore(str(exp_dir)):
@@ -368,8 +320,7 @@ def _run_stage(
             idx = (res.config or {}).get("pack")
             members = payload[idx]["run_names"] if idx is not None and idx < len(payload) else ["?"]
             for name in members:
-                m = read_metrics(sweep.sweep_dir / "runs" / name)
-                if not (m and m.get("status") == "ok"):
+                if not rundir.is_done(sweep.sweep_dir / rundir.RUNS / name):
                     errored.add(name)
                     failures.append((name, f"{type(res.error).__name__}: {str(res.error).strip()[-500:]}"))
     return failures + unfinished(sweep, trials, skip=errored, stopped_early_ok=bool(sweep.asha and stage == "search"))

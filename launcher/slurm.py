@@ -126,7 +126,7 @@ def submit_array(
 def run_array_task(sweep_file: str, index: int, overrides: list[str]) -> int:
     """Run trial `index` of the plan with the single-trial engine (resuming from its run dir)."""
     from launcher.sweep import write_plan
-    from synqt.engine import run_trial
+    from synqt.training import run_trial
 
     sweep, trials = _plan(sweep_file, overrides, prepare=True)
     if not 0 <= index < len(trials):

@@ -10,7 +10,6 @@ Ray at all: for debugging a sweep, and to measure what Ray's concurrency buys.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Collection
@@ -22,25 +21,20 @@ from launcher.sweep import (
     packs_of,
     plan_dict,
     plan_trials,
-    read_metrics,
     select_best,
     stage_names,
 )
+from synqt import rundir
 from synqt.fileio import atomic_write_json
 
 Failures = list[tuple[str, str]]
-
-
-def backbone_key(cfg: Any) -> str:
-    """Trials with equal keys can share one frozen backbone."""
-    return json.dumps([cfg.backbone, cfg.backbone_kwargs, cfg.checkpoint], sort_keys=True, default=str)
 
 
 def write_full_plan(sweep: Sweep, stage1: list[PlannedTrial], stage2: list[PlannedTrial]) -> None:
     d = plan_dict(sweep, stage1 + stage2, stage2_pending=False)
     for i, t in enumerate(d["trials"]):
         t["index"] = i
-    atomic_write_json(sweep.sweep_dir / "plan.json", d)
+    atomic_write_json(sweep.sweep_dir / rundir.PLAN, d)
     from launcher.aggregate import write_planned_experiment
 
     write_planned_experiment(sweep.sweep_dir, stage1 + stage2)
@@ -71,12 +65,12 @@ def unfinished(sweep: Sweep, trials: list[PlannedTrial], skip: Collection[str] =
     for t in trials:
         if t.run_name in skip:
             continue
-        m = read_metrics(t.run_dir(sweep))
-        if m is None:
+        rec = rundir.read_run(t.run_dir(sweep))
+        if rec.state in ("pending", "running"):
             if not stopped_early_ok:  # ASHA-stopped trials have no metrics
-                out.append((t.run_name, "no metrics.json was written"))
-        elif m.get("status") != "ok":
-            out.append((t.run_name, str(m.get("error"))))
+                out.append((t.run_name, f"no {rundir.METRICS} was written"))
+        elif rec.state != "done":
+            out.append((t.run_name, str(rec.error)))
     return out
 
 
@@ -107,19 +101,18 @@ def run_sequential(sweep: Sweep, plan: list[PlannedTrial]) -> dict[str, Any]:
     """
     import torch
 
-    from synqt.engine import run_pack
-    from synqt.model import build_backbone
+    from synqt.training import run_pack, trainer_for
+    from synqt.training.build import backbone_key, frozen_backbone
 
     started = time.time()
     backbones: dict[str, torch.nn.Module] = {}
 
     def shared_backbone(cfg: Any) -> torch.nn.Module | None:
-        if not cfg.checkpoint:  # a random backbone: the engine builds (and seeds) its own
+        if not cfg.checkpoint or trainer_for(cfg) == "deepspeed":  # random: the trainer seeds its own
             return None
         key = backbone_key(cfg)
         if key not in backbones:
-            backbones[key] = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate,
-                                            checkpoint=cfg.checkpoint, **dict(cfg.backbone_kwargs))
+            backbones[key] = frozen_backbone(cfg)
         return backbones[key]
 
     def run_stage(stage: str, trials: list[PlannedTrial]) -> Failures:
@@ -134,24 +127,20 @@ def run_sequential(sweep: Sweep, plan: list[PlannedTrial]) -> dict[str, Any]:
             print(f"synqt sweep: pack {i}/{len(packs)}: {names}", flush=True)
             for attempt in range(sweep.retries + 1):  # a retry resumes from the pack's epoch checkpoint
                 try:
-                    if sweep.resources["devices"] > 1:
-                        from synqt.deepspeed_trial import run_local
-
-                        run_local(cfgs[0], run_dirs[0], nprocs=sweep.resources["devices"], retries=0)
-                    else:
-                        run_pack(cfgs, run_dirs, resume=True, backbone=shared_backbone(cfgs[0]),
-                                 hparams=[dict(t.hparams) for t in pack])
+                    # the trainer (pack or DeepSpeed) follows from the configs; retries are counted here
+                    run_pack(cfgs, run_dirs, resume=True, backbone=shared_backbone(cfgs[0]),
+                             hparams=[dict(t.hparams) for t in pack], retries=0)
                     break
                 except Exception as err:  # noqa: BLE001 - one failed pack must not stop the sweep
                     print(f"synqt sweep: pack {i} raised {type(err).__name__}: {err} "
                           f"(attempt {attempt + 1} of {sweep.retries + 1})", file=sys.stderr, flush=True)
                     if attempt == sweep.retries:
                         raised += [(t.run_name, f"{type(err).__name__}: {err}") for t in pack
-                                   if (read_metrics(t.run_dir(sweep)) or {}).get("status") != "ok"]
+                                   if not rundir.is_done(t.run_dir(sweep))]
         return raised + unfinished(sweep, trials, skip={name for name, _ in raised})
 
     failures = drive_stages(sweep, plan, run_stage)
     return finish_sweep(sweep, failures, started)
 
 
-__all__ = ["backbone_key", "drive_stages", "finish_sweep", "run_sequential", "unfinished", "write_full_plan"]
+__all__ = ["drive_stages", "finish_sweep", "run_sequential", "unfinished", "write_full_plan"]

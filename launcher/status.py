@@ -1,133 +1,59 @@
-"""`synqt status RUN_DIR`: done / failed / running / pending trials of a sweep and the time left.
+"""`synqt status RUN_DIR`: done / failed / broken / running / pending trials of a sweep and the time left.
 
-Reads only plan.json and each run directory's metrics.json / progress.json (written by the
-engine), so it works while the sweep runs, after it died, and on a shared filesystem from any
-machine. Never imports ray.
+Reads only plan.json and the run directories, through ``synqt.rundir.scan_runs`` (as ``synqt aggregate``
+does, so both agree on every state), so it works while the sweep runs, after it died, and on a shared
+filesystem from any machine. Never imports ray.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from synqt.errors import SynQTError
+from synqt import rundir
+from synqt.rundir import STALE_AFTER_S, STATES
 
-STATES = ("done", "failed", "running", "pending")
-
-_SKIP_DIRS = frozenset({"_ray", "_sweep_summary", "tensorboard", "__pycache__"})
-
-# A progress.json not rewritten for this long probably belongs to a dead process.
-STALE_AFTER_S = 3600.0
+__all__ = ["STALE_AFTER_S", "STATES", "collect_status", "format_duration", "status_text"]
 
 
-def _read_json(path: Path) -> tuple[Any, str | None]:
-    try:
-        return json.loads(path.read_text()), None
-    except (OSError, ValueError) as err:
-        return None, f"{path.name} not readable ({err})"
-
-
-def _timestamp(value: Any) -> float | None:
-    """progress.json ``updated``: unix seconds or an ISO-8601 string."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return None
-    return None
-
-
-def trial_state(trial_dir: Path, planned_epochs: int | None = None) -> dict[str, Any]:
-    """State of one trial from its run directory (metrics.json wins over progress.json)."""
-    info: dict[str, Any] = {
-        "state": "pending", "epoch": None, "epochs": planned_epochs, "error": None,
-        "wall_time_s": None, "epochs_done": None, "updated": None,
-    }  # fmt: skip
-    metrics_path = trial_dir / "metrics.json"
-    progress_path = trial_dir / "progress.json"
-    if metrics_path.is_file():
-        metrics, err = _read_json(metrics_path)
-        if err or not isinstance(metrics, dict):
-            info.update(state="failed", error=err or "metrics.json is not a JSON object")
-            return info
-        ok = metrics.get("status") == "ok"
-        info.update(
-            state="done" if ok else "failed",
-            error=None if ok else (metrics.get("error") or "unknown error"),
-            wall_time_s=metrics.get("wall_time_s"),
-            epochs_done=metrics.get("epochs_done"),
-        )
-        return info
-    if progress_path.is_file():
-        progress, err = _read_json(progress_path)
-        info["state"] = "running"
-        if isinstance(progress, dict):
-            info.update(
-                epoch=progress.get("epoch"),
-                epochs=progress.get("epochs") or planned_epochs,
-                updated=_timestamp(progress.get("updated")),
-            )
-    return info
-
-
-def _discover(run_dir: Path) -> list[dict[str, Any]]:
-    """Trials without a plan: every directory holding metrics.json or progress.json."""
-    dirs: set[Path] = set()
-    for name in ("metrics.json", "progress.json"):
-        for path in run_dir.rglob(name):
-            rel = path.relative_to(run_dir).parts[:-1]
-            if not any(p in _SKIP_DIRS or p.startswith(".") for p in rel):
-                dirs.add(path.parent)
-    trials = []
-    for d in sorted(dirs):
-        metrics, _ = _read_json(d / "metrics.json") if (d / "metrics.json").is_file() else (None, None)
-        metrics = metrics if isinstance(metrics, dict) else {}
-        rel = d.relative_to(run_dir).as_posix()
-        trials.append({
-            "run_name": rel if rel != "." else d.name, "dataset": metrics.get("dataset"),
-            "stage": metrics.get("stage"), "seed": metrics.get("seed"), "epochs": None, "dir": d,
-        })  # fmt: skip
-    return trials
+def _trial(root: Path, rec: rundir.RunRecord, planned: bool) -> dict[str, Any]:
+    m = rec.metrics or {}
+    rel = rec.dir.relative_to(root).as_posix() if rec.dir.is_relative_to(root) else str(rec.dir)
+    return {
+        **rec.plan,
+        "run_name": rec.plan.get("run_name") or (rel if rel != "." else rec.dir.name),
+        "dataset": rec.dataset, "stage": rec.plan.get("stage", m.get("stage")),
+        "seed": rec.plan.get("seed", m.get("seed")), "dir": rec.dir, "planned": planned,
+        "state": rec.state, "error": rec.error,
+        "epoch": rec.epoch, "epochs": rec.epochs or (rec.plan.get("epochs") if isinstance(rec.plan.get("epochs"), int)
+                                                     else None),
+        "wall_time_s": m.get("wall_time_s"), "epochs_done": m.get("epochs_done"), "updated": rec.updated,
+        "superseded_by": rec.superseded_by,
+    }
 
 
 def collect_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
-    """Structured status: per-trial states, counts and the time-left estimate (``status_text`` prints it)."""
+    """Structured status: per-trial states, counts and the time-left estimate (``status_text`` prints it).
+
+    Trials are read with ``synqt.rundir.scan_runs`` (as ``synqt aggregate`` reads them): the planned trials
+    plus any other run directory under ``run_dir``; a copy superseded by a later one of the same trial is
+    listed but not counted.
+    """
     root = Path(run_dir)
-    if not root.is_dir():
-        raise SynQTError(f"run directory {root} does not exist; expected a sweep directory")
     now = time.time() if now is None else now
-    plan_path = root / "plan.json"
-    plan: dict[str, Any] | None = None
-    if plan_path.is_file():
-        plan, err = _read_json(plan_path)
-        if err or not isinstance(plan, dict) or not isinstance(plan.get("trials"), list):
-            raise SynQTError(
-                f"{plan_path}: expected a JSON object with a 'trials' list ({err or 'bad format'})"
-            )
-        trials = []
-        for i, t in enumerate(plan["trials"]):
-            if not isinstance(t, Mapping) or not t.get("run_name"):
-                raise SynQTError(f"{plan_path}: trials[{i}] needs a 'run_name', got {t!r}")
-            trials.append({**t, "dir": root / "runs" / str(t["run_name"])})
-    else:
-        trials = _discover(root)
+    plan, records = rundir.scan_runs(root)
+    trials = [_trial(root, r, bool(r.plan)) for r in records]
+    counted = [t for t in trials if t["superseded_by"] is None]
 
     for t in trials:
-        epochs = t.get("epochs") if isinstance(t.get("epochs"), int) else None
-        t.update(trial_state(t["dir"], epochs))
         t["stale"] = (
             t["state"] == "running" and t["updated"] is not None and now - t["updated"] > STALE_AFTER_S
         )
 
-    counts = {s: sum(t["state"] == s for t in trials) for s in STATES}
+    counts = {s: sum(t["state"] == s for t in counted) for s in STATES}
+    trials_all, trials = trials, counted
     stage2 = int(plan.get("stage2_pending") or 0) if plan else 0
 
     # Mean wall time per finished trial-epoch.
@@ -171,6 +97,7 @@ def collect_status(run_dir: str | Path, now: float | None = None) -> dict[str, A
         "name": (plan or {}).get("name") or root.name,
         "protocol": (plan or {}).get("protocol"),
         "trials": trials,
+        "superseded": [t for t in trials_all if t["superseded_by"] is not None],
         "counts": counts,
         "total": len(trials),
         "stage2_pending": stage2,
@@ -197,19 +124,6 @@ def format_duration(seconds: float) -> str:
     return f"{s} s"
 
 
-def status_exit(st: Mapping[str, Any]) -> int:
-    """Exit code of `synqt status` (launcher.console.Exit): FAILED_RUNS when a trial failed, NOT_FINISHED while
-    trials run or are pending (final-stage ones included), OK when all are done."""
-    from launcher.console import Exit
-
-    c = st["counts"]
-    if c["failed"]:
-        return Exit.FAILED_RUNS
-    if c["running"] or c["pending"] or st.get("stage2_pending"):
-        return Exit.NOT_FINISHED
-    return Exit.OK
-
-
 def status_text(run_dir: str | Path, st: Mapping[str, Any] | None = None) -> str:
     """The text `synqt status RUN_DIR` prints (of ``st``, a ``collect_status`` result, when given)."""
     st = collect_status(run_dir) if st is None else st
@@ -222,7 +136,7 @@ def status_text(run_dir: str | Path, st: Mapping[str, Any] | None = None) -> str
         )
     lines.append(
         f"trials: {st['total']} | done {c['done']} | failed {c['failed']} | running {c['running']} "
-        f"| pending {c['pending']}"
+        f"| pending {c['pending']}" + (f" | broken {c['broken']}" if c["broken"] else "")
     )
     if st["stage2_pending"]:
         lines.append(
@@ -244,6 +158,13 @@ def status_text(run_dir: str | Path, st: Mapping[str, Any] | None = None) -> str
     if failed:
         lines.append("failed:")
         lines += [f"  {t['run_name']}: {t['error']}" for t in failed]
+    broken = [t for t in st["trials"] if t["state"] == "broken"]
+    if broken:
+        lines.append("broken (a metrics.json that cannot be read; rerun or remove it):")
+        lines += [f"  {t['run_name']}: {t['error']}" for t in broken]
+    if st["superseded"]:
+        lines.append("duplicates (not counted: the same trial finished later elsewhere):")
+        lines += [f"  {t['dir']} -> counted: {t['superseded_by']}" for t in st["superseded"]]
     if st["eta_s"] is None:
         lines.append("estimated time left: unknown (no finished trial yet)")
     else:

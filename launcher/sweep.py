@@ -1,13 +1,13 @@
-"""Sweep files, overrides, the trial plan, packs and the dry-run text.
+"""The plan: sweep files and overrides, the trial plan, packs and the dry-run text (pure: runs nothing).
 
-Nothing here imports ray: the plan, the validation and `--dry-run` must work (and fail fast on a
-bad sweep file or a missing dataset) before any cluster resource is requested. Execution lives in
+Nothing here imports ray or another launcher module: the plan, the validation and `--dry-run` must work
+(and fail fast on a bad sweep file or a missing dataset) before any cluster resource is requested. The
+`synqt sweep` / `synqt demo` commands are in `launcher.commands`; execution in `launcher.stages` and
 `launcher.ray_backend`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -15,15 +15,14 @@ import math
 import os
 import random
 import re
-import sys
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from synqt import registry, rundir
+from synqt.config import TAGS, pack_key
 from synqt.errors import ConfigError, DataError
 from synqt.fileio import atomic_write_json, atomic_write_text
 
@@ -33,41 +32,9 @@ SWEEP_DIR = REPO_DIR / "configs" / "sweeps"
 PROTOCOLS = ("paper", "vtab")
 SEARCHES = ("grid", "random")
 DEFAULT_SEEDS = {"paper": [42], "vtab": [42, 44, 82, 100, 800]}
-VTAB_GROUPS = {"natural": "Natural", "specialized": "Specialized", "structured": "Structured"}
-DATASET_GROUPS = ("vtab1k", *VTAB_GROUPS, "fgvc", "demo")
+DATASET_GROUPS = ("vtab1k", *(g.lower() for g in registry.VTAB_GROUPS), "fgvc", "demo")
 RESOURCE_KEYS = ("cpus", "gpus", "devices")
 ASHA_KEYS = ("max_t", "grace_period", "reduction_factor")
-# Settings a pack's branches may differ in; every other TrialConfig key must agree within a pack
-# (the engine shares one data stream and one frozen forward pass between branches).
-BRANCH_KEYS = frozenset(
-    {
-        "token_nums",
-        "feat_scale",
-        "attn_scale",
-        "ffn_scale",
-        "lr",
-        "min_lr",
-        "weight_decay",
-        "warmup_epochs",
-        "seed",
-        "init_seed",
-    }
-)
-# Short names used in run names; other keys use their name without underscores.
-SHORT = {
-    "lr": "lr",
-    "weight_decay": "wd",
-    "token_nums": "T",
-    "feat_scale": "fs",
-    "attn_scale": "as",
-    "ffn_scale": "ffs",
-    "batch_size": "bs",
-    "epochs": "ep",
-    "drop_path_rate": "dpr",
-    "memory_mode": "mem",
-    "min_lr": "minlr",
-    "warmup_epochs": "wu",
-}
 MAX_AUTO_PACK = 8
 DEFAULT_TRAIN_IMAGES = 1000
 
@@ -124,7 +91,7 @@ class PlannedTrial:
     pack: int = -1
 
     def run_dir(self, sweep: Sweep) -> Path:
-        return sweep.sweep_dir / "runs" / self.run_name
+        return sweep.sweep_dir / rundir.RUNS / self.run_name
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -144,15 +111,9 @@ class PlannedTrial:
 
 
 def _trial_keys() -> list[str]:
-    from synqt.config import TrialConfig
+    from synqt.config import CONFIG_KEYS
 
-    return [f.name for f in dataclasses.fields(TrialConfig)]
-
-
-def _parse_value(text: str, key: str) -> Any:
-    from synqt.config import yaml_load
-
-    return yaml_load(text, f"command line {key}={text}") if text.strip() != "" else None
+    return list(CONFIG_KEYS)
 
 
 def _set_dotted(d: dict[str, Any], parts: list[str], value: Any, where: str) -> None:
@@ -167,28 +128,38 @@ def _set_dotted(d: dict[str, Any], parts: list[str], value: Any, where: str) -> 
 
 
 def apply_sweep_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key=value` overrides: sweep keys (dotted into mappings) or TrialConfig keys (-> `trial`)."""
+    """Apply `key=value` overrides: sweep keys (dotted into mappings) or TrialConfig keys (-> `trial`).
+
+    One override syntax with `synqt train`: the text is split and parsed by synqt.config (string-typed trial
+    keys keep their text; other values are YAML 1.2 scalars or flow lists/mappings; empty means null).
+    """
+    from synqt.config import parse_override_value, split_override
+
     raw = json.loads(json.dumps(raw, default=str)) if raw else {}
     trial_keys = _trial_keys()
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"command line: override {item!r} is not key=value")
-        key, text = item.split("=", 1)
-        key = key.strip()
+        key, text = split_override(item, "command line")
         parts = key.split(".")
-        value = _parse_value(text, key)
         if parts[0] in SWEEP_KEYS:
+            value = yaml_value(text, key)
             _set_dotted(raw, parts, value, "command line")
         elif parts[0] in trial_keys:
             trial = raw.setdefault("trial", {}) or {}
             raw["trial"] = trial
-            _set_dotted(trial, parts, value, "command line")
+            _set_dotted(trial, parts, parse_override_value(key, text, "command line"), "command line")
         else:
             raise ConfigError(
                 f"command line: unknown key {parts[0]!r}; sweep keys: {', '.join(SWEEP_KEYS)}; "
                 f"trial keys: {', '.join(trial_keys)}"
             )
     return raw
+
+
+def yaml_value(text: str, key: str) -> Any:
+    """A sweep key's override text as a YAML 1.2 value (synqt.config's strict loader); empty text is null."""
+    from synqt.config import yaml_load
+
+    return yaml_load(text, f"command line {key}={text}") if text.strip() != "" else None
 
 
 def _expect(cond: bool, source: str, key: str, value: Any, expected: str) -> None:
@@ -421,22 +392,19 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 
 
 def expand_datasets(entries: list[str], source: str = "<sweep>") -> list[str]:
-    """Dataset names and group names -> a list of dataset names (order kept, duplicates dropped)."""
-    from synqt.config import list_datasets
+    """Dataset names and group names -> a list of dataset names (order kept, duplicates dropped).
 
+    Groups: vtab1k, natural / specialized / structured, fgvc (the registry's tasks), demo (the synthetic tasks).
+    """
     out: list[str] = []
     for entry in entries:
         key = entry.lower()
-        if key == "vtab1k":
-            names = list_datasets(benchmark="vtab1k")
-        elif key in VTAB_GROUPS:
-            names = list_datasets(group=VTAB_GROUPS[key])
-        elif key == "fgvc":
-            names = list_datasets(benchmark="fgvc")
+        if key in ("vtab1k", "fgvc"):
+            names = registry.list_datasets(benchmark=key)
+        elif key in (g.lower() for g in registry.VTAB_GROUPS):
+            names = registry.list_datasets(group=key)
         elif key == "demo":
-            from synqt.synthetic import DEMO_TASKS
-
-            names = list(DEMO_TASKS)
+            names = [d.name for d in registry.demo_tasks()]
         else:
             names = [entry]
         if not names:
@@ -463,7 +431,7 @@ def hparam_short(hp: dict[str, Any]) -> str:
     """Readable, deterministic tag of a grid point: {'lr': 0.001, 'weight_decay': 0.01} -> lr0.001_wd0.01."""
     if not hp:
         return "default"
-    return "_".join(f"{SHORT.get(k, k.replace('_', ''))}{_fmt(v)}" for k, v in hp.items())
+    return "_".join(f"{TAGS.get(k, k.replace('_', ''))}{_fmt(v)}" for k, v in hp.items())
 
 
 def grid_points(sweep: Sweep) -> list[dict[str, Any]]:
@@ -505,11 +473,9 @@ def trial_config(sweep: Sweep, dataset: str, hparams: dict[str, Any], seed: int,
             fixed["trainer"] = "deepspeed"
             fixed["num_devices"] = sweep.resources["devices"]
         values.update(fixed)
-        if values.get("group") is None:
-            from synqt.synthetic import DEMO_TASKS
-
-            if dataset in DEMO_TASKS:  # the synthetic tasks report under their VTAB-like group
-                values["group"] = DEMO_TASKS[dataset][0]
+        if values.get("group") is None:  # the synthetic tasks report under their VTAB-like group
+            info = registry.lookup(dataset)
+            values["group"] = info.group if info is not None else None
         return config_from_dict(values, where)
     except ConfigError as err:
         msg = str(err)
@@ -569,7 +535,7 @@ def select_best(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> dict[
         trials = plan_trials(sweep, "search")
     best: dict[str, tuple[float, int, dict[str, Any]]] = {}
     for t in trials:
-        m = read_metrics(t.run_dir(sweep))
+        m = rundir.read_metrics(t.run_dir(sweep))
         if not m or m.get("status") != "ok" or m.get("val_acc") is None:
             continue
         key = (float(m["val_acc"]), -t.index)
@@ -578,53 +544,15 @@ def select_best(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> dict[
     return {d: v[2] for d, v in best.items()}
 
 
-def read_metrics(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(run_dir) / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 # ----------------------------------------------------------------------------------------------
 # packs
 
 
-def pack_key(cfg: Any) -> str:
-    """Everything a pack's branches must share (the TrialConfig minus per-branch settings)."""
-    from synqt.config import config_to_dict
-
-    d = config_to_dict(cfg)
-    d["data_seed"] = d.get("data_seed") if d.get("data_seed") is not None else d.get("seed")
-    return json.dumps({k: v for k, v in d.items() if k not in BRANCH_KEYS}, sort_keys=True, default=str)
-
-
 def estimate_memory(cfg: Any, n_branches: int) -> float:
-    """Peak training memory (bytes) of a pack: synqt.bench's estimate if present, else a formula.
+    """Peak training memory (bytes) of a pack of ``n_branches`` (``synqt.memory.estimate_trial_memory``)."""
+    from synqt.memory import estimate_trial_memory
 
-    Formula: the frozen stream's saved activations (~12 floats per token and channel per block,
-    independent of the pack size in `keep` mode) + per branch its query path (~40 floats per query
-    token, channel and block), 2.6M trainable parameters x 16 bytes (weights, grads, AdamW) and logits.
-    """
-    try:
-        from synqt.bench import estimate_trial_memory  # type: ignore[attr-defined]
-    except ImportError:
-        estimate_trial_memory = None
-    if estimate_trial_memory is not None:
-        return float(estimate_trial_memory(cfg, n_branches))
-    kw = cfg.backbone_kwargs or {}
-    size = cfg.image_size or kw.get("img_size", 224)
-    patch = kw.get("patch_size", 16)
-    dims = {"tiny": (192, 12), "small": (384, 12), "base": (768, 12), "large": (1024, 24), "huge": (1280, 32)}
-    c, depth = next((v for k, v in dims.items() if k in cfg.backbone), (768, 12))
-    c, depth = kw.get("embed_dim", c), kw.get("depth", depth)
-    tokens = (size // patch) ** 2 + 1
-    micro = cfg.batch_size // max(1, cfg.grad_accum_steps)
-    frozen = micro * tokens * c * depth * 12 * 4
-    if cfg.memory_mode == "recompute":
-        frozen //= depth
-    branch = micro * cfg.token_nums * c * depth * 40 * 4 + (2.6e6 * (c / 768) ** 2) * 16
-    weights = 86e6 * (c / 768) ** 2 * (depth / 12) * 4
-    return weights + frozen + n_branches * branch
+    return float(estimate_trial_memory(cfg, n_branches))
 
 
 def auto_pack_size(sweep: Sweep, cfg: Any) -> int:
@@ -793,8 +721,8 @@ def plan_dict(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) ->
 def write_plan(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) -> Path:
     d = sweep.sweep_dir
     d.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(d / "sweep.yaml", yaml.safe_dump(sweep.to_dict(), sort_keys=False))
-    return atomic_write_json(d / "plan.json", plan_dict(sweep, trials, stage2_pending))
+    atomic_write_text(d / rundir.SWEEP, yaml.safe_dump(sweep.to_dict(), sort_keys=False))
+    return atomic_write_json(d / rundir.PLAN, plan_dict(sweep, trials, stage2_pending))
 
 
 def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
@@ -833,118 +761,3 @@ def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
         f"{imgs['packed']:,} packed ({imgs['unpacked']:,} if every trial ran alone)"
     )
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# commands
-
-
-def _stage2_pending(sweep: Sweep, stage: str) -> bool:
-    return sweep.protocol == "vtab" and stage == "search"
-
-
-def run_sweep_command(
-    sweep_file: str,
-    overrides: list[str],
-    *,
-    dry_run: bool = False,
-    resume: bool = False,
-    address: str | None = None,
-    as_json: bool = False,
-    sequential: bool = False,
-    watch: Callable[[Path], AbstractContextManager[Any]] | None = None,
-) -> int:
-    """`synqt sweep`: plan, validate, then run on Ray (in this process with ``sequential``; print the plan with
-    ``dry_run``). ``watch(sweep_dir)`` is held open while the trials run (the CLI's finished-trial lines).
-    Returns an exit code of ``launcher.console.Exit``: OK, or FAILED_RUNS when a trial failed or is missing."""
-    sweep = load_sweep(sweep_file, overrides)
-    if sequential and sweep.asha:
-        raise ConfigError(f"{sweep.source}: asha needs Ray Tune's scheduler; --sequential runs every trial to its "
-                          "end (remove the asha section or run without --sequential)")
-    if dry_run:
-        trials = plan_trials(sweep)
-        if as_json:
-            print(
-                json.dumps(
-                    plan_dict(sweep, trials, _stage2_pending(sweep, trials[0].stage if trials else "final")),
-                    indent=2,
-                    default=str,
-                )
-            )
-        else:
-            print(dry_run_text(sweep, trials))
-        return 0
-    prepare_demo_assets(sweep)
-    trials = plan_trials(sweep)
-    validate(sweep, trials)
-    plan_file = sweep.sweep_dir / "plan.json"
-    if not resume and sweep.sweep_dir.exists() and any(sweep.sweep_dir.iterdir()):
-        raise ConfigError(
-            f"sweep folder {sweep.sweep_dir} already exists (plan: {plan_file}); continue it with "
-            f"`synqt sweep {sweep_file} ... --resume`, or choose another storage_path/name"
-        )
-    if resume and not plan_file.is_file():
-        raise ConfigError(f"--resume: no sweep at {sweep.sweep_dir} (missing {plan_file})")
-    if not (resume and _same_plan(plan_file, sweep, trials)):
-        write_plan(sweep, trials, _stage2_pending(sweep, trials[0].stage if trials else "final"))
-    from launcher.aggregate import write_planned_experiment
-
-    write_planned_experiment(sweep.sweep_dir, trials)
-    from launcher.console import Exit
-
-    with watch(sweep.sweep_dir) if watch is not None else contextlib.nullcontext():
-        if sequential:
-            from launcher.stages import run_sequential
-
-            result = run_sequential(sweep, trials)
-        else:
-            from launcher.ray_backend import run_sweep
-
-            result = run_sweep(sweep, trials, address=address, resume=resume)
-    return Exit.OK if result.get("ok") else Exit.FAILED_RUNS
-
-
-def _same_plan(plan_file: Path, sweep: Sweep, trials: list[PlannedTrial]) -> bool:
-    """On --resume keep plan.json when stage 1 is unchanged (it may already list stage 2)."""
-    try:
-        old = json.loads(plan_file.read_text())
-    except (OSError, ValueError):
-        return False
-    names = [t["run_name"] for t in old.get("trials", [])]
-    return names[: len(trials)] == [t.run_name for t in trials]
-
-
-def run_demo(out: str | Path, overrides: list[str] | None = None,
-             watch: Callable[[Path], AbstractContextManager[Any]] | None = None) -> int:
-    """`synqt demo`: synthetic benchmark + pre-trained tiny ViT, a real local Ray sweep, the table."""
-    from synqt.pretrain import ensure_demo_assets
-
-    out = Path(out).absolute()
-    print(
-        "synqt demo: preparing the synthetic benchmark and the pre-trained demo backbone (cached) ...",
-        flush=True,
-    )
-    data_root, ckpt = ensure_demo_assets()
-    ov = [
-        f"storage_path={out}",
-        f"data_root={Path(data_root).absolute()}",
-        f"checkpoint={Path(ckpt).absolute()}",
-        *list(overrides or []),
-    ]
-    sweep = load_sweep(SWEEP_DIR / "demo.yaml", ov)
-    resume = (sweep.sweep_dir / "plan.json").is_file()
-    if resume:
-        print(f"synqt demo: continuing the demo sweep already at {sweep.sweep_dir}")
-    code = run_sweep_command(str(SWEEP_DIR / "demo.yaml"), ov, resume=resume, watch=watch)
-    d = sweep.sweep_dir
-    print(
-        f"\nresults: {d / 'results.md'}  chart: {d / 'results.png'}\n"
-        f"TensorBoard: tensorboard --logdir {d}   (per-run logs under {d / 'runs'}, "
-        f"HParams experiment, table and chart under {d / '_sweep_summary'})",
-        flush=True,
-    )
-    return code
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run_sweep_command(sys.argv[1], sys.argv[2:], dry_run=True))

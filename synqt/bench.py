@@ -9,9 +9,7 @@ speed goals of issue 6 are measured against.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import platform
 import tempfile
 import time
@@ -24,18 +22,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from synqt.errors import ConfigError, DataError
-from synqt.memory import GIB, keep_freed_host_memory, model_tensors, peak_memory, saved_activation_bytes
+from synqt.memory import (
+    GIB,
+    _geometry,
+    _image_size,
+    estimate_trial_memory,
+    keep_freed_host_memory,
+    model_tensors,
+    peak_memory,
+    saved_activation_bytes,
+)
 from synqt.model import (
     MEMORY_MODES,
     PackedSynQT,
     SynQT,
     _drop_path,
     _dropout,
-    build_backbone,
     count_trainable,
     new_branch,
 )
 from synqt.schedule import adamw
+from synqt.training.build import frozen_backbone
 
 NAIVE_ROW = "naive synqt"  # the fp32 straightforward implementation every row's speed is compared with
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
@@ -237,58 +244,6 @@ def measure(name: str, model: nn.Module, trainable: list[nn.Parameter], images: 
 # config and the memory estimate
 
 
-def _image_size(cfg: Any, backbone: nn.Module) -> int:
-    if cfg.image_size:
-        return int(cfg.image_size)
-    size = backbone.patch_embed.img_size
-    return int(size[0] if isinstance(size, list | tuple) else size)
-
-
-def _geometry(cfg: Any) -> dict[str, int]:
-    """C, L, N, H and the image size of ``cfg.backbone`` from a parameter-free (meta device) build."""
-    import timm
-
-    with torch.device("meta"):
-        bb = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **dict(cfg.backbone_kwargs))
-    size = _image_size(cfg, bb)
-    grid = bb.patch_embed.dynamic_feat_size((size, size)) if hasattr(bb.patch_embed, "dynamic_feat_size") \
-        else bb.patch_embed.grid_size
-    tokens = int(grid[0] * grid[1]) + int(getattr(bb, "num_prefix_tokens", 1))
-    return {"C": int(bb.embed_dim), "L": len(bb.blocks), "N": tokens, "image_size": size,
-            "backbone_params": int(sum(p.numel() for p in bb.parameters()))}
-
-
-# calibrated on ViT-B/16 and a tiny ViT (keep mode, fp32): the query path of one branch saves about
-# this many values per sample, block and channel per query token, plus a T-independent head part
-QUERY_PATH_VALUES_PER_TOKEN = 34.0
-QUERY_PATH_VALUES_FIXED = 6.0
-
-
-def estimate_trial_memory(cfg: Any, n_branches: int = 1) -> int:
-    """Bytes one training process of a pack of ``n_branches`` needs, from the geometry (no weights built).
-
-    K/V term (``2 L B N C`` values, once per pack; bf16 under ``kv_bf16`` or bf16 precision; absent under
-    ``recompute``) + the query path of every branch + the frozen weights + per-branch trainable weights,
-    gradients and AdamW state + the transient activations of one frozen block and the input batch.
-    """
-    g = _geometry(cfg)
-    B = int(cfg.batch_size) // max(1, int(cfg.grad_accum_steps))
-    C, L, N, T = g["C"], g["L"], g["N"], int(cfg.token_nums)
-    low = cfg.precision in ("bf16", "fp16")
-    act = 2 if low else 4
-    kv_bytes = 2 if (cfg.memory_mode == "kv_bf16" or low) else 4
-    kv = 0 if cfg.memory_mode == "recompute" else 2 * L * B * N * C * kv_bytes
-    query = B * L * C * (QUERY_PATH_VALUES_PER_TOKEN * T + QUERY_PATH_VALUES_FIXED) * act
-    if cfg.memory_mode == "recompute":
-        query = 0
-    per_branch_params = L * (T * C + 3 * (2 * 48 * C) + 4 * (2 * 8 * C) + 10 * C) + 3 * L * C + 4 * C + 101 * C
-    weights = g["backbone_params"] * 4 + n_branches * per_branch_params * 4 * 4
-    transient = B * N * C * 4 * 10 + B * 3 * g["image_size"] ** 2 * 4
-    if cfg.memory_mode == "recompute":  # the backward re-runs the whole forward of the pack, one block kept at a time
-        transient += 2 * B * N * C * 4 + n_branches * B * L * C * (QUERY_PATH_VALUES_PER_TOKEN * T) * 4
-    return int(kv + n_branches * query + weights + transient)
-
-
 def bench_config(overrides: Sequence[str]) -> Any:
     from synqt.config import load_config
 
@@ -315,8 +270,7 @@ def bench_models(cfg: Any, modes: Sequence[str], *, steps: int, baselines: bool 
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     device = _device(cfg)
     torch.manual_seed(cfg.seed)
-    backbone = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=cfg.checkpoint,
-                              **dict(cfg.backbone_kwargs)).to(device)
+    backbone = frozen_backbone(cfg).to(device)
     size = _image_size(cfg, backbone)
     B = int(cfg.batch_size)
     classes = int(cfg.num_classes or BENCH_NUM_CLASSES)
@@ -365,8 +319,7 @@ def bench_pack(cfg: Any, n: int, *, steps: int, log: Callable[[str], None] = pri
     """Wall time of one training step of a pack of ``n`` branches against ``n`` single-branch steps."""
     device = _device(cfg)
     torch.manual_seed(cfg.seed)
-    backbone = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=cfg.checkpoint,
-                              **dict(cfg.backbone_kwargs)).to(device)
+    backbone = frozen_backbone(cfg).to(device)
     size = _image_size(cfg, backbone)
     classes = int(cfg.num_classes or BENCH_NUM_CLASSES)
     images = torch.randn(cfg.batch_size, 3, size, size, device=device)
@@ -483,40 +436,39 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bench_main(args: argparse.Namespace) -> int:
-    """Entry point of ``synqt bench`` (see launcher/cli.py for the arguments)."""
+def run_bench(overrides: Sequence[str] = (), *, steps: int = 3, modes: Sequence[str] | None = None, pack: int = 0,
+              loader: bool = False, data_root: str | None = None, dataset: str | None = None,
+              baselines: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`synqt bench`: the figures as a dict (``format_table`` renders them); ``overrides`` are TrialConfig
+    ``key=value``; ``modes`` the memory modes to time (default: all); ``pack`` > 0 also times a pack of that
+    size against as many separate trials; ``loader`` the data loader with and without its cache."""
     from synqt.config import config_to_dict
-    from synqt.fileio import atomic_write_json
 
-    cfg = bench_config(getattr(args, "overrides", None) or [])
-    modes = list(MEMORY_MODES) if not args.modes else [m.strip() for m in args.modes.split(",") if m.strip()]
+    cfg = bench_config(list(overrides))
+    modes = list(MEMORY_MODES) if not modes else list(modes)
     for m in modes:
         if m not in MEMORY_MODES:
             raise ConfigError(
                 f"--modes: {m!r} is not a memory mode; expected a comma list of {', '.join(MEMORY_MODES)}")
-    if args.steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if pack < 0:
+        raise ConfigError(f"--pack must be >= 1, got {pack}")
+    if loader and not (data_root and dataset):
+        raise ConfigError("--loader needs --data-root and --dataset")
     device = _device(cfg)
     result: dict[str, Any] = {"hardware": hardware_info(device), "config": config_to_dict(cfg), "rows": []}
     if device.type == "cpu":  # as the trainers do; also keeps one model's page faults out of the next one's timing
         result["hardware"]["keep_freed_host_memory"] = keep_freed_host_memory(device)
-    result.update(bench_models(cfg, modes, steps=args.steps, baselines=not args.no_baselines))
+    result.update(bench_models(cfg, modes, steps=steps, baselines=baselines, log=log))
     result["estimate_bytes"] = estimate_trial_memory(cfg, 1)
-    if args.pack:
-        if args.pack < 1:
-            raise ConfigError(f"--pack must be >= 1, got {args.pack}")
-        result["pack"] = bench_pack(cfg, args.pack, steps=args.steps)
-    if args.loader:
-        if not (args.data_root and args.dataset):
-            raise ConfigError("--loader needs --data-root and --dataset")
-        result["loader"] = bench_loader(cfg, args.data_root, args.dataset)
-    print(format_table(result))
-    if args.json:
-        atomic_write_json(args.json, json.loads(json.dumps(result, default=str)))
-        print(f"bench: figures written to {args.json}")
-    return 0
+    if pack:
+        result["pack"] = bench_pack(cfg, pack, steps=steps, log=log)
+    if loader:
+        result["loader"] = bench_loader(cfg, data_root, dataset, log=log)
+    return result
 
 
-__all__ = ["bench_main", "estimate_trial_memory", "hardware_info", "measure", "NaiveSynQT", "LinearProbe",
+__all__ = ["run_bench", "estimate_trial_memory", "hardware_info", "measure", "NaiveSynQT", "LinearProbe",
            "full_finetune_model", "bench_models", "bench_pack", "bench_loader", "format_table"]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
-import os
 import re
 import types
 import typing
@@ -28,26 +28,39 @@ import yaml
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write_text
 
+# Dataset facts live in the registry; re-exported here for the config's users.
+from synqt.registry import CONFIG_DIR, VTAB_GROUPS, config_dir, dataset_config_path, list_datasets  # noqa: F401
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-VTAB_GROUPS = ("Natural", "Specialized", "Structured")
-
-# Spec section 6 order (Natural, Specialized, Structured): used to order list_datasets() output.
-VTAB1K_DATASETS = (
-    "cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397",
-    "patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy",
-    "clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
-    "smallnorb_azi", "smallnorb_ele",
-)  # fmt: skip
-FGVC_DATASETS = ("cub", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars")
-
-BENCHMARK_DIRS = {"vtab1k": "vtab", "fgvc": "fgvc"}
-_BENCHMARK_ALIASES = {"vtab1k": "vtab1k", "vtab-1k": "vtab1k", "vtab": "vtab1k", "fgvc": "fgvc"}
-
 OVERRIDE_SOURCE = "command line override"
 
-CONFIG_DIR = Path(os.environ.get("SYNQT_CONFIG_DIR") or Path(__file__).resolve().parent.parent / "configs")
+
+
+MEMORY_MODES = ("keep", "kv_bf16", "recompute")  # synqt.model.MEMORY_MODES is this tuple
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, scope: str = "pack",
+        hparam: bool = False, tag: str | None = None, label: str | None = None, min: float | None = None,
+        max: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    """Declare one TrialConfig key; every key list of the project is derived from these declarations.
+
+    scope: "branch" (may differ between the trials of one pack: the engine gives each branch its own value)
+    or "pack" (must agree: the branches share batches and one frozen forward pass). hparam: recorded in a
+    run's ``hparams``. tag: short name in run names (default: the name without underscores). label: name in
+    the results table (default: the key). min / max: inclusive bounds; choices: the allowed strings.
+    """
+    if scope not in ("branch", "pack"):
+        raise ValueError(f"scope {scope!r}")
+    meta = {"scope": scope, "hparam": hparam, "tag": tag, "label": label, "min": min, "max": max,
+            "choices": choices}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_SEED_MAX = 2**32 - 1
 
 
 @dataclass
@@ -55,50 +68,50 @@ class TrialConfig:
     """Everything one trial needs; the table in docs/config.md documents each key."""
 
     # data
-    dataset: str = ""
-    data_root: str = ""
-    group: str | None = None
-    layout: str = "auto"
-    num_classes: int | None = None
-    image_size: int | None = None
-    interpolation: str = "bicubic"
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    cache_dir: str | None = None
+    dataset: str = setting("")
+    data_root: str = setting("")
+    group: str | None = setting(None, scope="branch", choices=VTAB_GROUPS)
+    layout: str = setting("auto", choices=("auto", "vtab_json", "vtab_txt", "fgvc_json"))
+    num_classes: int | None = setting(None, min=1)
+    image_size: int | None = setting(None, min=1)
+    interpolation: str = setting("bicubic", choices=("bicubic", "bilinear", "nearest", "lanczos"))
+    mean: list[float] = setting(factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = setting(factory=lambda: list(IMAGENET_STD))
+    cache_dir: str | None = setting(None)
     # model
-    backbone: str = "vit_base_patch16_224"
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    checkpoint: str | None = None
-    drop_path_rate: float = 0.1
-    backbone_drop_path: bool = True
-    token_nums: int = 1
-    feat_scale: float = 1.0
-    attn_scale: float = 1.0
-    ffn_scale: float = 1.0
-    memory_mode: str = "keep"
+    backbone: str = setting("vit_base_patch16_224")
+    backbone_kwargs: dict[str, Any] = setting(factory=dict)
+    checkpoint: str | None = setting(None)
+    drop_path_rate: float = setting(0.1, tag="dpr", min=0, max=1.0)
+    backbone_drop_path: bool = setting(True)
+    token_nums: int = setting(1, scope="branch", hparam=True, tag="T", label="T", min=1)
+    feat_scale: float = setting(1.0, scope="branch", hparam=True, tag="fs", label="s_feat")
+    attn_scale: float = setting(1.0, scope="branch", hparam=True, tag="as", label="s_attn")
+    ffn_scale: float = setting(1.0, scope="branch", hparam=True, tag="ffs", label="s_ffn")
+    memory_mode: str = setting("keep", hparam=True, tag="mem", choices=MEMORY_MODES)
     # protocol and optimisation
-    protocol: str = "paper"
-    stage: str = "final"
-    epochs: int = 50
-    warmup_epochs: float = 10.0
-    lr: float = 1e-3
-    min_lr: float = 1e-6
-    weight_decay: float = 1e-2
-    batch_size: int = 64
-    eval_batch_size: int = 128
-    grad_accum_steps: int = 1
-    eval_every: int = 10
-    precision: str = "no"
-    seed: int = 42
-    data_seed: int | None = None
-    init_seed: int | None = None
-    checkpoint_every: int = 1
-    log_every: int = 10
+    protocol: str = setting("paper", choices=("paper", "vtab"))
+    stage: str = setting("final", choices=("search", "final"))
+    epochs: int = setting(50, hparam=True, tag="ep", min=1)
+    warmup_epochs: float = setting(10.0, scope="branch", hparam=True, tag="wu", min=0)
+    lr: float = setting(1e-3, scope="branch", hparam=True, tag="lr", min=0)
+    min_lr: float = setting(1e-6, scope="branch", tag="minlr", min=0)
+    weight_decay: float = setting(1e-2, scope="branch", hparam=True, tag="wd", label="wd", min=0)
+    batch_size: int = setting(64, hparam=True, tag="bs", min=1)
+    eval_batch_size: int = setting(128, min=1)
+    grad_accum_steps: int = setting(1, min=1)
+    eval_every: int = setting(10, min=1)
+    precision: str = setting("no", hparam=True, choices=("no", "bf16", "fp16"))
+    seed: int = setting(42, scope="branch", min=0, max=_SEED_MAX)
+    data_seed: int | None = setting(None, min=0, max=_SEED_MAX)  # pack scope through its effective value
+    init_seed: int | None = setting(None, scope="branch", min=0, max=_SEED_MAX)
+    checkpoint_every: int = setting(1, scope="branch", min=0)
+    log_every: int = setting(10, min=1)
     # execution
-    trainer: str = "accelerate"
-    num_devices: int = 1
-    deepspeed_config: str | None = None
-    device: str = "auto"
+    trainer: str = setting("accelerate", choices=("accelerate", "deepspeed"))
+    num_devices: int = setting(1, min=1)
+    deepspeed_config: str | None = setting(None)
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"))
 
     def __post_init__(self) -> None:
         # Direct construction (tests, engine) gets the same coercion and checks as a YAML file.
@@ -108,34 +121,27 @@ class TrialConfig:
         _check_cross(config_to_dict(self), lambda key: source)
 
 
-CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig))
+_FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig)}
+CONFIG_KEYS: tuple[str, ...] = tuple(_FIELDS)
 _TYPES: dict[str, Any] = typing.get_type_hints(TrialConfig)
 
-# Enumerated values. group is normalised to the capitalisation of VTAB_GROUPS.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "layout": ("auto", "vtab_json", "vtab_txt", "fgvc_json"),
-    "interpolation": ("bicubic", "bilinear", "nearest", "lanczos"),
-    "memory_mode": ("keep", "kv_bf16", "recompute"),
-    "protocol": ("paper", "vtab"),
-    "stage": ("search", "final"),
-    "precision": ("no", "bf16", "fp16"),
-    "trainer": ("accelerate", "deepspeed"),
-    "device": ("auto", "cpu", "cuda"),
-    "group": VTAB_GROUPS,
-}
-# Lower bounds (inclusive) for numeric keys where a wrong sign is a certain mistake.
-_MIN: dict[str, float] = {
-    "epochs": 1, "batch_size": 1, "eval_batch_size": 1, "grad_accum_steps": 1, "token_nums": 1,
-    "eval_every": 1, "log_every": 1, "num_devices": 1, "checkpoint_every": 0, "num_classes": 1,
-    "image_size": 1, "warmup_epochs": 0, "lr": 0, "min_lr": 0, "weight_decay": 0,
-    "drop_path_rate": 0, "seed": 0, "data_seed": 0, "init_seed": 0,
-}  # fmt: skip
-_MAX: dict[str, float] = {
-    "drop_path_rate": 1.0,
-    "seed": 2**32 - 1,
-    "data_seed": 2**32 - 1,
-    "init_seed": 2**32 - 1,
-}
+# Every list below is derived from the declarations above.
+BRANCH_KEYS: frozenset[str] = frozenset(k for k, f in _FIELDS.items() if f.metadata["scope"] == "branch")
+PACK_KEYS: tuple[str, ...] = tuple(k for k, f in _FIELDS.items() if f.metadata["scope"] == "pack")
+HPARAM_KEYS: tuple[str, ...] = tuple(k for k, f in _FIELDS.items() if f.metadata["hparam"])
+TAGS: dict[str, str] = {k: f.metadata["tag"] or k.replace("_", "") for k, f in _FIELDS.items()}
+LABELS: dict[str, str] = {k: f.metadata["label"] or k for k, f in _FIELDS.items()}
+CHOICES: dict[str, tuple[str, ...]] = {k: f.metadata["choices"] for k, f in _FIELDS.items() if f.metadata["choices"]}
+_MIN: dict[str, float] = {k: f.metadata["min"] for k, f in _FIELDS.items() if f.metadata["min"] is not None}
+_MAX: dict[str, float] = {k: f.metadata["max"] for k, f in _FIELDS.items() if f.metadata["max"] is not None}
+
+
+def pack_key(cfg: TrialConfig) -> str:
+    """Trials with equal pack keys can be trained in lockstep over one frozen image stream: every PACK_KEYS
+    value, with data_seed as its effective value (None -> seed)."""
+    values = {k: _plain(getattr(cfg, k)) for k in PACK_KEYS}
+    values["data_seed"] = effective_seeds(cfg)[0]
+    return json.dumps(values, sort_keys=True, default=str)
 
 
 # --------------------------------------------------------------------------------------------- YAML
@@ -437,24 +443,6 @@ def _finish(values: dict[str, Any], origin: Mapping[str, str], fallback: str = "
     return TrialConfig(**values)
 
 
-def config_dir() -> Path:
-    """``$SYNQT_CONFIG_DIR`` if set, else ``CONFIG_DIR`` (``<repo>/configs``); read at call time."""
-    env = os.environ.get("SYNQT_CONFIG_DIR")
-    return Path(env) if env else Path(CONFIG_DIR)
-
-
-def dataset_config_path(name: str) -> Path | None:
-    """The shipped ``vtab/<name>.yaml`` or ``fgvc/<name>.yaml``, or None when the dataset has none."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        return None
-    root = config_dir()
-    for sub in BENCHMARK_DIRS.values():
-        path = root / sub / f"{name}.yaml"
-        if path.is_file():
-            return path
-    return None
-
-
 def load_config(
     paths: Iterable[str | Path] = (), overrides: Iterable[str] = (), *, base: bool = True
 ) -> TrialConfig:
@@ -552,36 +540,3 @@ def effective_seeds(cfg: TrialConfig) -> tuple[int, int]:
     data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
     return data_seed, init_seed
-
-
-def list_datasets(group: str | None = None, benchmark: str | None = None) -> list[str]:
-    """Names of the datasets with a shipped config, VTAB first in spec order, then FGVC.
-
-    ``group``: natural / specialized / structured (any case; only VTAB datasets have one);
-    ``benchmark``: vtab1k or fgvc.
-    """
-    if benchmark is not None:
-        if benchmark.lower() not in _BENCHMARK_ALIASES:
-            raise ConfigError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARK_DIRS)}")
-        benchmarks = [_BENCHMARK_ALIASES[benchmark.lower()]]
-    else:
-        benchmarks = list(BENCHMARK_DIRS)
-    want_group = None
-    if group is not None:
-        want_group = {g.lower(): g for g in VTAB_GROUPS}.get(group.lower())
-        if want_group is None:
-            raise ConfigError(f"unknown group {group!r}; expected one of {', '.join(VTAB_GROUPS)} (any case)")
-
-    out: list[str] = []
-    for bench in benchmarks:
-        order = VTAB1K_DATASETS if bench == "vtab1k" else FGVC_DATASETS
-        folder = config_dir() / BENCHMARK_DIRS[bench]
-        names = [p.stem for p in folder.glob("*.yaml")] if folder.is_dir() else []
-        names.sort(key=lambda n: (order.index(n) if n in order else len(order), n))
-        for name in names:
-            if want_group is not None:
-                g = load_yaml_file(folder / f"{name}.yaml").get("group")
-                if not isinstance(g, str) or g.lower() != want_group.lower():
-                    continue
-            out.append(name)
-    return out

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import socket
-import sys
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -575,22 +574,13 @@ def to_tensor_batch(images_uint8: np.ndarray, mean: Sequence[float], std: Sequen
 
 
 def _config_num_classes(name: str) -> tuple[int | None, str | None]:
-    """num_classes from the shipped config, if synqt.config and a config for `name` exist."""
-    try:
-        from synqt.config import dataset_config_path  # lazy: written separately, may be absent
-    except Exception:
-        return None, None
-    try:
-        path = dataset_config_path(name)
-        if path is None or not Path(path).is_file():
-            return None, None
-        import yaml
+    """(num_classes, config path) of the task ``name`` is in the dataset registry, or (None, None)."""
+    from synqt.registry import lookup
 
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        value = data.get("num_classes") if isinstance(data, dict) else None
-        return (value if _check_int(value) else None), str(path)
-    except Exception:
+    info = lookup(name)
+    if info is None or info.config_path is None:
         return None, None
+    return info.num_classes, str(info.config_path)
 
 
 def _check_splits(ds_dir: Path, layout: str) -> list[str]:
@@ -608,17 +598,36 @@ def _check_splits(ds_dir: Path, layout: str) -> list[str]:
     return out
 
 
-def check_main(root: str | Path, names: Sequence[str] | None = None, layout: str = "auto", decode: bool = False) -> int:
-    """`synqt data check`: print counts and problems per dataset and split; 0 when all is well."""
+@dataclass
+class DataCheck:
+    """The report of ``check_datasets``: its text lines and the number of problems found."""
+
+    lines: list[str]
+    problems: int
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.problems == 0 else 1
+
+
+def check_datasets(root: str | Path, names: Sequence[str] | None = None, layout: str = "auto",
+                   decode: bool = False) -> DataCheck:
+    """`synqt data check`: counts and problems per dataset and split (the CLI prints the report)."""
+    lines: list[str] = []
+    say = lines.append
     root_p = Path(root).expanduser().absolute()
     if not root_p.is_dir():
-        print(f"error: data root {root_p} does not exist or is not a folder")
-        return 1
+        say(f"error: data root {root_p} does not exist or is not a folder")
+        return DataCheck(lines, 1)
     explicit = bool(names)
     names = list(names) if names else sorted(p.name for p in root_p.iterdir() if p.is_dir())
     if not names:
-        print(f"error: no dataset folders under {root_p}")
-        return 1
+        say(f"error: no dataset folders under {root_p}")
+        return DataCheck(lines, 1)
     total = 0
     for name in names:
         problems: list[str] = []
@@ -627,9 +636,9 @@ def check_main(root: str | Path, names: Sequence[str] | None = None, layout: str
             lay = _resolve_layout(ds_dir, layout)
         except DataError as e:
             if not explicit and "cannot tell the layout" in str(e):
-                print(f"{name}: skipped (no list files)")
+                say(f"{name}: skipped (no list files)")
                 continue
-            print(f"{name}: ERROR {e}")
+            say(f"{name}: ERROR {e}")
             total += 1
             continue
         cfg_classes, cfg_path = _config_num_classes(name)
@@ -639,7 +648,7 @@ def check_main(root: str | Path, names: Sequence[str] | None = None, layout: str
             data_classes = None
             problems.append(str(e))
         cfg_txt = f", config {cfg_classes} ({cfg_path})" if cfg_classes is not None else ", no shipped config"
-        print(f"{name} [{lay}] classes: {data_classes}{cfg_txt}")
+        say(f"{name} [{lay}] classes: {data_classes}{cfg_txt}")
         if cfg_classes is not None and data_classes is not None and cfg_classes != data_classes:
             problems.append(
                 f"num_classes={cfg_classes} in {cfg_path} disagrees with the lists ({data_classes} classes)"
@@ -651,7 +660,7 @@ def check_main(root: str | Path, names: Sequence[str] | None = None, layout: str
                 sl = read_split(root_p, name, split, lay)
             except DataError as e:
                 problems.append(f"{split}: {e}")
-                print(f"  {split:<15} unreadable list")
+                say(f"  {split:<15} unreadable list")
                 continue
             missing, bad_labels, unreadable = [], [], []
             for p, lab, src in zip(sl.paths, sl.labels, sl.sources, strict=True):
@@ -666,7 +675,7 @@ def check_main(root: str | Path, names: Sequence[str] | None = None, layout: str
                     except Exception as e:  # any decoder failure is a finding, not a crash
                         unreadable.append(f"{p} ({src}): {e}")
             note = f" (derived from {', '.join(f.name for f in sl.list_files)})" if sl.derived else ""
-            print(f"  {split:<15} {len(sl):>7} images {len(set(sl.labels)):>5} classes{note}")
+            say(f"  {split:<15} {len(sl):>7} images {len(set(sl.labels)):>5} classes{note}")
             found = (("missing file", missing), ("bad label", bad_labels), ("unreadable", unreadable))
             for kind, items in found:
                 for item in items[:10]:
@@ -674,8 +683,8 @@ def check_main(root: str | Path, names: Sequence[str] | None = None, layout: str
                 if len(items) > 10:
                     problems.append(f"{split}: {kind}: ... and {len(items) - 10} more")
         for pr in problems:
-            print(f"  PROBLEM {pr}")
-        print(f"  {'OK' if not problems else f'{len(problems)} problem(s)'}")
+            say(f"  PROBLEM {pr}")
+        say(f"  {'OK' if not problems else f'{len(problems)} problem(s)'}")
         total += len(problems)
-    print(f"{'all OK' if total == 0 else f'{total} problem(s) found'}", file=sys.stdout)
-    return 0 if total == 0 else 1
+    say(f"{'all OK' if total == 0 else f'{total} problem(s) found'}")
+    return DataCheck(lines, total)

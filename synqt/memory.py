@@ -191,5 +191,63 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None,
     return {"bytes": int(delta), "gib": delta / GIB, "kind": "cpu rss peak delta (sampled)", "result": result}
 
 
-__all__ = ["saved_activation_bytes", "peak_memory", "model_tensors", "keep_freed_host_memory",
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the memory estimate (the sweep planner sizes packs with it; `synqt bench` prints it beside the measurements)
+
+
+def _image_size(cfg: Any, backbone: torch.nn.Module) -> int:
+    if cfg.image_size:
+        return int(cfg.image_size)
+    size = backbone.patch_embed.img_size
+    return int(size[0] if isinstance(size, list | tuple) else size)
+
+
+def _geometry(cfg: Any) -> dict[str, int]:
+    """C, L, N, H and the image size of ``cfg.backbone`` from a parameter-free (meta device) build."""
+    import timm
+
+    with torch.device("meta"):
+        bb = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **dict(cfg.backbone_kwargs))
+    size = _image_size(cfg, bb)
+    grid = bb.patch_embed.dynamic_feat_size((size, size)) if hasattr(bb.patch_embed, "dynamic_feat_size") \
+        else bb.patch_embed.grid_size
+    tokens = int(grid[0] * grid[1]) + int(getattr(bb, "num_prefix_tokens", 1))
+    return {"C": int(bb.embed_dim), "L": len(bb.blocks), "N": tokens, "image_size": size,
+            "backbone_params": int(sum(p.numel() for p in bb.parameters()))}
+
+
+# calibrated on ViT-B/16 and a tiny ViT (keep mode, fp32): the query path of one branch saves about
+# this many values per sample, block and channel per query token, plus a T-independent head part
+QUERY_PATH_VALUES_PER_TOKEN = 34.0
+QUERY_PATH_VALUES_FIXED = 6.0
+
+
+def estimate_trial_memory(cfg: Any, n_branches: int = 1) -> int:
+    """Bytes one training process of a pack of ``n_branches`` needs, from the geometry (no weights built).
+
+    K/V term (``2 L B N C`` values, once per pack; bf16 under ``kv_bf16`` or bf16 precision; absent under
+    ``recompute``) + the query path of every branch + the frozen weights + per-branch trainable weights,
+    gradients and AdamW state + the transient activations of one frozen block and the input batch.
+    """
+    g = _geometry(cfg)
+    B = int(cfg.batch_size) // max(1, int(cfg.grad_accum_steps))
+    C, L, N, T = g["C"], g["L"], g["N"], int(cfg.token_nums)
+    low = cfg.precision in ("bf16", "fp16")
+    act = 2 if low else 4
+    kv_bytes = 2 if (cfg.memory_mode == "kv_bf16" or low) else 4
+    kv = 0 if cfg.memory_mode == "recompute" else 2 * L * B * N * C * kv_bytes
+    query = B * L * C * (QUERY_PATH_VALUES_PER_TOKEN * T + QUERY_PATH_VALUES_FIXED) * act
+    if cfg.memory_mode == "recompute":
+        query = 0
+    per_branch_params = L * (T * C + 3 * (2 * 48 * C) + 4 * (2 * 8 * C) + 10 * C) + 3 * L * C + 4 * C + 101 * C
+    weights = g["backbone_params"] * 4 + n_branches * per_branch_params * 4 * 4
+    transient = B * N * C * 4 * 10 + B * 3 * g["image_size"] ** 2 * 4
+    if cfg.memory_mode == "recompute":  # the backward re-runs the whole forward of the pack, one block kept at a time
+        transient += 2 * B * N * C * 4 + n_branches * B * L * C * (QUERY_PATH_VALUES_PER_TOKEN * T) * 4
+    return int(kv + n_branches * query + weights + transient)
+
+
+__all__ = ["estimate_trial_memory", "saved_activation_bytes", "peak_memory", "model_tensors", "keep_freed_host_memory",
            "release_freed_host_memory", "GIB"]

@@ -23,12 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from synqt.config import MEMORY_MODES  # declared once, with the memory_mode config key
 from synqt.errors import ModelError
 
 log = logging.getLogger(__name__)
-
-MEMORY_MODES = ("keep", "kv_bf16", "recompute")
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # random ops with an optional explicit generator

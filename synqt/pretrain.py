@@ -162,10 +162,14 @@ def load_demo_backbone(checkpoint: str | Path | None = None) -> nn.Module:
     return model.eval()
 
 
+DEMO_DIR_ENV = "SYNQT_DEMO_DIR"  # SYNQT_CACHE_DIR is the decoded-image cache only (synqt.data)
+
+
 def default_cache_dir() -> Path:
-    """``$SYNQT_CACHE_DIR`` or ``~/.cache/synqt/demo``."""
-    env = os.environ.get("SYNQT_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "synqt" / "demo"
+    """Where the demo assets live: ``$SYNQT_DEMO_DIR``, else ``~/.cache/synqt/demo`` (persistent: pre-training
+    the demo backbone takes a minute)."""
+    env = os.environ.get(DEMO_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "synqt" / "demo"
 
 
 def _checkpoint_current(ckpt: Path, steps: int) -> bool:

@@ -65,9 +65,9 @@ def session_hparams(metrics: Mapping[str, Any], extra: Mapping[str, Any] | None 
 
 def planned_session(cfg: Any, extra: Mapping[str, Any] | None = None) -> dict[str, HParamValue]:
     """``session_hparams`` of a run not yet trained: what its metrics.json will record for ``cfg``."""
-    from synqt.engine import HPARAM_KEYS
+    from synqt.config import HPARAM_KEYS
 
-    hp = {k: getattr(cfg, k) for k in HPARAM_KEYS}
+    hp = {k: getattr(cfg, k) for k in HPARAM_KEYS}  # as synqt.training.loop.run_hparams records them
     hp.update(extra or {})
     return session_hparams({"hparams": hp, "dataset": cfg.dataset, "seed": cfg.seed, "protocol": cfg.protocol,
                             "stage": cfg.stage if cfg.protocol == "vtab" else "final",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from launcher.cli import main
-from synqt.bench import estimate_trial_memory
 from synqt.config import load_config
+from synqt.memory import estimate_trial_memory
 
 TINY = ["backbone=vit_tiny_patch16_224", "backbone_kwargs.img_size=32", "backbone_kwargs.depth=2", "batch_size=4"]
 

@@ -205,12 +205,15 @@ def _sweep_dir(root: Path, states: list[str]) -> Path:
                                                 "ok" if state == "done" else "failed"))
         elif state == "running":
             _write(d / "progress.json", {"epoch": 1, "epochs": 2, "updated": time.time()})
+        elif state == "broken":  # a metrics.json cut off mid-write
+            d.mkdir(parents=True)
+            (d / "metrics.json").write_text('{"dataset": "cifar", "status": "o')
     return root
 
 
 @pytest.mark.parametrize(("states", "code"), [
     (["done", "done"], 0), (["done", "failed"], 3), (["done", "running", "pending"], 4),
-    (["failed", "running"], 3),
+    (["failed", "running"], 3), (["done", "broken"], 3),
 ])
 def test_status_exit_codes(tmp_path, capsys, states, code):
     assert main(["status", str(_sweep_dir(tmp_path, states))]) == code
@@ -221,7 +224,7 @@ def test_status_json_is_the_counts_and_trials(tmp_path, capsys):
     root = _sweep_dir(tmp_path, ["done", "failed", "running", "pending"])
     assert main(["status", str(root), "--json"]) == 3
     st = json.loads(capsys.readouterr().out)
-    assert st["counts"] == {"done": 1, "failed": 1, "running": 1, "pending": 1}
+    assert st["counts"] == {"done": 1, "failed": 1, "broken": 0, "running": 1, "pending": 1}
     assert {t["run_name"]: t["state"] for t in st["trials"]} == {
         "cifar_s0": "done", "cifar_s1": "failed", "cifar_s2": "running", "cifar_s3": "pending"}
     assert st["trials"][1]["error"] == "RuntimeError: boom"
@@ -240,7 +243,8 @@ def test_status_watch_follows_until_done_and_ctrl_c_is_130(tmp_path):
     _write(root / "runs" / "cifar_s1" / "metrics.json", _metrics("cifar", 1, 51.0))
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["counts"] == {"done": 2, "failed": 0, "running": 0, "pending": 0}
+    last = json.loads(out.strip().splitlines()[-1])["counts"]
+    assert last == {"done": 2, "failed": 0, "broken": 0, "running": 0, "pending": 0}
 
     root2 = _sweep_dir(tmp_path / "b", ["running"])
     proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "status", str(root2), "--watch",

@@ -16,7 +16,7 @@ from synqt.data import (
     BUILD_LOG_NAME,
     SplitList,
     cache_paths,
-    check_main,
+    check_datasets,
     dataset_num_classes,
     default_cache_dir,
     detect_layout,
@@ -37,6 +37,13 @@ SPLIT_IDX = {
     "test": list(range(18, 27)),
 }
 SPLIT_IDX["train800val200"] = SPLIT_IDX["train800"] + SPLIT_IDX["val200"]
+
+
+def _check(*args, **kwargs) -> int:
+    """What `synqt data check` does: print the report, return its exit code."""
+    report = check_datasets(*args, **kwargs)
+    print(report.text)
+    return report.exit_code
 
 
 def _image_pool(n: int = 27) -> list[tuple[str, bytes, int]]:
@@ -191,7 +198,7 @@ def test_derived_train800_val200(tmp_path: Path) -> None:
     import contextlib
 
     with contextlib.redirect_stdout(out):
-        assert check_main(tmp_path, ["toy"]) == 0
+        assert _check(tmp_path, ["toy"]) == 0
     assert "derived from train800val200.json" in out.getvalue()
 
 
@@ -417,33 +424,33 @@ def test_check_main_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     write_vtab_txt(root, "toyt")
     write_fgvc_json(root, "toyf")
     (root / "notes").mkdir()  # a folder without lists is skipped when no names are given
-    assert check_main(root, [], decode=True) == 0
+    assert _check(root, [], decode=True) == 0
     out = capsys.readouterr().out
     assert "toyj [vtab_json]" in out and "toyt [vtab_txt]" in out and "toyf [fgvc_json]" in out
     assert "notes: skipped" in out and "all OK" in out
 
-    assert check_main(root, ["nope"]) != 0
+    assert _check(root, ["nope"]) != 0
     assert "nope" in capsys.readouterr().out
 
     # label outside the shipped config's class count
     (cfgs / "vtab" / "toyj.yaml").write_text("num_classes: 2\n")
-    assert check_main(root, ["toyj"]) != 0
+    assert _check(root, ["toyj"]) != 0
     out = capsys.readouterr().out
     assert "label 2 outside [0, 2)" in out and "disagrees" in out
 
     # missing file
     missing = root / "toyt" / "images" / POOL[0][0]
     missing.unlink()
-    assert check_main(root, ["toyt"]) != 0
+    assert _check(root, ["toyt"]) != 0
     out = capsys.readouterr().out
     assert "missing file" in out and str(missing) in out
 
     # undecodable file: found only with --decode
     bad = root / "toyf" / "images" / POOL[SPLIT_IDX["test"][0]][0]
     bad.write_bytes(b"garbage")
-    assert check_main(root, ["toyf"]) == 0
+    assert _check(root, ["toyf"]) == 0
     capsys.readouterr()
-    assert check_main(root, ["toyf"], decode=True) != 0
+    assert _check(root, ["toyf"], decode=True) != 0
     out = capsys.readouterr().out
     assert "unreadable" in out and str(bad) in out
-    assert check_main(tmp_path / "absent", []) != 0
+    assert _check(tmp_path / "absent", []) != 0

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from synqt.config import TrialConfig, load_config
-from synqt.deepspeed_trial import DEFAULT_DS_CONFIG, deepspeed_config, run_local, state_sha256
-from synqt.engine import METRIC_KEYS
 from synqt.errors import ConfigError
+from synqt.rundir import METRIC_KEYS
+from synqt.training.deepspeed import DEFAULT_DS_CONFIG, deepspeed_config, run_local, state_sha256
 
 
 @pytest.fixture(scope="session")

@@ -35,9 +35,9 @@ from engine_helpers import (  # noqa: F401 - _one_thread_no_progress is an autou
 )
 
 from synqt.config import config_dir, load_config
-from synqt.engine import evaluate_checkpoint, run_trial
 from synqt.errors import ConfigError, DataError
 from synqt.fileio import sha256_file
+from synqt.training import evaluate_checkpoint, run_trial
 
 # spelled out from docs/DESIGN.md (not imported from the engine), so a dropped key is caught
 CONTRACT_KEYS = ("dataset", "group", "protocol", "stage", "seed", "hparams", "val_acc", "test_acc", "best_of_test",
@@ -335,7 +335,7 @@ def test_fp16_on_cpu_is_refused_before_training(assets, tmp_path):
 
 def test_gradient_accumulation_matches_one_big_batch(assets, tmp_path, monkeypatch):
     """With every random op off, grad_accum_steps only changes how a batch is split, not the update."""
-    import synqt.engine as engine
+    import synqt.training.build as build
     from synqt.model import QueryBranch, copy_final_norm
 
     def deterministic_branch(backbone, num_classes, **kw):
@@ -344,7 +344,7 @@ def test_gradient_accumulation_matches_one_big_batch(assets, tmp_path, monkeypat
         copy_final_norm(backbone, branch)
         return branch
 
-    monkeypatch.setattr(engine, "new_branch", deterministic_branch)
+    monkeypatch.setattr(build, "new_branch", deterministic_branch)
     data_root, ckpt, cache = assets
     # batch 20 over 64 images: 3 full batches and a last partial batch of 4
     common = dict(batch_size=20, epochs=2, drop_path_rate=0.0, backbone_drop_path=False, lr=1e-2)

@@ -27,8 +27,8 @@ from engine_helpers import (  # noqa: F401 - _one_thread_no_progress is an autou
     write_tiny_assets,
 )
 
-from synqt.engine import run_pack, run_trial
 from synqt.errors import ConfigError
+from synqt.training import run_pack, run_trial
 
 # four branches that differ in every per-branch setting: token_nums, the three scales, lr, weight decay
 SETTINGS = [

@@ -307,7 +307,7 @@ def test_demo_end_to_end(assets, tmp_path):
             "eval_every=1",
         ],
         cwd=REPO,
-        env=_env(SYNQT_CACHE_DIR=str(ckpt.parent)),  # the cached backbone: no second pre-training
+        env=_env(SYNQT_DEMO_DIR=str(ckpt.parent)),  # the cached backbone: no second pre-training
         capture_output=True,
         text=True,
         timeout=400,
@@ -368,8 +368,8 @@ def test_multi_device_trial_runs_deepspeed_under_torchtrainer(assets, tmp_path):
     assert len(set(m["deepspeed"]["weights_sha256"]["branch"])) == 1
     # the workers' frozen backbone (from the driver's object-store copy) is bitwise the checkpoint's
     from synqt.config import load_config
-    from synqt.deepspeed_trial import state_sha256
     from synqt.model import build_backbone
+    from synqt.training.deepspeed import state_sha256
 
     cfg = load_config([str(sweep_dir / "runs" / name / "config.yaml")])
     expected = state_sha256(build_backbone(cfg.backbone, checkpoint=cfg.checkpoint, **cfg.backbone_kwargs))

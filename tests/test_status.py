@@ -42,7 +42,7 @@ def make_sweep(root: Path, stage2_pending: int = 0) -> list[dict]:
 def test_counts_and_estimate(tmp_path):
     make_sweep(tmp_path)
     st = collect_status(tmp_path)
-    assert st["counts"] == {"done": 2, "failed": 1, "running": 1, "pending": 2}
+    assert st["counts"] == {"done": 2, "failed": 1, "broken": 0, "running": 1, "pending": 2}
     assert st["seconds_per_trial_epoch"] == pytest.approx(200.0 / 20)
     # remaining: running 10 - 4 = 6, pending 2 x 10 = 20; one running trial
     assert st["remaining_epochs"] == 26
@@ -78,7 +78,7 @@ def test_nothing_finished_is_unknown(tmp_path):
                                                               "updated": "2024-01-01T00:00:00+00:00"})
     st = collect_status(tmp_path)
     assert st["eta_s"] is None
-    assert st["counts"] == {"done": 0, "failed": 0, "running": 1, "pending": 1}
+    assert st["counts"] == {"done": 0, "failed": 0, "broken": 0, "running": 1, "pending": 1}
     assert "estimated time left: unknown" in status_text(tmp_path)
 
 
@@ -93,7 +93,7 @@ def test_without_plan_infers_from_run_dirs(tmp_path, capsys):
     _write(tmp_path / "_ray" / "d" / "metrics.json", {"status": "ok"})  # Ray internals: ignored
     st = collect_status(tmp_path)
     assert st["plan"] is False and st["total"] == 3
-    assert st["counts"] == {"done": 1, "failed": 1, "running": 1, "pending": 0}
+    assert st["counts"] == {"done": 1, "failed": 1, "broken": 0, "running": 1, "pending": 0}
     assert st["eta_s"] == pytest.approx(10.0 * 3)
     assert main(["status", str(tmp_path)]) == 3  # a failed trial: "finished with failed runs"
     out = capsys.readouterr().out

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launcher import commands
 from launcher import sweep as sw
 from synqt.errors import ConfigError, DataError
 
@@ -307,9 +308,9 @@ def test_missing_dataset_and_checkpoint_refused_before_ray(tmp_path, bench_root)
         f"checkpoint={bench_root / 'ckpt.safetensors'}",
     ]
     with pytest.raises(DataError, match="syn_texture"):
-        sw.run_sweep_command(str(CI), [*ov, "datasets=[syn_count,syn_texture]"])
+        commands.run_sweep_command(str(CI), [*ov, "datasets=[syn_count,syn_texture]"])
     with pytest.raises(ConfigError, match="nothing.safetensors"):
-        sw.run_sweep_command(str(CI), [*ov, "datasets=[syn_count]", f"checkpoint={tmp_path}/nothing.safetensors"])
+        commands.run_sweep_command(str(CI), [*ov, "datasets=[syn_count]", f"checkpoint={tmp_path}/nothing.safetensors"])
     assert not ray.is_initialized()
     assert not (tmp_path / "ci").exists()
     # the CLI prints the error without a traceback and exits 2
@@ -324,7 +325,7 @@ def test_bad_list_file_refused(tmp_path, bench_root):
     shutil.copytree(bench_root / "data" / "syn_count", root / "syn_count")
     (root / "syn_count" / "test.json").write_text("{not json")
     with pytest.raises(DataError, match="syn_count"):
-        sw.run_sweep_command(
+        commands.run_sweep_command(
             str(CI),
             [
                 f"storage_path={tmp_path}",
@@ -347,10 +348,10 @@ def test_existing_sweep_is_not_overwritten(tmp_path, bench_root):
     (tmp_path / "ci").mkdir()
     (tmp_path / "ci" / "plan.json").write_text("{}")
     with pytest.raises(ConfigError, match="--resume"):
-        sw.run_sweep_command(str(CI), ov)
+        commands.run_sweep_command(str(CI), ov)
     assert (tmp_path / "ci" / "plan.json").read_text() == "{}"
     with pytest.raises(ConfigError, match="no sweep at"):
-        sw.run_sweep_command(str(CI), [*ov, f"storage_path={tmp_path}/other"], resume=True)
+        commands.run_sweep_command(str(CI), [*ov, f"storage_path={tmp_path}/other"], resume=True)
     assert not ray.is_initialized()
 
 
@@ -370,5 +371,32 @@ def test_sequential_refuses_asha_before_anything_runs(tmp_path, bench_root):
         "asha.grace_period=1",
     ]
     with pytest.raises(ConfigError, match="asha needs Ray Tune"):
-        sw.run_sweep_command(str(CI), ov, sequential=True)
+        commands.run_sweep_command(str(CI), ov, sequential=True)
     assert not (tmp_path / "ci").exists()
+
+
+SHIPPED_SWEEPS = sorted((Path(__file__).resolve().parent.parent / "configs" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_SWEEPS, ids=[p.stem for p in SHIPPED_SWEEPS])
+def test_every_shipped_sweep_dry_runs(path, tmp_path):
+    """`synqt sweep FILE --dry-run` plans every shipped sweep; the trial count is recomputed from the file."""
+    raw = yaml.safe_load(path.read_text())
+    configs = path.parent.parent
+    per_group = {"vtab1k": len(list((configs / "vtab").glob("*.yaml"))),
+                 "fgvc": len(list((configs / "fgvc").glob("*.yaml"))), "demo": 6}
+    n_datasets = sum(per_group.get(d, 1) for d in raw["datasets"])
+    n_points = 1
+    for values in (raw.get("grid") or {}).values():
+        n_points *= len(values)
+    if raw.get("search") == "random":
+        n_points = min(n_points, raw["num_samples"])
+    seeds = raw.get("seeds") or ([42] if raw.get("protocol", "paper") == "paper" else [42, 44, 82, 100, 800])
+    stage1 = n_datasets * n_points * (len(seeds) if raw.get("protocol", "paper") == "paper" else 1)
+    out = subprocess.run([sys.executable, "-m", "launcher.cli", "sweep", str(path), f"storage_path={tmp_path}",
+                          "--dry-run", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert len(plan["trials"]) == stage1
+    assert len({t["run_name"] for t in plan["trials"]}) == stage1
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing

@@ -1,6 +1,6 @@
 """One SynQT trial over several processes: data parallel, DeepSpeed ZeRO stage 2 on the trainable branch.
 
-Why a separate trainer: the single-device engine (``synqt.engine``) packs many trials on one device;
+Why a separate trainer: the pack trainer (``synqt.training.pack``) packs many trials on one device;
 this one spreads ONE trial over ``num_devices`` processes (a trial too large or too slow for one
 device). Only the query branch (queries, prompt FFNs, QSM blocks, head) is handed to DeepSpeed, through
 ``_TrainableView``, whose only registered submodule is the branch: the frozen backbone is never
@@ -43,36 +43,40 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from synqt import rundir
 from synqt.checkpoint import save_trainable
 from synqt.config import (
-    CONFIG_DIR,
     TrialConfig,
+    config_dir,
     config_from_dict,
     config_to_dict,
     effective_seeds,
     save_config,
     splits_for,
 )
-from synqt.engine import (
-    HPARAM_KEYS,
+from synqt.errors import ConfigError
+from synqt.memory import keep_freed_host_memory
+from synqt.model import PackedSynQT, count_trainable
+from synqt.schedule import adamw, lr_at
+from synqt.training.build import frozen_backbone, seeded_branch
+from synqt.training.loop import (
+    RunData,
+    TrialOutcome,
     derive_seed,
     device_peak_memory,
+    epoch_order,
     memory_tag,
-    metrics_path,
-    read_metrics,
+    run_hparams,
+    should_eval,
+    summary,
     trial_metrics,
     write_hparams,
 )
-from synqt.errors import ConfigError
-from synqt.fileio import atomic_write_json
-from synqt.memory import keep_freed_host_memory
-from synqt.model import PackedSynQT, build_backbone, count_trainable, new_branch
-from synqt.schedule import adamw, lr_at
 
 log = logging.getLogger("synqt.deepspeed")
 
-DEFAULT_DS_CONFIG = CONFIG_DIR / "deepspeed" / "zero2.json"
-CHECKPOINT_DIR = "ds_checkpoint"  # DeepSpeed's resume checkpoint inside the run dir (last epoch only)
+DEFAULT_DS_CONFIG = config_dir() / "deepspeed" / "zero2.json"
+CHECKPOINT_DIR = rundir.DS_CHECKPOINT  # DeepSpeed's resume checkpoint inside the run dir (last epoch only)
 SHM_OP = "deepspeed_shm_comm"
 
 
@@ -252,8 +256,16 @@ class _Worker:
         self.error: str | None = None
         self.writer: Any = None
         self.init_seconds: float | None = None
-        self.hparams = {k: getattr(cfg, k) for k in HPARAM_KEYS}
-        self.hparams["num_devices"] = self.world
+        self.hparams = run_hparams(cfg, {"num_devices": self.world})
+        self.trainable_params: int | None = None
+        self.train_list = self.eval_list = self.image_size = None
+        # set as setup and training go; a trial failing early still writes its metrics.json
+        self.device = torch.device("cpu")
+        self.backbone: nn.Module | None = None
+        self.peak: int | None = None
+        self.ds_params: int | None = None
+        self.ds_config: dict[str, Any] | None = None
+        self.rank_hashes: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self, device: torch.device) -> None:
@@ -271,16 +283,7 @@ class _Worker:
         self.num_classes = cfg.num_classes or dataset_num_classes(cfg.data_root, cfg.dataset, layout=cfg.layout)
         self.train_list = read_split(cfg.data_root, cfg.dataset, self.train_split, layout=cfg.layout)
         self.eval_list = read_split(cfg.data_root, cfg.dataset, self.eval_split, layout=cfg.layout)
-        checkpoint = dict(self.backbone_state) if self.backbone_state is not None else cfg.checkpoint
-        if checkpoint is not None and not isinstance(checkpoint, str):
-            checkpoint = {k: torch.as_tensor(np.asarray(v)) for k, v in checkpoint.items()}
-        self.backbone = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=checkpoint,
-                                       **cfg.backbone_kwargs)
-        if self.backbone_state is not None and cfg.checkpoint:
-            from synqt.checkpoint import backbone_identity
-
-            self.backbone.synqt_identity = backbone_identity(self.backbone, cfg.backbone, cfg.backbone_kwargs,
-                                                             cfg.checkpoint)
+        self.backbone = frozen_backbone(cfg, state=self.backbone_state)
         self.image_size = cfg.image_size or int(self.backbone.patch_embed.img_size[0])
         load = dict(interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
         # rank 0 builds the decoded-image cache first (the file lock would serialise them anyway)
@@ -291,10 +294,8 @@ class _Worker:
             dist.barrier()
         self.backbone_sha256_start = state_sha256(self.backbone)
 
-        _, init_seed = effective_seeds(cfg)
-        torch.manual_seed(init_seed)  # same initial branch on every rank (DeepSpeed also broadcasts rank 0's)
-        self.branch = new_branch(self.backbone, self.num_classes, token_nums=cfg.token_nums,
-                                 feat_scale=cfg.feat_scale, attn_scale=cfg.attn_scale, ffn_scale=cfg.ffn_scale)
+        # same initial branch on every rank (DeepSpeed also broadcasts rank 0's)
+        self.branch = seeded_branch(cfg, self.backbone, self.num_classes)
         self.model = PackedSynQT(self.backbone, [self.branch], drop_path_rate=cfg.drop_path_rate,
                                  backbone_drop_path=cfg.backbone_drop_path, memory_mode=cfg.memory_mode)
         self.model.to(device)
@@ -305,7 +306,7 @@ class _Worker:
         self.ds_config = deepspeed_config(cfg, self.world)
         self._initialize()
         if self.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.run_dir / rundir.CONFIG)
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(self.run_dir))
@@ -357,12 +358,6 @@ class _Worker:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.train_labels) / self.cfg.batch_size)
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        """The engine's permutation rule, so one process and N processes see the same global batches."""
-        data_seed, _ = effective_seeds(self.cfg)
-        gen = torch.Generator().manual_seed(derive_seed(data_seed, epoch))
-        return torch.randperm(len(self.train_labels), generator=gen).numpy()
-
     def _batch(self, images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         from synqt.data import to_tensor_batch
 
@@ -383,7 +378,7 @@ class _Worker:
             engine.train()
             self.model.image_generator.manual_seed(derive_seed(data_seed, epoch, 7, self.rank))
             self.branch.generator.manual_seed(derive_seed(init_seed, 1, epoch, self.rank))
-            order = self._epoch_order(epoch)
+            order = epoch_order(cfg, len(self.train_labels), epoch)
             loss_sum, loss_count = 0.0, 0
             t0 = time.perf_counter()
             for start in range(0, len(order), cfg.batch_size):
@@ -425,14 +420,6 @@ class _Worker:
             self.epochs_done = epoch + 1
             self._after_epoch(self.epochs_done)
 
-    def _should_eval(self, epoch: int) -> bool:
-        cfg = self.cfg
-        if epoch == cfg.epochs:
-            return True
-        if cfg.protocol == "vtab" and cfg.stage == "final":
-            return False
-        return cfg.eval_every > 0 and epoch % cfg.eval_every == 0
-
     @torch.no_grad()
     def evaluate(self) -> float:
         """Accuracy (percent) on the eval split: each rank scores indices rank::world, counts are summed."""
@@ -452,7 +439,7 @@ class _Worker:
 
     def _after_epoch(self, epoch: int) -> None:
         cfg = self.cfg
-        if self._should_eval(epoch):
+        if should_eval(cfg, epoch):
             acc = self.evaluate()
             self.eval_history.append({"epoch": epoch, "split": self.eval_split, "acc": acc})
             if self.writer is not None:
@@ -467,20 +454,21 @@ class _Worker:
         if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 and epoch < cfg.epochs:
             self._save_resume()
         if self.is_main and epoch < cfg.epochs:
-            atomic_write_json(self.run_dir / "progress.json", {
-                "epoch": epoch, "epochs": cfg.epochs, "wall_time_s": time.time() - self.start_time,
-                "updated": time.time(), "status": "running"})
+            rundir.write_progress(self.run_dir, epoch, cfg.epochs, self.start_time)
         if epoch >= cfg.epochs:
             self.finish()
         if self.report is not None:  # every rank reports (Ray Train expects all workers to call report)
             self.report({"epoch": epoch, "branches": [self.summary()]})
 
     # ---------------------------------------------------------------------------------------- outcomes
+    def outcome(self) -> TrialOutcome:
+        """This trial's outcome so far (typed, for the report payload and metrics.json)."""
+        return TrialOutcome(cfg=self.cfg, run_dir=self.run_dir, hparams=self.hparams, status=self.status,
+                            error=self.error, epochs_done=self.epochs_done, eval_history=self.eval_history,
+                            trainable_params=self.trainable_params, last_loss=self.last_loss)
+
     def summary(self) -> dict[str, Any]:
-        last = self.eval_history[-1]["acc"] if self.eval_history else None
-        return {"run_name": self.run_dir.name, "status": self.status, "epoch": self.epochs_done,
-                "train_loss": self.last_loss, "val_acc": last if self.eval_split == "val200" else None,
-                "test_acc": last if self.eval_split == "test" else None}
+        return summary(self.outcome(), self.eval_split)
 
     def finish(self) -> None:
         """All ranks: hash the weights (they must agree); rank 0 writes trainable + metrics, drops resume state."""
@@ -494,15 +482,15 @@ class _Worker:
         if not self.is_main:
             return
         if self.status == "ok":
-            save_trainable(self.branch, self.run_dir / "trainable.safetensors",
+            save_trainable(self.branch, self.run_dir / rundir.TRAINABLE,
                            backbone_identity=self.backbone.synqt_identity,
                            extra={"dataset": self.cfg.dataset, "run_name": self.run_dir.name,
                                   "num_classes": self.num_classes, "trainer": "deepspeed"})
         metrics = build_metrics(self)
         self._write_hparams(metrics)
-        atomic_write_json(metrics_path(self.run_dir), metrics)
+        rundir.write_metrics(self.run_dir, metrics)
         shutil.rmtree(self.ckpt_dir, ignore_errors=True)
-        (self.run_dir / "progress.json").unlink(missing_ok=True)
+        rundir.clear_progress(self.run_dir)
         self.metrics = metrics
 
     def _write_hparams(self, metrics: dict) -> None:
@@ -518,22 +506,22 @@ def build_metrics(w: _Worker) -> dict[str, Any]:
     """metrics.json of a DeepSpeed trial: the engine's keys (``trial_metrics``) plus a ``deepspeed`` section."""
     import deepspeed
 
-    device = getattr(w, "device", torch.device("cpu"))
-    peak, peak_kind = device_peak_memory(device)
-    peak = getattr(w, "peak", None) or peak
-    backbone = getattr(w, "backbone", None)
-    identity = getattr(backbone, "synqt_identity", {}) if backbone is not None else {}
-    metrics = trial_metrics(w, w, peak=peak, peak_kind=f"{peak_kind} (max over ranks)", identity=identity,
-                            packed_with=1)
+    peak, peak_kind = device_peak_memory(w.device)
+    peak = w.peak or peak
+    identity = w.backbone.synqt_identity if w.backbone is not None else {}
+    data = RunData(w.train_split, w.eval_split, w.start_time, w.train_list, w.eval_list, w.image_size,
+                   w.images_per_s)
+    metrics = trial_metrics(w.outcome(), data, peak=peak, peak_kind=f"{peak_kind} (max over ranks)",
+                            identity=identity, packed_with=1)
     metrics["versions"]["deepspeed"] = deepspeed.__version__
     metrics["trainer"] = "deepspeed"
     metrics["deepspeed"] = {
         "world_size": w.world,
         "backend": dist.get_backend() if dist.is_initialized() else None,
         "initialize_s": w.init_seconds,
-        "params_in_deepspeed": getattr(w, "ds_params", None),
-        "config": getattr(w, "ds_config", None),
-        "weights_sha256": getattr(w, "rank_hashes", None),
+        "params_in_deepspeed": w.ds_params,
+        "config": w.ds_config,
+        "weights_sha256": w.rank_hashes,
     }
     return metrics
 
@@ -552,8 +540,8 @@ def train_worker(cfg: TrialConfig | dict, run_dir: str | Path, *, report: Callab
     run_dir = Path(run_dir)
     device = _device(cfg)
     _init_distributed(device)
-    done = read_metrics(run_dir)
-    if done and done.get("status") == "ok":
+    done = rundir.read_metrics(run_dir)
+    if rundir.is_done(run_dir):
         log.info("%s already finished; skipping", run_dir.name)
         return done if dist.get_rank() == 0 else None
     if dist.get_rank() == 0:
@@ -568,7 +556,7 @@ def train_worker(cfg: TrialConfig | dict, run_dir: str | Path, *, report: Callab
         worker.error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
         if worker.is_main:  # a readable failure; the DeepSpeed checkpoint stays for a retry
             with contextlib.suppress(Exception):
-                atomic_write_json(metrics_path(run_dir), build_metrics(worker))
+                rundir.write_metrics(run_dir, build_metrics(worker))
         raise
     finally:
         worker.close()
@@ -640,9 +628,9 @@ def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, ret
                 raise
             log.warning("run_local: %s; retrying from the last checkpoint (attempt %d of %d)", err, attempt + 2,
                         retries + 1)
-    metrics = read_metrics(run_dir)
+    metrics = rundir.read_metrics(run_dir)
     if metrics is None:
-        raise ConfigError(f"run_local: the workers finished but wrote no {metrics_path(run_dir)}")
+        raise ConfigError(f"run_local: the workers finished but wrote no {run_dir / rundir.METRICS}")
     return metrics
 
 

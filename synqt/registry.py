@@ -1,0 +1,187 @@
+"""The dataset registry: which tasks exist, in which order, in which group, with how many classes and
+under which other names, read from the shipped YAML (never written out a second time in code).
+
+Sources: ``configs/datasets.yaml`` gives each benchmark's tasks in table order and their aliases;
+``configs/<vtab|fgvc>/<task>.yaml`` gives the task's group, class count and recipe; the synthetic demo
+tasks come from ``synqt.synthetic.DEMO_TASKS``. A name that is neither a task nor an alias is an
+"other" dataset: no group, no benchmark, never averaged into a VTAB group, never called FGVC.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from synqt.errors import ConfigError
+
+log = logging.getLogger("synqt.registry")
+
+VTAB_GROUPS = ("Natural", "Specialized", "Structured")
+BENCHMARKS = ("vtab1k", "fgvc")
+BENCHMARK_DIRS = {"vtab1k": "vtab", "fgvc": "fgvc"}
+_BENCHMARK_NAMES = {"vtab1k": "vtab1k", "vtab-1k": "vtab1k", "vtab": "vtab1k", "fgvc": "fgvc"}
+REGISTRY_FILE = "datasets.yaml"
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_dir() -> Path:
+    """``$SYNQT_CONFIG_DIR`` if set, else ``<repo>/configs``; read at call time."""
+    env = os.environ.get("SYNQT_CONFIG_DIR")
+    return Path(env) if env else CONFIG_DIR
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One task of the registry."""
+
+    name: str  # the task's name (its shipped config's file name)
+    benchmark: str  # vtab1k, fgvc or demo
+    group: str | None  # Natural / Specialized / Structured for VTAB-1k and the demo tasks, None for FGVC
+    num_classes: int | None
+    aliases: tuple[str, ...] = ()
+    config_path: Path | None = None  # configs/<vtab|fgvc>/<name>.yaml (None for the demo tasks)
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+_cache: dict[tuple, Any] = {}
+
+
+def _read_yaml(path: Path) -> Any:
+    """A shipped YAML file, cached by modification time (TrialConfig's strict loader checks these files too)."""
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        return None
+    key = ("yaml", str(path), stamp)
+    if key not in _cache:
+        try:
+            _cache[key] = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read the dataset registry ({err})") from None
+    return _cache[key]
+
+
+def _order_and_aliases() -> dict[str, dict[str, tuple[str, ...]]]:
+    """{benchmark: {task: aliases}} from configs/datasets.yaml (empty when the file is absent)."""
+    path = config_dir() / REGISTRY_FILE
+    data = _read_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping benchmark -> {{task: [aliases]}}")
+    out: dict[str, dict[str, tuple[str, ...]]] = {}
+    for bench, tasks in data.items():
+        if bench not in BENCHMARKS or not isinstance(tasks, dict):
+            raise ConfigError(f"{path}: key {bench!r} must be one of {', '.join(BENCHMARKS)} holding "
+                              "a mapping task -> list of aliases")
+        out[bench] = {str(t): tuple(str(a) for a in (al or [])) for t, al in tasks.items()}
+    return out
+
+
+def _info(bench: str, name: str, aliases: tuple[str, ...]) -> DatasetInfo | None:
+    path = config_dir() / BENCHMARK_DIRS[bench] / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    data = _read_yaml(path) or {}
+    group = data.get("group") if isinstance(data, dict) else None
+    classes = data.get("num_classes") if isinstance(data, dict) else None
+    if isinstance(group, str):
+        group = {g.lower(): g for g in VTAB_GROUPS}.get(group.lower(), group)
+    return DatasetInfo(name, bench, group if isinstance(group, str) else None,
+                       classes if isinstance(classes, int) else None, aliases, path)
+
+
+def datasets(benchmark: str | None = None, group: str | None = None) -> list[DatasetInfo]:
+    """Tasks with a shipped config, VTAB-1k first in table order, then FGVC; files not listed in
+    datasets.yaml come after their benchmark's listed ones, by name.
+
+    ``group``: natural / specialized / structured (any case); ``benchmark``: vtab1k (or vtab, vtab-1k) or fgvc.
+    """
+    if benchmark is not None:
+        if benchmark.lower() not in _BENCHMARK_NAMES:
+            raise ConfigError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
+        benchmarks = [_BENCHMARK_NAMES[benchmark.lower()]]
+    else:
+        benchmarks = list(BENCHMARKS)
+    want = None
+    if group is not None:
+        want = {g.lower(): g for g in VTAB_GROUPS}.get(group.lower())
+        if want is None:
+            raise ConfigError(f"unknown group {group!r}; expected one of {', '.join(VTAB_GROUPS)} (any case)")
+    listed = _order_and_aliases()
+    out: list[DatasetInfo] = []
+    for bench in benchmarks:
+        order = listed.get(bench, {})
+        folder = config_dir() / BENCHMARK_DIRS[bench]
+        names = [p.stem for p in folder.glob("*.yaml")] if folder.is_dir() else []
+        names.sort(key=lambda n: (list(order).index(n) if n in order else len(order), n))
+        for name in names:
+            info = _info(bench, name, order.get(name, ()))
+            if info is not None and (want is None or info.group == want):
+                out.append(info)
+    return out
+
+
+def list_datasets(group: str | None = None, benchmark: str | None = None) -> list[str]:
+    """Names of ``datasets(benchmark, group)``."""
+    return [d.name for d in datasets(benchmark, group)]
+
+
+def demo_tasks() -> list[DatasetInfo]:
+    """The synthetic demo tasks (``synqt.synthetic.DEMO_TASKS``), in their order."""
+    from synqt.synthetic import DEMO_TASKS
+
+    return [DatasetInfo(name, "demo", group, classes) for name, (group, classes, _) in DEMO_TASKS.items()]
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def lookup(name: str) -> DatasetInfo | None:
+    """The task ``name`` is, by its own name or an alias (case-insensitive, ``-`` = ``_``); None for an
+    "other" dataset. A folder named by an alias is logged once per process."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return None
+    for bench in BENCHMARKS:  # a task's own name first: it always wins over another task's alias
+        info = _info(bench, name, _order_and_aliases().get(bench, {}).get(name, ()))
+        if info is not None:
+            return info
+    for d in demo_tasks():
+        if d.name == name:
+            return d
+    key = _norm(name)
+    for bench, tasks in _order_and_aliases().items():
+        for task, aliases in tasks.items():
+            if key == _norm(task) or key in {_norm(a) for a in aliases}:
+                info = _info(bench, task, aliases)
+                if info is not None:
+                    if (name, task) not in _logged:
+                        _logged.add((name, task))
+                        log.warning("dataset folder %r is the %s task %r (a known alias): using its recipe, group "
+                                    "(%s) and %s classes; it is reported as %r", name, bench, task,
+                                    info.group or "none", info.num_classes, task)
+                    return info
+    return None
+
+
+def canonical(name: str) -> str:
+    """The task name of ``name`` (itself for an "other" dataset)."""
+    info = lookup(name)
+    return info.name if info is not None else name
+
+
+def dataset_config_path(name: str) -> Path | None:
+    """The shipped config of the task ``name`` is (or is an alias of), or None."""
+    info = lookup(name)
+    return info.config_path if info is not None else None
+
+
+__all__ = ["VTAB_GROUPS", "BENCHMARKS", "DatasetInfo", "config_dir", "datasets", "list_datasets", "demo_tasks",
+           "lookup", "canonical", "dataset_config_path"]

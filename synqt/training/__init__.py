@@ -1,0 +1,68 @@
+"""Training: the one entry that runs a trial or a pack of trials, whichever trainer it needs.
+
+``run_pack`` / ``run_trial`` pick the trainer from the config (``trainer_for``): the pack trainer
+(``synqt.training.pack``: k >= 1 branches over one frozen forward pass, one process, Accelerate) or the
+DeepSpeed trainer (``synqt.training.deepspeed``: one trial over ``num_devices`` processes). Both build
+their backbone and branch in ``synqt.training.build``, share the loop pieces of ``synqt.training.loop``
+and write run directories through ``synqt.rundir``. Backends (Ray, the sequential runner, a SLURM array
+task, ``synqt train``) call only this module, except Ray Train, which runs
+``synqt.training.deepspeed.train_worker`` in its own workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from synqt.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from synqt.config import TrialConfig
+
+
+def trainer_for(cfg: TrialConfig) -> str:
+    """"deepspeed" when the trial spreads over several processes (trainer deepspeed, num_devices > 1), else
+    "pack" (the single-process trainer, also for trainer=deepspeed with one device)."""
+    return "deepspeed" if cfg.trainer == "deepspeed" and cfg.num_devices > 1 else "pack"
+
+
+def run_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, resume: bool = True,
+             backbone: torch.nn.Module | None = None, report: Callable[[dict], None] | None = None,
+             hparams: Sequence[dict] | None = None, retries: int = 1) -> list[dict[str, Any]]:
+    """Train a pack of k >= 1 trials (run directories finished earlier are skipped; interrupted ones resume
+    when ``resume``); returns each trial's metrics (also in its metrics.json).
+
+    A DeepSpeed trial (``trainer_for`` says so) is a pack of one, run on this machine with ``num_devices``
+    processes; ``retries`` is how often a crashed process is restarted from its last checkpoint there.
+    """
+    if cfgs and trainer_for(cfgs[0]) == "deepspeed":
+        if len(cfgs) != 1:
+            raise ConfigError(f"a DeepSpeed trial is never packed (got a pack of {len(cfgs)})")
+        from synqt.training.deepspeed import run_local
+
+        return [run_local(cfgs[0], run_dirs[0], nprocs=cfgs[0].num_devices, retries=retries)]
+    from synqt.training.pack import train_pack
+
+    return train_pack(cfgs, run_dirs, resume=resume, backbone=backbone, report=report, hparams=hparams)
+
+
+def run_trial(cfg: TrialConfig, run_dir: str | Path, *, resume: bool = True,
+              backbone: torch.nn.Module | None = None, report: Callable[[dict], None] | None = None,
+              hparams: dict | None = None, retries: int = 1) -> dict[str, Any]:
+    """One trial (a pack of one); see ``run_pack``."""
+    return run_pack([cfg], [run_dir], resume=resume, backbone=backbone, report=report,
+                    hparams=[hparams] if hparams else None, retries=retries)[0]
+
+
+def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "test", official: bool = False,
+                        out: str | Path | None = None) -> dict[str, Any]:
+    """Score a trainable-only checkpoint (or an official full state dict) on one split."""
+    from synqt.training.pack import evaluate_checkpoint as evaluate
+
+    return evaluate(cfg, weights, split=split, official=official, out=out)
+
+
+__all__ = ["trainer_for", "run_pack", "run_trial", "evaluate_checkpoint"]
