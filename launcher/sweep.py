@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from synqt import registry, rundir
-from synqt.config import TAGS, pack_key
+from synqt.config import TAGS, Schema, pack_key, setting
 from synqt.errors import ConfigError, DataError
 from synqt.fileio import atomic_write_json, atomic_write_text
 
@@ -41,28 +41,29 @@ DEFAULT_TRAIN_IMAGES = 1000
 
 @dataclass
 class Sweep:
-    """A resolved sweep file (after overrides). Field names are the sweep file keys."""
+    """A resolved sweep file (after overrides). Field names are the sweep file keys; scalar keys are declared
+    with synqt.config's ``setting`` and checked by the same typed check as TrialConfig keys (``SWEEP``)."""
 
-    name: str = "sweep"
-    datasets: list[str] = field(default_factory=list)
-    protocol: str = "paper"
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    search: str = "grid"
-    num_samples: int | None = None
-    asha: dict[str, Any] | None = None
-    seeds: list[int] | None = None
-    resources: dict[str, Any] = field(default_factory=lambda: {"cpus": 1, "gpus": 0, "devices": 1})
-    max_concurrent: int | None = None
-    storage_path: str = "runs"
-    data_root: str | None = None
-    checkpoint: str | None = None
-    pack: str | int = "off"
-    pack_memory_gb: float | None = None
-    trial: dict[str, Any] = field(default_factory=dict)
-    per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
-    retries: int = 2
-    demo_assets: bool = False
-    source: str = "<sweep>"
+    name: str = setting("sweep")
+    datasets: list[str] = setting(factory=list)
+    protocol: str = setting("paper", choices=PROTOCOLS)
+    grid: dict[str, list[Any]] = setting(factory=dict)
+    search: str = setting("grid", choices=SEARCHES)
+    num_samples: int | None = setting(None, min=1)
+    asha: dict[str, Any] | None = setting(None)
+    seeds: list[int] | None = setting(None)
+    resources: dict[str, Any] = setting(factory=lambda: {"cpus": 1, "gpus": 0, "devices": 1})
+    max_concurrent: int | None = setting(None, min=1)
+    storage_path: str = setting("runs")
+    data_root: str | None = setting(None)
+    checkpoint: str | None = setting(None)
+    pack: str | int = setting("off")
+    pack_memory_gb: float | None = setting(None, min=0)
+    trial: dict[str, Any] = setting(factory=dict)
+    per_dataset: dict[str, dict[str, Any]] = setting(factory=dict)
+    retries: int = setting(2, min=0)
+    demo_assets: bool = setting(False)
+    source: str = field(default="<sweep>", metadata={})
 
     @property
     def sweep_dir(self) -> Path:
@@ -75,6 +76,7 @@ class Sweep:
 
 
 SWEEP_KEYS = tuple(f.name for f in dataclasses.fields(Sweep) if f.name != "source")
+SWEEP = Schema.of(Sweep)
 
 
 @dataclass
@@ -188,6 +190,8 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
     trial_keys = _trial_keys()
     s = Sweep(source=source)
     if "name" in raw:
+        SWEEP.check("name", raw["name"], source)
+    if "name" in raw:
         _expect(
             isinstance(raw["name"], str) and re.fullmatch(r"[A-Za-z0-9._-]+", raw["name"] or "") is not None,
             source,
@@ -207,8 +211,7 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
         "a non-empty list of dataset names or groups (" + ", ".join(DATASET_GROUPS) + ")",
     )
     s.datasets = list(ds)
-    s.protocol = raw.get("protocol", "paper")
-    _expect(s.protocol in PROTOCOLS, source, "protocol", s.protocol, " or ".join(PROTOCOLS))
+    s.protocol = SWEEP.check("protocol", raw.get("protocol", "paper"), source)
     grid = raw.get("grid") or {}
     _expect(isinstance(grid, dict), source, "grid", grid, "a mapping: TrialConfig key -> list of values")
     for k, values in grid.items():
@@ -225,17 +228,8 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
         _expect(len(values) > 0, source, f"grid.{k}", values, "a non-empty list")
         grid[k] = values
     s.grid = dict(grid)
-    s.search = raw.get("search", "grid")
-    _expect(s.search in SEARCHES, source, "search", s.search, " or ".join(SEARCHES))
-    s.num_samples = raw.get("num_samples")
-    if s.num_samples is not None:
-        _expect(
-            isinstance(s.num_samples, int) and s.num_samples > 0,
-            source,
-            "num_samples",
-            s.num_samples,
-            "a positive integer",
-        )
+    s.search = SWEEP.check("search", raw.get("search", "grid"), source)
+    s.num_samples = SWEEP.check("num_samples", raw.get("num_samples"), source)
     _expect(
         s.search == "grid" or s.num_samples is not None,
         source,
@@ -313,17 +307,12 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
         "an integer >= 1 (> 1: one trial over several DeepSpeed processes)",
     )
     s.resources = res
-    mc = raw.get("max_concurrent")
-    _expect(
-        mc is None or (isinstance(mc, int) and mc > 0), source, "max_concurrent", mc, "a positive integer"
-    )
-    s.max_concurrent = mc
-    sp = raw.get("storage_path", s.storage_path)
-    _expect(isinstance(sp, str) and sp != "", source, "storage_path", sp, "a folder path")
+    s.max_concurrent = SWEEP.check("max_concurrent", raw.get("max_concurrent"), source)
+    sp = SWEEP.check("storage_path", raw.get("storage_path", s.storage_path), source)
+    _expect(sp != "", source, "storage_path", sp, "a folder path")
     s.storage_path = str(Path(os.path.expanduser(sp)).absolute())
     for k in ("data_root", "checkpoint"):
-        v = raw.get(k)
-        _expect(v is None or isinstance(v, str), source, k, v, "a path")
+        v = SWEEP.check(k, raw.get(k), source)
         setattr(s, k, str(Path(os.path.expanduser(v)).absolute()) if v else None)
     pack = raw.get("pack", "off")
     if isinstance(pack, bool):
@@ -336,10 +325,8 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
         "auto, off or a pack size >= 1",
     )
     s.pack = pack
-    pm = raw.get("pack_memory_gb")
-    _expect(
-        pm is None or (isinstance(pm, int | float) and pm > 0), source, "pack_memory_gb", pm, "a number > 0"
-    )
+    pm = SWEEP.check("pack_memory_gb", raw.get("pack_memory_gb"), source)
+    _expect(pm is None or pm > 0, source, "pack_memory_gb", pm, "a number > 0")
     s.pack_memory_gb = pm
     s.trial = _check_trial_mapping(raw.get("trial"), source, "trial", trial_keys)
     pdm = raw.get("per_dataset") or {}
@@ -347,12 +334,8 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
     s.per_dataset = {
         d: _check_trial_mapping(v, source, f"per_dataset.{d}", trial_keys) for d, v in pdm.items()
     }
-    r = raw.get("retries", 2)
-    _expect(isinstance(r, int) and r >= 0, source, "retries", r, "an integer >= 0")
-    s.retries = r
-    da = raw.get("demo_assets", False)
-    _expect(isinstance(da, bool), source, "demo_assets", da, "true or false")
-    s.demo_assets = da
+    s.retries = SWEEP.check("retries", raw.get("retries", 2), source)
+    s.demo_assets = SWEEP.check("demo_assets", raw.get("demo_assets", False), source)
     s.datasets = expand_datasets(s.datasets, source)
     for d in s.per_dataset:
         if d not in s.datasets:

@@ -136,6 +136,39 @@ _MIN: dict[str, float] = {k: f.metadata["min"] for k, f in _FIELDS.items() if f.
 _MAX: dict[str, float] = {k: f.metadata["max"] for k, f in _FIELDS.items() if f.metadata["max"] is not None}
 
 
+@dataclass(frozen=True)
+class Schema:
+    """The declared keys of a config dataclass (TrialConfig, launcher.sweep.Sweep): types from its annotations,
+    choices and bounds from its ``setting(...)`` declarations. ``check`` is the one typed value check of the
+    project (coercion, null, choices, bounds; errors name the source, key, value and what was expected)."""
+
+    name: str
+    keys: tuple[str, ...]
+    types: Mapping[str, Any]
+    choices: Mapping[str, tuple[str, ...]]
+    mins: Mapping[str, float]
+    maxs: Mapping[str, float]
+
+    @classmethod
+    def of(cls, dc: type) -> Schema:
+        fields = {f.name: f for f in dataclasses.fields(dc) if not f.name.startswith("_")}
+        meta = {k: f.metadata for k, f in fields.items()}
+        hints = typing.get_type_hints(dc)
+        return cls(dc.__name__, tuple(fields), {k: hints[k] for k in fields},
+                   {k: m["choices"] for k, m in meta.items() if m.get("choices")},
+                   {k: m["min"] for k, m in meta.items() if m.get("min") is not None},
+                   {k: m["max"] for k, m in meta.items() if m.get("max") is not None})
+
+    def check(self, key: str, value: Any, source: str) -> Any:
+        """``value`` coerced to the declared type of ``key`` and checked; ConfigError otherwise."""
+        if key not in self.types:
+            raise _unknown_key(key, source, self)
+        return _check_value(key, value, source, self)
+
+
+TRIAL = Schema.of(TrialConfig)
+
+
 def pack_key(cfg: TrialConfig) -> str:
     """Trials with equal pack keys can be trained in lockstep over one frozen image stream: every PACK_KEYS
     value, with data_seed as its effective value (None -> seed)."""
@@ -233,15 +266,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _expected(key: str) -> str:
-    desc = _type_name(_TYPES[key])
-    if key in CHOICES:
-        desc += " in {" + ", ".join(CHOICES[key]) + "}"
+def _expected(key: str, schema: Schema | None = None) -> str:
+    schema = schema or TRIAL
+    desc = _type_name(schema.types[key])
+    if key in schema.choices:
+        desc += " in {" + ", ".join(schema.choices[key]) + "}"
     return desc
 
 
-def _type_error(key: str, value: Any, source: str, hint: str = "") -> ConfigError:
-    msg = f"{source}: key '{key}' has value {value!r} ({type(value).__name__}); expected {_expected(key)}"
+def _type_error(key: str, value: Any, source: str, hint: str = "", schema: Schema | None = None) -> ConfigError:
+    msg = f"{source}: key '{key}' has value {value!r} ({type(value).__name__}); expected {_expected(key, schema)}"
     return ConfigError(msg + (f" ({hint})" if hint else ""))
 
 
@@ -252,9 +286,9 @@ def _optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _as_float(key: str, value: Any, source: str) -> float:
+def _as_float(key: str, value: Any, source: str, schema: Schema | None = None) -> float:
     if isinstance(value, bool):
-        raise _type_error(key, value, source)
+        raise _type_error(key, value, source, schema=schema)
     out = None
     if isinstance(value, int | float):
         out = float(value)
@@ -264,55 +298,57 @@ def _as_float(key: str, value: Any, source: str) -> float:
         except ValueError:
             pass
     if out is None:
-        raise _type_error(key, value, source)
+        raise _type_error(key, value, source, schema=schema)
     if not math.isfinite(out):
-        raise _type_error(key, value, source, "must be finite")
+        raise _type_error(key, value, source, "must be finite", schema)
     return out
 
 
-def _check_value(key: str, value: Any, source: str) -> Any:
-    """Coerce ``value`` to the declared type of ``key`` and check its range; return the clean value."""
-    base, optional = _optional(_TYPES[key])
+def _check_value(key: str, value: Any, source: str, schema: Schema | None = None) -> Any:
+    """Coerce ``value`` to the declared type of ``key`` (in ``schema``, default TrialConfig's) and check its
+    choices and bounds; return the clean value."""
+    schema = schema or TRIAL
+    base, optional = _optional(schema.types[key])
     if value is None or (
         optional and isinstance(value, str) and value.strip() in ("None", "none", "null", "~")
     ):
         if optional:
             return None
-        raise _type_error(key, value, source, "this key cannot be null")
+        raise _type_error(key, value, source, "this key cannot be null", schema)
     if base is bool:
         if not isinstance(value, bool):
-            raise _type_error(key, value, source, "write true or false")
+            raise _type_error(key, value, source, "write true or false", schema)
         out: Any = value
     elif base is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
-                raise _type_error(key, value, source, f"write {int(value)} without a decimal point")
-            raise _type_error(key, value, source)
+                raise _type_error(key, value, source, f"write {int(value)} without a decimal point", schema)
+            raise _type_error(key, value, source, schema=schema)
         out = value
     elif base is float:
-        out = _as_float(key, value, source)
+        out = _as_float(key, value, source, schema)
     elif base is str:
         if not isinstance(value, str):
             hint = "quote it" if isinstance(value, bool | int | float) else ""
-            raise _type_error(key, value, source, hint)
+            raise _type_error(key, value, source, hint, schema)
         out = value
     elif typing.get_origin(base) is list:
         if not isinstance(value, list | tuple):
-            raise _type_error(key, value, source)
-        out = [_as_float(key, v, source) for v in value]
+            raise _type_error(key, value, source, schema=schema)
+        out = [_as_float(key, v, source, schema) for v in value]
     elif typing.get_origin(base) is dict:
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            raise _type_error(key, value, source, "a mapping with string keys")
+            raise _type_error(key, value, source, "a mapping with string keys", schema)
         out = dict(value)
     else:  # pragma: no cover - a new field type must be handled above
         raise TypeError(f"unhandled type for {key}: {base}")
 
-    if key in CHOICES:
+    if key in schema.choices:
         if key == "group":
             out = {g.lower(): g for g in VTAB_GROUPS}.get(out.lower(), out)
-        if out not in CHOICES[key]:
+        if out not in schema.choices[key]:
             raise ConfigError(
-                f"{source}: key '{key}' has value {value!r}; expected one of {', '.join(CHOICES[key])}"
+                f"{source}: key '{key}' has value {value!r}; expected one of {', '.join(schema.choices[key])}"
                 + (" or null" if optional else "")
             )
     if key in ("mean", "std"):
@@ -320,10 +356,10 @@ def _check_value(key: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{source}: key '{key}' has {len(out)} values {value!r}; expected 3 (R, G, B)")
         if key == "std" and any(v <= 0 for v in out):
             raise ConfigError(f"{source}: key 'std' has value {value!r}; every entry must be > 0")
-    if key in _MIN and out < _MIN[key]:
-        raise ConfigError(f"{source}: key '{key}' has value {value!r}; expected a value >= {_MIN[key]:g}")
-    if key in _MAX and (out > _MAX[key] or (key == "drop_path_rate" and out >= 1.0)):
-        bound = "< 1" if key == "drop_path_rate" else f"<= {_MAX[key]:g}"
+    if key in schema.mins and out < schema.mins[key]:
+        raise ConfigError(f"{source}: key '{key}' has value {value!r}; expected a value >= {schema.mins[key]:g}")
+    if key in schema.maxs and (out > schema.maxs[key] or (key == "drop_path_rate" and out >= 1.0)):
+        bound = "< 1" if key == "drop_path_rate" else f"<= {schema.maxs[key]:g}"
         raise ConfigError(f"{source}: key '{key}' has value {value!r}; expected a value {bound}")
     return out
 
@@ -355,10 +391,11 @@ def _check_cross(values: Mapping[str, Any], where: typing.Callable[[str], str]) 
         )
 
 
-def _unknown_key(key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, CONFIG_KEYS, n=3, cutoff=0.6)
+def _unknown_key(key: str, source: str, schema: Schema | None = None) -> ConfigError:
+    keys = (schema or TRIAL).keys
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return ConfigError(f"{source}: unknown key '{key}'.{hint} Allowed keys: {', '.join(CONFIG_KEYS)}")
+    return ConfigError(f"{source}: unknown key '{key}'.{hint} Allowed keys: {', '.join(keys)}")
 
 
 # --------------------------------------------------------------------------------------- layering
