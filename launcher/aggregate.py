@@ -20,6 +20,7 @@ from typing import Any
 from synqt import registry, rundir
 from synqt.errors import SynQTError
 from synqt.fileio import atomic_write_json, atomic_write_text
+from synqt.tblog import SWEEP_SUMMARY_RUN
 
 log = logging.getLogger(__name__)
 
@@ -387,36 +388,43 @@ def _figure_rgb(fig: Any) -> Any:
 # ----------------------------------------------------------------------------- TensorBoard
 
 
-def write_tensorboard(results: Mapping[str, Any], table: str, image: Any, log_dir: Path) -> Path:
-    """One sweep-level TensorBoard run: the table as text, the chart as an image, the means as scalars.
+def write_tensorboard(results: Mapping[str, Any], table: str, image: Any, log_dir: Path,
+                      runs: Sequence[Mapping[str, Any]] = ()) -> Path:
+    """The sweep-level TensorBoard run (``_sweep_summary``): the HParams experiment, the table, the chart.
 
-    Earlier event files of this folder are removed first, so re-aggregating does not stack runs.
+    The experiment (``synqt.tblog.write_experiment``) gives TensorBoard's HParams view the domain of every
+    hyperparameter over ``runs`` (their metrics.json), so it shows what the sweep varied, with the ``final/*``
+    metrics as columns. The table (text) and the chart (image) sit under ``sweep/``; no one-point scalars
+    (the per-task numbers are the HParams view's rows). Earlier event files here are removed first, so
+    re-aggregating does not stack.
     """
     from torch.utils.tensorboard import SummaryWriter
+
+    from synqt.tblog import metric_tags_for, session_hparams, write_experiment
 
     log_dir.mkdir(parents=True, exist_ok=True)
     for old in log_dir.glob("events.out.tfevents.*"):
         old.unlink()
+    if runs:
+        write_experiment(log_dir, [session_hparams(m) for m in runs], metric_tags_for(runs))
     writer = SummaryWriter(log_dir=str(log_dir))
     try:
-        writer.add_text("results/table", table, 0)
-        writer.add_image("results/chart", image, 0, dataformats="HWC")
-        for name, d in results["datasets"].items():
-            if d["accuracy"] is not None:
-                writer.add_scalar(f"accuracy/{name}", d["accuracy"], 0)
-            if d["best_of_test"] is not None:
-                writer.add_scalar(f"best_of_test_selected_on_test/{name}", d["best_of_test"], 0)
-        for g in GROUPS:
-            if results["groups"][g] is not None:
-                writer.add_scalar(f"group_mean/{g}", results["groups"][g], 0)
-        for key in ("mean_of_groups", "mean_of_tasks", "mean_fgvc"):
-            value = results.get(key)
-            if value is not None:
-                writer.add_scalar(f"mean/{key}", value, 0)
+        writer.add_text("sweep/results", table, 0)
+        writer.add_image("sweep/chart", image, 0, dataformats="HWC")
         writer.flush()
     finally:
         writer.close()
     return log_dir
+
+
+def write_planned_experiment(sweep_dir: Path, trials: Sequence[Any]) -> Path:
+    """The HParams experiment of a sweep about to run (its planned trials), so TensorBoard shows the
+    right columns while it runs; ``aggregate`` rewrites it from the finished runs."""
+    from synqt.tblog import planned_metric_tags, planned_session, write_experiment
+
+    return write_experiment(sweep_dir / SWEEP_SUMMARY_RUN,
+                            [planned_session(t.config, t.hparams) for t in trials],
+                            planned_metric_tags({t.config.protocol for t in trials}))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -436,7 +444,7 @@ def _json_safe(obj: Any) -> Any:
 def aggregate(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Write into out_dir (default run_dir): results.json, results.csv (one row per task), means.csv,
     runs.csv (one row per run), table.md / table.tex (the paper table), results.md, the figures
-    results / curves / cost as PNG (300 dpi) and PDF, and ``tensorboard/``.
+    results / curves / cost as PNG (300 dpi) and PDF, and the ``_sweep_summary/`` TensorBoard run.
 
     Returns the content of results.json plus ``files`` (name -> absolute path of everything written).
     """
@@ -453,8 +461,9 @@ def aggregate(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[st
     files.update(write_tables(results, runs, out))
     files.update(write_plots(results, runs, out))
     files["results.md"] = str((out / "results.md").resolve())
-    files["tensorboard"] = str((out / "tensorboard").resolve())
+    files["tensorboard"] = str((out / SWEEP_SUMMARY_RUN).resolve())
     table = format_table({**results, "files": files}, runs, out)
     atomic_write_text(out / "results.md", table)
-    write_tensorboard(results, table, _figure_rgb(accuracy_figure(results, runs)), out / "tensorboard")
+    write_tensorboard(results, table, _figure_rgb(accuracy_figure(results, runs)), out / SWEEP_SUMMARY_RUN,
+                      runs=runs)
     return {**results, "files": files}

@@ -9,8 +9,11 @@ the driver and shared through the object store as numpy arrays (zero-copy on eac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from launcher.console import verbosity
 from launcher.resources import DRIVER_MEMORY, check_fits, concurrency_cap, worker_request
 from launcher.stages import drive_stages, finish_sweep, unfinished
 from launcher.sweep import PlannedTrial, Sweep, packs_of
@@ -233,13 +237,18 @@ def _start_ray(address: str | None, num_cpus: int | None = None) -> bool:
             )
         }
     }
+    # Ray's own console output (its INFO log, the workers' forwarded stdout/stderr) only with -v: the
+    # sweep's lines come from launcher.console.SweepWatcher; trial errors are reported by finish_sweep
+    # and stay in each trial's metrics.json and Ray's session logs.
+    verbose = verbosity() >= 1
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
     else:
         # num_cpus only when asked for: Ray's own count honours the cgroup (salloc, containers), while
         # os.cpu_count() is every core of the node
         extra = {"num_cpus": num_cpus} if num_cpus else {}
-        ray.init(include_dashboard=False, runtime_env=env, log_to_driver=True, **extra)
+        ray.init(include_dashboard=False, runtime_env=env, **quiet, **extra)
     return True
 
 
@@ -357,14 +366,17 @@ def _run_stage(
             run_config=RunConfig(
                 name=exp_name,
                 storage_path=str(storage),
-                verbose=1,
+                verbose=min(2, verbosity()),  # Tune's table: -v (1) or -vv (2), silent by default (0)
                 failure_config=FailureConfig(max_failures=sweep.retries),
                 # Ray's JSON record of what each Tune trial reported (result.json; not read by TensorBoard)
                 callbacks=[JsonLoggerCallback(), _pending_reporter(sweep, payload)],
             ),
         )
     _write_pack_ids(storage / exp_name, ids)
-    grid = tuner.fit()
+    # Tune prints its experiment header and paths on stdout even at verbose=0: only with -v
+    quiet = contextlib.redirect_stdout(io.StringIO()) if verbosity() < 1 else contextlib.nullcontext()
+    with quiet:
+        grid = tuner.fit()
     failures: list[tuple[str, str]] = []
     errored: set[str] = set()
     by_id = {p["id"]: p for p in payload}

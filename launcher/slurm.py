@@ -153,7 +153,11 @@ def run_array_task(sweep_file: str, index: int, overrides: list[str]) -> int:
     metrics = run_trial(trial.config, run_dir, resume=True)
     status = metrics.get("status")
     print(f"[synqt slurm task] {trial.run_name}: {status}", flush=True)
-    return 0 if status == "ok" else 1
+    from launcher.console import Exit, final_line
+
+    print(f"[synqt slurm task] {final_line(metrics, run_dir)}", flush=True)
+    return Exit.OK if status == "ok" else Exit.FAILED_RUNS
+
 
 
 def write_script(dest: str | Path, name: str = "vtab", *, force: bool = False) -> Path:

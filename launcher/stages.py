@@ -36,6 +36,9 @@ def write_full_plan(sweep: Sweep, stage1: list[PlannedTrial], stage2: list[Plann
     for i, t in enumerate(d["trials"]):
         t["index"] = i
     atomic_write_json(sweep.sweep_dir / rundir.PLAN, d)
+    from launcher.aggregate import write_planned_experiment
+
+    write_planned_experiment(sweep.sweep_dir, stage1 + stage2)
 
 
 def drive_stages(sweep: Sweep, plan: list[PlannedTrial],
@@ -78,8 +81,10 @@ def unfinished(sweep: Sweep, trials: list[PlannedTrial], skip: Collection[str] =
 def finish_sweep(sweep: Sweep, failures: Failures, started: float) -> dict[str, Any]:
     """Aggregate the sweep folder, print the table and the failures; the result of ``synqt sweep``."""
     from launcher.aggregate import aggregate
+    from launcher.console import before_summary
     from launcher.report import summary_text
 
+    before_summary()  # the last finished-trial lines come before the table
     results = aggregate(sweep.sweep_dir)
     print(summary_text(results), flush=True)
     if failures:

@@ -47,7 +47,7 @@ PLAN = "plan.json"
 SWEEP = "sweep.yaml"
 RUNS = "runs"
 # Folders under a sweep that never hold run directories (Ray's files, the aggregate's TensorBoard).
-SKIP_DIRS = frozenset({"_ray", "tensorboard", "__pycache__"})
+SKIP_DIRS = frozenset({"_ray", "_sweep_summary", "tensorboard", "__pycache__"})
 
 # metrics.json: every key always present (null where it does not apply); docs/DESIGN.md.
 METRIC_KEYS = (

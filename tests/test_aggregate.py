@@ -194,21 +194,31 @@ def test_vtab_complete_means_labels_and_tensorboard(tmp_path):
     assert res["labels"]["mean_of_tasks"] == "plain mean of the 5 VTAB tasks in this sweep"
     assert "VTAB 'Mean'" in res["labels"]["mean_of_groups"]
 
-    tb = tmp_path / "tensorboard"
-    events = list(tb.glob("events.out.tfevents.*"))
-    assert len(events) == 1
+    tb = tmp_path / "_sweep_summary"
+    assert not (tmp_path / "tensorboard").exists()
+    events = sorted(tb.glob("events.out.tfevents.*"))
+    assert len(events) == 2  # the HParams experiment + the table and chart
     ea = EventAccumulator(str(tb), size_guidance={"tensors": 0, "images": 0, "scalars": 0})
     ea.Reload()
-    assert ea.Scalars("accuracy/cifar")[0].value == pytest.approx(62.0)
-    assert ea.Scalars("mean/mean_of_groups")[0].value == pytest.approx((nat + spe + stru) / 3)
-    text_tag = next(t for t in ea.Tags()["tensors"] if t.startswith("results/table"))
+    assert ea.Tags()["scalars"] == []  # no one-point scalars: the per-task numbers are the HParams rows
+    text_tag = next(t for t in ea.Tags()["tensors"] if t.startswith("sweep/results"))
     text = ea.Tensors(text_tag)[0].tensor_proto.string_val[0].decode()
     assert "mean of the three group means" in text and "| cifar |" in text
-    assert ea.Images("results/chart")[0].width > 100
+    assert ea.Images("sweep/chart")[0].width > 100
+    # the one experiment: every dataset and seed the runs recorded, final/* metrics as columns
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    exp = plugin_data_pb2.HParamsPluginData.FromString(
+        ea.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
+    infos = {h.name: h for h in exp.hparam_infos}
+    assert [v.string_value for v in infos["dataset"].domain_discrete.values] == sorted(accs)
+    assert infos["dataset"].differs and infos["stage"].differs  # search and final runs
+    assert {m.name.tag for m in exp.metric_infos} == {"final/test_acc", "final/val_acc", "final/trainable_params",
+                                                      "final/peak_memory_mib", "final/wall_time_min"}
 
     # re-aggregating replaces the TensorBoard run instead of stacking a second one
     aggregate(tmp_path)
-    assert len(list(tb.glob("events.out.tfevents.*"))) == 1
+    assert len(list(tb.glob("events.out.tfevents.*"))) == 2
 
 
 def test_tie_break_is_deterministic():
@@ -239,7 +249,7 @@ def test_search_only_dataset_is_missing_and_cli_prints_table(tmp_path, capsys):
                   val_acc=50.0, test_acc=None)
     write_metrics(tmp_path, "b", dataset="cifar", group="Natural", protocol="vtab", stage="final",
                   test_acc=60.0)
-    assert main(["aggregate", str(tmp_path)]) == 0
+    assert main(["aggregate", str(tmp_path)]) == 3  # the table is printed; a task is missing
     printed = capsys.readouterr().out
     assert "incomplete (missing: svhn)" in printed
     res = json.loads((tmp_path / "results.json").read_text())

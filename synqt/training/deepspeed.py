@@ -67,6 +67,7 @@ from synqt.training.loop import (
     derive_seed,
     device_peak_memory,
     epoch_order,
+    memory_tag,
     run_hparams,
     should_eval,
     summary,
@@ -451,11 +452,13 @@ class _Worker:
             acc = self.evaluate()
             self.eval_history.append({"epoch": epoch, "split": self.eval_split, "acc": acc})
             if self.writer is not None:
-                self.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, epoch)
-        self.peak = int(_all_reduce([device_peak_memory(self.device)[0]], dist.ReduceOp.MAX)[0])
+                self.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, self.step)  # x: the optimizer step
+        peak, peak_kind = device_peak_memory(self.device)
+        self.peak = int(_all_reduce([peak], dist.ReduceOp.MAX)[0])
         if self.writer is not None:
-            self.writer.add_scalar("perf/images_per_s", self.images_per_s, epoch)
-            self.writer.add_scalar("perf/peak_memory_bytes", self.peak, epoch)
+            self.writer.add_scalar("train/epoch", epoch, self.step)
+            self.writer.add_scalar("perf/images_per_s", self.images_per_s, self.step)
+            self.writer.add_scalar(memory_tag(peak_kind) + "_max_over_ranks", self.peak / 2**20, self.step)
             self.writer.flush()
         if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 and epoch < cfg.epochs:
             self._save_resume()
@@ -501,7 +504,7 @@ class _Worker:
         self.metrics = metrics
 
     def _write_hparams(self, metrics: dict) -> None:
-        write_hparams(self.writer, self.cfg, self.hparams, metrics, extra={"trainer": "deepspeed"})
+        write_hparams(self.writer, self.cfg, self.hparams, metrics, extra={"trainer": "deepspeed"}, step=self.step)
 
     def close(self) -> None:
         if self.writer is not None:

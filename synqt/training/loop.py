@@ -8,8 +8,6 @@ written through ``synqt.rundir``.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,19 +154,14 @@ def trial_metrics(run: TrialOutcome, data: RunData, *, peak: int | None, peak_ki
     }
 
 
-def write_hparams(writer: Any, cfg: TrialConfig, hparams: dict, metrics: dict, extra: dict | None = None) -> None:
-    """The run's hyperparameters and final metrics for TensorBoard's hparams plugin."""
+def write_hparams(writer: Any, cfg: TrialConfig, hparams: dict, metrics: dict, extra: dict | None = None,
+                  step: int = 0) -> None:
+    """The run's hyperparameters (session) and final metrics for TensorBoard's HParams view; see synqt.tblog."""
     if writer is None:
         return
+    from synqt.tblog import write_session
 
-    def scalar(v: Any) -> Any:
-        return v if isinstance(v, (int, float, str, bool)) else str(v)
-
-    hp = {k: scalar(v) for k, v in hparams.items()}
-    hp.update(dataset=cfg.dataset, seed=cfg.seed, protocol=cfg.protocol, **(extra or {}))
-    values = {f"hparam/{k}": metrics[k] for k in ("val_acc", "test_acc", "best_of_test") if metrics[k] is not None}
-    writer.add_hparams(hp, values, run_name=".")
-    writer.flush()
+    write_session(writer, metrics, extra=extra, step=step)
 
 
 class BranchScaler:
@@ -204,28 +197,18 @@ class BranchScaler:
             self.scaler.load_state_dict(state)
 
 
-class ProgressBar:
-    """tqdm on a terminal, a plain log line per ~10% otherwise (SLURM / Ray logs stay readable)."""
+def memory_tag(peak_kind: str) -> str:
+    """TensorBoard tag of a peak-memory scalar in MiB, named by what was measured (see device_peak_memory)."""
+    return {"cuda_max_allocated": "perf/process_peak_cuda_alloc_mib",
+            "cpu_max_rss": "perf/process_peak_cpu_rss_mib"}.get(peak_kind, f"perf/process_peak_{peak_kind}_mib")
 
-    def __init__(self, total: int, initial: int, desc: str) -> None:
-        self.total, self.n, self.desc = total, initial, desc
-        self.bar = None
-        self.next_log = initial + max(1, total // 10)
-        if sys.stderr.isatty() and not os.environ.get("SYNQT_NO_PROGRESS"):
-            from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+def emit_end(run_dir: Path, metrics: dict) -> None:
+    """The ``synqt.progress.TrialEnd`` event of a finished or failed run, from its metrics.json content."""
+    from synqt import progress
 
-    def update(self, n: int, losses: dict[str, float | None]) -> None:
-        self.n += n
-        shown = {k: round(v, 4) for k, v in losses.items() if v is not None}
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix(loss=list(shown.values())[:3])
-        elif self.n >= self.next_log or self.n == self.total:
-            print(f"[synqt] {self.desc}: step {self.n}/{self.total} loss {shown}", flush=True)
-            self.next_log = self.n + max(1, self.total // 10)
+    progress.emit(progress.TrialEnd(
+        run_name=Path(run_dir).name, run_dir=str(run_dir), status=metrics["status"], val_acc=metrics["val_acc"],
+        test_acc=metrics["test_acc"], best_of_test=metrics["best_of_test"], wall_time_s=metrics["wall_time_s"],
+        error=metrics.get("error")))
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synqt import rundir
+from synqt import progress, rundir
 from synqt.checkpoint import load_official_state_dict, load_trainable, save_trainable, weights_text
 from synqt.compat import BACKBONE_IDENTITY_KEYS, check_same_run, check_weights_fit
 from synqt.config import PACK_KEYS, TrialConfig, effective_seeds, pack_key, save_config, splits_for
@@ -39,12 +39,13 @@ from synqt.schedule import adamw, lr_at
 from synqt.training.build import frozen_backbone, seeded_branch
 from synqt.training.loop import (
     BranchScaler,
-    ProgressBar,
     RunData,
     TrialOutcome,
     derive_seed,
     device_peak_memory,
+    emit_end,
     epoch_order,
+    memory_tag,
     run_hparams,
     should_eval,
     summary,
@@ -250,8 +251,9 @@ class TrialRecipe:
         start_epoch = min(b.epochs_done for b in self.active)
         micro = cfg.batch_size // cfg.grad_accum_steps
         images_seen, train_seconds = 0, 0.0
-        desc = self.branches[0].run_name if len(self.branches) == 1 else f"pack of {len(self.branches)}"
-        progress = ProgressBar(cfg.epochs * self.steps_per_epoch, start_epoch * self.steps_per_epoch, desc)
+        total_steps = cfg.epochs * self.steps_per_epoch
+        progress.emit(progress.TrainStart(tuple(b.run_name for b in self.active), cfg.epochs, self.steps_per_epoch,
+                                          start_epoch * self.steps_per_epoch))
         for epoch in range(start_epoch, cfg.epochs):
             # branches ahead of the others (resumed from a later checkpoint) sit this epoch out
             training = [b for b in self.active if b.epochs_done <= epoch]
@@ -262,6 +264,8 @@ class TrialRecipe:
             self.model.image_generator.manual_seed(derive_seed(effective_seeds(cfg)[0], epoch, 7))
             order = epoch_order(cfg, len(self.train_labels), epoch)
             t0 = time.perf_counter()
+            epoch_images = 0
+            epoch_loss = {id(b): [0.0, 0] for b in training}  # sum, count: the epoch's mean loss
             for start in range(0, len(order), cfg.batch_size):
                 batch_idx = order[start:start + cfg.batch_size]
                 for b in training:
@@ -299,20 +303,29 @@ class TrialRecipe:
                     b.loss_sum += losses[id(b)]
                     b.loss_count += 1
                     b.last_loss = losses[id(b)]
+                    epoch_loss[id(b)][0] += losses[id(b)]
+                    epoch_loss[id(b)][1] += 1
                     if b.step % cfg.log_every == 0 or b.step == 1:
                         b.writer.add_scalar("train/loss", b.loss_sum / b.loss_count, b.step)
                         b.writer.add_scalar("train/lr", b.optimizer.param_groups[0]["lr"], b.step)
                         b.loss_sum, b.loss_count = 0.0, 0
                 images_seen += len(batch_idx)
-                progress.update(1, {b.run_name: b.last_loss for b in training})
+                epoch_images += len(batch_idx)
+                if training:
+                    progress.emit(progress.Step(epoch * self.steps_per_epoch + start // cfg.batch_size + 1,
+                                                total_steps, {b.run_name: losses[id(b)] for b in training}))
                 if not training:
                     break
-            train_seconds += time.perf_counter() - t0
+            epoch_s = time.perf_counter() - t0
+            train_seconds += epoch_s
             self.images_per_s = images_seen / max(train_seconds, 1e-9)
             for b in training:
                 b.epochs_done = epoch + 1
+                total, count = epoch_loss[id(b)]
+                progress.emit(progress.EpochEnd(b.run_name, epoch + 1, b.cfg.epochs, total / count if count else None,
+                                                b.optimizer.param_groups[0]["lr"],
+                                                epoch_images / max(epoch_s, 1e-9), epoch_s))
             self._after_epoch(epoch + 1, training)
-        progress.close()
 
     def _after_epoch(self, epoch: int, trained: list[_Branch]) -> None:
         trained = [b for b in trained if b.status == "running"]
@@ -320,11 +333,14 @@ class TrialRecipe:
             accs = self.evaluate([b.index for b in trained])
             for b, acc in zip(trained, accs, strict=True):
                 b.eval_history.append({"epoch": epoch, "split": self.eval_split, "acc": acc})
-                b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, epoch)
-        peak, _ = device_peak_memory(self.device)
+                # every scalar of a run shares one x-axis, the optimizer step (train/epoch maps it to epochs)
+                b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, b.step)
+                progress.emit(progress.Eval(b.run_name, epoch, b.cfg.epochs, self.eval_split, acc))
+        peak, peak_kind = device_peak_memory(self.device)
         for b in trained:
-            b.writer.add_scalar("perf/images_per_s", self.images_per_s, epoch)
-            b.writer.add_scalar("perf/peak_memory_bytes", peak, epoch)
+            b.writer.add_scalar("train/epoch", epoch, b.step)
+            b.writer.add_scalar("perf/images_per_s", self.images_per_s, b.step)
+            b.writer.add_scalar(memory_tag(peak_kind), peak / 2**20, b.step)
             b.writer.flush()
             every = b.cfg.checkpoint_every
             if every and (epoch % every == 0) and epoch < b.cfg.epochs:
@@ -378,18 +394,19 @@ class TrialRecipe:
         rundir.write_metrics(b.run_dir, metrics)
         (b.run_dir / rundir.RESUME).unlink(missing_ok=True)
         rundir.clear_progress(b.run_dir)
-        log.info("%s finished: %s", b.run_name,
-                 {k: metrics[k] for k in ("val_acc", "test_acc", "best_of_test") if metrics[k] is not None})
+        emit_end(b.run_dir, metrics)
 
     def _fail(self, b: _Branch, error: str) -> None:
         b.status = "failed"
         b.error = error
         log.error("%s failed: %s", b.run_name, error)
-        rundir.write_metrics(b.run_dir, self._metrics(b))
+        metrics = self._metrics(b)
+        rundir.write_metrics(b.run_dir, metrics)
         rundir.clear_progress(b.run_dir)
+        emit_end(b.run_dir, metrics)
 
     def _write_hparams(self, b: _Branch, metrics: dict) -> None:
-        write_hparams(b.writer, b.cfg, b.hparams, metrics)
+        write_hparams(b.writer, b.cfg, b.hparams, metrics, step=b.step)
 
     def cleanup(self) -> None:
         for b in self.branches:
