@@ -231,6 +231,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
         help="two or more sweeps (or published tables as CSV) side by side per task, with differences",
+        parents=[_common()],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
   synqt compare /shared/runs/vtab1k /shared/runs/vtab1k_T4            # first = baseline
@@ -444,6 +445,7 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
     w = slurm_sub.add_parser(
         "script",
         help="write the shipped sbatch script to a path of your choice (to edit its #SBATCH lines)",
+        parents=[_common()],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
   synqt slurm script my_vtab.sh                 # then: sbatch my_vtab.sh vtab1k storage_path=/shared/runs

@@ -304,3 +304,26 @@ def test_sequential_sweep_with_a_failing_trial_prints_it_and_exits_3(tiny, tmp_p
     assert lines.count(next(x for x in lines if x.startswith("[2/2]"))) == 1
     assert any(re.fullmatch(r"\[2/2\] done 1 · running 0 · pending 0 · failed 1 · left .+", x) for x in lines)
     assert "trial(s) failed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _leaf_parsers(parser, path=()):
+    """Every subcommand parser that runs a command (nested subcommands such as `slurm script` included)."""
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+        return
+    for name, child in subs[0].choices.items():
+        yield from _leaf_parsers(child, (*path, name))
+
+
+def test_every_subcommand_takes_verbose_and_quiet():
+    """-v/-q on every subcommand, including ones added later (compare, slurm script): main() reads both."""
+    from launcher.cli import build_parser
+
+    leaves = dict(_leaf_parsers(build_parser()))
+    assert ("compare",) in leaves and ("slurm", "script") in leaves and ("train",) in leaves
+    missing = [" ".join(p) for p, parser in leaves.items()
+               if not {"-v", "-q"} <= {s for a in parser._actions for s in a.option_strings}]
+    assert missing == [], f"subcommands without -v/-q: {missing}"
