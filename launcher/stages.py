@@ -30,6 +30,7 @@ from launcher.sweep import (
     stage_names,
 )
 from synqt import rundir
+from synqt.ckptfile import is_random
 from synqt.fileio import atomic_write_json
 
 Failures = list[tuple[str, str]]
@@ -118,6 +119,9 @@ def write_full_plan(sweep: Sweep, stage1: list[PlannedTrial], stage2: list[Plann
     for i, t in enumerate(d["trials"]):
         t["index"] = i
     atomic_write_json(sweep.sweep_dir / rundir.PLAN, d)
+    from launcher.aggregate import write_planned_experiment
+
+    write_planned_experiment(sweep.sweep_dir, stage1 + stage2)
 
 
 def drive_stages(sweep: Sweep, plan: list[PlannedTrial],
@@ -146,6 +150,9 @@ def drive_stages(sweep: Sweep, plan: list[PlannedTrial],
                 else:
                     failures.append((f"final-{d}", "no stage-1 run finished; stage 2 skipped"))
             stage2 = plan_trials(sweep, "final", best=best)
+            from launcher.resume import reconcile
+
+            reconcile(sweep, stage2, "final")  # a resumed sweep: keep unchanged stage-2 runs, move changed ones aside
             write_full_plan(sweep, plan, stage2)
             if stage2:
                 guard.stage = "final"
@@ -172,10 +179,13 @@ def unfinished(sweep: Sweep, trials: list[PlannedTrial], skip: Collection[str] =
 
 def finish_sweep(sweep: Sweep, failures: Failures, started: float) -> dict[str, Any]:
     """Aggregate the sweep folder, print the table and the failures; the result of ``synqt sweep``."""
-    from launcher.aggregate import aggregate, format_table
+    from launcher.aggregate import aggregate
+    from launcher.console import before_summary
+    from launcher.report import summary_text
 
+    before_summary()  # the last finished-trial lines come before the table
     results = aggregate(sweep.sweep_dir)
-    print(format_table(results), flush=True)
+    print(summary_text(results), flush=True)
     if failures:
         print(f"synqt sweep: {len(failures)} trial(s) failed:", file=sys.stderr)
         for name, err in failures:
@@ -202,7 +212,8 @@ def run_sequential(sweep: Sweep, plan: list[PlannedTrial]) -> dict[str, Any]:
     backbones: dict[str, torch.nn.Module] = {}
 
     def shared_backbone(cfg: Any) -> torch.nn.Module | None:
-        if not cfg.checkpoint or trainer_for(cfg) == "deepspeed":  # random: the trainer seeds its own
+        # random (or no) weights: the trainer seeds its own; DeepSpeed workers build theirs
+        if not cfg.checkpoint or is_random(cfg.checkpoint) or trainer_for(cfg) == "deepspeed":
             return None
         key = backbone_key(cfg)
         if key not in backbones:

@@ -32,7 +32,11 @@ def bench_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("bench")
     write_benchmark(root / "data", tasks=["syn_count", "syn_blobs"], n_train=40, n_val=10, n_test=30)
-    (root / "ckpt.safetensors").write_bytes(b"placeholder")
+    import torch
+    from safetensors.torch import save_file
+
+    # a real (if tiny) safetensors file: the pre-flight reads its header, a placeholder is refused
+    save_file({"x": torch.zeros(2)}, str(root / "ckpt.safetensors"))
     return root
 
 

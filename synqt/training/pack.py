@@ -26,22 +26,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synqt import rundir
-from synqt.checkpoint import load_official_state_dict, load_trainable, save_trainable
+from synqt import progress, rundir
+from synqt.checkpoint import load_official_state_dict, load_trainable, save_trainable, weights_text
+from synqt.compat import BACKBONE_IDENTITY_KEYS, check_same_run, check_weights_fit
 from synqt.config import PACK_KEYS, TrialConfig, effective_seeds, pack_key, save_config, splits_for
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write, atomic_write_json
 from synqt.memory import keep_freed_host_memory
 from synqt.model import PackedSynQT, QueryBranch, SynQT, count_trainable
+from synqt.precision import check_precision
 from synqt.schedule import adamw, lr_at
 from synqt.training.build import frozen_backbone, seeded_branch
 from synqt.training.loop import (
-    ProgressBar,
+    BranchScaler,
     RunData,
     TrialOutcome,
     derive_seed,
     device_peak_memory,
+    emit_end,
     epoch_order,
+    memory_tag,
     run_hparams,
     should_eval,
     summary,
@@ -63,6 +67,7 @@ class _Branch(TrialOutcome):
     loss_count: int = 0
     writer: Any = None
     index: int = -1  # position in the PackedSynQT
+    scaler: BranchScaler | None = None  # fp16 loss scale of this branch alone
 
 
 class TrialRecipe:
@@ -98,7 +103,10 @@ class TrialRecipe:
         self.device = self.accelerator.device
         keep_freed_host_memory(self.device)  # on CPU: no page faults for every step's activations
         for branch in self.branches:
-            if rundir.is_done(branch.run_dir):
+            finished = rundir.is_done(branch.run_dir)
+            if self.resume or finished:  # continue exactly the same run, or stop naming what changed
+                check_same_run(branch.cfg, branch.run_dir)
+            if finished:
                 branch.status = "skipped"
                 log.info("%s already finished; skipping", branch.run_name)
         if all(b.status == "skipped" for b in self.branches):
@@ -113,9 +121,9 @@ class TrialRecipe:
         if self.cfg.precision == "fp16" and (want == "cpu" or not torch.cuda.is_available()):
             raise ConfigError("precision=fp16 needs a CUDA GPU and none is in use: on CPU autocast would silently "
                               "stay fp32; use precision=bf16 or precision=no")
-        if want == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(want)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want)
+        check_precision(self.cfg.precision, device)  # bf16 only where it is native (synqt/precision.py)
+        return device
 
     def _accelerator(self):
         from accelerate import Accelerator
@@ -123,7 +131,13 @@ class TrialRecipe:
 
         # a process may run several trials with different precisions (tests, packs run one after another)
         AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(mixed_precision=self.cfg.precision, cpu=self.device.type == "cpu")
+        handlers = []
+        if self.cfg.precision == "fp16":  # one GradScaler per branch instead of accelerate's shared one
+            from accelerate.utils import GradScalerKwargs
+
+            handlers.append(GradScalerKwargs(enabled=False))
+        return Accelerator(mixed_precision=self.cfg.precision, cpu=self.device.type == "cpu",
+                           kwargs_handlers=handlers)
 
     def _setup_data(self) -> None:
         from synqt.data import dataset_num_classes, load_images, read_split, validate_dataset
@@ -137,6 +151,8 @@ class TrialRecipe:
         self.train_list = read_split(cfg.data_root, cfg.dataset, self.train_split, layout=cfg.layout)
         self.eval_list = read_split(cfg.data_root, cfg.dataset, self.eval_split, layout=cfg.layout)
         self._backbone = self.shared_backbone or frozen_backbone(cfg)
+        log.info("%s: backbone %s, weights: %s", ", ".join(b.run_name for b in self.branches), cfg.backbone,
+                 weights_text(getattr(self._backbone, "synqt_identity", None)))
         size = cfg.image_size or int(self._backbone.patch_embed.img_size[0])
         self.image_size = size
         load = dict(interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
@@ -157,6 +173,7 @@ class TrialRecipe:
             branch.index = len(modules)
             branch.trainable_params = count_trainable(module)
             branch.optimizer = adamw(module.parameters(), lr=branch.cfg.lr, weight_decay=branch.cfg.weight_decay)
+            branch.scaler = BranchScaler(cfg.precision == "fp16", self.device.type)
             modules.append(module)
             if self.resume:
                 self._load_resume(branch)
@@ -185,12 +202,18 @@ class TrialRecipe:
         if not path.is_file():
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
+        fits = state.get("fits") or {}
+        if "num_classes" not in fits and "head.classifier.weight" in state["branch"]:  # older resume.pt
+            fits = {**fits, "num_classes": int(state["branch"]["head.classifier.weight"].shape[0])}
+        check_weights_fit(str(path), fits, dataset=branch.cfg.dataset, num_classes=self.num_classes,
+                          image_size=self.image_size, backbone=getattr(self._backbone, "synqt_identity", {}))
         branch.module.load_state_dict(state["branch"])
         branch.optimizer.load_state_dict(state["optimizer"])
         branch.step = int(state["step"])
         branch.epochs_done = int(state["epochs_done"])
         branch.eval_history = list(state["eval_history"])
         branch.module.generator.set_state(state["generator"])
+        branch.scaler.load_state_dict(state.get("scaler"))
         branch.resumed_after_epoch = branch.epochs_done
         log.info("%s resumed after epoch %d (step %d)", branch.run_name, branch.epochs_done, branch.step)
 
@@ -202,6 +225,11 @@ class TrialRecipe:
             "epochs_done": branch.epochs_done,
             "eval_history": branch.eval_history,
             "generator": branch.module.generator.get_state(),
+            "scaler": branch.scaler.state_dict(),
+            # what the weights fit, checked before they are loaded again (synqt.compat)
+            "fits": {"dataset": branch.cfg.dataset, "num_classes": self.num_classes, "image_size": self.image_size,
+                     "backbone": {k: v for k, v in getattr(self._backbone, "synqt_identity", {}).items()
+                                  if k in BACKBONE_IDENTITY_KEYS}},
         }
         atomic_write(branch.run_dir / rundir.RESUME, lambda tmp: torch.save(state, tmp))
 
@@ -224,8 +252,9 @@ class TrialRecipe:
         start_epoch = min(b.epochs_done for b in self.active)
         micro = cfg.batch_size // cfg.grad_accum_steps
         images_seen, train_seconds = 0, 0.0
-        desc = self.branches[0].run_name if len(self.branches) == 1 else f"pack of {len(self.branches)}"
-        progress = ProgressBar(cfg.epochs * self.steps_per_epoch, start_epoch * self.steps_per_epoch, desc)
+        total_steps = cfg.epochs * self.steps_per_epoch
+        progress.emit(progress.TrainStart(tuple(b.run_name for b in self.active), cfg.epochs, self.steps_per_epoch,
+                                          start_epoch * self.steps_per_epoch))
         for epoch in range(start_epoch, cfg.epochs):
             # branches ahead of the others (resumed from a later checkpoint) sit this epoch out
             training = [b for b in self.active if b.epochs_done <= epoch]
@@ -236,6 +265,8 @@ class TrialRecipe:
             self.model.image_generator.manual_seed(derive_seed(effective_seeds(cfg)[0], epoch, 7))
             order = epoch_order(cfg, len(self.train_labels), epoch)
             t0 = time.perf_counter()
+            epoch_images = 0
+            epoch_loss = {id(b): [0.0, 0] for b in training}  # sum, count: the epoch's mean loss
             for start in range(0, len(order), cfg.batch_size):
                 batch_idx = order[start:start + cfg.batch_size]
                 for b in training:
@@ -259,7 +290,7 @@ class TrialRecipe:
                                           f"step {b.step}")
                             continue
                         losses[id(b)] += loss.item() * weight
-                        terms.append(loss * weight)
+                        terms.append(b.scaler.scale(loss * weight))
                     if terms:
                         self.accelerator.backward(torch.stack(terms).sum())
                     if any(b.status != "running" for b in training):
@@ -268,25 +299,34 @@ class TrialRecipe:
                         if not training:
                             break
                 for b in training:
-                    b.optimizer.step()
+                    b.scaler.step(b.optimizer)  # fp16: this branch's own scale; otherwise optimizer.step()
                     b.step += 1
                     b.loss_sum += losses[id(b)]
                     b.loss_count += 1
                     b.last_loss = losses[id(b)]
+                    epoch_loss[id(b)][0] += losses[id(b)]
+                    epoch_loss[id(b)][1] += 1
                     if b.step % cfg.log_every == 0 or b.step == 1:
                         b.writer.add_scalar("train/loss", b.loss_sum / b.loss_count, b.step)
                         b.writer.add_scalar("train/lr", b.optimizer.param_groups[0]["lr"], b.step)
                         b.loss_sum, b.loss_count = 0.0, 0
                 images_seen += len(batch_idx)
-                progress.update(1, {b.run_name: b.last_loss for b in training})
+                epoch_images += len(batch_idx)
+                if training:
+                    progress.emit(progress.Step(epoch * self.steps_per_epoch + start // cfg.batch_size + 1,
+                                                total_steps, {b.run_name: losses[id(b)] for b in training}))
                 if not training:
                     break
-            train_seconds += time.perf_counter() - t0
+            epoch_s = time.perf_counter() - t0
+            train_seconds += epoch_s
             self.images_per_s = images_seen / max(train_seconds, 1e-9)
             for b in training:
                 b.epochs_done = epoch + 1
+                total, count = epoch_loss[id(b)]
+                progress.emit(progress.EpochEnd(b.run_name, epoch + 1, b.cfg.epochs, total / count if count else None,
+                                                b.optimizer.param_groups[0]["lr"],
+                                                epoch_images / max(epoch_s, 1e-9), epoch_s))
             self._after_epoch(epoch + 1, training)
-        progress.close()
 
     def _after_epoch(self, epoch: int, trained: list[_Branch]) -> None:
         trained = [b for b in trained if b.status == "running"]
@@ -294,11 +334,14 @@ class TrialRecipe:
             accs = self.evaluate([b.index for b in trained])
             for b, acc in zip(trained, accs, strict=True):
                 b.eval_history.append({"epoch": epoch, "split": self.eval_split, "acc": acc})
-                b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, epoch)
-        peak, _ = device_peak_memory(self.device)
+                # every scalar of a run shares one x-axis, the optimizer step (train/epoch maps it to epochs)
+                b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, b.step)
+                progress.emit(progress.Eval(b.run_name, epoch, b.cfg.epochs, self.eval_split, acc))
+        peak, peak_kind = device_peak_memory(self.device)
         for b in trained:
-            b.writer.add_scalar("perf/images_per_s", self.images_per_s, epoch)
-            b.writer.add_scalar("perf/peak_memory_bytes", peak, epoch)
+            b.writer.add_scalar("train/epoch", epoch, b.step)
+            b.writer.add_scalar("perf/images_per_s", self.images_per_s, b.step)
+            b.writer.add_scalar(memory_tag(peak_kind), peak / 2**20, b.step)
             b.writer.flush()
             every = b.cfg.checkpoint_every
             if every and (epoch % every == 0) and epoch < b.cfg.epochs:
@@ -341,7 +384,8 @@ class TrialRecipe:
     def _finish(self, b: _Branch) -> None:
         b.status = "ok"
         identity = self._backbone.synqt_identity
-        extra = {"dataset": b.cfg.dataset, "run_name": b.run_name, "num_classes": self.num_classes}
+        extra = {"dataset": b.cfg.dataset, "run_name": b.run_name, "num_classes": self.num_classes,
+                 "image_size": self.image_size}
         save_trainable(b.module, b.run_dir / rundir.TRAINABLE, backbone_identity=identity, extra=extra)
         atomic_write_json(b.run_dir / rundir.TRAINABLE_INFO, {
             "weights": rundir.TRAINABLE, "backbone": identity, "token_nums": b.cfg.token_nums,
@@ -351,18 +395,19 @@ class TrialRecipe:
         rundir.write_metrics(b.run_dir, metrics)
         (b.run_dir / rundir.RESUME).unlink(missing_ok=True)
         rundir.clear_progress(b.run_dir)
-        log.info("%s finished: %s", b.run_name,
-                 {k: metrics[k] for k in ("val_acc", "test_acc", "best_of_test") if metrics[k] is not None})
+        emit_end(b.run_dir, metrics)
 
     def _fail(self, b: _Branch, error: str) -> None:
         b.status = "failed"
         b.error = error
         log.error("%s failed: %s", b.run_name, error)
-        rundir.write_metrics(b.run_dir, self._metrics(b))
+        metrics = self._metrics(b)
+        rundir.write_metrics(b.run_dir, metrics)
         rundir.clear_progress(b.run_dir)
+        emit_end(b.run_dir, metrics)
 
     def _write_hparams(self, b: _Branch, metrics: dict) -> None:
-        write_hparams(b.writer, b.cfg, b.hparams, metrics)
+        write_hparams(b.writer, b.cfg, b.hparams, metrics, step=b.step)
 
     def cleanup(self) -> None:
         for b in self.branches:
@@ -422,10 +467,13 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
     else:
         load_trainable(model, weights)
     data_classes = cfg.num_classes or dataset_num_classes(cfg.data_root, cfg.dataset, layout=cfg.layout)
-    if data_classes > num_classes:
-        raise ConfigError(f"{weights} has {num_classes} classes but {cfg.dataset} has {data_classes}")
-    split_list = read_split(cfg.data_root, cfg.dataset, split, layout=cfg.layout)
     size = cfg.image_size or int(backbone.patch_embed.img_size[0])
+    recorded = {"num_classes": num_classes}
+    if not official:
+        recorded.update({k: header.get("extra", {}).get(k) for k in ("dataset", "image_size")})
+    warnings = check_weights_fit(str(weights), recorded, dataset=cfg.dataset, num_classes=data_classes,
+                                 image_size=size)
+    split_list = read_split(cfg.data_root, cfg.dataset, split, layout=cfg.layout)
     images, labels = load_images(split_list, size, interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
     model.eval()
     correct = 0
@@ -436,7 +484,8 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
             correct += int((logits.argmax(-1) == torch.as_tensor(labels[idx])).sum())
     acc = 100.0 * correct / max(len(labels), 1)
     result = {"dataset": cfg.dataset, "split": split, "acc": acc, "images": int(len(labels)),
-              "weights": str(weights), "official": official, "test_acc" if split == "test" else "val_acc": acc}
+              "weights": str(weights), "official": official, "test_acc" if split == "test" else "val_acc": acc,
+              "warnings": warnings}
     out_path = Path(out) if out else Path(weights).parent / rundir.EVAL_METRICS
     atomic_write_json(out_path if out_path.suffix == ".json" else out_path / rundir.EVAL_METRICS, result)
     return result

@@ -69,7 +69,8 @@ read -r -a SYNQT <<<"${SYNQT_BIN:-synqt}"
 RAY="${SYNQT_RAY_BIN:-ray}"
 command -v "${SYNQT[0]}" >/dev/null || die "${SYNQT[0]} not found on PATH (set SYNQT_VENV or SYNQT_BIN)"
 command -v "$RAY" >/dev/null || die "$RAY not found on PATH (set SYNQT_VENV or SYNQT_RAY_BIN)"
-[[ -f "$SWEEP" ]] || die "sweep file $SWEEP not found (relative paths are taken from $(pwd))"
+# a bare name (vtab1k, demo, ...) is a sweep shipped with synqt; synqt checks it in the dry run below
+[[ -f "$SWEEP" || "$SWEEP" != */* ]] || die "sweep file $SWEEP not found (relative paths are taken from $(pwd))"
 
 # ---------------------------------------------------------------- allocation
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
