@@ -329,7 +329,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
   synqt bench                                             # ViT-B/16, batch 64, every memory mode
   synqt bench batch_size=8 precision=bf16 --steps 3
   synqt bench --pack 8 batch_size=8                       # a pack of 8 against 8 separate trials
-  synqt bench --loader --data-root D --dataset cifar       # loader images/s with and without the cache""",
+  synqt bench --loader --data-root D --dataset cifar       # loader images/s with and without the cache
+  synqt bench --kv-cache batch_size=32                      # cached vs full step, build rate, trial cost""",
     )
     p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration")
     p.add_argument("--modes", default=None, help="comma list of memory modes (default: all)")
@@ -337,6 +338,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loader", action="store_true", help="time the data loader with and without the cache")
     p.add_argument("--data-root")
     p.add_argument("--dataset")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="time the K/V cache: cached vs full train step, cache build rate, a paper trial's cost "
+                        "(alone unless --modes is given)")
     p.add_argument("--no-baselines", action="store_true", help="skip full fine-tuning and linear probe")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("overrides", nargs="*", help="TrialConfig keys: backbone, batch_size, token_nums, precision, ...")
@@ -351,7 +355,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
     result = run_bench(args.overrides, steps=args.steps, modes=modes, pack=args.pack, loader=args.loader,
-                       data_root=args.data_root, dataset=args.dataset, baselines=not args.no_baselines)
+                       data_root=args.data_root, dataset=args.dataset, baselines=not args.no_baselines,
+                       kv_cache=args.kv_cache)
     print(format_table(result))
     if args.json:
         atomic_write_json(args.json, json.loads(json.dumps(result, default=str)))

@@ -753,6 +753,29 @@ def _bf16_line(sweep: Sweep, trials: list[PlannedTrial]) -> str | None:
     return describe("bf16", device)
 
 
+def kv_cache_lines(trials: list[PlannedTrial]) -> list[str]:
+    """Per dataset: the K/V cache its trials share on a node (size per split), or why they run live."""
+    from synqt.config import splits_for
+    from synqt.kv_cache import format_bytes, planned_cache
+
+    lines = ["K/V cache per dataset (built once per node, shared by its trials; kv_cache / kv_cache_max_gb):"]
+    seen: set[str] = set()
+    for t in trials:
+        if t.dataset in seen:
+            continue
+        seen.add(t.dataset)
+        cfg = t.config
+        train_split, eval_split = splits_for(cfg)
+        n_train, n_eval = count_train_images(cfg), count_eval_images(cfg)
+        plan = planned_cache(cfg, n_train, n_eval)
+        sizes = (f"{train_split} {n_train} img {format_bytes(plan['train_bytes'])}"
+                 f"{'' if plan['train_cached'] else ' (live)'}, {eval_split} {n_eval} img "
+                 f"{format_bytes(plan['eval_bytes'])}{'' if plan['eval_cached'] else ' (live)'}")
+        state = f"cached ({cfg.kv_cache_dtype})" if plan["active"] else f"live: {plan['reason']}"
+        lines.append(f"  {t.dataset:<24} {state}; {sizes}")
+    return lines
+
+
 def plan_dict(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) -> dict[str, Any]:
     return {
         "name": sweep.name,
@@ -836,6 +859,7 @@ def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
     bf16 = _bf16_line(sweep, trials)
     if bf16:
         lines.append(bf16)
+    lines.extend(kv_cache_lines(trials))
     imgs = estimated_images(sweep, trials)
     lines.append(
         f"estimated images through the backbone (training epochs x train images + evals): "

@@ -433,6 +433,10 @@ def format_table(result: dict[str, Any]) -> str:
             f"no cache {loader['no_cache_images_per_s']:.1f} img/s, cache build "
             f"{loader['cache_build_images_per_s']:.1f} img/s, cache hit {loader['cache_hit_images_per_s']:.1f} img/s"
         )
+    if result.get("kv_cache"):
+        from synqt.kv_bench import format_kv
+
+        lines.append(format_kv(result["kv_cache"]))
     est = result.get("estimate_bytes")
     if est is not None:
         lines.append(f"estimate_trial_memory (memory_mode={cfg['memory_mode']}, 1 branch): {_fmt_bytes(est)} GiB")
@@ -441,13 +445,15 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run_bench(overrides: Sequence[str] = (), *, steps: int = 3, modes: Sequence[str] | None = None, pack: int = 0,
               loader: bool = False, data_root: str | None = None, dataset: str | None = None,
-              baselines: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+              baselines: bool = True, kv_cache: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """`synqt bench`: the figures as a dict (``format_table`` renders them); ``overrides`` are TrialConfig
     ``key=value``; ``modes`` the memory modes to time (default: all); ``pack`` > 0 also times a pack of that
-    size against as many separate trials; ``loader`` the data loader with and without its cache."""
+    size against as many separate trials; ``loader`` the data loader with and without its cache; ``kv_cache``
+    the K/V cache figures (``synqt.kv_bench``; alone unless ``modes`` is given)."""
     from synqt.config import config_to_dict
 
     cfg = bench_config(list(overrides))
+    explicit_modes = bool(modes)
     modes = list(MEMORY_MODES) if not modes else list(modes)
     for m in modes:
         if m not in MEMORY_MODES:
@@ -468,7 +474,14 @@ def run_bench(overrides: Sequence[str] = (), *, steps: int = 3, modes: Sequence[
     result["hardware"]["bf16"] = bf16_line
     if device.type == "cpu":  # as the trainers do; also keeps one model's page faults out of the next one's timing
         result["hardware"]["keep_freed_host_memory"] = keep_freed_host_memory(device)
-    result.update(bench_models(cfg, modes, steps=steps, baselines=baselines, log=log))
+    if not kv_cache or explicit_modes:  # kv_cache alone times only the cache figures
+        result.update(bench_models(cfg, modes, steps=steps, baselines=baselines, log=log))
+    else:
+        result["geometry"] = _geometry(cfg)
+    if kv_cache:
+        from synqt.kv_bench import bench_kv_cache
+
+        result["kv_cache"] = bench_kv_cache(cfg, steps=steps, device=device, log=log)
     result["estimate_bytes"] = estimate_trial_memory(cfg, 1)
     if pack:
         result["pack"] = bench_pack(cfg, pack, steps=steps, log=log)

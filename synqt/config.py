@@ -91,6 +91,14 @@ class TrialConfig:
     attn_scale: float = setting(1.0, scope="branch", hparam=True, tag="as", label="s_attn")
     ffn_scale: float = setting(1.0, scope="branch", hparam=True, tag="ffs", label="s_ffn")
     memory_mode: str = setting("keep", hparam=True, tag="mem", choices=MEMORY_MODES)
+    branch_dropout: float = setting(0.1, scope="branch", hparam=True, tag="bdrop", min=0, max=1.0)
+    branch_attn_dropout: float = setting(0.1, scope="branch", hparam=True, tag="badrop", min=0, max=1.0)
+    head_drop_path: float = setting(0.3, scope="branch", hparam=True, tag="hdp", min=0, max=1.0)
+    # frozen-stream K/V cache (synqt.kv_cache) and deferred test evaluation
+    kv_cache: str = setting("auto", choices=("off", "memory", "disk", "auto"))
+    kv_cache_dtype: str = setting("bf16", choices=("bf16", "fp32"))
+    kv_cache_max_gb: float = setting(32.0, min=0)
+    deferred_eval: bool = setting(True)
     # protocol and optimisation
     protocol: str = setting("paper", choices=("paper", "vtab"))
     stage: str = setting("final", choices=("search", "final"))
@@ -362,8 +370,9 @@ def _check_value(key: str, value: Any, source: str, schema: Schema | None = None
             raise ConfigError(f"{source}: key 'std' has value {value!r}; every entry must be > 0")
     if key in schema.mins and out < schema.mins[key]:
         raise ConfigError(f"{source}: key '{key}' has value {value!r}; expected a value >= {schema.mins[key]:g}")
-    if key in schema.maxs and (out > schema.maxs[key] or (key == "drop_path_rate" and out >= 1.0)):
-        bound = "< 1" if key == "drop_path_rate" else f"<= {schema.maxs[key]:g}"
+    below_one = ("drop_path_rate", "branch_dropout", "branch_attn_dropout", "head_drop_path")
+    if key in schema.maxs and (out > schema.maxs[key] or (key in below_one and out >= 1.0)):
+        bound = "< 1" if key in below_one else f"<= {schema.maxs[key]:g}"
         raise ConfigError(f"{source}: key '{key}' has value {value!r}; expected a value {bound}")
     return out
 
@@ -387,6 +396,12 @@ def _check_cross(values: Mapping[str, Any], where: typing.Callable[[str], str]) 
         raise ConfigError(
             f"warmup_epochs={wu:g} (from {where('warmup_epochs')}) exceeds "
             f"epochs={ep} (from {where('epochs')})"
+        )
+    if values["kv_cache"] not in ("off", "auto") and values["backbone_drop_path"]:
+        raise ConfigError(
+            f"kv_cache={values['kv_cache']} (from {where('kv_cache')}) needs a deterministic image stream, but "
+            f"backbone_drop_path=true (from {where('backbone_drop_path')}) draws stochastic depth on it every step: "
+            "set backbone_drop_path: false, or kv_cache: off (or auto, which then runs live)"
         )
     if values["min_lr"] > values["lr"]:
         raise ConfigError(

@@ -15,7 +15,7 @@ PyTorch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -150,10 +150,11 @@ class QSMBlock(nn.Module):
     """``z + s_attn * QSMAttn(LN1(z))`` then ``z + s_ffn * Adapter(48)(LN2(z))``."""
 
     def __init__(self, dim: int, *, attn_scale: float, ffn_scale: float, attn_hidden: int = 8,
-                 ffn_hidden: int = 48, drop: float = 0.1) -> None:
+                 ffn_hidden: int = 48, drop: float = 0.1, attn_drop: float | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = QSMAttention(dim, hidden=attn_hidden, attn_drop=drop, out_drop=drop)
+        self.attn = QSMAttention(dim, hidden=attn_hidden, attn_drop=drop if attn_drop is None else attn_drop,
+                                 out_drop=drop)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = Adapter(dim, ffn_hidden, drop)
         self.attn_scale = nn.Parameter(torch.tensor([float(attn_scale)]))
@@ -200,7 +201,7 @@ class QueryBranch(nn.Module):
 
     def __init__(self, *, embed_dim: int, depth: int, num_classes: int, token_nums: int = 1,
                  feat_scale: float = 1.0, attn_scale: float = 1.0, ffn_scale: float = 1.0,
-                 ffn_hidden: int = 48, attn_hidden: int = 8, drop: float = 0.1,
+                 ffn_hidden: int = 48, attn_hidden: int = 8, drop: float = 0.1, attn_drop: float = 0.1,
                  head_drop_path: float = 0.3) -> None:
         super().__init__()
         if token_nums < 1:
@@ -211,7 +212,7 @@ class QueryBranch(nn.Module):
         self.prompt_ffns = nn.ModuleList(Adapter(embed_dim, ffn_hidden, drop) for _ in range(depth))
         self.qsm_blocks = nn.ModuleList(
             QSMBlock(embed_dim, attn_scale=attn_scale, ffn_scale=ffn_scale, attn_hidden=attn_hidden,
-                     ffn_hidden=ffn_hidden, drop=drop)
+                     ffn_hidden=ffn_hidden, drop=drop, attn_drop=attn_drop)
             for _ in range(depth)
         )
         self.query_drop = drop
@@ -451,7 +452,20 @@ class _FrozenStream(nn.Module):
         p = p + f_ffn
         return p, f_att, f_ffn
 
-    def _run(self, images: torch.Tensor, branches: Sequence[QueryBranch]) -> list[torch.Tensor]:
+    def _run(self, images: torch.Tensor | None, branches: Sequence[QueryBranch],
+             kv: torch.Tensor | Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Logits of ``branches``: from ``images`` through the live image stream, or from cached ``kv``.
+
+        ``kv``: per-block K/V of the image tokens, ``[L, 2, B, H, N, d]`` (or a sequence of L
+        ``[2, B, H, N, d]``), as ``kv_block_stream`` yields them in eval mode; any float dtype (bf16
+        storage is read as is and promoted by the query-only attention). Both sources feed the one
+        query-stream implementation, ``_query_stream``.
+        """
+        if kv is not None:
+            if len(kv) != self.depth:
+                raise ModelError(f"cached K/V hold {len(kv)} blocks, the backbone has {self.depth}")
+            # recompute mode would only re-read the same cached tensors: nothing of the image stream to drop
+            return self._query_stream(iter(kv), branches, int(kv[0].shape[1]))
         if self.memory_mode == "recompute" and torch.is_grad_enabled() and self.training:
             return self._run_recompute(images, branches)
         return self._run_streams(images, branches)
@@ -469,18 +483,40 @@ class _FrozenStream(nn.Module):
 
         return list(activation_checkpoint(body, images, use_reentrant=False, preserve_rng_state=True))
 
-    def _run_streams(self, images: torch.Tensor, branches: Sequence[QueryBranch]) -> list[torch.Tensor]:
-        batch = images.shape[0]
+    def kv_block_stream(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The image stream, block by block: yields K/V ``[2, B, H, N, d]`` of block 0 .. L-1 (no grad).
+
+        Lazy, so a consumer holds one block's K/V at a time unless it keeps them (autograd does in
+        training). In eval mode (or with ``backbone_drop_path`` off) this is a pure function of the
+        images and the frozen weights: what the K/V cache stores (``synqt.kv_cache``).
+        """
         with torch.no_grad():
             x = self._embed(images)
+        for i in range(self.depth):
+            with torch.no_grad():
+                x, kv = self._image_block(i, x, kv_only=i == self.depth - 1)
+            yield kv
+            del kv
+
+    def _run_streams(self, images: torch.Tensor, branches: Sequence[QueryBranch]) -> list[torch.Tensor]:
+        return self._query_stream(self.kv_block_stream(images), branches, images.shape[0])
+
+    def _query_stream(self, kv_blocks: Iterator[torch.Tensor], branches: Sequence[QueryBranch],
+                      batch: int) -> list[torch.Tensor]:
+        """The query stream of every branch over per-block K/V ``[2, B, H, N, d]`` (live or cached)."""
         prev: list[torch.Tensor | None] = [None] * len(branches)
         hs: list[list[torch.Tensor]] = [[] for _ in branches]
         atts: list[list[torch.Tensor]] = [[] for _ in branches]
         ffns: list[list[torch.Tensor]] = [[] for _ in branches]
         for i in range(self.depth):
+            stored = next(kv_blocks)
             with torch.no_grad():
-                x, kv = self._image_block(i, x, kv_only=i == self.depth - 1)
-                kv_saved = kv.to(torch.bfloat16) if self.memory_mode == "kv_bf16" else kv
+                # cached K/V may be stored in bf16: promote once per block for every branch (forward and backward),
+                # not once per branch and use; live K/V already have the compute dtype, so this is a no-op there
+                device = stored.device.type
+                dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+                kv = stored.to(dtype)
+                kv_saved = stored.to(torch.bfloat16) if self.memory_mode == "kv_bf16" else kv
             for b, branch in enumerate(branches):
                 p = branch.synthesize(i, prev[b], batch)
                 p, f_att, f_ffn = self._query_block(i, p, kv, kv_saved, branch.generator)
@@ -490,12 +526,17 @@ class _FrozenStream(nn.Module):
                 hs[b].append(p)
                 atts[b].append(f_att)
                 ffns[b].append(f_ffn)
-            del kv, kv_saved
+            del kv, kv_saved, stored
         logits = []
         for b, branch in enumerate(branches):
             feats = torch.cat([hs[b][-1], *hs[b], *atts[b], *ffns[b]], dim=1)
             logits.append(branch.head(feats, branch.generator))
         return logits
+
+    def forward_branches(self, branches: Sequence[QueryBranch], images: torch.Tensor | None = None, *,
+                         kv: torch.Tensor | Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Logits of any query branches sized for this backbone (e.g. weight snapshots) over one frozen pass."""
+        return self._run(images, branches, kv)
 
     @torch.no_grad()
     def image_stream(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -523,8 +564,9 @@ class SynQT(_FrozenStream):
                                   ffn_scale=ffn_scale, ffn_hidden=ffn_hidden, attn_hidden=attn_hidden)
         copy_final_norm(self.backbone, self.branch)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._run(images, [self.branch])[0]
+    def forward(self, images: torch.Tensor | None = None, *,
+                kv: torch.Tensor | Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        return self._run(images, [self.branch], kv)[0]
 
     def named_trainable_parameters(self):
         """The query branch, the head norm and the classifier: everything but the backbone."""
@@ -559,16 +601,25 @@ class PackedSynQT(_FrozenStream):
                 )
         self.branches = nn.ModuleList(branches)
 
-    def forward(self, images: torch.Tensor, active: Sequence[int] | None = None) -> list[torch.Tensor]:
+    def forward(self, images: torch.Tensor | None = None, active: Sequence[int] | None = None, *,
+                kv: torch.Tensor | Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Logits per active branch, from ``images`` or from cached per-block ``kv`` (see ``_run``)."""
         chosen = [self.branches[i] for i in (range(len(self.branches)) if active is None else active)]
-        return self._run(images, chosen)
+        return self._run(images, chosen, kv)
 
 
 def new_branch(backbone: nn.Module, num_classes: int, *, token_nums: int = 1, feat_scale: float = 1.0,
-               attn_scale: float = 1.0, ffn_scale: float = 1.0) -> QueryBranch:
-    """A fresh query branch sized from ``backbone`` with LN_head copied from its final norm."""
+               attn_scale: float = 1.0, ffn_scale: float = 1.0, drop: float = 0.1, attn_drop: float = 0.1,
+               head_drop_path: float = 0.3) -> QueryBranch:
+    """A fresh query branch sized from ``backbone`` with LN_head copied from its final norm.
+
+    ``drop``: the branch's dropout (adapters, QSM output, synthesized query, head weights; official 0.1);
+    ``attn_drop``: dropout on the QSM attention probabilities (official 0.1); ``head_drop_path``: the
+    head's per-token drop path (official 0.3).
+    """
     branch = QueryBranch(embed_dim=int(backbone.embed_dim), depth=len(backbone.blocks), num_classes=num_classes,
-                         token_nums=token_nums, feat_scale=feat_scale, attn_scale=attn_scale, ffn_scale=ffn_scale)
+                         token_nums=token_nums, feat_scale=feat_scale, attn_scale=attn_scale, ffn_scale=ffn_scale,
+                         drop=drop, attn_drop=attn_drop, head_drop_path=head_drop_path)
     copy_final_norm(backbone, branch)
     return branch
 

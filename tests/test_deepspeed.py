@@ -205,3 +205,21 @@ def test_ray_train_torchtrainer_workers(ds_assets: tuple[Path, Path], tmp_path: 
     assert m["status"] == "ok" and m["test_acc"] is not None and m["epochs_done"] == 1
     assert m["deepspeed"]["world_size"] == 2 and m["deepspeed"]["backend"] == "gloo"
     assert len(set(m["deepspeed"]["weights_sha256"]["branch"])) == 1
+
+
+@pytest.mark.slow
+def test_two_process_trial_from_the_kv_cache_equals_the_live_one(ds_assets: tuple[Path, Path],
+                                                                  tmp_path: Path) -> None:
+    """DeepSpeed reads the node's K/V cache through the same query-stream code: weights bitwise equal to live."""
+    common = ("backbone_drop_path=false", "kv_cache_dtype=fp32", "epochs=1", "eval_every=1")
+    live = run_local(_cfg(ds_assets, tmp_path, "kv_cache=off", *common), tmp_path / "live", nprocs=2)
+    cached = run_local(_cfg(ds_assets, tmp_path, "kv_cache=disk", *common), tmp_path / "cached", nprocs=2)
+    assert live["status"] == cached["status"] == "ok"
+    builds = (tmp_path / "cache" / "kv" / "builds.log").read_text().splitlines()
+    assert sorted(line.split("\t")[3] for line in builds) == ["test", "train800val200"]  # rank 0 built, once
+    assert cached["eval_history"] == live["eval_history"]
+    from synqt.checkpoint import read_trainable
+
+    a, _ = read_trainable(tmp_path / "live" / "trainable.safetensors")
+    b, _ = read_trainable(tmp_path / "cached" / "trainable.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5

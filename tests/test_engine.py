@@ -348,21 +348,13 @@ def test_fp16_on_cpu_is_refused_before_training(assets, tmp_path):
     assert not (tmp_path / "fp16").exists() or not any((tmp_path / "fp16").iterdir())
 
 
-def test_gradient_accumulation_matches_one_big_batch(assets, tmp_path, monkeypatch):
+def test_gradient_accumulation_matches_one_big_batch(assets, tmp_path):
     """With every random op off, grad_accum_steps only changes how a batch is split, not the update."""
-    import synqt.training.build as build
-    from synqt.model import QueryBranch, copy_final_norm
-
-    def deterministic_branch(backbone, num_classes, **kw):
-        branch = QueryBranch(embed_dim=int(backbone.embed_dim), depth=len(backbone.blocks), num_classes=num_classes,
-                             drop=0.0, head_drop_path=0.0, **kw)
-        copy_final_norm(backbone, branch)
-        return branch
-
-    monkeypatch.setattr(build, "new_branch", deterministic_branch)
     data_root, ckpt, cache = assets
-    # batch 20 over 64 images: 3 full batches and a last partial batch of 4
-    common = dict(batch_size=20, epochs=2, drop_path_rate=0.0, backbone_drop_path=False, lr=1e-2)
+    # batch 20 over 64 images: 3 full batches and a last partial batch of 4; the branch's dropout and drop
+    # path off through their config keys
+    common = dict(batch_size=20, epochs=2, drop_path_rate=0.0, backbone_drop_path=False, lr=1e-2,
+                  branch_dropout=0.0, branch_attn_dropout=0.0, head_drop_path=0.0, kv_cache="off")
     one = run_trial(tiny_cfg(data_root, ckpt, cache, grad_accum_steps=1, **common), tmp_path / "accum1")
     four = run_trial(tiny_cfg(data_root, ckpt, cache, grad_accum_steps=4, **common), tmp_path / "accum4")
     assert one["status"] == four["status"] == "ok"

@@ -97,8 +97,8 @@ class _TrainableView(nn.Module):
         (self.branch,) = model.branches
         object.__setattr__(self, "frozen_model", model)  # plain attribute, not a submodule
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.frozen_model(images)[0]
+    def forward(self, images: torch.Tensor | None = None, kv: torch.Tensor | None = None) -> torch.Tensor:
+        return self.frozen_model(images, kv=kv)[0]
 
     def train(self, mode: bool = True) -> _TrainableView:
         super().train(mode)
@@ -311,6 +311,7 @@ class _Worker:
         self.model.to(device)
         self.model.image_generator = torch.Generator(device=device)
         self.branch.seed_generator(0, device)
+        self._setup_kv_cache()
         self.view = _TrainableView(self.model)
         self.trainable_params = count_trainable(self.branch)
         self.ds_config = deepspeed_config(cfg, self.world)
@@ -320,6 +321,44 @@ class _Worker:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(self.run_dir))
+
+    def _setup_kv_cache(self) -> None:
+        """The node's K/V caches of both splits (rank 0 builds first; the others then map the same files)."""
+        from synqt.kv_cache import CacheRequest, open_kv_cache
+
+        cfg = self.cfg
+        self.train_kv = self.eval_kv = None
+        if cfg.kv_cache == "off" or cfg.backbone_drop_path:
+            if cfg.kv_cache == "auto" and self.is_main:
+                log.info("kv_cache=auto: running the image stream live, because backbone_drop_path=true draws "
+                         "stochastic depth on it every step")
+            return
+        mode, used = ("disk" if cfg.kv_cache == "auto" else cfg.kv_cache), 0
+        for turn in (0, 1):
+            if (turn == 0) == self.is_main:
+                for name, images, split in (("train", self.train_images, self.train_list),
+                                            ("eval", self.eval_images, self.eval_list)):
+                    request = CacheRequest(split=split, images=images, image_size=self.image_size,
+                                           interpolation=cfg.interpolation)
+                    cache, why = open_kv_cache(self.model, request, mode=mode, dtype=cfg.kv_cache_dtype,
+                                               precision=cfg.precision, max_gb=cfg.kv_cache_max_gb, used_bytes=used,
+                                               cache_dir=cfg.cache_dir, device=self.device,
+                                               batch_size=cfg.eval_batch_size, mean=cfg.mean, std=cfg.std,
+                                               autocast=self._autocast)
+                    if cache is None:
+                        log.warning("rank %d: kv_cache=%s: %s; the %s split runs live", self.rank, cfg.kv_cache,
+                                    why, name)
+                        continue
+                    used += cache.nbytes
+                    setattr(self, f"{name}_kv", cache)
+            dist.barrier()
+
+    def _inputs(self, cache, images: np.ndarray, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        from synqt.data import to_tensor_batch
+
+        if cache is not None:
+            return {"kv": cache.batch(idx)}
+        return {"images": to_tensor_batch(images[idx], self.cfg.mean, self.cfg.std).to(self.device, non_blocking=True)}
 
     def _initialize(self) -> None:
         import deepspeed
@@ -402,9 +441,10 @@ class _Worker:
                 local = 0.0
                 for idx in np.array_split(mine, gas):  # exactly gas backward calls per step on every rank
                     if len(idx):
-                        x, y = self._batch(self.train_images, self.train_labels, idx)
+                        x = self._inputs(self.train_kv, self.train_images, idx)
+                        y = torch.as_tensor(self.train_labels[idx], device=self.device)
                         with self._autocast():
-                            logits = engine(x)
+                            logits = engine(**x)
                         ce = F.cross_entropy(logits.float(), y, reduction="sum")
                         local += ce.item()
                     else:  # an empty share of a short last batch: zero gradients, same collectives
@@ -439,9 +479,10 @@ class _Worker:
         mine = np.arange(self.rank, len(self.eval_labels), self.world)
         for start in range(0, len(mine), self.cfg.eval_batch_size):
             idx = mine[start:start + self.cfg.eval_batch_size]
-            x, y = self._batch(self.eval_images, self.eval_labels, idx)
+            x = self._inputs(self.eval_kv, self.eval_images, idx)
+            y = torch.as_tensor(self.eval_labels[idx], device=self.device)
             with self._autocast():
-                logits = self.engine(x)
+                logits = self.engine(**x)
             correct += int((logits.argmax(-1) == y).sum())
             total += len(idx)
         self.engine.train()

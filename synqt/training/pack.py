@@ -18,7 +18,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from synqt.config import PACK_KEYS, TrialConfig, effective_seeds, pack_key, save
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write, atomic_write_json
 from synqt.memory import keep_freed_host_memory
-from synqt.model import PackedSynQT, QueryBranch, SynQT, count_trainable
+from synqt.model import PackedSynQT, QueryBranch, SynQT, count_trainable, new_branch
 from synqt.precision import check_precision
 from synqt.schedule import adamw, lr_at
 from synqt.training.build import frozen_backbone, seeded_branch
@@ -68,6 +68,8 @@ class _Branch(TrialOutcome):
     writer: Any = None
     index: int = -1  # position in the PackedSynQT
     scaler: BranchScaler | None = None  # fp16 loss scale of this branch alone
+    # deferred evaluation: (epoch, optimizer step) of each weight snapshot still to be scored
+    pending_evals: list[tuple[int, int]] = field(default_factory=list)
 
 
 class TrialRecipe:
@@ -191,7 +193,45 @@ class TrialRecipe:
 
         for branch in self.active:
             branch.writer = SummaryWriter(log_dir=str(branch.run_dir))
+        self._setup_kv_cache()
 
+    def _new_branch(self, cfg: TrialConfig) -> QueryBranch:
+        return new_branch(self._backbone, self.num_classes, token_nums=cfg.token_nums, feat_scale=cfg.feat_scale,
+                          attn_scale=cfg.attn_scale, ffn_scale=cfg.ffn_scale, drop=cfg.branch_dropout,
+                          attn_drop=cfg.branch_attn_dropout, head_drop_path=cfg.head_drop_path)
+
+    def _setup_kv_cache(self) -> None:
+        """Open (building once per node) the K/V caches of the train and eval splits, or say once why not."""
+        from synqt.kv_cache import CacheRequest, format_bytes, open_kv_cache
+
+        cfg = self.cfg
+        self.train_kv = self.eval_kv = None
+        self.deferred = cfg.deferred_eval and cfg.protocol == "paper"
+        if cfg.kv_cache == "off":
+            return
+        if cfg.backbone_drop_path:  # only kv_cache=auto gets here (the config refuses the others)
+            log.info("kv_cache=auto: running the image stream live, because backbone_drop_path=true draws stochastic "
+                     "depth on it every step (set backbone_drop_path: false to train from the K/V cache)")
+            return
+        used = 0
+        mode = "disk" if cfg.kv_cache == "auto" else cfg.kv_cache
+        for name, images, split in (("train", self.train_images, self.train_list),
+                                    ("eval", self.eval_images, self.eval_list)):
+            request = CacheRequest(split=split, images=images, image_size=self.image_size,
+                                   interpolation=cfg.interpolation)
+            cache, why = open_kv_cache(self.model, request, mode=mode, dtype=cfg.kv_cache_dtype,
+                                       precision=cfg.precision, max_gb=cfg.kv_cache_max_gb, used_bytes=used,
+                                       cache_dir=cfg.cache_dir,
+                                       device=self.device, batch_size=cfg.eval_batch_size, mean=self.mean,
+                                       std=self.std, autocast=self.accelerator.autocast)
+            if cache is None:
+                log.warning("kv_cache=%s: %s; the %s split runs the live image stream", cfg.kv_cache, why, name)
+                continue
+            used += cache.nbytes
+            setattr(self, f"{name}_kv", cache)
+            log.info("K/V cache %s/%s: %d images, %s %s (%s)%s", cfg.dataset, split.split, len(cache),
+                     format_bytes(cache.nbytes), cfg.kv_cache_dtype, cache.where,
+                     f" at {cache.path}" if cache.path else "")
     @property
     def active(self) -> list[_Branch]:
         return [b for b in self.branches if b.status == "running"]
@@ -212,6 +252,7 @@ class TrialRecipe:
         branch.step = int(state["step"])
         branch.epochs_done = int(state["epochs_done"])
         branch.eval_history = list(state["eval_history"])
+        branch.pending_evals = [(int(e), int(s)) for e, s in state.get("pending_evals", [])]
         branch.module.generator.set_state(state["generator"])
         branch.scaler.load_state_dict(state.get("scaler"))
         branch.resumed_after_epoch = branch.epochs_done
@@ -230,6 +271,7 @@ class TrialRecipe:
             "fits": {"dataset": branch.cfg.dataset, "num_classes": self.num_classes, "image_size": self.image_size,
                      "backbone": {k: v for k, v in getattr(self._backbone, "synqt_identity", {}).items()
                                   if k in BACKBONE_IDENTITY_KEYS}},
+            "pending_evals": branch.pending_evals,
         }
         atomic_write(branch.run_dir / rundir.RESUME, lambda tmp: torch.save(state, tmp))
 
@@ -240,6 +282,16 @@ class TrialRecipe:
         x = to_tensor_batch(images[idx], self.mean, self.std).to(self.device, non_blocking=True)
         y = torch.as_tensor(labels[idx], dtype=torch.long).to(self.device, non_blocking=True)
         return x, y
+
+    def _feed(self, cache: Any, images: np.ndarray, micro_batches: list[np.ndarray]):
+        """Model inputs per micro-batch: cached K/V (``kv=``) or normalised images (``images=``)."""
+        from synqt.data import to_tensor_batch
+        from synqt.kv_cache import feed
+
+        def live(idx: np.ndarray) -> torch.Tensor:
+            return to_tensor_batch(images[idx], self.mean, self.std).to(self.device, non_blocking=True)
+
+        return feed(cache, live, micro_batches)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -276,11 +328,13 @@ class TrialRecipe:
                         group["lr"] = lr
                     b.optimizer.zero_grad(set_to_none=True)
                 losses = {id(b): 0.0 for b in training}
-                for m_start in range(0, len(batch_idx), micro):
-                    idx = batch_idx[m_start:m_start + micro]
-                    x, y = self._batch(self.train_images, self.train_labels, idx)
+                micro_batches = [batch_idx[m:m + micro] for m in range(0, len(batch_idx), micro)]
+                inputs = self._feed(self.train_kv, self.train_images, micro_batches)
+                for idx in micro_batches:
+                    x = next(inputs)
+                    y = torch.as_tensor(self.train_labels[idx], dtype=torch.long).to(self.device, non_blocking=True)
                     with self.accelerator.autocast():
-                        logits = self.model(x, active=index)
+                        logits = self.model(**x, active=index)
                     weight = len(idx) / len(batch_idx)
                     terms = []
                     for b, out in zip(training, logits, strict=True):
@@ -331,12 +385,18 @@ class TrialRecipe:
     def _after_epoch(self, epoch: int, trained: list[_Branch]) -> None:
         trained = [b for b in trained if b.status == "running"]
         if trained and should_eval(self.cfg, epoch):
-            accs = self.evaluate([b.index for b in trained])
-            for b, acc in zip(trained, accs, strict=True):
-                b.eval_history.append({"epoch": epoch, "split": self.eval_split, "acc": acc})
-                # every scalar of a run shares one x-axis, the optimizer step (train/epoch maps it to epochs)
-                b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, b.step)
-                progress.emit(progress.Eval(b.run_name, epoch, b.cfg.epochs, self.eval_split, acc))
+            if self.deferred and epoch < self.cfg.epochs:
+                for b in trained:
+                    self._snapshot(b, epoch)
+            elif self.deferred:
+                self._deferred_evaluation(trained, epoch)
+            else:
+                accs = self.evaluate([b.index for b in trained])
+                for b, acc in zip(trained, accs, strict=True):
+                    b.eval_history.append({"epoch": epoch, "split": self.eval_split, "acc": acc})
+                    # every scalar of a run shares one x-axis, the optimizer step (train/epoch maps it to epochs)
+                    b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, b.step)
+                    progress.emit(progress.Eval(b.run_name, epoch, b.cfg.epochs, self.eval_split, acc))
         peak, peak_kind = device_peak_memory(self.device)
         for b in trained:
             b.writer.add_scalar("train/epoch", epoch, b.step)
@@ -353,18 +413,66 @@ class TrialRecipe:
         if self.report is not None:
             self.report({"epoch": epoch, "branches": [summary(b, self.eval_split) for b in self.branches]})
 
+    # deferred evaluation: snapshots of the trainable weights at each evaluation epoch, scored in one pass at the end
+    def _snapshot_path(self, b: _Branch, epoch: int) -> Path:
+        return b.run_dir / "eval_snapshots" / f"epoch{epoch:05d}.safetensors"
+
+    def _snapshot(self, b: _Branch, epoch: int) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in b.module.state_dict().items()}
+        atomic_write(self._snapshot_path(b, epoch), lambda tmp: save_file(state, str(tmp)))
+        b.pending_evals.append((epoch, b.step))
+
+    def _deferred_evaluation(self, trained: list[_Branch], epoch: int) -> None:
+        """Score every pending snapshot and the final weights of ``trained`` as branches of one packed pass."""
+        from safetensors.torch import load_file
+
+        modules, owners = [], []
+        for b in trained:
+            for e, step in b.pending_evals:
+                path = self._snapshot_path(b, e)
+                if not path.is_file():
+                    raise ConfigError(f"{b.run_name}: the weight snapshot of epoch {e} ({path}) for deferred "
+                                      "evaluation is missing; rerun the trial with resume=false")
+                module = self._new_branch(b.cfg)
+                module.load_state_dict(load_file(str(path)))
+                modules.append(module.to(self.device))
+                owners.append((b, e, step))
+            modules.append(b.module)
+            owners.append((b, epoch, b.step))
+        accs = self.evaluate(branches=modules)
+        for (b, e, step), acc in zip(owners, accs, strict=True):
+            b.eval_history.append({"epoch": e, "split": self.eval_split, "acc": acc})
+            # at the optimizer step the snapshot was taken, as a periodic evaluation would have written it
+            b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, step)
+            progress.emit(progress.Eval(b.run_name, e, b.cfg.epochs, self.eval_split, acc))
+        for b in trained:
+            for e, _ in b.pending_evals:
+                self._snapshot_path(b, e).unlink(missing_ok=True)
+            b.pending_evals = []
+            try:
+                (b.run_dir / "eval_snapshots").rmdir()
+            except OSError:
+                pass
+
     @torch.no_grad()
-    def evaluate(self, index: list[int]) -> list[float]:
-        """Accuracy (percent) of the given branches on the eval split: one frozen pass feeds them all."""
+    def evaluate(self, index: list[int] | None = None, branches: list[QueryBranch] | None = None) -> list[float]:
+        """Accuracy (percent) of branches (by pack index, or given modules) on the eval split, one frozen pass."""
         self.model.eval()
-        correct = torch.zeros(len(index), dtype=torch.long, device=self.device)
+        chosen = branches if branches is not None else [self.model.branches[i] for i in index]
+        for module in chosen:
+            module.eval()
+        correct = torch.zeros(len(chosen), dtype=torch.long, device=self.device)
         total = 0
         bs = self.cfg.eval_batch_size
-        for start in range(0, len(self.eval_labels), bs):
-            idx = np.arange(start, min(start + bs, len(self.eval_labels)))
-            x, y = self._batch(self.eval_images, self.eval_labels, idx)
+        batches = [np.arange(s, min(s + bs, len(self.eval_labels))) for s in range(0, len(self.eval_labels), bs)]
+        inputs = self._feed(getattr(self, "eval_kv", None), self.eval_images, batches)
+        for idx in batches:
+            x = next(inputs)
+            y = torch.as_tensor(self.eval_labels[idx], dtype=torch.long).to(self.device, non_blocking=True)
             with self.accelerator.autocast():
-                logits = self.model(x, active=index)
+                logits = self.model.forward_branches(chosen, **x)
             preds = torch.stack([out.argmax(dim=-1) for out in logits])
             preds, y = self.accelerator.gather_for_metrics((preds.T.contiguous(), y))
             correct += (preds.T == y).sum(dim=1)
