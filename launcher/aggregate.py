@@ -9,7 +9,6 @@ tasks. Never imports ray.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -19,19 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from synqt import registry, rundir
-from synqt.config import LABELS
 from synqt.errors import SynQTError
-from synqt.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from synqt.fileio import atomic_write_json, atomic_write_text
+from synqt.tblog import SWEEP_SUMMARY_RUN
 
 log = logging.getLogger(__name__)
 
 GROUPS: tuple[str, ...] = registry.VTAB_GROUPS
 
 SEED_KEYS = rundir.SEED_KEYS  # identify a run, not a hyperparameter point: never used to group runs into points
-
-GROUP_COLOURS = {"Natural": "#2e8b57", "Specialized": "#e08a1e", "Structured": "#3a6fb0", None: "#8c8c8c"}
-
-OUTPUT_FILES = ("results.json", "results.csv", "results.md", "results.png")
 
 
 # ----------------------------------------------------------------------------- dataset metadata
@@ -103,8 +98,7 @@ def load_runs(run_dir: str | Path) -> tuple[dict[str, Any] | None, list[dict[str
 
 def hparams_key(hparams: Mapping[str, Any] | None) -> str:
     """Canonical JSON of a hyperparameter point (seed keys dropped): groups runs and breaks ties."""
-    clean = {k: v for k, v in (hparams or {}).items() if k not in SEED_KEYS}
-    return json.dumps(clean, sort_keys=True, default=str)
+    return rundir.point_key(hparams)
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -348,282 +342,40 @@ def build_results(run_dir: str | Path) -> dict[str, Any]:
     }
     if fgvc:
         results["mean_fgvc"] = mean_over(fgvc)
+    results["best_of_test"] = _best_of_test_block(datasets, vtab, fgvc)
     return results
+
+
+def _best_of_test_block(datasets: Mapping[str, Any], vtab: list[str], fgvc: list[str]) -> dict[str, Any]:
+    """The best-of-test counterparts of the final-accuracy means (selected on test; null where a task of
+    the mean has no best-of-test number, e.g. the vtab protocol)."""
+    def mean_of(members: list[str]) -> float | None:
+        vals = [datasets[m]["best_of_test"] for m in members]
+        return statistics.fmean(vals) if vals and all(v is not None for v in vals) else None
+
+    groups = {g: mean_of([n for n in vtab if datasets[n]["group"] == g]) for g in GROUPS}
+    block: dict[str, Any] = {
+        "label": "selected on test: mean over tasks of the best of each run's periodic test evaluations "
+                 "(the official SynQT number); never comparable with val-selected numbers",
+        "groups": groups,
+        "mean_of_groups": statistics.fmean(groups.values()) if all(v is not None for v in groups.values())
+        else None,
+        "mean_of_tasks": mean_of(vtab),
+    }
+    if fgvc:
+        block["mean_fgvc"] = mean_of(fgvc)
+    return block
 
 
 # ----------------------------------------------------------------------------- formatting
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+def format_table(results: Mapping[str, Any], runs: list[dict[str, Any]] | None = None,
+                 out_dir: str | Path | None = None) -> str:
+    """The Markdown report (results.md); see ``launcher.report.format_report``."""
+    from launcher.report import format_report
 
-
-def _fmt_num(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    return f"{value:g}"
-
-
-def compact_hparams(hparams: Mapping[str, Any] | None) -> str:
-    """``T=4 s_feat=0.1 lr=0.001``: short names for the SynQT keys, everything else as is."""
-    if not hparams:
-        return "–"
-    return " ".join(f"{LABELS.get(k, k)}={_fmt_num(v)}" for k, v in sorted(hparams.items()))
-
-
-def _mib(value: Any) -> str:
-    return "–" if not isinstance(value, (int, float)) else f"{value / 2**20:.0f}"
-
-
-def _params(value: Any) -> str:
-    return "–" if not isinstance(value, int) else f"{value:,}"
-
-
-def _group_cell(d: Mapping[str, Any]) -> str:
-    """The table's group column: the VTAB group, FGVC, or other (a dataset the registry does not know)."""
-    if d["group"]:
-        return str(d["group"])
-    return "FGVC" if d.get("benchmark") == "fgvc" else "other"
-
-
-def _acc_cell(d: Mapping[str, Any]) -> str:
-    if d["status"] != "ok":
-        return d["status"]
-    text = _fmt(d["accuracy"])
-    if d["std"] is not None:
-        text += f" ± {_fmt(d['std'])}"
-    if d["selection"] == "test":
-        text += " (chosen on test)"
-    return text
-
-
-def _incomplete_note(results: Mapping[str, Any], members: Iterable[str]) -> str:
-    members = set(members)
-    parts: dict[str, list[str]] = {}
-    for item in results["incomplete"]:
-        if item["dataset"] in members:
-            parts.setdefault(item["status"], []).append(item["dataset"])
-    return "incomplete (" + "; ".join(f"{s}: {', '.join(n)}" for s, n in parts.items()) + ")"
-
-
-def _mean_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    """(name, value text, how) for every mean, with incomplete/n.a. spelled out."""
-    ds = results["datasets"]
-    labels = results["labels"]
-    rows = []
-    for g in GROUPS:
-        members = [n for n, d in ds.items() if d["group"] == g]
-        if not members:
-            value = f"n/a (no {g} task in this sweep)"
-        elif results["groups"][g] is None:
-            value = _incomplete_note(results, members)
-        else:
-            value = _fmt(results["groups"][g])
-        rows.append((f"{g} (group mean)", value, f"mean of the {len(members)} {g} task accuracies"))
-    vtab = [n for n, d in ds.items() if d["group"] in GROUPS]
-    vtab_incomplete = any(i["dataset"] in vtab for i in results["incomplete"])
-    for key, name in (("mean_of_groups", "Mean of groups"), ("mean_of_tasks", "Mean of tasks")):
-        value = results[key]
-        if value is not None:
-            text = _fmt(value)
-        elif not vtab:
-            text = "n/a (no VTAB task in this sweep)"
-        else:
-            notes = [_incomplete_note(results, vtab)] if vtab_incomplete else []
-            absent = [g for g in GROUPS if not any(d["group"] == g for d in ds.values())]
-            if key == "mean_of_groups" and absent:
-                notes.append(f"n/a (no {', '.join(absent)} task in this sweep)")
-            text = "; ".join(notes)
-        rows.append((name, text, labels[key]))
-    if "mean_fgvc" in results:
-        fg = [n for n, d in ds.items() if d["group"] not in GROUPS and d.get("benchmark") == "fgvc"]
-        value = results["mean_fgvc"]
-        rows.append(("FGVC mean", _fmt(value) if value is not None else _incomplete_note(results, fg),
-                     labels["mean_fgvc"]))
-    return rows
-
-
-def _best_of_test_means(results: Mapping[str, Any]) -> tuple[dict[str, float | None], float | None]:
-    ds = results["datasets"]
-    out: dict[str, float | None] = {}
-    for g in GROUPS:
-        vals = [d["best_of_test"] for d in ds.values() if d["group"] == g]
-        out[g] = statistics.fmean(vals) if vals and all(v is not None for v in vals) else None
-    both = [out[g] for g in GROUPS]
-    return out, statistics.fmean(both) if all(v is not None for v in both) else None
-
-
-def format_table(results: Mapping[str, Any]) -> str:
-    """The Markdown report (also results.md): per-task table, labelled means, incomplete list, files."""
-    ds = results["datasets"]
-    protocol = results.get("protocol")
-    show_best = any(d["best_of_test"] is not None for d in ds.values())
-    show_val = any(d["val_acc"] is not None for d in ds.values())
-    lines = [f"# VTAB-1k results (protocol: {protocol or 'unknown'})", ""]
-    lines.append(f"accuracy: {results['labels']['accuracy']}.")
-    if show_best:
-        lines.append(f"best of test: {results['labels']['best_of_test']}.")
-    lines.append("")
-
-    header = ["task", "group", "test acc (%)"]
-    if show_best:
-        header.append("best of test (%, selected on test)")
-    if show_val:
-        header.append("val200 (%)")
-    header += ["selection", "hparams", "trainable params", "peak mem (MiB)", "seeds", "failed runs"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    for name, d in ds.items():
-        row = [name, _group_cell(d), _acc_cell(d)]
-        if show_best:
-            row.append(_fmt(d["best_of_test"]))
-        if show_val:
-            row.append(_fmt(d["val_acc"]))
-        row += [
-            f"test ({d['n_points']} points)" if d["selection"] == "test" else (d["selection"] or "–"),
-            compact_hparams(d["hparams"]),
-            _params(d["trainable_params"]),
-            _mib(d["peak_memory_bytes"]),
-            ", ".join(str(s) for s in d["seeds"]) or "–",
-            str(d.get("n_failed", 0)),
-        ]
-        lines.append("| " + " | ".join(row) + " |")
-
-    lines += ["", "| mean | value (%) | how it is computed |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in _mean_rows(results)]
-
-    if show_best:
-        bot_groups, bot_mean = _best_of_test_means(results)
-        lines += [
-            "",
-            "best of test (selected on test, the official SynQT number; "
-            "not comparable to val-selected results): "
-            + ", ".join(f"{g} {_fmt(v)}" for g, v in bot_groups.items())
-            + f", mean of groups {_fmt(bot_mean)}",
-        ]
-    if any(d["selection"] == "test" for d in ds.values()):
-        lines += ["", "chosen on test: the hyperparameter point of these tasks was picked by its mean test "
-                  "accuracy among the points of the grid; the number is optimistic."]
-
-    failed_runs = [(n, f) for n, d in ds.items() if d["status"] == "ok" for f in d.get("failed_runs", [])]
-    if failed_runs:
-        lines += ["", "## Failed runs of tasks that also have ok runs", ""]
-        lines += [f"- {n}: {f['run_name']} (stage {f['stage']}, seed {f['seed']}): {f['error']}"
-                  for n, f in failed_runs]
-    if results["incomplete"]:
-        lines += ["", "## Incomplete (no ok final run)", ""]
-        lines += [f"- {i['dataset']} ({_group_cell(ds[i['dataset']])}): {i['status']}: {i['error']}"
-                  for i in results["incomplete"]]
-    acc = results.get("runs") or {}
-    if acc.get("broken") or acc.get("superseded"):
-        lines += ["", "## Run directories not counted", ""]
-        lines += [f"- broken: {b['path']}: {b['error']}" for b in acc.get("broken", [])]
-        lines += [f"- duplicate: {d['path']} is the same trial as {d['counted']}, which finished later and counts"
-                  for d in acc.get("superseded", [])]
-    files = results.get("files")
-    if files:
-        lines += ["", "## Files", ""]
-        lines += [f"- {k}: {v}" for k, v in files.items()]
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(results: Mapping[str, Any]) -> str:
-    """results.csv: one row per task, then one row per mean (kind=mean), with labelled columns."""
-    import csv
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([
-        "kind", "dataset", "group", "accuracy", "std", "n_seeds", "seeds",
-        "best_of_test (selected on test)", "val_acc", "selection", "accuracy_label", "hparams",
-        "trainable_params", "peak_memory_mib", "n_runs", "n_failed", "status", "error",
-    ])  # fmt: skip
-
-    def num(v: Any, digits: int = 4) -> str:
-        return "" if v is None else f"{v:.{digits}f}"
-
-    for name, d in results["datasets"].items():
-        writer.writerow([
-            "task", name, d["group"] or "", num(d["accuracy"]), num(d["std"]), len(d["seeds"]),
-            " ".join(str(s) for s in d["seeds"]), num(d["best_of_test"]), num(d["val_acc"]),
-            d["selection"] or "", "chosen on test" if d["selection"] == "test" else "",
-            json.dumps(d["hparams"], sort_keys=True) if d["hparams"] is not None else "",
-            d["trainable_params"] if d["trainable_params"] is not None else "",
-            num(d["peak_memory_bytes"] / 2**20, 1) if d["peak_memory_bytes"] is not None else "",
-            d["n_runs"], d.get("n_failed", 0), d["status"], d["error"] or "",
-        ])  # fmt: skip
-    means = [(f"group mean: {g}", g, results["groups"][g], results["labels"]["groups"]) for g in GROUPS]
-    means.append(("mean_of_groups", "", results["mean_of_groups"], results["labels"]["mean_of_groups"]))
-    means.append(("mean_of_tasks", "", results["mean_of_tasks"], results["labels"]["mean_of_tasks"]))
-    if "mean_fgvc" in results:
-        means.append(("mean_fgvc", "", results["mean_fgvc"], results["labels"]["mean_fgvc"]))
-    for name, group, value, label in means:
-        writer.writerow(["mean", name, group, num(value), "", "", "", "", "", "", label,
-                         "", "", "", "", "", "ok" if value is not None else "incomplete", ""])
-    return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------- chart
-
-
-def make_figure(results: Mapping[str, Any]) -> Any:
-    """Per-task bars (std error bars) coloured by VTAB group, then the group means and overall means."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    ds = results["datasets"]
-    names = list(ds)
-    extra: list[tuple[str, float | None, str | None]] = [
-        (f"{g} mean", results["groups"][g], g) for g in GROUPS if any(d["group"] == g for d in ds.values())
-    ]
-    extra.append(("Mean of groups", results["mean_of_groups"], None))
-    extra.append(("Mean of tasks", results["mean_of_tasks"], None))
-    if "mean_fgvc" in results:
-        extra.append(("FGVC mean", results["mean_fgvc"], None))
-
-    n = len(names) + len(extra) + 1
-    fig = Figure(figsize=(max(6.0, 0.45 * n + 1.5), 4.8), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    xs = list(range(len(names)))
-    for x, name in zip(xs, names, strict=True):
-        d = ds[name]
-        colour = GROUP_COLOURS.get(d["group"], GROUP_COLOURS[None])
-        if d["status"] == "ok":
-            ax.bar(x, d["accuracy"], color=colour, yerr=d["std"] or 0.0, capsize=3, edgecolor="black", lw=0.5)
-        else:
-            ax.text(x, 2, d["status"], rotation=90, ha="center", va="bottom", fontsize=8, color="#b00020")
-    ex = [len(names) + 1 + i for i in range(len(extra))]
-    for x, (_, value, group) in zip(ex, extra, strict=True):
-        colour = GROUP_COLOURS.get(group, "#444444")
-        if value is not None:
-            ax.bar(x, value, color=colour, hatch="//", edgecolor="black", lw=0.5)
-            ax.text(x, value + 1, f"{value:.1f}", ha="center", va="bottom", fontsize=7)
-        else:
-            ax.text(x, 2, "incomplete", rotation=90, ha="center", va="bottom", fontsize=8, color="#b00020")
-    ax.set_xticks(xs + ex)
-    ax.set_xticklabels(names + [e[0] for e in extra], rotation=60, ha="right", fontsize=8)
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("test accuracy (%)")
-    fig.suptitle(f"VTAB-1k, protocol {results.get('protocol') or 'unknown'} (bars: mean ± std over seeds)",
-                 fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    present = [g for g in GROUPS if any(d["group"] == g for d in ds.values())]
-    handles = [Patch(color=GROUP_COLOURS[g], label=g) for g in present]
-    if any(d["group"] not in GROUPS for d in ds.values()):
-        handles.append(Patch(color=GROUP_COLOURS[None], label="FGVC/other"))
-    handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="means"))
-    ax.legend(handles=handles, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles),
-              frameon=False)
-    fig.tight_layout()
-    return fig
-
-
-def _figure_png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return format_report(results, runs, out_dir)
 
 
 def _figure_rgb(fig: Any) -> Any:
@@ -636,36 +388,43 @@ def _figure_rgb(fig: Any) -> Any:
 # ----------------------------------------------------------------------------- TensorBoard
 
 
-def write_tensorboard(results: Mapping[str, Any], table: str, image: Any, log_dir: Path) -> Path:
-    """One sweep-level TensorBoard run: the table as text, the chart as an image, the means as scalars.
+def write_tensorboard(results: Mapping[str, Any], table: str, image: Any, log_dir: Path,
+                      runs: Sequence[Mapping[str, Any]] = ()) -> Path:
+    """The sweep-level TensorBoard run (``_sweep_summary``): the HParams experiment, the table, the chart.
 
-    Earlier event files of this folder are removed first, so re-aggregating does not stack runs.
+    The experiment (``synqt.tblog.write_experiment``) gives TensorBoard's HParams view the domain of every
+    hyperparameter over ``runs`` (their metrics.json), so it shows what the sweep varied, with the ``final/*``
+    metrics as columns. The table (text) and the chart (image) sit under ``sweep/``; no one-point scalars
+    (the per-task numbers are the HParams view's rows). Earlier event files here are removed first, so
+    re-aggregating does not stack.
     """
     from torch.utils.tensorboard import SummaryWriter
+
+    from synqt.tblog import metric_tags_for, session_hparams, write_experiment
 
     log_dir.mkdir(parents=True, exist_ok=True)
     for old in log_dir.glob("events.out.tfevents.*"):
         old.unlink()
+    if runs:
+        write_experiment(log_dir, [session_hparams(m) for m in runs], metric_tags_for(runs))
     writer = SummaryWriter(log_dir=str(log_dir))
     try:
-        writer.add_text("results/table", table, 0)
-        writer.add_image("results/chart", image, 0, dataformats="HWC")
-        for name, d in results["datasets"].items():
-            if d["accuracy"] is not None:
-                writer.add_scalar(f"accuracy/{name}", d["accuracy"], 0)
-            if d["best_of_test"] is not None:
-                writer.add_scalar(f"best_of_test_selected_on_test/{name}", d["best_of_test"], 0)
-        for g in GROUPS:
-            if results["groups"][g] is not None:
-                writer.add_scalar(f"group_mean/{g}", results["groups"][g], 0)
-        for key in ("mean_of_groups", "mean_of_tasks", "mean_fgvc"):
-            value = results.get(key)
-            if value is not None:
-                writer.add_scalar(f"mean/{key}", value, 0)
+        writer.add_text("sweep/results", table, 0)
+        writer.add_image("sweep/chart", image, 0, dataformats="HWC")
         writer.flush()
     finally:
         writer.close()
     return log_dir
+
+
+def write_planned_experiment(sweep_dir: Path, trials: Sequence[Any]) -> Path:
+    """The HParams experiment of a sweep about to run (its planned trials), so TensorBoard shows the
+    right columns while it runs; ``aggregate`` rewrites it from the finished runs."""
+    from synqt.tblog import planned_metric_tags, planned_session, write_experiment
+
+    return write_experiment(sweep_dir / SWEEP_SUMMARY_RUN,
+                            [planned_session(t.config, t.hparams) for t in trials],
+                            planned_metric_tags({t.config.protocol for t in trials}))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -683,21 +442,28 @@ def _json_safe(obj: Any) -> Any:
 
 
 def aggregate(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Write results.{json,csv,md,png} and ``tensorboard/`` into out_dir (default run_dir).
+    """Write into out_dir (default run_dir): results.json, results.csv (one row per task), means.csv,
+    runs.csv (one row per run), table.md / table.tex (the paper table), results.md, the figures
+    results / curves / cost as PNG (300 dpi) and PDF, and the ``_sweep_summary/`` TensorBoard run.
 
-    Returns the content of results.json plus ``files`` (name -> path of everything written).
+    Returns the content of results.json plus ``files`` (name -> absolute path of everything written).
     """
+    from launcher.plots import accuracy_figure, write_plots
+    from launcher.report import write_tables
+
     results = _json_safe(build_results(run_dir))
+    _, runs, _ = load_runs(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {name: str((out / name).resolve()) for name in OUTPUT_FILES}
-    files["tensorboard"] = str((out / "tensorboard").resolve())
 
     atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "results.csv", write_csv(results))
-    table = format_table({**results, "files": files})
+    files = {"results.json": str((out / "results.json").resolve())}
+    files.update(write_tables(results, runs, out))
+    files.update(write_plots(results, runs, out))
+    files["results.md"] = str((out / "results.md").resolve())
+    files["tensorboard"] = str((out / SWEEP_SUMMARY_RUN).resolve())
+    table = format_table({**results, "files": files}, runs, out)
     atomic_write_text(out / "results.md", table)
-    fig = make_figure(results)
-    atomic_write_bytes(out / "results.png", _figure_png(fig))
-    write_tensorboard(results, table, _figure_rgb(fig), out / "tensorboard")
+    write_tensorboard(results, table, _figure_rgb(accuracy_figure(results, runs)), out / SWEEP_SUMMARY_RUN,
+                      runs=runs)
     return {**results, "files": files}

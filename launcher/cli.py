@@ -7,8 +7,12 @@ Heavy imports (torch, ray) happen inside each subcommand so that `synqt --help` 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from collections.abc import Sequence
+
+from launcher.console import Exit
 
 EPILOG = """examples:
   synqt demo                                   # synthetic benchmark + tiny ViT, whole pipeline on CPU
@@ -18,15 +22,38 @@ EPILOG = """examples:
   synqt sweep configs/sweeps/vtab1k.yaml data_root=/data/vtab-1k storage_path=/shared/runs
   synqt sweep configs/sweeps/vtab1k.yaml --dry-run
   synqt aggregate /shared/runs/vtab1k
+  synqt compare /shared/runs/vtab1k /shared/runs/vtab1k_T4
   synqt status /shared/runs/vtab1k
   synqt data check /data/vtab-1k cifar dtd
   synqt bench backbone=vit_base_patch16_224 batch_size=64
 """
 
 
+EXIT_CODES = """exit codes (every subcommand):
+  0    everything asked for finished and is ok
+  1    an unexpected error (a bug; the traceback is shown)
+  2    bad input: command line, config, data or file (nothing was started)
+  3    finished, but with failed or missing runs (train, sweep, aggregate; status: some trial failed)
+  4    status only: trials still running or pending, none failed
+  130  interrupted (Ctrl-C)
+  141  the reader of the output went away (e.g. `| head`); ended quietly"""
+
+
+def _common() -> argparse.ArgumentParser:
+    """-v / -q of every subcommand (a parent parser; they count: -vv, -qq)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("output")
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more: debug messages, Ray's own output and trial table (-vv: everything)")
+    g.add_argument("-q", "--quiet", action="count", default=0,
+                   help="less: warnings and the final result only (-qq: errors only)")
+    return p
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
+        parents=[_common()],
         help="run one trial (no Ray)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
@@ -58,17 +85,38 @@ def _trial_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from launcher.console import TrainPrinter, final_line
+    from synqt import progress
     from synqt.config import load_config
     from synqt.training import run_trial
 
     cfg = load_config(args.config, _trial_overrides(args))
-    metrics = run_trial(cfg, args.out, resume=args.resume)
-    return 0 if metrics["status"] == "ok" else 1
+    from synqt.compat import check_same_run
+    from synqt.rundir import read_metrics
+
+    previous = read_metrics(args.out)
+    if args.resume or (previous and previous.get("status") == "ok"):
+        check_same_run(cfg, args.out)  # a resume continues exactly the same run, or stops naming each change
+    if previous and previous.get("status") == "ok":
+        acc = {k: previous[k] for k in ("val_acc", "test_acc") if previous.get(k) is not None}
+        print(f"synqt train: {args.out} already finished ({', '.join(f'{k}={v:.2f}' for k, v in acc.items())}); "
+              "nothing to train", file=sys.stderr)
+        return Exit.OK
+    printer = TrainPrinter(quiet=args.quiet > 0)
+    try:
+        with progress.listening(printer):
+            metrics = run_trial(cfg, args.out, resume=args.resume)
+    finally:
+        printer.close()
+    if args.quiet < 2:
+        print(final_line(metrics, args.out), flush=True)
+    return Exit.OK if metrics["status"] == "ok" else Exit.FAILED_RUNS
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
+        parents=[_common()],
         help="score a trainable-only (or official-format) checkpoint on a split",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
@@ -94,12 +142,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _trial_overrides(args))
     result = evaluate_checkpoint(cfg, args.weights, split=args.split, official=args.official, out=args.out)
     print(f"{cfg.dataset} {args.split}: {result['acc']:.2f}% ({result['images']} images)")
-    return 0
+    return Exit.OK
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep",
+        parents=[_common()],
         help="run a sweep on a Ray cluster (or print its plan)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
@@ -124,22 +173,36 @@ data_root, name, protocol, ...) and trial config keys (epochs=5, backbone_kwargs
     p.set_defaults(func=_cmd_sweep)
 
 
+def _sweep_console(args: argparse.Namespace):
+    """(progress listener, watch) of a running sweep: finished-trial lines and counts; epoch lines with -v."""
+    from launcher.console import SweepWatcher, TrainPrinter
+
+    # in-process packs (--sequential) show their epochs only with -v; Ray's workers never print them
+    listener = TrainPrinter(prefix=True, bar=False) if args.verbose else (lambda event: None)
+    watch = None if args.quiet else SweepWatcher
+    return listener, watch
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from launcher.commands import run_sweep_command
+    from synqt import progress
 
-    return run_sweep_command(
-        args.sweep_file, args.overrides, dry_run=args.dry_run, resume=args.resume,
-        address=args.address, as_json=args.json, sequential=args.sequential,
-    )
+    listener, watch = _sweep_console(args)
+    with progress.listening(listener):
+        return run_sweep_command(
+            args.sweep_file, args.overrides, dry_run=args.dry_run, resume=args.resume,
+            address=args.address, as_json=args.json, sequential=args.sequential, watch=watch,
+        )
 
 
 def _add_aggregate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "aggregate",
+        parents=[_common()],
         help="turn a run directory's metrics.json files into the VTAB-1k table",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
-  synqt aggregate /shared/runs/vtab1k        # writes results.{json,csv,md,png} + tensorboard/ there
+  synqt aggregate /shared/runs/vtab1k        # writes results.{json,csv,md,png} + _sweep_summary/ there
   synqt aggregate runs/ --out report/""",
     )
     p.add_argument("run_dir")
@@ -148,34 +211,96 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
-    from launcher.aggregate import aggregate, format_table
+    from pathlib import Path
+
+    from launcher.aggregate import aggregate
+    from launcher.report import summary_text
 
     results = aggregate(args.run_dir, out_dir=args.out)
-    print(format_table(results))
-    return 0
+    if args.quiet < 2:
+        print(summary_text(results))
+        out = Path(args.out or args.run_dir)
+        print(f"report: {out / 'results.md'}  tables: {out / 'table.md'}, {out / 'table.tex'}, "
+              f"{out / 'results.csv'}, {out / 'runs.csv'}  plots: {out / 'results.png'}, {out / 'curves.png'}, "
+              f"{out / 'cost.png'} (+ .pdf)")
+    failed = (results["incomplete"] or any(d.get("n_failed") for d in results["datasets"].values())
+              or (results.get("runs") or {}).get("broken"))  # a broken metrics.json: a run without a result
+    return Exit.FAILED_RUNS if failed else Exit.OK
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="two or more sweeps (or published tables as CSV) side by side per task, with differences",
+        parents=[_common()],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  synqt compare /shared/runs/vtab1k /shared/runs/vtab1k_T4            # first = baseline
+  synqt compare paper=published_synqt.csv mine=/shared/runs/vtab1k --metric best_of_test
+  synqt compare A B C --out report/compare                            # also report/compare.{md,csv}
+a source: a sweep folder (its results.json, or aggregated on the fly), a results.json, or a CSV with
+columns dataset,accuracy (optional method, group), or a paper-layout CSV (method + one column per task,
+e.g. CIFAR-100,Caltech101,...); NAME=SOURCE names its column.""",
+    )
+    p.add_argument("sources", nargs="+", help="two or more: sweep folders, results.json files or CSV tables")
+    p.add_argument("--metric", default="accuracy", choices=["accuracy", "best_of_test"],
+                   help="accuracy: final test accuracy (default); best_of_test: selected on test")
+    p.add_argument("--out", help="write OUT.md and OUT.csv too")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from launcher.compare import compare_main
+
+    return compare_main(args.sources, metric=args.metric, out=args.out)
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "status",
+        parents=[_common()],
         help="done / running / failed trials of a sweep and the time left",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  synqt status /shared/runs/vtab1k",
+        epilog="""examples:
+  synqt status /shared/runs/vtab1k
+  synqt status /shared/runs/vtab1k --json | jq .counts
+  synqt status /shared/runs/vtab1k --watch              # refresh every 10 s until nothing runs or is pending
+exit status: 0 all done and ok, 3 some trial failed, 4 still running or pending (none failed).""",
     )
     p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print the status as JSON (with --watch: one object a line)")
+    p.add_argument("--watch", action="store_true", help="refresh until no trial is running or pending")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes with --watch")
     p.set_defaults(func=_cmd_status)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from launcher.status import status_text
+    import json
+    import time
 
-    print(status_text(args.run_dir))
-    return 0
+    from launcher.console import status_exit
+    from launcher.status import collect_status, status_text
+
+    while True:
+        st = collect_status(args.run_dir)
+        if args.json:
+            print(json.dumps(st, default=str, indent=None if args.watch else 2), flush=True)
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\033[H\033[J", end="")  # clear the terminal: one snapshot on screen
+            elif args.watch:
+                print(time.strftime("-- %Y-%m-%d %H:%M:%S"))
+            print(status_text(args.run_dir, st), flush=True)
+        code = status_exit(st)
+        if not args.watch or code != Exit.NOT_FINISHED:
+            return code
+        time.sleep(max(0.5, args.interval))
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
+        parents=[_common()],
         help="synthetic benchmark + tiny ViT: the whole pipeline on CPU in minutes",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  synqt demo\n  synqt demo --out /tmp/synqt-demo",
@@ -187,13 +312,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from launcher.commands import run_demo
+    from synqt import progress
 
-    return run_demo(args.out, args.overrides)
+    listener, watch = _sweep_console(args)
+    with progress.listening(listener):
+        return run_demo(args.out, args.overrides, watch=watch)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
+        parents=[_common()],
         help="saved-activation memory, peak memory and images/s against full fine-tuning and a linear probe",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
@@ -245,6 +374,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     data_sub = p.add_subparsers(dest="data_cmd", required=True)
     c = data_sub.add_parser(
         "check",
+        parents=[_common()],
         help="count images and classes per split; report missing/unreadable files and bad labels",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  synqt data check /data/vtab-1k\n  synqt data check /data/vtab-1k cifar dtd --decode",
@@ -253,9 +383,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     c.add_argument("names", nargs="*", help="dataset folders (default: all under root)")
     c.add_argument("--layout", default="auto")
     c.add_argument("--decode", action="store_true", help="decode every image (slow), not only check it exists")
-    c.set_defaults(func=_cmd_data_check)
+    c.set_defaults(func=_cmd_data_check, _rest="names")  # names are accepted after flags too
     s = data_sub.add_parser(
         "synthetic",
+        parents=[_common()],
         help="write the synthetic demo benchmark (VTAB-1k JSON layout)",
         epilog="examples:\n  synqt data synthetic /tmp/synthetic-vtab",
     )
@@ -293,6 +424,7 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
     slurm_sub = p.add_subparsers(dest="slurm_cmd", required=True)
     a = slurm_sub.add_parser(
         "array",
+        parents=[_common()],
         help="submit slurm/vtab_array.sh over a sweep's plan + a dependent aggregate job",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
@@ -307,6 +439,7 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=_cmd_slurm_array)
     t = slurm_sub.add_parser(
         "task",
+        parents=[_common()],
         help="run trial INDEX of a sweep's plan (used by slurm/vtab_array.sh)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  synqt slurm task configs/sweeps/vtab1k.yaml 17 storage_path=/shared/runs",
@@ -315,6 +448,20 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
     t.add_argument("index", type=int)
     t.add_argument("overrides", nargs="*")
     t.set_defaults(func=_cmd_slurm_task)
+    w = slurm_sub.add_parser(
+        "script",
+        help="write the shipped sbatch script to a path of your choice (to edit its #SBATCH lines)",
+        parents=[_common()],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  synqt slurm script my_vtab.sh                 # then: sbatch my_vtab.sh vtab1k storage_path=/shared/runs
+  synqt slurm script jobs/ --name vtab_array    # jobs/vtab_array.sh""",
+    )
+    w.add_argument("dest", help="file or existing folder to write to")
+    w.add_argument("--name", default="vtab", choices=["vtab", "vtab_array"],
+                   help="vtab: Ray cluster on the allocation (default); vtab_array: one array task per trial")
+    w.add_argument("--force", action="store_true", help="overwrite an existing file")
+    w.set_defaults(func=_cmd_slurm_script)
 
 
 def _cmd_slurm_array(args: argparse.Namespace) -> int:
@@ -324,10 +471,25 @@ def _cmd_slurm_array(args: argparse.Namespace) -> int:
                         concurrency=args.concurrency, sbatch_args=args.sbatch_args)
 
 
-def _cmd_slurm_task(args: argparse.Namespace) -> int:
-    from launcher.slurm import run_array_task
+def _cmd_slurm_script(args: argparse.Namespace) -> int:
+    from launcher.slurm import write_script
 
-    return run_array_task(args.sweep_file, args.index, args.overrides)
+    path = write_script(args.dest, args.name, force=args.force)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_slurm_task(args: argparse.Namespace) -> int:
+    from launcher.console import TrainPrinter
+    from launcher.slurm import run_array_task
+    from synqt import progress
+
+    printer = TrainPrinter(quiet=args.quiet > 0)  # the array task's log gets the lines of `synqt train`
+    try:
+        with progress.listening(printer):
+            return run_array_task(args.sweep_file, args.index, args.overrides)
+    finally:
+        printer.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,25 +497,76 @@ def build_parser() -> argparse.ArgumentParser:
         prog="synqt",
         description="SynQT: memory-efficient tuning of frozen ViTs, from one trial to a VTAB-1k sweep on a cluster.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EPILOG,
+        epilog=EPILOG + "\n" + EXIT_CODES,
     )
+    from synqt.version import version_string
+
+    parser.add_argument("--version", action="version", version=f"synqt {version_string()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_sweep, _add_aggregate, _add_status, _add_demo, _add_bench,
+    for add in (_add_train, _add_eval, _add_sweep, _add_aggregate, _add_compare, _add_status, _add_demo, _add_bench,
                 _add_data, _add_slurm):
         add(sub)
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse with ``key=value`` overrides accepted anywhere, also after flags.
+
+    argparse fills a ``nargs="*"`` positional from its first run of positionals only, so
+    ``synqt sweep FILE --resume lr=1`` leaves ``lr=1`` unrecognised; such leftovers that look like
+    ``key=value`` are appended, in order, to the subcommand's overrides. Anything else is an error.
+    (``parse_intermixed_args`` would do this too, but argparse refuses it on a parser with subcommands.)
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        rest = getattr(args, "_rest", "overrides" if hasattr(args, "overrides") else None)
+        # overrides must look like key=value; a list of names (`data check ROOT NAME ...`) takes any word
+        bad = [e for e in extra if rest is None or e.startswith("-") or (rest == "overrides" and "=" not in e)]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}"
+                         + ("" if rest else f" (`synqt {args.command}` takes no key=value overrides)"))
+        setattr(args, rest, [*getattr(args, rest), *extra])
+    return args
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout went away (`synqt ... | head`): end quietly, without a traceback.
+
+    Python's documented recipe: point stdout at /dev/null so the interpreter's final flush cannot
+    raise again.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return Exit.BROKEN_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from launcher.console import configure_logging
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
+    restore_logging = configure_logging(args.verbose - args.quiet)
     from synqt.errors import SynQTError
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
     except SynQTError as err:
         print(f"synqt {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return Exit.BAD_INPUT
+    except BrokenPipeError:
+        return _stdout_gone()
+    except KeyboardInterrupt as err:  # Ctrl+C, or launcher.stages.SweepInterrupted (SIGINT / SIGUSR1 in a sweep)
+        print(f"\nsynqt {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        if args.command in ("sweep", "demo"):
+            words = list(sys.argv[1:] if argv is None else argv)
+            if args.command == "sweep" and "--resume" not in words:
+                words.append("--resume")  # `synqt demo` continues its sweep by itself
+            print(f"interrupted: resume with: synqt {shlex.join(words)}", file=sys.stderr, flush=True)
+        return Exit.INTERRUPTED
+    finally:
+        restore_logging()
 
 
 if __name__ == "__main__":

@@ -6,9 +6,15 @@ Kept apart from the plan so that `launcher.sweep` imports no executor (no import
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
+from launcher.aggregate import write_planned_experiment
+from launcher.console import Exit
 from launcher.sweep import (
     SWEEP_DIR,
     PlannedTrial,
@@ -48,9 +54,11 @@ def run_sweep_command(
     address: str | None = None,
     as_json: bool = False,
     sequential: bool = False,
+    watch: Callable[[Path], AbstractContextManager[Any]] | None = None,
 ) -> int:
     """`synqt sweep`: plan, validate, then run on Ray (in this process with ``sequential``; print the plan with
-    ``dry_run``)."""
+    ``dry_run``). ``watch(sweep_dir)`` is held open while the trials run (the CLI's finished-trial lines).
+    Returns an exit code of ``launcher.console.Exit``: OK, or FAILED_RUNS when a trial failed or is missing."""
     sweep = load_sweep(sweep_file, overrides)
     if sequential and sweep.asha:
         raise ConfigError(f"{sweep.source}: asha needs Ray Tune's scheduler; --sequential runs every trial to its "
@@ -69,17 +77,23 @@ def run_sweep_command(
         )
     if resume and not plan_file.is_file():
         raise ConfigError(f"--resume: no sweep at {sweep.sweep_dir} (missing {plan_file})")
+    if resume:  # keep unchanged trials, move changed ones aside, say so (launcher/resume.py)
+        from launcher.resume import reconcile
+
+        reconcile(sweep, trials, trials[0].stage if trials else "final")
     if not (resume and _same_plan(plan_file, trials)):
         write_plan(sweep, trials, _stage2_pending(sweep, trials[0].stage if trials else "final"))
-    if sequential:
-        from launcher.stages import run_sequential
+    write_planned_experiment(sweep.sweep_dir, trials)  # TensorBoard's HParams columns while the sweep runs
+    with watch(sweep.sweep_dir) if watch is not None else contextlib.nullcontext():
+        if sequential:
+            from launcher.stages import run_sequential
 
-        result = run_sequential(sweep, trials)
-    else:
-        from launcher.ray_backend import run_sweep
+            result = run_sequential(sweep, trials)
+        else:
+            from launcher.ray_backend import run_sweep
 
-        result = run_sweep(sweep, trials, address=address, resume=resume)
-    return 0 if result.get("ok") else 1
+            result = run_sweep(sweep, trials, address=address, resume=resume)
+    return Exit.OK if result.get("ok") else Exit.FAILED_RUNS
 
 
 def _same_plan(plan_file: Path, trials: list[PlannedTrial]) -> bool:
@@ -91,7 +105,8 @@ def _same_plan(plan_file: Path, trials: list[PlannedTrial]) -> bool:
     return names[: len(trials)] == [t.run_name for t in trials]
 
 
-def run_demo(out: str | Path, overrides: list[str] | None = None) -> int:
+def run_demo(out: str | Path, overrides: list[str] | None = None,
+             watch: Callable[[Path], AbstractContextManager[Any]] | None = None) -> int:
     """`synqt demo`: synthetic benchmark + pre-trained tiny ViT, a real local Ray sweep, the table."""
     from synqt.pretrain import ensure_demo_assets
 
@@ -111,12 +126,14 @@ def run_demo(out: str | Path, overrides: list[str] | None = None) -> int:
     resume = (sweep.sweep_dir / rundir.PLAN).is_file()
     if resume:
         print(f"synqt demo: continuing the demo sweep already at {sweep.sweep_dir}")
-    code = run_sweep_command(str(SWEEP_DIR / "demo.yaml"), ov, resume=resume)
+    code = run_sweep_command(str(SWEEP_DIR / "demo.yaml"), ov, resume=resume, watch=watch)
     d = sweep.sweep_dir
     print(
         f"\nresults: {d / 'results.md'}  chart: {d / 'results.png'}\n"
+        f"tables: {d / 'table.md'}, {d / 'table.tex'}, {d / 'runs.csv'}  plots: {d / 'curves.png'}, "
+        f"{d / 'cost.png'} (+ .pdf)\n"
         f"TensorBoard: tensorboard --logdir {d}   (per-run logs under {d / rundir.RUNS}, "
-        f"sweep summary under {d / 'tensorboard'})",
+        f"HParams experiment, table and chart under {d / '_sweep_summary'})",
         flush=True,
     )
     return code

@@ -9,6 +9,11 @@ the driver and shared through the object store as numpy arrays (zero-copy on eac
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -17,6 +22,8 @@ from typing import Any
 import ray
 from ray import tune
 
+from launcher.console import verbosity
+from launcher.resources import DRIVER_MEMORY, check_fits, concurrency_cap, worker_request
 from launcher.stages import drive_stages, finish_sweep, unfinished
 from launcher.sweep import PlannedTrial, Sweep, packs_of
 from synqt import rundir
@@ -25,7 +32,6 @@ from synqt.training.build import backbone_key
 FAIL_ONCE_ENV = "SYNQT_FAIL_ONCE"  # test hook: run_name whose pack raises once, after its first epoch
 FAIL_ONCE_MARKER = ".synqt_fail_once"
 RAY_DIR = "_ray"  # Ray's own files under the sweep folder (one of rundir.SKIP_DIRS)
-DRIVER_MEMORY = 256 * 2**20  # bytes of Ray's logical memory resource a multi-device trial's driver holds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -33,7 +39,8 @@ DRIVER_MEMORY = 256 * 2**20  # bytes of Ray's logical memory resource a multi-de
 
 
 def shared_backbones(trials: list[PlannedTrial], existing: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read each distinct (backbone, kwargs, checkpoint) once: {key: {"state": numpy dict, "identity": ...}}.
+    """Read each distinct (backbone, kwargs, checkpoint) once and ``ray.put`` it once:
+    {key: {"ref": ObjectRef of the numpy state dict, "identity": ...}}.
 
     Trials without a checkpoint (random backbone) or with tensors numpy cannot hold (bf16) build their
     own backbone in the trainer (entry None).
@@ -44,7 +51,9 @@ def shared_backbones(trials: list[PlannedTrial], existing: dict[str, Any] | None
     for t in trials:
         key = backbone_key(t.config)
         if key not in out and t.config.checkpoint:
-            out[key] = shareable_state(t.config)
+            shared = shareable_state(t.config)
+            # one object-store copy per sweep: every trial (and every DeepSpeed worker) gets this reference
+            out[key] = None if shared is None else {"ref": ray.put(shared["state"]), "identity": shared["identity"]}
     return out
 
 
@@ -97,8 +106,16 @@ def pack_trainable(
     backbones: dict[str, Any] | None = None,
     fail_once: str | None = None,
 ) -> None:
-    """Tune function trainable: run one pack with the engine; forward its epoch reports to Tune."""
-    pack = (packs or [])[config["pack"]]
+    """Tune function trainable: run one pack with the engine; forward its epoch reports to Tune.
+
+    ``config["pack"]`` is the pack's content key (``launcher.resume.pack_id``), never its position, so
+    a Tune trial restored from an earlier experiment can only run the pack it was made for.
+    """
+    by_id = {p["id"]: p for p in (packs or [])}
+    if config["pack"] not in by_id:
+        raise RuntimeError(f"Ray trial for pack {config['pack']} is not in this sweep's plan (a restored trial of "
+                           "an earlier plan); it runs nothing")
+    pack = by_id[config["pack"]]
     entry = (backbones or {}).get(backbone_key(pack["cfgs"][0]))
     from synqt.training import run_pack, trainer_for
     from synqt.training.build import frozen_backbone
@@ -107,7 +124,8 @@ def pack_trainable(
     if trainer_for(cfgs[0]) == "deepspeed":
         _deepspeed_trial(pack, entry)
         return
-    backbone = frozen_backbone(cfgs[0], state=entry["state"], identity=entry["identity"]) if entry else None
+    # numpy arrays mapped from the node's object store, not copied
+    backbone = frozen_backbone(cfgs[0], state=ray.get(entry["ref"]), identity=entry["identity"]) if entry else None
     hook = _fail_once_hook(pack["run_names"], pack["run_dirs"], fail_once)
 
     def report(payload: dict[str, Any]) -> None:
@@ -149,15 +167,11 @@ def _deepspeed_trial(pack: dict[str, Any], backbone_entry: dict[str, Any] | None
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from synqt.config import config_to_dict
-
     cfg, run_dir = pack["cfgs"][0], pack["run_dirs"][0]
     if not rundir.is_done(run_dir):
         res = pack["resources"]
         per_worker = {"CPU": res["cpus"], "GPU": res["gpus"]} if res["gpus"] > 0 else {"CPU": res["cpus"]}
-        loop_config = {"cfg": config_to_dict(cfg), "run_dir": run_dir, "backbone": None}
-        if backbone_entry is not None:
-            loop_config["backbone"] = ray.put(backbone_entry["state"])
+        loop_config = deepspeed_loop_config(cfg, run_dir, backbone_entry)
         trainer = TorchTrainer(
             _deepspeed_worker,
             train_loop_config=loop_config,
@@ -173,6 +187,15 @@ def _deepspeed_trial(pack: dict[str, Any], backbone_entry: dict[str, Any] | None
         trainer.fit()  # raises on a worker failure: Tune's FailureConfig retries, the workers resume
     m = rundir.read_metrics(run_dir) or {"run_name": pack["run_names"][0], "status": "missing"}
     tune.report(_final_report([m]))
+
+
+def deepspeed_loop_config(cfg: Any, run_dir: str, backbone_entry: dict[str, Any] | None) -> dict[str, Any]:
+    """The TorchTrainer workers' config: the trial config, its run dir, and the sweep's one reference to the
+    shared frozen backbone (put once per sweep by ``shared_backbones``, never again per trial)."""
+    from synqt.config import config_to_dict
+
+    return {"cfg": config_to_dict(cfg), "run_dir": run_dir,
+            "backbone": backbone_entry["ref"] if backbone_entry is not None else None}
 
 
 def _train_to_tune_callbacks() -> list[Any]:
@@ -214,23 +237,59 @@ def _start_ray(address: str | None, num_cpus: int | None = None) -> bool:
             )
         }
     }
+    # Ray's own console output (its INFO log, the workers' forwarded stdout/stderr) only with -v: the
+    # sweep's lines come from launcher.console.SweepWatcher; trial errors are reported by finish_sweep
+    # and stay in each trial's metrics.json and Ray's session logs.
+    verbose = verbosity() >= 1
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
     else:
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            runtime_env=env,
-            log_to_driver=True,
-        )
+        # num_cpus only when asked for: Ray's own count honours the cgroup (salloc, containers), while
+        # os.cpu_count() is every core of the node
+        extra = {"num_cpus": num_cpus} if num_cpus else {}
+        ray.init(include_dashboard=False, runtime_env=env, **quiet, **extra)
     return True
 
 
+def _alive_nodes() -> list[dict[str, float]]:
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+class _PendingReporter(tune.Callback):
+    """Names each Tune trial that has waited longer than ``after_s`` seconds for its resources (once)."""
+
+    def __init__(self, after_s: float, members: dict[str, list[str]], request: dict[str, float]) -> None:
+        self.after_s, self.members, self.request = after_s, members, request
+        self.since: dict[str, float] = {}
+        self.reported: set[str] = set()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        for trial in trials:
+            if trial.status != "PENDING":
+                self.since.pop(trial.trial_id, None)
+                continue
+            start = self.since.setdefault(trial.trial_id, now)
+            if now - start >= self.after_s and trial.trial_id not in self.reported:
+                self.reported.add(trial.trial_id)
+                runs = self.members.get((trial.config or {}).get("pack"), ["?"])
+                avail = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+                total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+                unit = "worker" if self.request.get("devices", 1) > 1 else "trial"
+                print(f"synqt sweep: trial {', '.join(runs)} has been pending for {now - start:.0f} s "
+                      f"(pending_report_s={self.after_s:g}); it needs {self.request} per {unit}; the cluster "
+                      f"has {total} in total, {avail} free now", flush=True)
+
+
 def _payload(sweep: Sweep, trials: list[PlannedTrial]) -> list[dict[str, Any]]:
+    from launcher.resume import pack_id
+
     out = []
     for p in packs_of(trials):
         out.append(
             {
+                "id": pack_id([t.run_name for t in p], [t.config for t in p]),
                 "cfgs": [t.config for t in p],
                 "run_dirs": [str(t.run_dir(sweep)) for t in p],
                 "run_names": [t.run_name for t in p],
@@ -241,6 +300,13 @@ def _payload(sweep: Sweep, trials: list[PlannedTrial]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _pending_reporter(sweep: Sweep, payload: list[dict[str, Any]]) -> _PendingReporter:
+    request: dict[str, float] = dict(worker_request(sweep.resources))
+    if sweep.resources["devices"] > 1:
+        request["devices"] = sweep.resources["devices"]
+    return _PendingReporter(sweep.pending_report_s, {p["id"]: p["run_names"] for p in payload}, request)
 
 
 def _trial_resources(sweep: Sweep) -> dict[str, float]:
@@ -258,7 +324,11 @@ def _run_stage(
 ) -> list[tuple[str, str]]:
     """Run one stage's packs as Tune trials (restoring the stage's Tuner on --resume); return failures."""
     from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
+    from ray.tune.logger import JsonLoggerCallback
 
+    # Tune's automatic loggers off: its TensorBoardX logger put a second copy of every trial under _ray/ into
+    # `tensorboard --logdir <sweep>` (the engine writes each run's events itself); read when the Tuner starts
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     payload = _payload(sweep, trials)
     refs = {k: v for k, v in backbones.items() if v is not None}
     fail_once = os.environ.get(FAIL_ONCE_ENV)
@@ -267,48 +337,96 @@ def _run_stage(
         _trial_resources(sweep),
     )
     storage = sweep.sweep_dir / RAY_DIR
-    exp_dir = storage / stage
     print(f"synqt sweep: stage {stage}: {len(trials)} trial(s) in {len(payload)} Ray trial(s)", flush=True)
-    if resume and Tuner.can_restore(str(exp_dir)):
-        tuner = Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    ids = [p["id"] for p in payload]
+    exp_name, restore = _experiment(storage, stage, ids, resume)
+    if restore:
+        tuner = Tuner.restore(str(storage / exp_name), trainable=trainable, resume_unfinished=True,
+                              resume_errored=True)
     else:
         scheduler = None
         if sweep.asha and stage == "search":
             from ray.tune.schedulers import ASHAScheduler
 
             scheduler = ASHAScheduler(time_attr="epoch", metric="score", mode="max", **sweep.asha)
-        names = [
-            p["run_names"][0] + (f"+{len(p['run_names']) - 1}" if len(p["run_names"]) > 1 else "")
+        names = {
+            p["id"]: p["run_names"][0] + (f"+{len(p['run_names']) - 1}" if len(p["run_names"]) > 1 else "")
             for p in payload
-        ]
+        }
+        position = {pid: i for i, pid in enumerate(ids)}
         tuner = Tuner(
             trainable,
-            param_space={"pack": tune.grid_search(list(range(len(payload))))},
+            param_space={"pack": tune.grid_search(ids)},
             tune_config=TuneConfig(
-                max_concurrent_trials=sweep.max_concurrent,
+                max_concurrent_trials=concurrency_cap(sweep.resources, _alive_nodes(), sweep.max_concurrent),
                 scheduler=scheduler,
                 trial_name_creator=lambda t: names[t.config["pack"]],
-                trial_dirname_creator=lambda t: f"pack{t.config['pack']:04d}",
+                trial_dirname_creator=lambda t: f"pack{position[t.config['pack']]:04d}-{t.config['pack'][:8]}",
             ),
             run_config=RunConfig(
-                name=stage,
+                name=exp_name,
                 storage_path=str(storage),
-                verbose=1,
+                verbose=min(2, verbosity()),  # Tune's table: -v (1) or -vv (2), silent by default (0)
                 failure_config=FailureConfig(max_failures=sweep.retries),
+                # Ray's JSON record of what each Tune trial reported (result.json; not read by TensorBoard)
+                callbacks=[JsonLoggerCallback(), _pending_reporter(sweep, payload)],
             ),
         )
-    grid = tuner.fit()
+    _write_pack_ids(storage / exp_name, ids)
+    # Tune prints its experiment header and paths on stdout even at verbose=0: only with -v
+    quiet = contextlib.redirect_stdout(io.StringIO()) if verbosity() < 1 else contextlib.nullcontext()
+    with quiet:
+        grid = tuner.fit()
     failures: list[tuple[str, str]] = []
     errored: set[str] = set()
+    by_id = {p["id"]: p for p in payload}
     for res in grid:
         if res.error is not None:
-            idx = (res.config or {}).get("pack")
-            members = payload[idx]["run_names"] if idx is not None and idx < len(payload) else ["?"]
+            pid = (res.config or {}).get("pack")
+            members = by_id[pid]["run_names"] if pid in by_id else ["?"]
             for name in members:
                 if not rundir.is_done(sweep.sweep_dir / rundir.RUNS / name):
                     errored.add(name)
                     failures.append((name, f"{type(res.error).__name__}: {str(res.error).strip()[-500:]}"))
     return failures + unfinished(sweep, trials, skip=errored, stopped_early_ok=bool(sweep.asha and stage == "search"))
+
+
+PACK_IDS_FILE = "synqt_packs.json"  # the pack keys a stage's Tune experiment was made for
+
+
+def _write_pack_ids(exp_dir: Path, ids: list[str]) -> None:
+    from synqt.fileio import atomic_write_json
+
+    atomic_write_json(exp_dir / PACK_IDS_FILE, sorted(ids))
+
+
+def _experiment(storage: Path, stage: str, ids: list[str], resume: bool) -> tuple[str, bool]:
+    """(Tune experiment name, restore it?) for a stage whose packs have the keys ``ids``.
+
+    A Tune experiment is restored only when it was made for exactly these packs. A resume with a changed
+    plan starts a new experiment (named by the plan's keys) instead: Tune's restore knows only the trials
+    it had, so added packs would never run, and it must never run a changed plan inside old trials. The
+    engine itself skips finished trials and resumes unfinished ones from their epoch checkpoints.
+    """
+    from ray.tune import Tuner
+
+    digest = hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:8]
+    candidates = [stage, f"{stage}-{digest}"]
+    if resume:
+        for name in candidates:
+            exp = storage / name
+            try:
+                made_for = json.loads((exp / PACK_IDS_FILE).read_text())
+            except (OSError, ValueError):
+                continue
+            if made_for == sorted(ids) and Tuner.can_restore(str(exp)):
+                return name, True
+    if (storage / stage).exists():
+        print(f"synqt sweep: stage {stage}: the plan differs from the one its Ray experiment "
+              f"{storage / stage} was made for; running a new Ray experiment {candidates[1]} (finished trials are "
+              "not rerun, unfinished ones continue from their last epoch)", flush=True)
+        return candidates[1], False
+    return stage, False
 
 
 def run_sweep(
@@ -321,6 +439,12 @@ def run_sweep(
     """
     t0 = time.time()
     started = _start_ray(address)
+    try:  # a request no node can satisfy would pend forever: refuse it, with both numbers, before any trial
+        check_fits(sweep.resources, _alive_nodes(), ray.cluster_resources())
+    except Exception:
+        if started:
+            ray.shutdown()
+        raise
     refs: dict[str, Any] = {}
 
     def run_stage(stage: str, trials: list[PlannedTrial]) -> list[tuple[str, str]]:

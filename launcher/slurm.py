@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from synqt.errors import ConfigError, SynQTError
+from synqt.resources import package_path
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-ARRAY_SCRIPT = REPO_DIR / "slurm" / "vtab_array.sh"
-SWEEP_SCRIPT = REPO_DIR / "slurm" / "vtab.sh"
+# The sbatch scripts ship inside the package (launcher/sbatch; the repository root links slurm -> launcher/sbatch).
+SBATCH_DIR = package_path("launcher", "sbatch")
+ARRAY_SCRIPT = SBATCH_DIR / "vtab_array.sh"
+SWEEP_SCRIPT = SBATCH_DIR / "vtab.sh"
+SCRIPTS = {"vtab": SWEEP_SCRIPT, "vtab_array": ARRAY_SCRIPT}
 
 
 def _plan(sweep_file: str, overrides: list[str], *, prepare: bool) -> tuple[Any, list[Any]]:
@@ -35,7 +38,15 @@ def _plan(sweep_file: str, overrides: list[str], *, prepare: bool) -> tuple[Any,
         )
     if prepare:
         prepare_demo_assets(sweep)
-    return sweep, plan_trials(sweep)
+    trials = plan_trials(sweep)
+    # before sbatch (and in each task): a missing checkpoint would fail every array task; a demo_assets
+    # sweep gets its checkpoint when a task prepares the assets
+    if prepare or not sweep.demo_assets:
+        from synqt.ckptfile import require_backbone_weights
+
+        for t in trials:
+            require_backbone_weights(t.config.checkpoint, f"{sweep_file}: dataset {t.dataset!r}")
+    return sweep, trials
 
 
 def _synqt_command() -> list[str]:
@@ -142,4 +153,29 @@ def run_array_task(sweep_file: str, index: int, overrides: list[str]) -> int:
     metrics = run_trial(trial.config, run_dir, resume=True)
     status = metrics.get("status")
     print(f"[synqt slurm task] {trial.run_name}: {status}", flush=True)
-    return 0 if status == "ok" else 1
+    from launcher.console import Exit, final_line
+
+    print(f"[synqt slurm task] {final_line(metrics, run_dir)}", flush=True)
+    return Exit.OK if status == "ok" else Exit.FAILED_RUNS
+
+
+
+def write_script(dest: str | Path, name: str = "vtab", *, force: bool = False) -> Path:
+    """Copy the shipped sbatch script ``name`` (``vtab`` or ``vtab_array``) to ``dest``, executable.
+
+    ``dest`` may be a folder (the script keeps its file name there). An existing file is kept unless
+    ``force``; raises ConfigError naming the path or the unknown script name.
+    """
+    if name not in SCRIPTS:
+        raise ConfigError(f"unknown sbatch script {name!r}: expected one of {', '.join(SCRIPTS)}")
+    src = SCRIPTS[name]
+    out = Path(dest)
+    if out.is_dir():
+        out = out / src.name
+    if out.exists() and not force:
+        raise ConfigError(f"{out} exists; choose another path or pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise ConfigError(f"folder {out.parent} does not exist; create it or choose another path")
+    out.write_bytes(src.read_bytes())
+    out.chmod(0o755)
+    return out

@@ -10,9 +10,13 @@ Ray at all: for debugging a sweep, and to measure what Ray's concurrency buys.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 from launcher.sweep import (
@@ -22,12 +26,92 @@ from launcher.sweep import (
     plan_dict,
     plan_trials,
     select_best,
+    stage1_unfinished,
     stage_names,
 )
 from synqt import rundir
+from synqt.ckptfile import is_random
 from synqt.fileio import atomic_write_json
 
 Failures = list[tuple[str, str]]
+INTERRUPT_SIGNALS = ("SIGINT", "SIGUSR1")  # Ctrl+C; SLURM's time-limit warning (slurm/vtab.sh forwards it as SIGINT)
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep was stopped (SIGINT / SIGUSR1) before a stage's trials all ended; no later stage started.
+
+    A KeyboardInterrupt, so the engine's ``except Exception`` failure path does not record the
+    interrupted trials as failed: their epoch checkpoints (resume.pt) stay, and ``--resume`` continues them.
+    """
+
+    def __init__(self, reason: str, stage: str | None = None, unfinished: Sequence[str] = ()) -> None:
+        super().__init__(reason)
+        self.reason, self.stage, self.unfinished = reason, stage, list(unfinished)
+
+    def __str__(self) -> str:
+        where = f" in stage {self.stage}" if self.stage else ""
+        left = f"; {len(self.unfinished)} run(s) unfinished" if self.unfinished else ""
+        return f"interrupted{where} ({self.reason}){left}; no later stage was started"
+
+
+class InterruptGuard:
+    """SIGINT / SIGUSR1 while stages are driven (see ``interrupt_handlers``)."""
+
+    def __init__(self, sigs: list[int], wakeup_read: int | None) -> None:
+        self.sigs, self._read, self.received = sigs, wakeup_read, ""
+        self.stage: str | None = None  # the stage being run, named in the interruption
+
+    def handler(self, signum: int, _frame: Any) -> None:
+        raise SweepInterrupted(f"{signal.Signals(signum).name} received", stage=self.stage)
+
+    def install(self) -> None:
+        for s in self.sigs:
+            signal.signal(s, self.handler)
+
+    def after_stage(self, stage: str, sweep: Sweep, trials: list[PlannedTrial]) -> None:
+        """Put our handlers back (Tune leaves its own installed); raise if a signal came during the stage."""
+        self.install()
+        if self._read is not None and not self.received:
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                while chunk := os.read(self._read, 512):
+                    names = [signal.Signals(b).name for b in chunk if b in self.sigs]
+                    if names:
+                        self.received = names[0]
+                        break
+        if self.received:
+            left = [t.run_name for t in trials if not rundir.is_done(t.run_dir(sweep))]
+            raise SweepInterrupted(f"{self.received} received", stage=stage, unfinished=left)
+
+
+@contextlib.contextmanager
+def interrupt_handlers() -> Iterator[InterruptGuard]:
+    """While stages are driven, SIGINT and SIGUSR1 stop the sweep with ``SweepInterrupted``.
+
+    Outside Ray Tune our handler raises at once. Inside ``Tuner.fit()`` Tune's own handlers take both
+    signals: Tune stops its trials, saves the experiment and returns normally, with every trial marked
+    terminated. So every signal is also recorded through ``signal.set_wakeup_fd`` (Python writes the
+    signal number there whichever handler runs), and ``InterruptGuard.after_stage`` raises after a stage
+    that saw one: the next stage never starts. Outside the main thread nothing is installed.
+    """
+    sigs = [getattr(signal, name) for name in INTERRUPT_SIGNALS if hasattr(signal, name)]
+    if threading.current_thread() is not threading.main_thread():
+        yield InterruptGuard([], None)
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    old_handlers = {s: signal.getsignal(s) for s in sigs}
+    old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    guard = InterruptGuard(sigs, read_fd)
+    guard.install()
+    try:
+        yield guard
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 def write_full_plan(sweep: Sweep, stage1: list[PlannedTrial], stage2: list[PlannedTrial]) -> None:
@@ -35,23 +119,45 @@ def write_full_plan(sweep: Sweep, stage1: list[PlannedTrial], stage2: list[Plann
     for i, t in enumerate(d["trials"]):
         t["index"] = i
     atomic_write_json(sweep.sweep_dir / rundir.PLAN, d)
+    from launcher.aggregate import write_planned_experiment
+
+    write_planned_experiment(sweep.sweep_dir, stage1 + stage2)
 
 
 def drive_stages(sweep: Sweep, plan: list[PlannedTrial],
                  run_stage: Callable[[str, list[PlannedTrial]], Failures]) -> Failures:
-    """Run the planned stage, then (vtab protocol) stage 2 on each dataset's best val200 point."""
-    failures = run_stage(plan[0].stage if plan else "final", plan)
-    if sweep.protocol == "vtab" and "final" in stage_names(sweep):
-        best = select_best(sweep, plan)
-        for d in sweep.datasets:
-            if d in best:
-                print(f"synqt sweep: {d}: selected {best[d] or 'the only point'} on val200", flush=True)
-            else:
-                failures.append((f"final-{d}", "no stage-1 run finished; stage 2 skipped"))
-        stage2 = plan_trials(sweep, "final", best=best)
-        write_full_plan(sweep, plan, stage2)
-        if stage2:
-            failures += run_stage("final", stage2)
+    """Run the planned stage, then (vtab protocol) stage 2 on each dataset's best val200 point.
+
+    A stage advances only when every one of its trials ended: a SIGINT/SIGUSR1 before that (inside
+    Tune's ``fit``, which then returns normally, or anywhere else) raises ``SweepInterrupted``. A dataset
+    whose stage-1 points did not all end (``stage1_unfinished``) is not selected on the others: its
+    stage 2 waits for a ``--resume`` that finishes them, and it is listed among the failures.
+    """
+    with interrupt_handlers() as guard:
+        stage = guard.stage = plan[0].stage if plan else "final"
+        failures = run_stage(stage, plan)
+        guard.after_stage(stage, sweep, plan)
+        if sweep.protocol == "vtab" and "final" in stage_names(sweep):
+            held = stage1_unfinished(sweep, plan)
+            best = select_best(sweep, plan)
+            for d in sweep.datasets:
+                if d in best:
+                    print(f"synqt sweep: {d}: selected {best[d] or 'the only point'} on val200", flush=True)
+                elif d in held:
+                    failures.append((f"final-{d}", f"stage-1 point(s) {', '.join(held[d])} did not finish; not "
+                                                   "selected on partial results, stage 2 skipped (finish them "
+                                                   "with --resume)"))
+                else:
+                    failures.append((f"final-{d}", "no stage-1 run finished; stage 2 skipped"))
+            stage2 = plan_trials(sweep, "final", best=best)
+            from launcher.resume import reconcile
+
+            reconcile(sweep, stage2, "final")  # a resumed sweep: keep unchanged stage-2 runs, move changed ones aside
+            write_full_plan(sweep, plan, stage2)
+            if stage2:
+                guard.stage = "final"
+                failures += run_stage("final", stage2)
+                guard.after_stage("final", sweep, stage2)
     return failures
 
 
@@ -73,10 +179,13 @@ def unfinished(sweep: Sweep, trials: list[PlannedTrial], skip: Collection[str] =
 
 def finish_sweep(sweep: Sweep, failures: Failures, started: float) -> dict[str, Any]:
     """Aggregate the sweep folder, print the table and the failures; the result of ``synqt sweep``."""
-    from launcher.aggregate import aggregate, format_table
+    from launcher.aggregate import aggregate
+    from launcher.console import before_summary
+    from launcher.report import summary_text
 
+    before_summary()  # the last finished-trial lines come before the table
     results = aggregate(sweep.sweep_dir)
-    print(format_table(results), flush=True)
+    print(summary_text(results), flush=True)
     if failures:
         print(f"synqt sweep: {len(failures)} trial(s) failed:", file=sys.stderr)
         for name, err in failures:
@@ -103,7 +212,8 @@ def run_sequential(sweep: Sweep, plan: list[PlannedTrial]) -> dict[str, Any]:
     backbones: dict[str, torch.nn.Module] = {}
 
     def shared_backbone(cfg: Any) -> torch.nn.Module | None:
-        if not cfg.checkpoint or trainer_for(cfg) == "deepspeed":  # random: the trainer seeds its own
+        # random (or no) weights: the trainer seeds its own; DeepSpeed workers build theirs
+        if not cfg.checkpoint or is_random(cfg.checkpoint) or trainer_for(cfg) == "deepspeed":
             return None
         key = backbone_key(cfg)
         if key not in backbones:
@@ -138,4 +248,5 @@ def run_sequential(sweep: Sweep, plan: list[PlannedTrial]) -> dict[str, Any]:
     return finish_sweep(sweep, failures, started)
 
 
-__all__ = ["drive_stages", "finish_sweep", "run_sequential", "unfinished", "write_full_plan"]
+__all__ = ["InterruptGuard", "SweepInterrupted", "drive_stages", "finish_sweep", "interrupt_handlers", "run_sequential",
+           "unfinished", "write_full_plan"]

@@ -8,6 +8,7 @@ filesystem from any machine. Never imports ray.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +124,9 @@ def format_duration(seconds: float) -> str:
     return f"{s} s"
 
 
-def status_text(run_dir: str | Path) -> str:
-    """The text `synqt status RUN_DIR` prints."""
-    st = collect_status(run_dir)
+def status_text(run_dir: str | Path, st: Mapping[str, Any] | None = None) -> str:
+    """The text `synqt status RUN_DIR` prints (of ``st``, a ``collect_status`` result, when given)."""
+    st = collect_status(run_dir) if st is None else st
     c = st["counts"]
     proto = f" (protocol {st['protocol']})" if st["protocol"] else ""
     lines = [f"sweep {st['name']}{proto}: {st['run_dir']}"]

@@ -22,12 +22,14 @@ from typing import Any
 import yaml
 
 from synqt import registry, rundir
+from synqt.ckptfile import RANDOM, is_random, require_backbone_weights
 from synqt.config import TAGS, Schema, pack_key, setting
 from synqt.errors import ConfigError, DataError
 from synqt.fileio import atomic_write_json, atomic_write_text
+from synqt.resources import shipped_config_dir
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-SWEEP_DIR = REPO_DIR / "configs" / "sweeps"
+# The shipped sweeps (synqt/configs/sweeps inside the installed package; `configs/sweeps` in a checkout).
+SWEEP_DIR = shipped_config_dir() / "sweeps"
 
 PROTOCOLS = ("paper", "vtab")
 SEARCHES = ("grid", "random")
@@ -62,6 +64,8 @@ class Sweep:
     trial: dict[str, Any] = setting(factory=dict)
     per_dataset: dict[str, dict[str, Any]] = setting(factory=dict)
     retries: int = setting(2, min=0)
+    # a Ray trial waiting longer than this many seconds for its resources is reported by name
+    pending_report_s: float = setting(600.0, min=0)
     demo_assets: bool = setting(False)
     source: str = field(default="<sweep>", metadata={})
 
@@ -313,6 +317,9 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
     s.storage_path = str(Path(os.path.expanduser(sp)).absolute())
     for k in ("data_root", "checkpoint"):
         v = SWEEP.check(k, raw.get(k), source)
+        if k == "checkpoint" and is_random(v):
+            s.checkpoint = RANDOM  # said on purpose: a randomly initialised backbone, not the path <cwd>/random
+            continue
         setattr(s, k, str(Path(os.path.expanduser(v)).absolute()) if v else None)
     pack = raw.get("pack", "off")
     if isinstance(pack, bool):
@@ -335,6 +342,7 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
         d: _check_trial_mapping(v, source, f"per_dataset.{d}", trial_keys) for d, v in pdm.items()
     }
     s.retries = SWEEP.check("retries", raw.get("retries", 2), source)
+    s.pending_report_s = SWEEP.check("pending_report_s", raw.get("pending_report_s", 600.0), source)
     s.demo_assets = SWEEP.check("demo_assets", raw.get("demo_assets", False), source)
     s.datasets = expand_datasets(s.datasets, source)
     for d in s.per_dataset:
@@ -509,15 +517,43 @@ def plan_trials(
     return trials
 
 
-def select_best(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> dict[str, dict[str, Any]]:
-    """Stage-1 winner per dataset: highest val_acc; ties -> the grid point first in grid order.
+DIVERGED = "non-finite training loss"  # the engine's error for a run whose loss blew up: a search result
 
-    Runs without an ok metrics.json (failed, or stopped early by ASHA) take no part.
+
+def stage1_unfinished(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> dict[str, list[str]]:
+    """dataset -> its stage-1 run names that did not finish (no metrics.json, or failed by raising).
+
+    Finished: an ok metrics.json, or a failed one whose loss diverged (``DIVERGED``: a learning rate that
+    blows up is an outcome of the search, and takes no part in the selection). With ``asha`` a run without
+    metrics.json was stopped early by the scheduler and counts as finished (call this after the stage ended).
     """
     if trials is None:
         trials = plan_trials(sweep, "search")
+    out: dict[str, list[str]] = {}
+    for t in trials:
+        rec = rundir.read_run(t.run_dir(sweep))
+        if rec.state in ("pending", "running"):  # no metrics.json
+            done = bool(sweep.asha)
+        else:
+            done = rec.state == "done" or (rec.state == "failed" and DIVERGED in str(rec.error or ""))
+        if not done:
+            out.setdefault(t.dataset, []).append(t.run_name)
+    return out
+
+
+def select_best(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> dict[str, dict[str, Any]]:
+    """Stage-1 winner per dataset: highest val_acc; ties -> the grid point first in grid order.
+
+    Only datasets whose stage-1 points all finished (``stage1_unfinished``) are selected: never on
+    partial results. Runs that diverged or were stopped early by ASHA take no part.
+    """
+    if trials is None:
+        trials = plan_trials(sweep, "search")
+    held = stage1_unfinished(sweep, trials)
     best: dict[str, tuple[float, int, dict[str, Any]]] = {}
     for t in trials:
+        if t.dataset in held:
+            continue
         m = rundir.read_metrics(t.run_dir(sweep))
         if not m or m.get("status") != "ok" or m.get("val_acc") is None:
             continue
@@ -606,11 +642,18 @@ def prepare_demo_assets(sweep: Sweep) -> None:
 
 
 def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
-    """Refuse a sweep before any Ray resource: data folders + list files, checkpoint, resources."""
+    """Refuse a sweep before any Ray resource: data folders + list files, checkpoint, resources, precision."""
+    from synqt.ckptfile import check_file
     from synqt.config import splits_for
     from synqt.data import validate_dataset
 
+    if _trial_device(sweep) == "cpu" and any(t.config.precision == "bf16" for t in trials):
+        from synqt.precision import check_precision
+
+        check_precision("bf16", "cpu")  # CPU trials: this node's CPU stands for the cluster's (each trial rechecks)
+
     seen: set[tuple] = set()
+    checked: set[str] = set()
     for t in trials:
         cfg = t.config
         if not cfg.data_root:
@@ -631,11 +674,16 @@ def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
                 validate_dataset(cfg.data_root, cfg.dataset, list(splits), cfg.num_classes, cfg.layout)
             except DataError as err:
                 raise DataError(f"dataset {t.dataset!r} ({folder}): {err}") from None
-        if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
-            raise ConfigError(
-                f"{sweep.source}: backbone checkpoint {cfg.checkpoint} (key 'checkpoint', "
-                f"dataset {t.dataset!r}) does not exist"
-            )
+        where = f"{sweep.source}: dataset {t.dataset!r}"
+        require_backbone_weights(cfg.checkpoint, where)
+        if not is_random(cfg.checkpoint) and cfg.checkpoint not in checked:
+            if not Path(cfg.checkpoint).is_file():
+                raise ConfigError(
+                    f"{sweep.source}: backbone checkpoint {cfg.checkpoint} (key 'checkpoint', "
+                    f"dataset {t.dataset!r}) does not exist"
+                )
+            check_file(Path(cfg.checkpoint))  # a cut-off download or an HTML page: refused before Ray
+            checked.add(cfg.checkpoint)
 
 
 def _split_size(cfg: Any, split: str, default: int) -> int:
@@ -686,6 +734,25 @@ def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]
     return {"unpacked": unpacked, "packed": packed}
 
 
+def _trial_device(sweep: Sweep) -> str:
+    """Where the sweep's trials will compute, judged from this machine: cuda when they ask for GPUs."""
+    return "cuda" if sweep.resources["gpus"] > 0 else "cpu"
+
+
+def _bf16_line(sweep: Sweep, trials: list[PlannedTrial]) -> str | None:
+    """The dry run's word on bf16 (synqt/precision.py), for the device the trials would use on this machine."""
+    if not any(t.config.precision == "bf16" for t in trials):
+        return None
+    import torch
+
+    from synqt.precision import describe
+
+    device = _trial_device(sweep)
+    if device == "cuda" and not torch.cuda.is_available():
+        return "bf16: this machine has no GPU to judge; each trial checks its own device before training"
+    return describe("bf16", device)
+
+
 def kv_cache_lines(trials: list[PlannedTrial]) -> list[str]:
     """Per dataset: the K/V cache its trials share on a node (size per split), or why they run live."""
     from synqt.config import splits_for
@@ -731,6 +798,33 @@ def write_plan(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) -
     return atomic_write_json(d / rundir.PLAN, plan_dict(sweep, trials, stage2_pending))
 
 
+def weights_lines(sweep: Sweep, trials: list[PlannedTrial]) -> list[str]:
+    """Which backbone weights the trials will use: path + sha256, random, the demo backbone, or none."""
+    from synqt.fileio import sha256_file
+
+    out: dict[str, list[str]] = {}
+    for t in trials:
+        ckpt = t.config.checkpoint
+        if is_random(ckpt):
+            text = "random initialisation (checkpoint=random)"
+        elif not ckpt and sweep.demo_assets:
+            text = "the pre-trained demo backbone (demo_assets: created or reused when the sweep starts)"
+        elif not ckpt:
+            text = ("NONE: key 'checkpoint' is not set, so the sweep will be refused; set "
+                    "checkpoint=/path/ViT-B_16.npz or checkpoint=random")
+        elif Path(ckpt).is_file():
+            text = f"{Path(ckpt).absolute()} (sha256 {sha256_file(ckpt)})"
+        else:
+            text = f"{ckpt} (file not found: the sweep will be refused)"
+        out.setdefault(text, []).append(t.dataset)
+    if len(out) == 1:
+        return [f"backbone weights: {next(iter(out))}"]
+    lines = ["backbone weights:"]
+    for text, datasets in out.items():
+        lines.append(f"  {', '.join(dict.fromkeys(datasets))}: {text}")
+    return lines
+
+
 def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
     """The human-readable plan: counts, per-dataset trials, packs, resources, estimated images."""
     lines = [
@@ -761,6 +855,10 @@ def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
     lines.append("packs:")
     for i, p in enumerate(packs):
         lines.append(f"  pack {i:>3} ({len(p)}): " + ", ".join(t.run_name for t in p))
+    lines.extend(weights_lines(sweep, trials))
+    bf16 = _bf16_line(sweep, trials)
+    if bf16:
+        lines.append(bf16)
     lines.extend(kv_cache_lines(trials))
     imgs = estimated_images(sweep, trials)
     lines.append(

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synqt.ckptfile import RANDOM
 from synqt.errors import ConfigError, DataError
 from synqt.memory import (
     GIB,
@@ -270,7 +271,7 @@ def bench_models(cfg: Any, modes: Sequence[str], *, steps: int, baselines: bool 
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     device = _device(cfg)
     torch.manual_seed(cfg.seed)
-    backbone = frozen_backbone(cfg).to(device)
+    backbone = frozen_backbone(cfg, checkpoint=cfg.checkpoint or RANDOM).to(device)  # timing: random is fine
     size = _image_size(cfg, backbone)
     B = int(cfg.batch_size)
     classes = int(cfg.num_classes or BENCH_NUM_CLASSES)
@@ -319,7 +320,7 @@ def bench_pack(cfg: Any, n: int, *, steps: int, log: Callable[[str], None] = pri
     """Wall time of one training step of a pack of ``n`` branches against ``n`` single-branch steps."""
     device = _device(cfg)
     torch.manual_seed(cfg.seed)
-    backbone = frozen_backbone(cfg).to(device)
+    backbone = frozen_backbone(cfg, checkpoint=cfg.checkpoint or RANDOM).to(device)  # timing: random is fine
     size = _image_size(cfg, backbone)
     classes = int(cfg.num_classes or BENCH_NUM_CLASSES)
     images = torch.randn(cfg.batch_size, 3, size, size, device=device)
@@ -397,6 +398,8 @@ def format_table(result: dict[str, Any]) -> str:
                  f"{hw['threads']} threads)")
     if "cpu_flags" in hw:
         lines.append("cpu flags: " + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in hw["cpu_flags"].items()))
+    if "bf16" in hw:
+        lines.append(hw["bf16"])
     cfg = result["config"]
     lines.append(f"config: backbone={cfg['backbone']} image_size={result['geometry']['image_size']} "
                  f"batch_size={cfg['batch_size']} token_nums={cfg['token_nums']} precision={cfg['precision']}")
@@ -463,7 +466,12 @@ def run_bench(overrides: Sequence[str] = (), *, steps: int = 3, modes: Sequence[
     if loader and not (data_root and dataset):
         raise ConfigError("--loader needs --data-root and --dataset")
     device = _device(cfg)
+    from synqt.precision import check_precision, describe
+
+    bf16_line = describe(cfg.precision, device)  # shown in the table (format_table)
+    check_precision(cfg.precision, device)  # a refused bf16 bench says why in its error, before any timing
     result: dict[str, Any] = {"hardware": hardware_info(device), "config": config_to_dict(cfg), "rows": []}
+    result["hardware"]["bf16"] = bf16_line
     if device.type == "cpu":  # as the trainers do; also keeps one model's page faults out of the next one's timing
         result["hardware"]["keep_freed_host_memory"] = keep_freed_host_memory(device)
     if not kv_cache or explicit_modes:  # kv_cache alone times only the cache figures

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
-from collections.abc import Callable, Mapping
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from synqt.ckptfile import (  # noqa: F401 - RANDOM, is_random, require_backbone_weights: re-exported
+    RANDOM,
+    check_file,
+    check_fit,
+    grid,
+    is_random,
+    model_geometry,
+    npz_geometry,
+    npz_required_keys,
+    require_backbone_weights,
+    state_dict_geometry,
+)
 from synqt.errors import ModelError
 from synqt.fileio import atomic_write, sha256_file
 
@@ -41,98 +55,143 @@ def _unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
             value = torch.from_numpy(value)
         if not isinstance(value, torch.Tensor):
             raise ModelError(f"checkpoint {source}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        out[key.removeprefix("module.")] = value
+        out[str(key).removeprefix("module.")] = value
+    # a wrapper module's name on every key (Lightning, EMA helpers): "model.blocks.0..." -> "blocks.0..."
+    if out and all(k.startswith("model.") for k in out):
+        out = {k.removeprefix("model."): v for k, v in out.items()}
     return out
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a PyTorch (``weights_only=True``: a checkpoint never runs code) or safetensors file."""
+def read_state_dict(path: str | Path, kind: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a PyTorch (``weights_only=True``: a checkpoint never runs code) or safetensors file.
+
+    The content decides the reader (``synqt.ckptfile.sniff``); a file that is not complete weights
+    (cut off, an HTML page, an LFS pointer ...) is refused naming what it holds.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    kind = kind or check_file(path)
+    if kind == "npz":
+        raise ModelError(f"checkpoint {path} holds a Google ViT .npz; expected a PyTorch or safetensors state dict "
+                         "(load it as a backbone checkpoint, or rename it to .npz)")
+    if kind == "safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return _unwrap_state_dict(load_file(str(path)), str(path))
-    if suffix in (".pth", ".pt", ".bin", ".ckpt"):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle with code, or a corrupt file
-            raise ModelError(f"checkpoint {path} could not be read with weights_only=True: {err}") from err
-        return _unwrap_state_dict(obj, str(path))
-    raise ModelError(f"checkpoint {path}: unknown format {suffix!r}; expected .npz, .pth, .pt, .bin or .safetensors")
+            return _unwrap_state_dict(load_file(str(path)), str(path))
+        except SafetensorError as err:
+            raise ModelError(f"checkpoint {path}: damaged safetensors file: {err}") from err
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # an object that is not a tensor: unpickling it would run code
+        raise ModelError(f"checkpoint {path} holds objects other than tensors and cannot be read with "
+                         f"weights_only=True (loading it would run code): {str(err).splitlines()[0]}") from err
+    except Exception as err:  # a damaged archive or pickle
+        raise ModelError(f"checkpoint {path} could not be read with weights_only=True: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    return _unwrap_state_dict(obj, str(path))
 
 
-def _npz_expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Shapes a Google ViT npz must have for ``model`` (the keys that define its geometry)."""
-    proj = model.patch_embed.proj.weight  # [C, in, ph, pw]
-    c = int(model.embed_dim)
-    blk = model.blocks[0]
-    heads = int(blk.attn.num_heads)
-    attn_dim = blk.attn.qkv.out_features // 3
-    shapes = {
-        "embedding/kernel": (proj.shape[2], proj.shape[3], proj.shape[1], proj.shape[0]),
-        "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel": (c, heads, attn_dim // heads),
-        "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel": (c, blk.mlp.fc1.out_features),
-        "Transformer/encoder_norm/scale": (c,),
-    }
-    if getattr(model, "cls_token", None) is not None:
-        shapes["cls"] = (1, 1, c)
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Entry name -> shape of every array in an npz, read from the .npy headers only (no data)."""
+    shapes = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                with zf.open(name) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, _ = reader(fh)
+                shapes[name.removesuffix(".npy")] = tuple(int(d) for d in shape)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        raise ModelError(f"checkpoint {path}: damaged .npz: {err}") from err
     return shapes
+
+
+def _log_pos_grid(source: str, model: nn.Module, old_tokens: int | None) -> None:
+    """The one adaptation ever made: log it once, with both grids."""
+    new_tokens = int(model.pos_embed.shape[1]) if getattr(model, "pos_embed", None) is not None else None
+    if old_tokens is None or new_tokens is None or old_tokens == new_tokens:
+        return
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    log.warning("checkpoint %s: position embedding %s resampled to %s (grid %s -> %s, timm's resampling); "
+                "every other tensor is loaded unchanged", source, (1, old_tokens, model.embed_dim),
+                tuple(model.pos_embed.shape), grid(old_tokens, prefix), grid(new_tokens, prefix))
+
+
+def _check_finite(source: str, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    for key, value in named:
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ModelError(f"checkpoint {source}: tensor {key!r} holds {bad} NaN/inf value(s); expected finite "
+                             "weights (a damaged or diverged checkpoint)")
 
 
 def _load_npz(model: nn.Module, path: Path) -> None:
     from timm.models.vision_transformer import _load_weights
 
-    with np.load(path) as npz:
-        keys = set(npz.files)
-        prefix = next((p for p in ("", "opt/target/", "params/") if f"{p}embedding/kernel" in keys), None)
-        if prefix is None:
-            raise ModelError(f"checkpoint {path}: not a Google ViT npz (no 'embedding/kernel' entry)")
-        for key, expected in _npz_expected_shapes(model).items():
-            full = prefix + key
-            if full in keys and tuple(npz[full].shape) != tuple(expected):
-                raise ModelError(
-                    f"checkpoint {path}: {full!r} has shape {tuple(npz[full].shape)} but the backbone expects "
-                    f"{tuple(expected)}"
-                )
-        depth = len({k[len(prefix):].split("/")[1] for k in keys if k.startswith(prefix + "Transformer/encoderblock_")})
-        if depth != len(model.blocks):
-            raise ModelError(f"checkpoint {path}: has {depth} encoder blocks but the backbone has {len(model.blocks)}")
-        pos_key = prefix + "Transformer/posembed_input/pos_embedding"
-        pos_shape = tuple(npz[pos_key].shape) if pos_key in keys else None
-        if pos_shape is not None and model.pos_embed is not None and pos_shape != tuple(model.pos_embed.shape):
-            log.warning("checkpoint %s: position embedding %s resampled to %s as timm does", path,
-                        tuple(npz[pos_key].shape), tuple(model.pos_embed.shape))
+    shapes = _npz_shapes(path)
+    prefix = next((p for p in ("", "opt/target/", "params/") if f"{p}embedding/kernel" in shapes), None)
+    if prefix is None:
+        raise ModelError(f"checkpoint {path}: not a Google ViT npz (no 'embedding/kernel' entry); it holds "
+                         f"{sorted(shapes)[:5]}")
+    found = npz_geometry(shapes, prefix)
+    stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in shapes  # big_vision: blocks stacked
+    missing = [] if stacked else [k for k in npz_required_keys(model, prefix) if k not in shapes]
+    check_fit(str(path), found, model_geometry(model), missing)
+    _log_pos_grid(str(path), model, found.pos_tokens)
     try:
         _load_weights(model, str(path))
     except Exception as err:
         raise ModelError(f"checkpoint {path}: timm's npz loader failed: {err}") from err
+    _check_finite(str(path), model.state_dict().items())
+
+
+def _patch_of_raw(raw: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
+    """Patch size of a state dict before timm's conversion (which would resample a different one)."""
+    for key, value in raw.items():
+        if value.ndim == 4 and (key.endswith("patch_embed.proj.weight") or key.endswith("visual.conv1.weight")
+                                or "patchifier" in key or "patch_generator" in key):
+            return int(value.shape[-2]), int(value.shape[-1])
+    return None
 
 
 def load_backbone_checkpoint(model: nn.Module, checkpoint: str | Path | Mapping[str, Any]) -> None:
-    """Load backbone weights; the checkpoint's own classifier (``head.*``, ``pre_logits``) is dropped."""
+    """Load backbone weights; the checkpoint's own classifier (``head.*``, ``pre_logits``) is dropped.
+
+    Every format follows one rule (``synqt.ckptfile``): a file that is not complete weights, or
+    weights of another geometry (patch size, width, depth, MLP width, class token, heads), is
+    refused naming the file, what was found and what was expected; only the position-embedding
+    grid is adapted, logged once.
+    """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    if isinstance(checkpoint, (str, Path)) and Path(checkpoint).suffix.lower() == ".npz":
+    if isinstance(checkpoint, (str, Path)):
         path = Path(checkpoint)
-        if not path.is_file():
-            raise ModelError(f"checkpoint file {path} does not exist")
-        _load_npz(model, path)
-        return
-    source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "state dict"
-    raw = read_state_dict(checkpoint) if isinstance(checkpoint, (str, Path)) else _unwrap_state_dict(checkpoint, source)
+        kind = check_file(path)
+        if kind == "npz":
+            _load_npz(model, path)
+            return
+        raw = read_state_dict(path, kind)
+        source = str(path)
+    else:
+        source = "state dict"
+        raw = _unwrap_state_dict(checkpoint, source)
     dropped = [k for k in raw if k.startswith(("head.", "pre_logits.", "synqt."))]
     state = {k: v for k, v in raw.items() if k not in set(dropped)}
     if dropped:
         log.info("checkpoint %s: not loading %d classifier/SynQT entries (%s...)", source, len(dropped), dropped[0])
+    expected = model_geometry(model)
+    raw_patch = _patch_of_raw(state)
+    before = state_dict_geometry({k: tuple(v.shape) for k, v in state.items()})
+    if before.patch is not None:  # timm-named: refuse before timm's conversion resamples anything
+        check_fit(source, before, expected)
     own = model.state_dict()
-    old_pos = state.get("pos_embed")
     state = checkpoint_filter_fn(state, model)
-    if old_pos is not None and "pos_embed" in own and tuple(old_pos.shape) != tuple(own["pos_embed"].shape):
-        log.warning("checkpoint %s: position embedding %s resampled to %s as timm does", source,
-                    tuple(old_pos.shape), tuple(own["pos_embed"].shape))
+    after = state_dict_geometry({k: tuple(v.shape) for k, v in state.items()})
+    after.patch = raw_patch or after.patch  # the patch size as stored, not as timm resampled it
+    check_fit(source, after, expected)
     for key, value in state.items():
         if key in own and tuple(value.shape) != tuple(own[key].shape):
             raise ModelError(
@@ -146,14 +205,33 @@ def load_backbone_checkpoint(model: nn.Module, checkpoint: str | Path | Mapping[
             f"checkpoint {source} does not fit the backbone: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
+    _check_finite(source, state.items())
+    _log_pos_grid(source, model, before.pos_tokens)
     model.load_state_dict(state, strict=True)
+
+
+def weights_text(identity: Mapping[str, Any] | None) -> str:
+    """One line saying which backbone weights a model holds, from its ``backbone_identity``."""
+    identity = identity or {}
+    ckpt = identity.get("checkpoint")
+    if ckpt == RANDOM:
+        return "random initialisation (checkpoint=random)"
+    if ckpt is None:
+        return "random initialisation (no checkpoint)"
+    where = identity.get("checkpoint_path") or ckpt
+    sha = identity.get("checkpoint_sha256")
+    return f"{where} (sha256 {sha})" if sha else str(where)
 
 
 def backbone_identity(model: nn.Module, name: str, kwargs: Mapping[str, Any] | None,
                       checkpoint: Any) -> dict[str, Any]:
     """What a trainable-only checkpoint records so it is never loaded onto another backbone."""
-    if isinstance(checkpoint, (str, Path)):
+    ckpt_path = None
+    if is_random(checkpoint):
+        ckpt_name, ckpt_hash = RANDOM, None
+    elif isinstance(checkpoint, (str, Path)):
         ckpt_name, ckpt_hash = Path(checkpoint).name, sha256_file(checkpoint)
+        ckpt_path = str(Path(checkpoint).absolute())
     elif checkpoint is None:
         ckpt_name, ckpt_hash = None, None
     else:
@@ -166,6 +244,7 @@ def backbone_identity(model: nn.Module, name: str, kwargs: Mapping[str, Any] | N
         "num_heads": int(model.blocks[0].attn.num_heads),
         "checkpoint": ckpt_name,
         "checkpoint_sha256": ckpt_hash,
+        "checkpoint_path": ckpt_path,
     }
 
 

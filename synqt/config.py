@@ -43,18 +43,20 @@ MEMORY_MODES = ("keep", "kv_bf16", "recompute")  # synqt.model.MEMORY_MODES is t
 
 def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, scope: str = "pack",
         hparam: bool = False, tag: str | None = None, label: str | None = None, min: float | None = None,
-        max: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
+        max: float | None = None, choices: tuple[str, ...] | None = None, result: bool = True) -> Any:
     """Declare one TrialConfig key; every key list of the project is derived from these declarations.
 
     scope: "branch" (may differ between the trials of one pack: the engine gives each branch its own value)
     or "pack" (must agree: the branches share batches and one frozen forward pass). hparam: recorded in a
     run's ``hparams``. tag: short name in run names (default: the name without underscores). label: name in
     the results table (default: the key). min / max: inclusive bounds; choices: the allowed strings.
+    result: False for a key that cannot change a run's numbers (how often to log or checkpoint, the eval
+    batch size, where decoded images are cached): the only keys a resume may change (synqt.compat).
     """
     if scope not in ("branch", "pack"):
         raise ValueError(f"scope {scope!r}")
     meta = {"scope": scope, "hparam": hparam, "tag": tag, "label": label, "min": min, "max": max,
-            "choices": choices}
+            "choices": choices, "result": result}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -77,7 +79,7 @@ class TrialConfig:
     interpolation: str = setting("bicubic", choices=("bicubic", "bilinear", "nearest", "lanczos"))
     mean: list[float] = setting(factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = setting(factory=lambda: list(IMAGENET_STD))
-    cache_dir: str | None = setting(None)
+    cache_dir: str | None = setting(None, result=False)
     # model
     backbone: str = setting("vit_base_patch16_224")
     backbone_kwargs: dict[str, Any] = setting(factory=dict)
@@ -106,15 +108,15 @@ class TrialConfig:
     min_lr: float = setting(1e-6, scope="branch", tag="minlr", min=0)
     weight_decay: float = setting(1e-2, scope="branch", hparam=True, tag="wd", label="wd", min=0)
     batch_size: int = setting(64, hparam=True, tag="bs", min=1)
-    eval_batch_size: int = setting(128, min=1)
+    eval_batch_size: int = setting(128, min=1, result=False)
     grad_accum_steps: int = setting(1, min=1)
     eval_every: int = setting(10, min=1)
     precision: str = setting("no", hparam=True, choices=("no", "bf16", "fp16"))
     seed: int = setting(42, scope="branch", min=0, max=_SEED_MAX)
     data_seed: int | None = setting(None, min=0, max=_SEED_MAX)  # pack scope through its effective value
     init_seed: int | None = setting(None, scope="branch", min=0, max=_SEED_MAX)
-    checkpoint_every: int = setting(1, scope="branch", min=0)
-    log_every: int = setting(10, min=1)
+    checkpoint_every: int = setting(1, scope="branch", min=0, result=False)
+    log_every: int = setting(10, min=1, result=False)
     # execution
     trainer: str = setting("accelerate", choices=("accelerate", "deepspeed"))
     num_devices: int = setting(1, min=1)
@@ -137,6 +139,8 @@ _TYPES: dict[str, Any] = typing.get_type_hints(TrialConfig)
 BRANCH_KEYS: frozenset[str] = frozenset(k for k, f in _FIELDS.items() if f.metadata["scope"] == "branch")
 PACK_KEYS: tuple[str, ...] = tuple(k for k, f in _FIELDS.items() if f.metadata["scope"] == "pack")
 HPARAM_KEYS: tuple[str, ...] = tuple(k for k, f in _FIELDS.items() if f.metadata["hparam"])
+# keys that cannot change a run's numbers: the only ones a resume may change (synqt.compat)
+RESULT_NEUTRAL_KEYS: frozenset[str] = frozenset(k for k, f in _FIELDS.items() if not f.metadata["result"])
 TAGS: dict[str, str] = {k: f.metadata["tag"] or k.replace("_", "") for k, f in _FIELDS.items()}
 LABELS: dict[str, str] = {k: f.metadata["label"] or k for k, f in _FIELDS.items()}
 CHOICES: dict[str, tuple[str, ...]] = {k: f.metadata["choices"] for k, f in _FIELDS.items() if f.metadata["choices"]}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -35,9 +36,13 @@ from PIL import Image
 
 from synqt.errors import DataError
 from synqt.fileio import atomic_write
+from synqt.imagemodes import HOW, RESCALED, to_rgb
+from synqt.listfiles import INVISIBLE, read_list_text, resolve_listed, show_path
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("vtab_json", "vtab_txt", "fgvc_json")
 SPLITS = ("train800", "val200", "train800val200", "test")
@@ -60,7 +65,7 @@ INTERPOLATIONS: dict[str, int] = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 # Bump when the cached array's content or naming changes, so old caches are never reused.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: 16-bit / float images scaled by value range (1 clipped them)
 BUILD_LOG_NAME = "builds.log"
 DERIVED_TRAIN = 800  # vtab_json with only train800val200: first 800 entries train, the rest val
 
@@ -80,6 +85,8 @@ class SplitList:
     data_root: Path | None = None
     # "test.json entry 5" / "train800.txt line 12" for each entry, so errors can point at the list.
     sources: list[str] = field(default_factory=list, repr=False)
+    # entries found under another spelling than the list's (backslashes, invisible characters, NFD ...)
+    notes: list[str] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -105,14 +112,14 @@ def _dataset_dir(data_root: str | Path, dataset: str) -> Path:
     if not str(data_root):
         raise DataError("data_root is empty: set data_root (or --data-root) to the folder holding datasets")
     if not root.is_dir():
-        raise DataError(f"data root {root} does not exist or is not a folder")
+        raise DataError(f"data root {show_path(root)} does not exist or is not a folder")
     if not dataset:
         raise DataError(f"dataset name is empty: name one of the folders under {root}")
     ds_dir = root / dataset
     if not ds_dir.is_dir():
         folders = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise DataError(
-            f"dataset folder {ds_dir} does not exist; folders under {root}: "
+            f"dataset folder {show_path(ds_dir)} does not exist; folders under {root}: "
             + (", ".join(folders) if folders else "(none)")
         )
     return ds_dir
@@ -131,10 +138,7 @@ def detect_layout(dataset_dir: Path) -> str:
         return "vtab_txt"
     if (d / "test.json").is_file():
         # Only a test list: its JSON type tells the two JSON layouts apart.
-        try:
-            head = (d / "test.json").read_text(errors="replace").lstrip()[:1]
-        except OSError as e:
-            raise DataError(f"cannot read {d / 'test.json'}: {e}") from e
+        head = read_list_text(d / "test.json").text.lstrip()[:1]
         return "vtab_json" if head == "[" else "fgvc_json"
     raise DataError(
         f"cannot tell the layout of {d}: expected train800val200.json + test.json (vtab_json), "
@@ -162,10 +166,7 @@ def _check_int(value: Any) -> bool:
 
 
 def _load_json(path: Path) -> Any:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise DataError(f"cannot read list file {path}: {e}") from e
+    text = read_list_text(path).text
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -194,15 +195,15 @@ def _parse_vtab_json(path: Path) -> list[Entry]:
 
 
 def _parse_vtab_txt(path: Path) -> list[Entry]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise DataError(f"cannot read list file {path}: {e}") from e
+    # CRLF, CR-only and LF line ends; tabs, no-break spaces and trailing blanks between path and label
+    lines = read_list_text(path).text.splitlines()
     out: list[Entry] = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         parts = line.rsplit(None, 1)
+        if len(parts) == 2:
+            parts[1] = "".join(ch for ch in parts[1] if ch not in INVISIBLE)
         if len(parts) != 2 or not re.fullmatch(r"[+-]?\d+", parts[1]):
             raise DataError(
                 f"list file {path} line {n}: expected 'relative/path label' with an integer label, got {line!r:.120}"
@@ -290,6 +291,19 @@ def _fgvc_image_dir(ds_dir: Path, lists: dict[str, list[Entry]]) -> Path:
     return ds_dir
 
 
+def _resolve_paths(base: Path, entries: Sequence[Entry], split: str, notes: list[str]) -> list[Path]:
+    """Each entry's file: as listed, else its existing Windows / invisible-character / NFD spelling."""
+    out = []
+    for rel, _, src in entries:
+        path, note = resolve_listed(base, rel)
+        if note is not None:
+            notes.append(f"{src}: {note}")
+        out.append(path)
+    if notes:
+        log.info("split %s: %d listed path(s) found under another spelling, first: %s", split, len(notes), notes[0])
+    return out
+
+
 def read_split(data_root: str | Path, dataset: str, split: str, layout: str = "auto") -> SplitList:
     """Read one split's image paths and labels (no image is opened)."""
     ds_dir = _dataset_dir(data_root, dataset)
@@ -312,31 +326,35 @@ def read_split(data_root: str | Path, dataset: str, split: str, layout: str = "a
         list_files = [ds_dir / f"{p}.json" for p in parts]
         # Labels depend on every split's ids, so the remap is part of the hash.
         extra = "fgvc:ids=" + ",".join(map(str, ids)) + f":dir={img_dir.relative_to(ds_dir)}"
+        notes: list[str] = []
         return SplitList(
             dataset=dataset,
             split=split,
             layout=layout,
-            paths=[img_dir / rel for rel, _, _ in entries],
+            paths=_resolve_paths(img_dir, entries, split, notes),
             labels=[remap[lab] for _, lab, _ in entries],
             list_files=list_files,
             list_hash=_hash(list_files, f"{layout}:{split}:{extra}"),
             derived=False,
             data_root=root,
             sources=[s for _, _, s in entries],
+            notes=notes,
         )
     entries, list_files, derivation, derived = _vtab_entries(ds_dir, layout, split)
     img_dir = ds_dir / "images" if layout == "vtab_json" else ds_dir
+    notes = []
     return SplitList(
         dataset=dataset,
         split=split,
         layout=layout,
-        paths=[img_dir / rel for rel, _, _ in entries],
+        paths=_resolve_paths(img_dir, entries, split, notes),
         labels=[lab for _, lab, _ in entries],
         list_files=list_files,
         list_hash=_hash(list_files, f"{layout}:{derivation}"),
         derived=derived,
         data_root=root,
         sources=[s for _, _, s in entries],
+        notes=notes,
     )
 
 
@@ -390,7 +408,7 @@ def validate_dataset(
                 raise DataError(f"{ds_dir / src.split(' ')[0]} ({src}): label {lab} outside [0, {classes}) for {what}")
         missing = [(p, s) for p, s in zip(sl.paths, sl.sources, strict=True) if not p.is_file()]
         if missing:
-            shown = "; ".join(f"{p} ({s})" for p, s in missing[:5])
+            shown = "; ".join(f"{show_path(p)} ({s})" for p, s in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise DataError(f"{len(missing)} listed image file(s) missing in split {split}: {shown}{more}")
         counts[split] = len(sl.paths)
@@ -416,13 +434,19 @@ def _resample(interpolation: str) -> int:
 
 
 def decode_image(path: Path, image_size: int, resample: int) -> np.ndarray:
-    """The official transform up to the tensor: PIL decode, RGB, square resize; uint8 [H, W, 3]."""
+    """The official transform up to the tensor: PIL decode, RGB, square resize; uint8 [H, W, 3].
+
+    The RGB step maps each Pillow mode by its value range (``synqt.imagemodes.to_rgb``): for 8-bit
+    modes it is the official ``convert("RGB")``; 16-bit and float images are scaled, not clipped.
+    """
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB")
+            rgb = to_rgb(im, path)
         out = rgb.resize((image_size, image_size), resample)
     except FileNotFoundError as e:
-        raise DataError(f"listed image file missing: {path}") from e
+        raise DataError(f"listed image file missing: {show_path(path)}") from e
+    except DataError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image {path}: {e}") from e
     return np.asarray(out, dtype=np.uint8)
@@ -449,13 +473,30 @@ def _decode_into(out: np.ndarray, paths: Sequence[Path], image_size: int, resamp
         pool.shutdown(wait=True, cancel_futures=True)  # first bad image: stop, do not decode the rest
 
 
+CACHE_SHARED_ENV = "SYNQT_CACHE_SHARED"  # 1: cache folders and files group-writable (a group-shared cache)
+_cache_warned: set[str] = set()
+
+
+def _user_name() -> str:
+    import pwd
+
+    try:
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (containers)
+        name = str(os.getuid())
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
 def default_cache_dir() -> Path:
-    """Node-local by default: `$SYNQT_CACHE_DIR`, else `$SLURM_TMPDIR/synqt-cache`, else `<tmp>/synqt-cache`.
+    """Node-local and per user by default: `$SYNQT_CACHE_DIR`, else `$SLURM_TMPDIR/synqt-cache` (per job),
+    else `<tmp>/synqt-cache-<user>`.
 
     The cache is built under a `filelock.FileLock`, and POSIX/flock locks are unreliable on
     NFS and Lustre (silently not exclusive, or very slow), so the default is a node-local disk;
     node-local reads of the memory-mapped array are also much faster than a shared filesystem.
-    Point SYNQT_CACHE_DIR at shared storage only if its locking is known to work.
+    Point SYNQT_CACHE_DIR at shared storage only if its locking is known to work. Per user, because a
+    folder the first user makes is not writable by the next one; for one cache shared by a group see
+    `cache_is_shared`.
     """
     env = os.environ.get("SYNQT_CACHE_DIR")
     if env:
@@ -463,7 +504,40 @@ def default_cache_dir() -> Path:
     slurm = os.environ.get("SLURM_TMPDIR")
     if slurm:
         return Path(slurm) / "synqt-cache"
-    return Path(tempfile.gettempdir()) / "synqt-cache"
+    return Path(tempfile.gettempdir()) / f"synqt-cache-{_user_name()}"
+
+
+def cache_is_shared() -> bool:
+    """`SYNQT_CACHE_SHARED=1`: folders are made 2775 and files 664 whatever the umask, so a group shares one
+    cache (the admin makes the folder: `mkdir D; chgrp GROUP D; chmod 2775 D`; users set `SYNQT_CACHE_DIR=D`)."""
+    return os.environ.get(CACHE_SHARED_ENV, "").strip().lower() in ("1", "true", "yes", "group")
+
+
+def _owner(path: Path) -> str:
+    import pwd
+
+    try:
+        uid = path.stat().st_uid
+    except OSError:
+        return "?"
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _warn_cache_unusable(cdir: Path, err: OSError) -> None:
+    key = str(cdir)
+    if key in _cache_warned:
+        return
+    _cache_warned.add(key)
+    import logging
+
+    where = cdir if cdir.exists() else cdir.parent
+    logging.getLogger("synqt.data").warning(
+        "decoded-image cache %s is not usable by user %s (%s: %s; %s belongs to %s): decoding without the cache. "
+        "Set SYNQT_CACHE_DIR (or cache_dir) to a folder of your own, or see docs/data.md for a group-shared cache",
+        cdir, _user_name(), err.strerror or type(err).__name__, err.filename or cdir, where, _owner(where))
 
 
 def cache_key(split: SplitList, image_size: int, interpolation: str) -> str:
@@ -491,6 +565,7 @@ def cache_paths(split: SplitList, image_size: int, interpolation: str, cache_dir
 
 def _build_cache(split: SplitList, image_size: int, resample: int, files: dict[str, Path]) -> None:
     n = len(split.paths)
+    mode = 0o664 if cache_is_shared() else None
 
     def write_labels(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
@@ -503,15 +578,18 @@ def _build_cache(split: SplitList, image_size: int, resample: int, files: dict[s
         del arr
 
     # Labels first: readers test only for the images file, which appears last.
-    atomic_write(files["labels"], write_labels)
-    atomic_write(files["images"], write_images)
+    atomic_write(files["labels"], write_labels, mode=mode)
+    atomic_write(files["images"], write_images, mode=mode)
     stamp = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     line = (
         f"{stamp}\t{files['key']}\t{split.dataset}\t{split.split}\t{image_size}\t{n}"
         f"\t{socket.gethostname()}\t{os.getpid()}\n"
     )
-    with open(files["images"].parent / BUILD_LOG_NAME, "a") as fh:
+    build_log = files["images"].parent / BUILD_LOG_NAME
+    with open(build_log, "a") as fh:
         fh.write(line)
+    if mode is not None and build_log.stat().st_uid == os.getuid():
+        build_log.chmod(mode)  # the next labmate appends to it
 
 
 def load_images(
@@ -537,23 +615,39 @@ def load_images(
         out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
         _decode_into(out, split.paths, image_size, resample)
         return out, labels
-    from filelock import FileLock
-
     cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    files = cache_paths(split, image_size, interpolation, cdir)
-    if not files["images"].is_file():
-        cdir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(files["lock"])):
-            if not files["images"].is_file():
-                _build_cache(split, image_size, resample, files)
-    images = np.load(files["images"], mmap_mode="r")
-    cached_labels = np.load(files["labels"])
+    try:
+        images, cached_labels, files = _open_cache(split, image_size, interpolation, resample, cdir)
+    except OSError as err:  # a folder or file of another user, a read-only or full disk: never a traceback
+        _warn_cache_unusable(cdir, err)
+        out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+        _decode_into(out, split.paths, image_size, resample)
+        return out, labels
     if images.shape != (n, image_size, image_size, 3) or not np.array_equal(cached_labels, labels):
         raise DataError(
             f"cache file {files['images']} does not match split {split.dataset}/{split.split} "
             f"(shape {images.shape}, expected {(n, image_size, image_size, 3)}); delete it to rebuild"
         )
     return images, labels
+
+
+def _open_cache(split: SplitList, image_size: int, interpolation: str, resample: int,
+                cdir: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Path]]:
+    """Open (building it first, under its lock, when absent) one cache entry; OSError when unusable."""
+    from filelock import FileLock
+
+    shared = cache_is_shared()
+    files = cache_paths(split, image_size, interpolation, cdir)
+    if not files["images"].is_file():
+        if not cdir.is_dir():
+            cdir.mkdir(parents=True, exist_ok=True)
+            if shared:
+                cdir.chmod(0o2775)
+        lock = FileLock(str(files["lock"]), mode=0o664) if shared else FileLock(str(files["lock"]))
+        with lock:
+            if not files["images"].is_file():
+                _build_cache(split, image_size, resample, files)
+    return np.load(files["images"], mmap_mode="r"), np.load(files["labels"]), files
 
 
 def to_tensor_batch(images_uint8: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -663,19 +757,36 @@ def check_datasets(root: str | Path, names: Sequence[str] | None = None, layout:
                 say(f"  {split:<15} unreadable list")
                 continue
             missing, bad_labels, unreadable = [], [], []
+            modes: dict[str, int] = {}
+            rescaled: dict[str, list[str]] = {}
             for p, lab, src in zip(sl.paths, sl.labels, sl.sources, strict=True):
                 if limit is not None and not 0 <= lab < limit:
                     bad_labels.append(f"label {lab} outside [0, {limit}) at {src}")
                 if not p.is_file():
-                    missing.append(f"{p} ({src})")
+                    missing.append(f"{show_path(p)} ({src})")
                 elif decode:
                     try:
                         with Image.open(p) as im:
-                            im.convert("RGB").resize((8, 8), resample)
+                            mode = im.mode
+                            to_rgb(im, p).resize((8, 8), resample)
+                        modes[mode] = modes.get(mode, 0) + 1
+                        if mode in RESCALED:
+                            rescaled.setdefault(mode, []).append(f"{show_path(p)} ({src})")
                     except Exception as e:  # any decoder failure is a finding, not a crash
-                        unreadable.append(f"{p} ({src}): {e}")
+                        unreadable.append(f"{show_path(p)} ({src}): {e}")
             note = f" (derived from {', '.join(f.name for f in sl.list_files)})" if sl.derived else ""
             say(f"  {split:<15} {len(sl):>7} images {len(set(sl.labels)):>5} classes{note}")
+            for f in sl.list_files:
+                enc = read_list_text(f).encoding
+                if enc != "UTF-8":  # read right, but say so: the next tool may not
+                    say(f"    list {f.name}: read as {enc}")
+            if sl.notes:
+                say(f"    {len(sl.notes)} listed path(s) found under another spelling, e.g. {sl.notes[0]}")
+            if decode and modes:
+                say("    modes: " + ", ".join(f"{m} {n} ({HOW.get(m, '?')})" for m, n in sorted(modes.items())))
+            for mode, items in sorted(rescaled.items()):
+                say(f"    CONVERTED {len(items)} image(s) of mode {mode} by value range ({HOW[mode]}): "
+                    + "; ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else ""))
             found = (("missing file", missing), ("bad label", bad_labels), ("unreadable", unreadable))
             for kind, items in found:
                 for item in items[:10]:

@@ -206,11 +206,22 @@ def _image_size(cfg: Any, backbone: torch.nn.Module) -> int:
 
 def _geometry(cfg: Any) -> dict[str, int]:
     """C, L, N, H and the image size of ``cfg.backbone`` from a parameter-free (meta device) build."""
+    import json
+
+    return dict(_geometry_of(cfg.backbone, json.dumps(dict(cfg.backbone_kwargs), sort_keys=True), cfg.image_size))
+
+
+@functools.lru_cache(maxsize=64)
+def _geometry_of(backbone: str, kwargs_json: str, image_size: int | None) -> dict[str, int]:
+    # cached: the planner sizes every pack of a sweep with it, and a meta build of ViT-B takes ~1 s
+    import json
+    import types
+
     import timm
 
     with torch.device("meta"):
-        bb = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **dict(cfg.backbone_kwargs))
-    size = _image_size(cfg, bb)
+        bb = timm.create_model(backbone, pretrained=False, num_classes=0, **json.loads(kwargs_json))
+    size = _image_size(types.SimpleNamespace(image_size=image_size), bb)
     grid = bb.patch_embed.dynamic_feat_size((size, size)) if hasattr(bb.patch_embed, "dynamic_feat_size") \
         else bb.patch_embed.grid_size
     tokens = int(grid[0] * grid[1]) + int(getattr(bb, "num_prefix_tokens", 1))

@@ -276,10 +276,15 @@ def check_backbone(backbone: nn.Module, name: str | None = None) -> None:
 
 def build_backbone(backbone: str | nn.Module, *, drop_path_rate: float = 0.1,
                    checkpoint: Any = None, **backbone_kwargs: Any) -> nn.Module:
-    """A frozen timm ViT, built by name (never downloaded) or taken as built, optionally loaded."""
+    """A frozen timm ViT, built by name (never downloaded) or taken as built, optionally loaded.
+
+    ``checkpoint``: a file or state dict to load, ``"random"`` (keep the random init, recorded as such
+    in ``synqt_identity``) or None (the same, for library callers; trials refuse None, see
+    ``synqt.checkpoint.require_backbone_weights``).
+    """
     import timm
 
-    from synqt.checkpoint import backbone_identity, load_backbone_checkpoint
+    from synqt.checkpoint import backbone_identity, is_random, load_backbone_checkpoint
 
     if isinstance(backbone, str):
         name = backbone
@@ -294,7 +299,7 @@ def build_backbone(backbone: str | nn.Module, *, drop_path_rate: float = 0.1,
         name = getattr(backbone, "synqt_identity", {}).get("name") or type(backbone).__name__
         model = backbone
     check_backbone(model, name)
-    if checkpoint is not None:
+    if checkpoint is not None and not is_random(checkpoint):  # "random": keep timm's (seeded) init
         load_backbone_checkpoint(model, checkpoint)
     model.requires_grad_(False)
     model.eval()

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from synqt.errors import ConfigError
+from synqt.resources import shipped_config_dir
 
 log = logging.getLogger("synqt.registry")
 
@@ -27,11 +28,13 @@ BENCHMARK_DIRS = {"vtab1k": "vtab", "fgvc": "fgvc"}
 _BENCHMARK_NAMES = {"vtab1k": "vtab1k", "vtab-1k": "vtab1k", "vtab": "vtab1k", "fgvc": "fgvc"}
 REGISTRY_FILE = "datasets.yaml"
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped configs live inside the package (synqt/configs, found through importlib.resources) so that a
+# wheel install finds them; the repository root links configs -> synqt/configs.
+CONFIG_DIR = shipped_config_dir()
 
 
 def config_dir() -> Path:
-    """``$SYNQT_CONFIG_DIR`` if set, else ``<repo>/configs``; read at call time."""
+    """``$SYNQT_CONFIG_DIR`` if set, else ``CONFIG_DIR`` (the shipped ``synqt/configs``); read at call time."""
     env = os.environ.get("SYNQT_CONFIG_DIR")
     return Path(env) if env else CONFIG_DIR
 

@@ -7,7 +7,7 @@ which run is done, failed, broken, running or pending, and on which of two copie
 A run directory::
 
     config.yaml            resolved TrialConfig (written at the start)
-    progress.json          {"epoch", "epochs", "wall_time_s", "updated", "status": "running"} while it trains
+    progress.json          {"epoch", "epochs", "wall_time_s", "updated", "status": "running", "host"} while it trains
     resume.pt              last epoch checkpoint of the pack trainer (ds_checkpoint/ for DeepSpeed)
     trainable.safetensors  final trainable-only weights (+ trainable.json, their description)
     metrics.json           written atomically at the end: status ok, or failed with the error
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ PLAN = "plan.json"
 SWEEP = "sweep.yaml"
 RUNS = "runs"
 # Folders under a sweep that never hold run directories (Ray's files, the aggregate's TensorBoard).
-SKIP_DIRS = frozenset({"_ray", "tensorboard", "__pycache__"})
+SKIP_DIRS = frozenset({"_ray", "_sweep_summary", "tensorboard", "__pycache__"})
 
 # metrics.json: every key always present (null where it does not apply); docs/DESIGN.md.
 METRIC_KEYS = (
@@ -67,6 +68,12 @@ STALE_AFTER_S = 3600.0
 
 
 # ------------------------------------------------------------------------------------------ reads/writes
+
+
+def point_key(hparams: Mapping[str, Any] | None) -> str:
+    """Canonical JSON of a hyperparameter point (seed keys dropped): runs with one key are seeds of one point."""
+    clean = {k: v for k, v in (hparams or {}).items() if k not in SEED_KEYS}
+    return json.dumps(clean, sort_keys=True, default=str)
 
 
 def read_json(path: str | Path) -> tuple[Any, str | None]:
@@ -100,7 +107,8 @@ def write_progress(run_dir: str | Path, epoch: int, epochs: int, started: float)
     """progress.json after an epoch (``synqt status`` reads it while the trial runs)."""
     now = time.time()
     return atomic_write_json(Path(run_dir) / PROGRESS, {
-        "epoch": epoch, "epochs": epochs, "wall_time_s": now - started, "updated": now, "status": "running"})
+        "epoch": epoch, "epochs": epochs, "wall_time_s": now - started, "updated": now, "status": "running",
+        "host": socket.gethostname()})
 
 
 def clear_progress(run_dir: str | Path) -> None:
@@ -168,9 +176,8 @@ class RunRecord:
         m = self.metrics
         if m is None:
             return None
-        hp = {k: v for k, v in (m.get("hparams") or {}).items() if k not in SEED_KEYS}
-        return (str(m.get("dataset")), str(m.get("protocol")), str(m.get("stage")),
-                json.dumps(hp, sort_keys=True, default=str), json.dumps(m.get("seed")))
+        return (str(m.get("dataset")), str(m.get("protocol")), str(m.get("stage")), point_key(m.get("hparams")),
+                json.dumps(m.get("seed")))
 
 
 def _timestamp(value: Any) -> float | None:
@@ -292,7 +299,7 @@ def counting(records: Iterable[RunRecord]) -> list[RunRecord]:
 
 __all__ = [
     "CONFIG", "METRICS", "PROGRESS", "RESUME", "DS_CHECKPOINT", "TRAINABLE", "TRAINABLE_INFO", "EVAL_METRICS",
-    "PLAN", "SWEEP", "RUNS", "SKIP_DIRS", "METRIC_KEYS", "SEED_KEYS", "STATES", "RunRecord", "read_json",
+    "PLAN", "SWEEP", "RUNS", "SKIP_DIRS", "METRIC_KEYS", "SEED_KEYS", "point_key", "STATES", "RunRecord", "read_json",
     "read_metrics", "is_done", "write_metrics", "write_progress", "clear_progress", "read_plan", "read_run",
     "find_run_dirs", "scan_runs", "resolve_duplicates", "counting",
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.aggregate import aggregate, choose_point, format_table
+from launcher.aggregate import aggregate, choose_point, format_table, load_runs
 from synqt.errors import SynQTError
 
 METRIC_KEYS = (
@@ -83,7 +83,7 @@ def test_paper_sweep_with_missing_failed_grid_and_fgvc(paper_sweep, tmp_path):
     res = aggregate(sweep, out_dir=out)
     on_disk = json.loads((out / "results.json").read_text())
     assert set(on_disk) == {"datasets", "groups", "mean_of_groups", "mean_of_tasks", "protocol", "incomplete",
-                            "labels", "expected_datasets", "mean_fgvc", "runs"}
+                            "labels", "expected_datasets", "mean_fgvc", "runs", "best_of_test"}
     assert on_disk == {k: v for k, v in res.items() if k != "files"}
     ds = on_disk["datasets"]
 
@@ -131,14 +131,15 @@ def test_paper_sweep_with_missing_failed_grid_and_fgvc(paper_sweep, tmp_path):
     assert "selected on test" in md and "chosen on test" in md
     assert "mean of the three group means" in md and "plain mean of the" in md
     assert "CUDA out of memory" in md  # the failed run of a dataset with ok runs is listed
-    assert md == format_table(res)
+    assert md == format_table(res, load_runs(sweep)[1], out)
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader((out / "results.csv").open()))
     by_name = {r["dataset"]: r for r in rows}
     assert float(by_name["eurosat"]["accuracy"]) == pytest.approx(90.5)
-    assert by_name["caltech101"]["accuracy_label"] == "chosen on test"
-    assert "best_of_test (selected on test)" in rows[0]
-    assert by_name["mean_of_groups"]["status"] == "incomplete"
+    assert by_name["caltech101"]["chosen_on_test"] == "True"
+    assert "best_of_test_selected_on_test" in rows[0]
+    means = {r["mean"]: r for r in csv.DictReader((out / "means.csv").open())}
+    assert means["mean_of_groups"]["status"] == "incomplete"
     # nothing written into the sweep directory when --out is given
     assert not (sweep / "results.json").exists()
 
@@ -193,21 +194,31 @@ def test_vtab_complete_means_labels_and_tensorboard(tmp_path):
     assert res["labels"]["mean_of_tasks"] == "plain mean of the 5 VTAB tasks in this sweep"
     assert "VTAB 'Mean'" in res["labels"]["mean_of_groups"]
 
-    tb = tmp_path / "tensorboard"
-    events = list(tb.glob("events.out.tfevents.*"))
-    assert len(events) == 1
+    tb = tmp_path / "_sweep_summary"
+    assert not (tmp_path / "tensorboard").exists()
+    events = sorted(tb.glob("events.out.tfevents.*"))
+    assert len(events) == 2  # the HParams experiment + the table and chart
     ea = EventAccumulator(str(tb), size_guidance={"tensors": 0, "images": 0, "scalars": 0})
     ea.Reload()
-    assert ea.Scalars("accuracy/cifar")[0].value == pytest.approx(62.0)
-    assert ea.Scalars("mean/mean_of_groups")[0].value == pytest.approx((nat + spe + stru) / 3)
-    text_tag = next(t for t in ea.Tags()["tensors"] if t.startswith("results/table"))
+    assert ea.Tags()["scalars"] == []  # no one-point scalars: the per-task numbers are the HParams rows
+    text_tag = next(t for t in ea.Tags()["tensors"] if t.startswith("sweep/results"))
     text = ea.Tensors(text_tag)[0].tensor_proto.string_val[0].decode()
     assert "mean of the three group means" in text and "| cifar |" in text
-    assert ea.Images("results/chart")[0].width > 100
+    assert ea.Images("sweep/chart")[0].width > 100
+    # the one experiment: every dataset and seed the runs recorded, final/* metrics as columns
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    exp = plugin_data_pb2.HParamsPluginData.FromString(
+        ea.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
+    infos = {h.name: h for h in exp.hparam_infos}
+    assert [v.string_value for v in infos["dataset"].domain_discrete.values] == sorted(accs)
+    assert infos["dataset"].differs and infos["stage"].differs  # search and final runs
+    assert {m.name.tag for m in exp.metric_infos} == {"final/test_acc", "final/val_acc", "final/trainable_params",
+                                                      "final/peak_memory_mib", "final/wall_time_min"}
 
     # re-aggregating replaces the TensorBoard run instead of stacking a second one
     aggregate(tmp_path)
-    assert len(list(tb.glob("events.out.tfevents.*"))) == 1
+    assert len(list(tb.glob("events.out.tfevents.*"))) == 2
 
 
 def test_tie_break_is_deterministic():
@@ -238,7 +249,7 @@ def test_search_only_dataset_is_missing_and_cli_prints_table(tmp_path, capsys):
                   val_acc=50.0, test_acc=None)
     write_metrics(tmp_path, "b", dataset="cifar", group="Natural", protocol="vtab", stage="final",
                   test_acc=60.0)
-    assert main(["aggregate", str(tmp_path)]) == 0
+    assert main(["aggregate", str(tmp_path)]) == 3  # the table is printed; a task is missing
     printed = capsys.readouterr().out
     assert "incomplete (missing: svhn)" in printed
     res = json.loads((tmp_path / "results.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing as mp
+import os
 import shutil
 from pathlib import Path
 
@@ -284,9 +285,11 @@ def test_concurrent_build_happens_once(tmp_path: Path, cache: Path) -> None:
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("SYNQT_CACHE_DIR", raising=False)
     monkeypatch.delenv("SLURM_TMPDIR", raising=False)
+    import pwd
     import tempfile
 
-    assert default_cache_dir() == Path(tempfile.gettempdir()) / "synqt-cache"
+    # per user: a folder the first user makes is not writable by the next (issue 14)
+    assert default_cache_dir() == Path(tempfile.gettempdir()) / f"synqt-cache-{pwd.getpwuid(os.getuid()).pw_name}"
     monkeypatch.setenv("SLURM_TMPDIR", str(tmp_path / "slurm"))
     assert default_cache_dir() == tmp_path / "slurm" / "synqt-cache"
     monkeypatch.setenv("SYNQT_CACHE_DIR", str(tmp_path / "mine"))

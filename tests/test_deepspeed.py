@@ -116,7 +116,11 @@ def test_two_process_cpu_trial(ds_assets: tuple[Path, Path], uninterrupted: tupl
 
     events = EventAccumulator(str(run_dir)).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "eval/test_acc", "perf/images_per_s", "perf/peak_memory_bytes"} <= tags
+    assert {"train/loss", "train/lr", "train/epoch", "eval/test_acc", "perf/images_per_s",
+            "perf/process_peak_cpu_rss_mib_max_over_ranks", "final/test_acc"} <= tags
+    # one x-axis: evaluations sit at the optimizer step where train/epoch records their epoch
+    assert [e.step for e in events.Scalars("eval/test_acc")] == [
+        e.step for e in events.Scalars("train/epoch") if e.value in {h["epoch"] for h in on_disk["eval_history"]}]
     assert [round(e.value, 4) for e in events.Scalars("eval/test_acc")] == [
         round(e["acc"], 4) for e in on_disk["eval_history"]]
     assert not (run_dir / "ds_checkpoint").exists() and not (run_dir / "progress.json").exists()

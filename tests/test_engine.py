@@ -3,9 +3,11 @@ precision, gradient accumulation and bad input, on a tiny ViT on CPU."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -106,11 +108,19 @@ def test_run_writes_every_output_with_the_metrics_contract(paper_run, assets):
     assert on_disk["trainable_params"] == expected_trainable(TINY_KW["embed_dim"], TINY_KW["depth"], 1, TASK_CLASSES)
     assert isinstance(on_disk["peak_memory_bytes"], int) and on_disk["peak_memory_bytes"] > 0
     assert on_disk["images_per_s"] > 0 and on_disk["wall_time_s"] > 0
-    assert {"python", "torch", "timm", "accelerate", "git_commit"} <= set(on_disk["versions"])
+    assert {"python", "synqt", "torch", "timm", "accelerate", "pillow", "ray", "git_commit", "git_dirty"} <= set(
+        on_disk["versions"])
     prov = on_disk["provenance"]
     assert prov["backbone_checkpoint_sha256"] == sha256_file(ckpt)
+    want = f"{Path(ckpt).absolute()} (sha256 {hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()})"
+    assert prov["backbone_weights"] == want
     assert prov["train_split"] == "train800val200" and prov["eval_split"] == "test"
     assert len(prov["train_list_sha256"]) == 64 and prov["train_list_sha256"] != prov["eval_list_sha256"]
+    # the data's layout and image format per split (the test data are PNG files in the vtab_json layout)
+    for key, split in (("train_data", "train800val200"), ("eval_data", "test")):
+        n_listed = len(json.loads((Path(cfg.data_root) / cfg.dataset / f"{split}.json").read_text()))
+        assert prov[key] == {"split": split, "layout": "vtab_json", "images": n_listed,
+                             "image_formats": {"PNG": n_listed}, "data_root": prov[key]["data_root"], "note": None}
 
     # the resolved config loads back strictly and is the config that ran
     assert load_config([run_dir / "config.yaml"], base=False) == cfg
@@ -119,14 +129,15 @@ def test_run_writes_every_output_with_the_metrics_contract(paper_run, assets):
 
 
 def test_tensorboard_scalars_and_hparams_read_back(paper_run):
-    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
     from synqt.schedule import lr_at
 
     cfg, run_dir, metrics = paper_run
     acc = event_accumulator(run_dir)
     scalars = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "eval/test_acc", "perf/images_per_s", "perf/peak_memory_bytes"} <= scalars
+    assert {"train/loss", "train/lr", "train/epoch", "eval/test_acc", "perf/images_per_s",
+            "perf/process_peak_cpu_rss_mib"} <= scalars
     total = STEPS_PER_EPOCH * cfg.epochs
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == list(range(1, total + 1))  # log_every=1: one point per optimizer step
@@ -136,22 +147,32 @@ def test_tensorboard_scalars_and_hparams_read_back(paper_run):
     want = [lr_at(s, STEPS_PER_EPOCH, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, base_lr=cfg.lr,
                   min_lr=cfg.min_lr) for s in range(total)]
     assert lrs == pytest.approx(want, rel=1e-5, abs=1e-9) and lrs[0] == 0.0
+    # one x-axis for every scalar: the optimizer step; evaluation after epoch E sits at step E * steps/epoch
     evals = acc.Scalars("eval/test_acc")
-    assert [(e.step, round(e.value, 3)) for e in evals] == [(h["epoch"], round(h["acc"], 3))
+    assert [(e.step, round(e.value, 3)) for e in evals] == [(h["epoch"] * STEPS_PER_EPOCH, round(h["acc"], 3))
                                                            for h in metrics["eval_history"]]
-    assert [e.step for e in acc.Scalars("perf/images_per_s")] == [1, 2, 3]
-    assert all(e.value > 0 for e in acc.Scalars("perf/peak_memory_bytes"))
+    assert [(e.step, e.value) for e in acc.Scalars("train/epoch")] == [
+        (STEPS_PER_EPOCH * k, float(k)) for k in (1, 2, 3)]
+    assert [e.step for e in acc.Scalars("perf/images_per_s")] == [STEPS_PER_EPOCH * k for k in (1, 2, 3)]
+    # memory in MiB, named by kind: this process's peak resident set (a tiny CPU run: tens to thousands of MiB)
+    assert all(10 < e.value < 100_000 for e in acc.Scalars("perf/process_peak_cpu_rss_mib"))
+    assert acc.Scalars("final/peak_memory_mib")[-1].value == pytest.approx(metrics["peak_memory_bytes"] / 2**20)
 
+    # an HParams session (hparams + end status), never a per-run experiment (it would hide the sweep's domains)
     content = acc.PluginTagToContent("hparams")
-    assert "_hparams_/session_start_info" in content and "_hparams_/experiment" in content
+    assert set(content) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hp = start.session_start_info.hparams
     assert hp["lr"].number_value == pytest.approx(1e-3)
     assert hp["token_nums"].number_value == 1 and hp["dataset"].string_value == TASK
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert {m.name.tag for m in experiment.metric_infos} >= {"hparam/test_acc", "hparam/best_of_test"}
-    assert acc.Scalars("hparam/test_acc")[-1].value == pytest.approx(metrics["test_acc"], abs=1e-4)
-    assert acc.Scalars("hparam/best_of_test")[-1].value == pytest.approx(metrics["best_of_test"], abs=1e-4)
+    assert hp["seed"].number_value == cfg.seed and hp["protocol"].string_value == "paper"
+    end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"])
+    assert end.session_end_info.status == api_pb2.STATUS_SUCCESS
+    # the final numbers at the run's last optimizer step
+    assert [(e.step, e.value) for e in acc.Scalars("final/test_acc")] == [
+        (total, pytest.approx(metrics["test_acc"], abs=1e-4))]
+    assert acc.Scalars("final/best_of_test")[-1].value == pytest.approx(metrics["best_of_test"], abs=1e-4)
+    assert acc.Scalars("final/trainable_params")[-1].value == metrics["trainable_params"]
 
 
 def test_trainable_checkpoint_reproduces_the_reported_accuracy(paper_run, assets, tmp_path):
@@ -216,7 +237,7 @@ def test_vtab_search_trains_on_train800_and_scores_val200(assets, tmp_path):
     assert (metrics["provenance"]["train_split"], metrics["provenance"]["eval_split"]) == ("train800", "val200")
     # 48 train800 images in batches of 16: 3 optimizer steps per epoch
     assert scalar_steps(tmp_path / "search", "train/lr") == list(range(1, 3 * 2 + 1))
-    assert scalar_steps(tmp_path / "search", "eval/val200_acc") == [2]
+    assert scalar_steps(tmp_path / "search", "eval/val200_acc") == [2 * 3]  # after epoch 2 = optimizer step 6
 
 
 def test_vtab_final_trains_on_train800val200_and_scores_test_once(assets, tmp_path):
@@ -278,6 +299,10 @@ def test_interrupted_run_resumes_to_the_same_result(paper_run, tmp_path):
 
     metrics_b = run_trial(cfg, run_b, resume=True)
     assert comparable(metrics_b) == comparable(metrics_a)
+    # provenance says where each finished and that b continued from its epoch-2 checkpoint
+    assert metrics_a["provenance"]["resumed_after_epoch"] is None
+    assert metrics_b["provenance"]["resumed_after_epoch"] == 2
+    assert metrics_b["provenance"]["host"] == metrics_a["provenance"]["host"] == socket.gethostname()
     assert max_weight_diff(run_a, run_b) <= 1e-6
     assert not (run_b / "resume.pt").exists() and not (run_b / "progress.json").exists()
     # the resumed process trained epoch 3 only: every optimizer step logged exactly once over both processes
@@ -304,8 +329,9 @@ def test_cli_train_resume_continues_an_interrupted_run(paper_run, assets, tmp_pa
 # ----------------------------------------------------------------------------------------- precision and accum
 
 
-def test_bf16_runs_on_cpu_with_finite_metrics(assets, tmp_path):
+def test_bf16_runs_on_cpu_with_finite_metrics(assets, tmp_path, monkeypatch):
     data_root, ckpt, cache = assets
+    monkeypatch.setenv("SYNQT_ALLOW_SLOW_BF16", "1")  # the bf16 math, also on CPUs without native bf16
     metrics = run_trial(tiny_cfg(data_root, ckpt, cache, precision="bf16", epochs=1), tmp_path / "bf16")
     assert metrics["status"] == "ok", metrics["error"]
     assert metrics["hparams"]["precision"] == "bf16"

@@ -90,7 +90,8 @@ def test_every_branch_leaves_exactly_the_files_of_a_solo_run(solo, packed):
     for (solo_dir, _), (pack_dir, _) in zip(solo, packed, strict=True):
         assert file_kinds(pack_dir) == file_kinds(solo_dir)
         assert {"config.yaml", "metrics.json", "events.out.tfevents.*", "trainable.safetensors"} <= file_kinds(pack_dir)
-        for tag in ("train/loss", "train/lr", "eval/test_acc", "perf/images_per_s", "perf/peak_memory_bytes"):
+        for tag in ("train/loss", "train/lr", "train/epoch", "eval/test_acc", "perf/images_per_s",
+                    "perf/process_peak_cpu_rss_mib"):
             assert scalar_steps(pack_dir, tag) == scalar_steps(solo_dir, tag), tag
         assert (pack_dir / "config.yaml").read_text() == (solo_dir / "config.yaml").read_text()
 

@@ -95,7 +95,7 @@ def test_without_plan_infers_from_run_dirs(tmp_path, capsys):
     assert st["plan"] is False and st["total"] == 3
     assert st["counts"] == {"done": 1, "failed": 1, "broken": 0, "running": 1, "pending": 0}
     assert st["eta_s"] == pytest.approx(10.0 * 3)
-    assert main(["status", str(tmp_path)]) == 0
+    assert main(["status", str(tmp_path)]) == 3  # a failed trial: "finished with failed runs"
     out = capsys.readouterr().out
     assert "no plan.json" in out and "b: boom" in out
 

@@ -32,7 +32,11 @@ def bench_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("bench")
     write_benchmark(root / "data", tasks=["syn_count", "syn_blobs"], n_train=40, n_val=10, n_test=30)
-    (root / "ckpt.safetensors").write_bytes(b"placeholder")
+    import torch
+    from safetensors.torch import save_file
+
+    # a real (if tiny) safetensors file: the pre-flight reads its header, a placeholder is refused
+    save_file({"x": torch.zeros(2)}, str(root / "ckpt.safetensors"))
     return root
 
 
@@ -159,14 +163,17 @@ def test_vtab_two_stage_plan_and_selection(tmp_path):
     search = sw.plan_trials(s)
     assert len(search) == 2 * 3 and {t.seed for t in search} == {42}
     assert all(t.stage == "search" and t.config.stage == "search" and t.config.protocol == "vtab" for t in search)
-    # stage-1 results: dtd has a tie between the 2nd and 3rd point -> the earlier grid point wins
+    # stage-1 results: dtd has a tie between the 2nd and 3rd point -> the earlier grid point wins;
+    # cifar's third point diverged (a search result: it takes no part, the others still select)
     accs = {"dtd": [50.0, 70.0, 70.0], "cifar": [90.0, 10.0, None]}
     for t in search:
         acc = accs[t.dataset][[1e-3, 5e-4, 1e-4].index(t.hparams["lr"])]
         d = t.run_dir(s)
         d.mkdir(parents=True)
         status = "ok" if acc is not None else "failed"
-        (d / "metrics.json").write_text(json.dumps({"status": status, "val_acc": acc}))
+        error = None if acc is not None else "non-finite training loss (nan) at epoch 3, step 90"
+        (d / "metrics.json").write_text(json.dumps({"dataset": t.dataset, "status": status, "val_acc": acc,
+                                                    "error": error}))
     best = sw.select_best(s, search)
     assert best == {"dtd": {"lr": 5e-4}, "cifar": {"lr": 1e-3}}
     final = sw.plan_trials(s, "final")
@@ -177,6 +184,30 @@ def test_vtab_two_stage_plan_and_selection(tmp_path):
     assert final[0].run_name == "final-dtd-lr0.0005-s42"
     with pytest.raises(ConfigError, match="no search stage"):
         sw.plan_trials(sw.load_sweep(CI), "search")
+
+
+@pytest.mark.parametrize("kind", ["missing", "raised"])
+def test_select_best_never_on_partial_stage1(tmp_path: Path, kind: str) -> None:
+    """A dataset with a stage-1 point that did not finish (never wrote metrics, or raised) is not selected."""
+    data = {"name": "v", "datasets": ["dtd", "cifar"], "protocol": "vtab", "grid": {"lr": [1e-3, 5e-4]},
+            "storage_path": str(tmp_path)}
+    s = sw.load_sweep(_write(tmp_path, data))
+    search = sw.plan_trials(s)
+    unfinished = {"cifar-lr0.0005"}  # cifar's second point: the best of the finished ones is cifar lr=1e-3
+    for t in search:
+        d = t.run_dir(s)
+        d.mkdir(parents=True)
+        key = f"{t.dataset}-lr{t.hparams['lr']:g}"
+        if key in unfinished:
+            if kind == "raised":
+                (d / "metrics.json").write_text(json.dumps(
+                    {"dataset": t.dataset, "status": "failed", "val_acc": None, "error": "RuntimeError: worker died"}))
+            continue
+        (d / "metrics.json").write_text(json.dumps({"dataset": t.dataset, "status": "ok",
+                                                    "val_acc": 60.0 if "0.001" in key else 40.0}))
+    assert sw.stage1_unfinished(s, search) == {"cifar": ["search-cifar-lr0.0005-s42"]}
+    assert sw.select_best(s, search) == {"dtd": {"lr": 1e-3}}
+    assert [t.dataset for t in sw.plan_trials(s, "final")] == ["dtd"] * 5
 
 
 def test_random_search_samples_distinct_grid_points(tmp_path):

@@ -38,6 +38,10 @@ def run_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, res
     A DeepSpeed trial (``trainer_for`` says so) is a pack of one, run on this machine with ``num_devices``
     processes; ``retries`` is how often a crashed process is restarted from its last checkpoint there.
     """
+    from synqt.ckptfile import require_backbone_weights
+
+    for c in cfgs:  # before any run directory, device or data: a missing checkpoint is a config error
+        require_backbone_weights(c.checkpoint, f"dataset {c.dataset!r}")
     if cfgs and trainer_for(cfgs[0]) == "deepspeed":
         if len(cfgs) != 1:
             raise ConfigError(f"a DeepSpeed trial is never packed (got a pack of {len(cfgs)})")

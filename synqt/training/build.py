@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from synqt.ckptfile import is_random, require_backbone_weights
 from synqt.config import TrialConfig, effective_seeds
 from synqt.model import QueryBranch, build_backbone, new_branch
 from synqt.training.loop import derive_seed
@@ -32,13 +33,18 @@ def frozen_backbone(cfg: TrialConfig, *, state: Mapping[str, Any] | None = None,
     ``state``: its weights already read (a state dict in timm naming, tensors or numpy arrays, e.g. the
     launcher's copy from the Ray object store): the model is built on the meta device and the arrays are
     assigned without a copy; ``identity`` is what the weights record (computed from ``cfg.checkpoint`` if
-    None). Otherwise the weights come from ``checkpoint`` (default: ``cfg.checkpoint``); without one the
-    random init is drawn from ``data_seed``, so a resumed run, every branch of a pack and
-    ``evaluate_checkpoint`` get the same backbone whatever the global RNG state.
+    None). Otherwise the weights come from ``checkpoint`` (default: ``cfg.checkpoint``). The configured
+    checkpoint must be set: a path, or ``random`` on purpose (``require_backbone_weights``: ConfigError
+    otherwise). A random backbone (``random``, or ``checkpoint=None`` passed explicitly) has its init drawn
+    from ``data_seed``, so a resumed run, every branch of a pack and ``evaluate_checkpoint`` get the same
+    backbone whatever the global RNG state.
     """
     kwargs = dict(cfg.backbone_kwargs or {})
     if state is None:
-        ckpt = cfg.checkpoint if checkpoint == "config" else checkpoint
+        if checkpoint == "config":  # the rule for a trial's weights lives here, where every backbone is built
+            ckpt = require_backbone_weights(cfg.checkpoint, f"dataset {cfg.dataset!r}")
+        else:
+            ckpt = checkpoint
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(effective_seeds(cfg)[0], 3))
             return build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=ckpt, **kwargs)
@@ -68,7 +74,7 @@ def frozen_backbone(cfg: TrialConfig, *, state: Mapping[str, Any] | None = None,
 def shareable_state(cfg: TrialConfig) -> dict[str, Any] | None:
     """``{"state": numpy arrays, "identity": ...}`` of ``cfg``'s loaded backbone, to share between processes;
     None for a random backbone (each trainer seeds its own) or tensors numpy cannot hold (bf16)."""
-    if not cfg.checkpoint:
+    if not cfg.checkpoint or is_random(cfg.checkpoint):
         return None
     model = frozen_backbone(cfg)
     sd = model.state_dict()

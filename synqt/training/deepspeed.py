@@ -45,6 +45,7 @@ from torch import nn
 
 from synqt import rundir
 from synqt.checkpoint import save_trainable
+from synqt.compat import check_same_run
 from synqt.config import (
     TrialConfig,
     config_dir,
@@ -57,6 +58,7 @@ from synqt.config import (
 from synqt.errors import ConfigError
 from synqt.memory import keep_freed_host_memory
 from synqt.model import PackedSynQT, count_trainable
+from synqt.precision import check_precision
 from synqt.schedule import adamw, lr_at
 from synqt.training.build import frozen_backbone, seeded_branch
 from synqt.training.loop import (
@@ -65,6 +67,7 @@ from synqt.training.loop import (
     derive_seed,
     device_peak_memory,
     epoch_order,
+    memory_tag,
     run_hparams,
     should_eval,
     summary,
@@ -142,9 +145,11 @@ def _device(cfg: TrialConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible (use device=auto or cpu)")
     if cfg.device == "cpu" or not torch.cuda.is_available():
+        check_precision(cfg.precision, "cpu")  # bf16 only where it is native (synqt/precision.py)
         return torch.device("cpu")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
+    check_precision(cfg.precision, torch.device("cuda", local))
     return torch.device("cuda", local)
 
 
@@ -248,6 +253,7 @@ class _Worker:
         self.train_split, self.eval_split = splits_for(cfg)
         self.step = 0
         self.epochs_done = 0
+        self.resumed_after_epoch: int | None = None
         self.eval_history: list[dict] = []
         self.last_loss: float | None = None
         self.images_per_s: float | None = None
@@ -283,6 +289,11 @@ class _Worker:
         self.train_list = read_split(cfg.data_root, cfg.dataset, self.train_split, layout=cfg.layout)
         self.eval_list = read_split(cfg.data_root, cfg.dataset, self.eval_split, layout=cfg.layout)
         self.backbone = frozen_backbone(cfg, state=self.backbone_state)
+        if self.is_main:
+            from synqt.checkpoint import weights_text
+
+            log.info("%s: backbone %s, weights: %s", Path(self.run_dir).name, cfg.backbone,
+                     weights_text(getattr(self.backbone, "synqt_identity", None)))
         self.image_size = cfg.image_size or int(self.backbone.patch_embed.img_size[0])
         load = dict(interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
         # rank 0 builds the decoded-image cache first (the file lock would serialise them anyway)
@@ -377,6 +388,7 @@ class _Worker:
         self.step = int(client["step"])
         self.epochs_done = int(client["epochs_done"])
         self.eval_history = list(client["eval_history"])
+        self.resumed_after_epoch = self.epochs_done
         log.info("rank %d resumed %s after epoch %d (step %d)", self.rank, self.run_dir.name, self.epochs_done,
                  self.step)
 
@@ -483,11 +495,13 @@ class _Worker:
             acc = self.evaluate()
             self.eval_history.append({"epoch": epoch, "split": self.eval_split, "acc": acc})
             if self.writer is not None:
-                self.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, epoch)
-        self.peak = int(_all_reduce([device_peak_memory(self.device)[0]], dist.ReduceOp.MAX)[0])
+                self.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, self.step)  # x: the optimizer step
+        peak, peak_kind = device_peak_memory(self.device)
+        self.peak = int(_all_reduce([peak], dist.ReduceOp.MAX)[0])
         if self.writer is not None:
-            self.writer.add_scalar("perf/images_per_s", self.images_per_s, epoch)
-            self.writer.add_scalar("perf/peak_memory_bytes", self.peak, epoch)
+            self.writer.add_scalar("train/epoch", epoch, self.step)
+            self.writer.add_scalar("perf/images_per_s", self.images_per_s, self.step)
+            self.writer.add_scalar(memory_tag(peak_kind) + "_max_over_ranks", self.peak / 2**20, self.step)
             self.writer.flush()
         if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 and epoch < cfg.epochs:
             self._save_resume()
@@ -503,7 +517,8 @@ class _Worker:
         """This trial's outcome so far (typed, for the report payload and metrics.json)."""
         return TrialOutcome(cfg=self.cfg, run_dir=self.run_dir, hparams=self.hparams, status=self.status,
                             error=self.error, epochs_done=self.epochs_done, eval_history=self.eval_history,
-                            trainable_params=self.trainable_params, last_loss=self.last_loss)
+                            trainable_params=self.trainable_params, last_loss=self.last_loss,
+                            resumed_after_epoch=self.resumed_after_epoch)
 
     def summary(self) -> dict[str, Any]:
         return summary(self.outcome(), self.eval_split)
@@ -523,7 +538,8 @@ class _Worker:
             save_trainable(self.branch, self.run_dir / rundir.TRAINABLE,
                            backbone_identity=self.backbone.synqt_identity,
                            extra={"dataset": self.cfg.dataset, "run_name": self.run_dir.name,
-                                  "num_classes": self.num_classes, "trainer": "deepspeed"})
+                                  "num_classes": self.num_classes, "image_size": self.image_size,
+                                  "trainer": "deepspeed"})
         metrics = build_metrics(self)
         self._write_hparams(metrics)
         rundir.write_metrics(self.run_dir, metrics)
@@ -532,7 +548,7 @@ class _Worker:
         self.metrics = metrics
 
     def _write_hparams(self, metrics: dict) -> None:
-        write_hparams(self.writer, self.cfg, self.hparams, metrics, extra={"trainer": "deepspeed"})
+        write_hparams(self.writer, self.cfg, self.hparams, metrics, extra={"trainer": "deepspeed"}, step=self.step)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -579,6 +595,7 @@ def train_worker(cfg: TrialConfig | dict, run_dir: str | Path, *, report: Callab
     device = _device(cfg)
     _init_distributed(device)
     done = rundir.read_metrics(run_dir)
+    check_same_run(cfg, run_dir)  # a resume continues exactly the same run, or stops naming each change
     if rundir.is_done(run_dir):
         log.info("%s already finished; skipping", run_dir.name)
         return done if dist.get_rank() == 0 else None

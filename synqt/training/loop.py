@@ -8,10 +8,7 @@ written through ``synqt.rundir``.
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
-import sys
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from synqt.checkpoint import weights_text
 from synqt.config import HPARAM_KEYS, TrialConfig, config_to_dict, effective_seeds
+from synqt.provenance import library_versions, split_provenance
 
 
 def derive_seed(*parts: int) -> int:
@@ -67,6 +66,7 @@ class TrialOutcome:
     eval_history: list[dict] = field(default_factory=list)
     trainable_params: int | None = None
     last_loss: float | None = None
+    resumed_after_epoch: int | None = None  # set when this process continued the run from its epoch checkpoint
 
     @property
     def run_name(self) -> str:
@@ -93,23 +93,6 @@ def summary(run: TrialOutcome, eval_split: str) -> dict[str, Any]:
     return {"run_name": run.run_name, "status": run.status, "epoch": run.epochs_done, "train_loss": run.last_loss,
             "val_acc": last if eval_split == "val200" else None,
             "test_acc": last if eval_split == "test" else None}
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def library_versions() -> dict[str, str | None]:
-    import accelerate
-    import timm
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "accelerate": accelerate.__version__, "numpy": np.__version__, "git_commit": _git_commit()}
 
 
 def device_peak_memory(device: torch.device) -> tuple[int, str]:
@@ -150,16 +133,23 @@ def trial_metrics(run: TrialOutcome, data: RunData, *, peak: int | None, peak_ki
             "backbone": identity.get("name"),
             "backbone_checkpoint": identity.get("checkpoint"),
             "backbone_checkpoint_sha256": identity.get("checkpoint_sha256"),
+            "backbone_weights": weights_text(identity),
             "train_split": data.train_split,
             "eval_split": data.eval_split,
             "train_list_sha256": None if train_list is None else train_list.list_hash,
             "eval_list_sha256": None if eval_list is None else eval_list.list_hash,
             "derived_splits": bool((train_list is not None and train_list.derived)
                                    or (eval_list is not None and eval_list.derived)),
+            "train_data": split_provenance(train_list),
+            "eval_data": split_provenance(eval_list),
             "image_size": data.image_size,
             "data_seed": data_seed,
             "init_seed": init_seed,
             "packed_with": packed_with,
+            # where the run finished, and the epoch checkpoint it continued from (None: ran from the start
+            # in one process): which node of a multi-node sweep ran it, and that a retry resumed
+            "host": socket.gethostname(),
+            "resumed_after_epoch": run.resumed_after_epoch,
         },
         "status": "ok" if run.status == "ok" else "failed",
         "error": run.error,
@@ -170,43 +160,61 @@ def trial_metrics(run: TrialOutcome, data: RunData, *, peak: int | None, peak_ki
     }
 
 
-def write_hparams(writer: Any, cfg: TrialConfig, hparams: dict, metrics: dict, extra: dict | None = None) -> None:
-    """The run's hyperparameters and final metrics for TensorBoard's hparams plugin."""
+def write_hparams(writer: Any, cfg: TrialConfig, hparams: dict, metrics: dict, extra: dict | None = None,
+                  step: int = 0) -> None:
+    """The run's hyperparameters (session) and final metrics for TensorBoard's HParams view; see synqt.tblog."""
     if writer is None:
         return
+    from synqt.tblog import write_session
 
-    def scalar(v: Any) -> Any:
-        return v if isinstance(v, (int, float, str, bool)) else str(v)
-
-    hp = {k: scalar(v) for k, v in hparams.items()}
-    hp.update(dataset=cfg.dataset, seed=cfg.seed, protocol=cfg.protocol, **(extra or {}))
-    values = {f"hparam/{k}": metrics[k] for k in ("val_acc", "test_acc", "best_of_test") if metrics[k] is not None}
-    writer.add_hparams(hp, values, run_name=".")
-    writer.flush()
+    write_session(writer, metrics, extra=extra, step=step)
 
 
-class ProgressBar:
-    """tqdm on a terminal, a plain log line per ~10% otherwise (SLURM / Ray logs stay readable)."""
+class BranchScaler:
+    """One branch's fp16 loss scale (``torch.amp.GradScaler``); a pass-through when disabled (fp32, bf16).
 
-    def __init__(self, total: int, initial: int, desc: str) -> None:
-        self.total, self.n, self.desc = total, initial, desc
-        self.bar = None
-        self.next_log = initial + max(1, total // 10)
-        if sys.stderr.isatty() and not os.environ.get("SYNQT_NO_PROGRESS"):
-            from tqdm import tqdm
+    Each branch of a pack has its own: one shared scaler (accelerate's) is updated by every branch's
+    step, so one branch's overflow would halve the scale its pack-mates' gradients are unscaled with.
+    Branches have disjoint parameters, so one backward over the sum of the scaled losses gives each
+    branch exactly its own scaled gradients.
+    """
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+    def __init__(self, enabled: bool, device_type: str, **kwargs: Any) -> None:
+        self.scaler = torch.amp.GradScaler(device_type, **kwargs) if enabled else None
 
-    def update(self, n: int, losses: dict[str, float | None]) -> None:
-        self.n += n
-        shown = {k: round(v, 4) for k, v in losses.items() if v is not None}
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix(loss=list(shown.values())[:3])
-        elif self.n >= self.next_log or self.n == self.total:
-            print(f"[synqt] {self.desc}: step {self.n}/{self.total} loss {shown}", flush=True)
-            self.next_log = self.n + max(1, self.total // 10)
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self.scaler is None else self.scaler.scale(loss)
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Unscale, step unless the gradients overflowed, update the scale; True when the step was taken."""
+        if self.scaler is None:
+            optimizer.step()
+            return True
+        before = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= before  # the scale backs off exactly when a step is skipped
+
+    def state_dict(self) -> dict | None:
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
+def memory_tag(peak_kind: str) -> str:
+    """TensorBoard tag of a peak-memory scalar in MiB, named by what was measured (see device_peak_memory)."""
+    return {"cuda_max_allocated": "perf/process_peak_cuda_alloc_mib",
+            "cpu_max_rss": "perf/process_peak_cpu_rss_mib"}.get(peak_kind, f"perf/process_peak_{peak_kind}_mib")
+
+
+def emit_end(run_dir: Path, metrics: dict) -> None:
+    """The ``synqt.progress.TrialEnd`` event of a finished or failed run, from its metrics.json content."""
+    from synqt import progress
+
+    progress.emit(progress.TrialEnd(
+        run_name=Path(run_dir).name, run_dir=str(run_dir), status=metrics["status"], val_acc=metrics["val_acc"],
+        test_acc=metrics["test_acc"], best_of_test=metrics["best_of_test"], wall_time_s=metrics["wall_time_s"],
+        error=metrics.get("error")))
+

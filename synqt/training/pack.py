@@ -26,22 +26,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synqt import rundir
-from synqt.checkpoint import load_official_state_dict, load_trainable, save_trainable
+from synqt import progress, rundir
+from synqt.checkpoint import load_official_state_dict, load_trainable, save_trainable, weights_text
+from synqt.compat import BACKBONE_IDENTITY_KEYS, check_same_run, check_weights_fit
 from synqt.config import PACK_KEYS, TrialConfig, effective_seeds, pack_key, save_config, splits_for
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write, atomic_write_json
 from synqt.memory import keep_freed_host_memory
 from synqt.model import PackedSynQT, QueryBranch, SynQT, count_trainable, new_branch
+from synqt.precision import check_precision
 from synqt.schedule import adamw, lr_at
 from synqt.training.build import frozen_backbone, seeded_branch
 from synqt.training.loop import (
-    ProgressBar,
+    BranchScaler,
     RunData,
     TrialOutcome,
     derive_seed,
     device_peak_memory,
+    emit_end,
     epoch_order,
+    memory_tag,
     run_hparams,
     should_eval,
     summary,
@@ -63,7 +67,9 @@ class _Branch(TrialOutcome):
     loss_count: int = 0
     writer: Any = None
     index: int = -1  # position in the PackedSynQT
-    pending_evals: list[int] = field(default_factory=list)  # deferred evaluation: epochs with a weight snapshot
+    scaler: BranchScaler | None = None  # fp16 loss scale of this branch alone
+    # deferred evaluation: (epoch, optimizer step) of each weight snapshot still to be scored
+    pending_evals: list[tuple[int, int]] = field(default_factory=list)
 
 
 class TrialRecipe:
@@ -99,7 +105,10 @@ class TrialRecipe:
         self.device = self.accelerator.device
         keep_freed_host_memory(self.device)  # on CPU: no page faults for every step's activations
         for branch in self.branches:
-            if rundir.is_done(branch.run_dir):
+            finished = rundir.is_done(branch.run_dir)
+            if self.resume or finished:  # continue exactly the same run, or stop naming what changed
+                check_same_run(branch.cfg, branch.run_dir)
+            if finished:
                 branch.status = "skipped"
                 log.info("%s already finished; skipping", branch.run_name)
         if all(b.status == "skipped" for b in self.branches):
@@ -114,9 +123,9 @@ class TrialRecipe:
         if self.cfg.precision == "fp16" and (want == "cpu" or not torch.cuda.is_available()):
             raise ConfigError("precision=fp16 needs a CUDA GPU and none is in use: on CPU autocast would silently "
                               "stay fp32; use precision=bf16 or precision=no")
-        if want == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(want)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want)
+        check_precision(self.cfg.precision, device)  # bf16 only where it is native (synqt/precision.py)
+        return device
 
     def _accelerator(self):
         from accelerate import Accelerator
@@ -124,7 +133,13 @@ class TrialRecipe:
 
         # a process may run several trials with different precisions (tests, packs run one after another)
         AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(mixed_precision=self.cfg.precision, cpu=self.device.type == "cpu")
+        handlers = []
+        if self.cfg.precision == "fp16":  # one GradScaler per branch instead of accelerate's shared one
+            from accelerate.utils import GradScalerKwargs
+
+            handlers.append(GradScalerKwargs(enabled=False))
+        return Accelerator(mixed_precision=self.cfg.precision, cpu=self.device.type == "cpu",
+                           kwargs_handlers=handlers)
 
     def _setup_data(self) -> None:
         from synqt.data import dataset_num_classes, load_images, read_split, validate_dataset
@@ -138,6 +153,8 @@ class TrialRecipe:
         self.train_list = read_split(cfg.data_root, cfg.dataset, self.train_split, layout=cfg.layout)
         self.eval_list = read_split(cfg.data_root, cfg.dataset, self.eval_split, layout=cfg.layout)
         self._backbone = self.shared_backbone or frozen_backbone(cfg)
+        log.info("%s: backbone %s, weights: %s", ", ".join(b.run_name for b in self.branches), cfg.backbone,
+                 weights_text(getattr(self._backbone, "synqt_identity", None)))
         size = cfg.image_size or int(self._backbone.patch_embed.img_size[0])
         self.image_size = size
         load = dict(interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
@@ -158,6 +175,7 @@ class TrialRecipe:
             branch.index = len(modules)
             branch.trainable_params = count_trainable(module)
             branch.optimizer = adamw(module.parameters(), lr=branch.cfg.lr, weight_decay=branch.cfg.weight_decay)
+            branch.scaler = BranchScaler(cfg.precision == "fp16", self.device.type)
             modules.append(module)
             if self.resume:
                 self._load_resume(branch)
@@ -224,13 +242,20 @@ class TrialRecipe:
         if not path.is_file():
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
+        fits = state.get("fits") or {}
+        if "num_classes" not in fits and "head.classifier.weight" in state["branch"]:  # older resume.pt
+            fits = {**fits, "num_classes": int(state["branch"]["head.classifier.weight"].shape[0])}
+        check_weights_fit(str(path), fits, dataset=branch.cfg.dataset, num_classes=self.num_classes,
+                          image_size=self.image_size, backbone=getattr(self._backbone, "synqt_identity", {}))
         branch.module.load_state_dict(state["branch"])
         branch.optimizer.load_state_dict(state["optimizer"])
         branch.step = int(state["step"])
         branch.epochs_done = int(state["epochs_done"])
         branch.eval_history = list(state["eval_history"])
-        branch.pending_evals = list(state.get("pending_evals", []))
+        branch.pending_evals = [(int(e), int(s)) for e, s in state.get("pending_evals", [])]
         branch.module.generator.set_state(state["generator"])
+        branch.scaler.load_state_dict(state.get("scaler"))
+        branch.resumed_after_epoch = branch.epochs_done
         log.info("%s resumed after epoch %d (step %d)", branch.run_name, branch.epochs_done, branch.step)
 
     def _save_resume(self, branch: _Branch) -> None:
@@ -241,6 +266,11 @@ class TrialRecipe:
             "epochs_done": branch.epochs_done,
             "eval_history": branch.eval_history,
             "generator": branch.module.generator.get_state(),
+            "scaler": branch.scaler.state_dict(),
+            # what the weights fit, checked before they are loaded again (synqt.compat)
+            "fits": {"dataset": branch.cfg.dataset, "num_classes": self.num_classes, "image_size": self.image_size,
+                     "backbone": {k: v for k, v in getattr(self._backbone, "synqt_identity", {}).items()
+                                  if k in BACKBONE_IDENTITY_KEYS}},
             "pending_evals": branch.pending_evals,
         }
         atomic_write(branch.run_dir / rundir.RESUME, lambda tmp: torch.save(state, tmp))
@@ -274,8 +304,9 @@ class TrialRecipe:
         start_epoch = min(b.epochs_done for b in self.active)
         micro = cfg.batch_size // cfg.grad_accum_steps
         images_seen, train_seconds = 0, 0.0
-        desc = self.branches[0].run_name if len(self.branches) == 1 else f"pack of {len(self.branches)}"
-        progress = ProgressBar(cfg.epochs * self.steps_per_epoch, start_epoch * self.steps_per_epoch, desc)
+        total_steps = cfg.epochs * self.steps_per_epoch
+        progress.emit(progress.TrainStart(tuple(b.run_name for b in self.active), cfg.epochs, self.steps_per_epoch,
+                                          start_epoch * self.steps_per_epoch))
         for epoch in range(start_epoch, cfg.epochs):
             # branches ahead of the others (resumed from a later checkpoint) sit this epoch out
             training = [b for b in self.active if b.epochs_done <= epoch]
@@ -286,6 +317,8 @@ class TrialRecipe:
             self.model.image_generator.manual_seed(derive_seed(effective_seeds(cfg)[0], epoch, 7))
             order = epoch_order(cfg, len(self.train_labels), epoch)
             t0 = time.perf_counter()
+            epoch_images = 0
+            epoch_loss = {id(b): [0.0, 0] for b in training}  # sum, count: the epoch's mean loss
             for start in range(0, len(order), cfg.batch_size):
                 batch_idx = order[start:start + cfg.batch_size]
                 for b in training:
@@ -311,7 +344,7 @@ class TrialRecipe:
                                           f"step {b.step}")
                             continue
                         losses[id(b)] += loss.item() * weight
-                        terms.append(loss * weight)
+                        terms.append(b.scaler.scale(loss * weight))
                     if terms:
                         self.accelerator.backward(torch.stack(terms).sum())
                     if any(b.status != "running" for b in training):
@@ -320,25 +353,34 @@ class TrialRecipe:
                         if not training:
                             break
                 for b in training:
-                    b.optimizer.step()
+                    b.scaler.step(b.optimizer)  # fp16: this branch's own scale; otherwise optimizer.step()
                     b.step += 1
                     b.loss_sum += losses[id(b)]
                     b.loss_count += 1
                     b.last_loss = losses[id(b)]
+                    epoch_loss[id(b)][0] += losses[id(b)]
+                    epoch_loss[id(b)][1] += 1
                     if b.step % cfg.log_every == 0 or b.step == 1:
                         b.writer.add_scalar("train/loss", b.loss_sum / b.loss_count, b.step)
                         b.writer.add_scalar("train/lr", b.optimizer.param_groups[0]["lr"], b.step)
                         b.loss_sum, b.loss_count = 0.0, 0
                 images_seen += len(batch_idx)
-                progress.update(1, {b.run_name: b.last_loss for b in training})
+                epoch_images += len(batch_idx)
+                if training:
+                    progress.emit(progress.Step(epoch * self.steps_per_epoch + start // cfg.batch_size + 1,
+                                                total_steps, {b.run_name: losses[id(b)] for b in training}))
                 if not training:
                     break
-            train_seconds += time.perf_counter() - t0
+            epoch_s = time.perf_counter() - t0
+            train_seconds += epoch_s
             self.images_per_s = images_seen / max(train_seconds, 1e-9)
             for b in training:
                 b.epochs_done = epoch + 1
+                total, count = epoch_loss[id(b)]
+                progress.emit(progress.EpochEnd(b.run_name, epoch + 1, b.cfg.epochs, total / count if count else None,
+                                                b.optimizer.param_groups[0]["lr"],
+                                                epoch_images / max(epoch_s, 1e-9), epoch_s))
             self._after_epoch(epoch + 1, training)
-        progress.close()
 
     def _after_epoch(self, epoch: int, trained: list[_Branch]) -> None:
         trained = [b for b in trained if b.status == "running"]
@@ -352,11 +394,14 @@ class TrialRecipe:
                 accs = self.evaluate([b.index for b in trained])
                 for b, acc in zip(trained, accs, strict=True):
                     b.eval_history.append({"epoch": epoch, "split": self.eval_split, "acc": acc})
-                    b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, epoch)
-        peak, _ = device_peak_memory(self.device)
+                    # every scalar of a run shares one x-axis, the optimizer step (train/epoch maps it to epochs)
+                    b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, b.step)
+                    progress.emit(progress.Eval(b.run_name, epoch, b.cfg.epochs, self.eval_split, acc))
+        peak, peak_kind = device_peak_memory(self.device)
         for b in trained:
-            b.writer.add_scalar("perf/images_per_s", self.images_per_s, epoch)
-            b.writer.add_scalar("perf/peak_memory_bytes", peak, epoch)
+            b.writer.add_scalar("train/epoch", epoch, b.step)
+            b.writer.add_scalar("perf/images_per_s", self.images_per_s, b.step)
+            b.writer.add_scalar(memory_tag(peak_kind), peak / 2**20, b.step)
             b.writer.flush()
             every = b.cfg.checkpoint_every
             if every and (epoch % every == 0) and epoch < b.cfg.epochs:
@@ -377,7 +422,7 @@ class TrialRecipe:
 
         state = {k: v.detach().cpu().contiguous() for k, v in b.module.state_dict().items()}
         atomic_write(self._snapshot_path(b, epoch), lambda tmp: save_file(state, str(tmp)))
-        b.pending_evals.append(epoch)
+        b.pending_evals.append((epoch, b.step))
 
     def _deferred_evaluation(self, trained: list[_Branch], epoch: int) -> None:
         """Score every pending snapshot and the final weights of ``trained`` as branches of one packed pass."""
@@ -385,7 +430,7 @@ class TrialRecipe:
 
         modules, owners = [], []
         for b in trained:
-            for e in b.pending_evals:
+            for e, step in b.pending_evals:
                 path = self._snapshot_path(b, e)
                 if not path.is_file():
                     raise ConfigError(f"{b.run_name}: the weight snapshot of epoch {e} ({path}) for deferred "
@@ -393,15 +438,17 @@ class TrialRecipe:
                 module = self._new_branch(b.cfg)
                 module.load_state_dict(load_file(str(path)))
                 modules.append(module.to(self.device))
-                owners.append((b, e))
+                owners.append((b, e, step))
             modules.append(b.module)
-            owners.append((b, epoch))
+            owners.append((b, epoch, b.step))
         accs = self.evaluate(branches=modules)
-        for (b, e), acc in zip(owners, accs, strict=True):
+        for (b, e, step), acc in zip(owners, accs, strict=True):
             b.eval_history.append({"epoch": e, "split": self.eval_split, "acc": acc})
-            b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, e)
+            # at the optimizer step the snapshot was taken, as a periodic evaluation would have written it
+            b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, step)
+            progress.emit(progress.Eval(b.run_name, e, b.cfg.epochs, self.eval_split, acc))
         for b in trained:
-            for e in b.pending_evals:
+            for e, _ in b.pending_evals:
                 self._snapshot_path(b, e).unlink(missing_ok=True)
             b.pending_evals = []
             try:
@@ -445,7 +492,8 @@ class TrialRecipe:
     def _finish(self, b: _Branch) -> None:
         b.status = "ok"
         identity = self._backbone.synqt_identity
-        extra = {"dataset": b.cfg.dataset, "run_name": b.run_name, "num_classes": self.num_classes}
+        extra = {"dataset": b.cfg.dataset, "run_name": b.run_name, "num_classes": self.num_classes,
+                 "image_size": self.image_size}
         save_trainable(b.module, b.run_dir / rundir.TRAINABLE, backbone_identity=identity, extra=extra)
         atomic_write_json(b.run_dir / rundir.TRAINABLE_INFO, {
             "weights": rundir.TRAINABLE, "backbone": identity, "token_nums": b.cfg.token_nums,
@@ -455,18 +503,19 @@ class TrialRecipe:
         rundir.write_metrics(b.run_dir, metrics)
         (b.run_dir / rundir.RESUME).unlink(missing_ok=True)
         rundir.clear_progress(b.run_dir)
-        log.info("%s finished: %s", b.run_name,
-                 {k: metrics[k] for k in ("val_acc", "test_acc", "best_of_test") if metrics[k] is not None})
+        emit_end(b.run_dir, metrics)
 
     def _fail(self, b: _Branch, error: str) -> None:
         b.status = "failed"
         b.error = error
         log.error("%s failed: %s", b.run_name, error)
-        rundir.write_metrics(b.run_dir, self._metrics(b))
+        metrics = self._metrics(b)
+        rundir.write_metrics(b.run_dir, metrics)
         rundir.clear_progress(b.run_dir)
+        emit_end(b.run_dir, metrics)
 
     def _write_hparams(self, b: _Branch, metrics: dict) -> None:
-        write_hparams(b.writer, b.cfg, b.hparams, metrics)
+        write_hparams(b.writer, b.cfg, b.hparams, metrics, step=b.step)
 
     def cleanup(self) -> None:
         for b in self.branches:
@@ -526,10 +575,13 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
     else:
         load_trainable(model, weights)
     data_classes = cfg.num_classes or dataset_num_classes(cfg.data_root, cfg.dataset, layout=cfg.layout)
-    if data_classes > num_classes:
-        raise ConfigError(f"{weights} has {num_classes} classes but {cfg.dataset} has {data_classes}")
-    split_list = read_split(cfg.data_root, cfg.dataset, split, layout=cfg.layout)
     size = cfg.image_size or int(backbone.patch_embed.img_size[0])
+    recorded = {"num_classes": num_classes}
+    if not official:
+        recorded.update({k: header.get("extra", {}).get(k) for k in ("dataset", "image_size")})
+    warnings = check_weights_fit(str(weights), recorded, dataset=cfg.dataset, num_classes=data_classes,
+                                 image_size=size)
+    split_list = read_split(cfg.data_root, cfg.dataset, split, layout=cfg.layout)
     images, labels = load_images(split_list, size, interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
     model.eval()
     correct = 0
@@ -540,7 +592,8 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
             correct += int((logits.argmax(-1) == torch.as_tensor(labels[idx])).sum())
     acc = 100.0 * correct / max(len(labels), 1)
     result = {"dataset": cfg.dataset, "split": split, "acc": acc, "images": int(len(labels)),
-              "weights": str(weights), "official": official, "test_acc" if split == "test" else "val_acc": acc}
+              "weights": str(weights), "official": official, "test_acc" if split == "test" else "val_acc": acc,
+              "warnings": warnings}
     out_path = Path(out) if out else Path(weights).parent / rundir.EVAL_METRICS
     atomic_write_json(out_path if out_path.suffix == ".json" else out_path / rundir.EVAL_METRICS, result)
     return result

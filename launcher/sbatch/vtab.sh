@@ -69,7 +69,8 @@ read -r -a SYNQT <<<"${SYNQT_BIN:-synqt}"
 RAY="${SYNQT_RAY_BIN:-ray}"
 command -v "${SYNQT[0]}" >/dev/null || die "${SYNQT[0]} not found on PATH (set SYNQT_VENV or SYNQT_BIN)"
 command -v "$RAY" >/dev/null || die "$RAY not found on PATH (set SYNQT_VENV or SYNQT_RAY_BIN)"
-[[ -f "$SWEEP" ]] || die "sweep file $SWEEP not found (relative paths are taken from $(pwd))"
+# a bare name (vtab1k, demo, ...) is a sweep shipped with synqt; synqt checks it in the dry run below
+[[ -f "$SWEEP" || "$SWEEP" != */* ]] || die "sweep file $SWEEP not found (relative paths are taken from $(pwd))"
 
 # ---------------------------------------------------------------- allocation
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
@@ -269,9 +270,12 @@ wait_port "$GCS_PORT" "$JOIN_TIMEOUT" || die "Ray head did not come up on $RAY_A
 if [[ $NNODES -gt 1 ]]; then
     # the workers write the token into their own node's private dir (passed in the
     # environment, which only the user can read, never on a command line)
+    # --wait=0 --kill-on-bad-exit=0: a worker node that dies (its Ray killed, the node lost) must not
+    # take the other workers down with it, whatever the site's WaitTime / KillOnBadExit; Tune retries
+    # that node's trials elsewhere from their epoch checkpoints
     SYNQT_TOKEN_IN=$(cat "$TOKEN_FILE") \
     srun --overlap --nodes=$((NNODES - 1)) --ntasks=$((NNODES - 1)) --ntasks-per-node=1 \
-        --cpus-per-task="$CPUS" --exclude="$HEAD_NODE" \
+        --cpus-per-task="$CPUS" --exclude="$HEAD_NODE" --wait=0 --kill-on-bad-exit=0 \
         bash -c 'umask 077; rm -rf "$0"; mkdir -p "$0"; printf %s "$SYNQT_TOKEN_IN" >"$0/auth_token";
                  unset SYNQT_TOKEN_IN; exec "$@"' "$JOB_DIR" \
         "$RAY" start --address="$RAY_ADDRESS_HP" "${RAY_COMMON[@]}" &

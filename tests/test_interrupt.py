@@ -1,0 +1,110 @@
+"""A sweep stopped by SIGUSR1 / SIGINT: no stage advances on a partial stage, the exit says how to resume.
+
+Real ``synqt sweep`` processes on the CI sweep with the vtab protocol (stage 1: val200 search, stage 2:
+the selected point with every seed), signalled once the first epoch checkpoint (resume.pt) exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+CI_SWEEP = REPO / "configs" / "sweeps" / "ci.yaml"
+SYNQT = [sys.executable, "-m", "launcher.cli"]
+
+
+def start_sweep(args: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([*SYNQT, "sweep", *args], cwd=REPO, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.PIPE, text=True)
+
+
+def signal_at_first_checkpoint(proc: subprocess.Popen, sweep_dir: Path, sig: int, log: Path) -> list[str]:
+    """Wait for the first runs/*/resume.pt, send ``sig``; return the run names that had one."""
+    deadline = time.time() + 600
+    while not (found := sorted(p.parent.name for p in (sweep_dir / "runs").glob("*/resume.pt"))):
+        assert proc.poll() is None, f"sweep ended before any epoch checkpoint\n{log.read_text()}{proc.stderr.read()}"
+        assert time.time() < deadline, log.read_text()
+        time.sleep(0.5)
+    proc.send_signal(sig)
+    return found
+
+
+def kept_checkpoints(sweep_dir: Path, checkpointed: list[str]) -> list[str]:
+    """Each run checkpointed at the signal either kept its epoch checkpoint (never a failed metrics.json) or
+    finished during the stop (an ok metrics.json); returns the stopped ones, which must not be all of them."""
+    stopped = []
+    for name in checkpointed:
+        run = sweep_dir / "runs" / name
+        if (run / "metrics.json").exists():
+            assert json.loads((run / "metrics.json").read_text())["status"] == "ok", name
+            assert not (run / "resume.pt").exists()
+        else:
+            assert (run / "resume.pt").is_file(), name
+            stopped.append(name)
+    assert stopped, f"every checkpointed run finished during the stop: {checkpointed}"
+    return stopped
+
+
+def test_sigusr1_stops_stage1_and_resumes(demo_assets, tmp_path: Path) -> None:
+    data_root, ckpt = demo_assets
+    args = [str(CI_SWEEP), "protocol=vtab", f"storage_path={tmp_path}", f"data_root={data_root}",
+            f"checkpoint={ckpt}"]
+    sweep_dir = tmp_path / "ci"
+    log = tmp_path / "first.log"
+    proc = start_sweep(args, log)
+    checkpointed = signal_at_first_checkpoint(proc, sweep_dir, signal.SIGUSR1, log)
+    _, err = proc.communicate(timeout=300)
+    out = log.read_text()
+    assert proc.returncode == 130, out + err
+    # nothing after stage 1 was selected or started
+    assert not list((sweep_dir / "runs").glob("final-*")), out + err
+    plan = json.loads((sweep_dir / "plan.json").read_text())
+    assert all(t["run_name"].startswith("search-") for t in plan["trials"])
+    assert "selected" not in out
+    assert "interrupted in stage search" in err
+    # the exact command that continues it
+    line = next(x for x in err.splitlines() if x.startswith("interrupted: resume with: "))
+    words = shlex.split(line.removeprefix("interrupted: resume with: "))
+    assert words == ["synqt", "sweep", *args, "--resume"]
+    stopped = kept_checkpoints(sweep_dir, checkpointed)
+
+    again = subprocess.run([*SYNQT, *words[1:]], cwd=REPO, capture_output=True, text=True, timeout=900,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    results = json.loads((sweep_dir / "results.json").read_text())
+    assert {d: e["status"] for d, e in results["datasets"].items()} == {"syn_colour_shape": "ok", "syn_count": "ok"}
+    for name in stopped:
+        m = json.loads((sweep_dir / "runs" / name / "metrics.json").read_text())
+        assert m["status"] == "ok" and m["provenance"]["resumed_after_epoch"] == 1
+    assert len(list((sweep_dir / "runs").glob("final-*/metrics.json"))) == 4  # 2 datasets x 2 seeds
+
+
+def test_sigint_stops_sequential_sweep(demo_assets, tmp_path: Path) -> None:
+    data_root, ckpt = demo_assets
+    args = [str(CI_SWEEP), "protocol=vtab", f"storage_path={tmp_path}", f"data_root={data_root}",
+            f"checkpoint={ckpt}", "--sequential"]
+    sweep_dir = tmp_path / "ci"
+    log = tmp_path / "first.log"
+    proc = start_sweep(args, log)
+    checkpointed = signal_at_first_checkpoint(proc, sweep_dir, signal.SIGINT, log)
+    _, err = proc.communicate(timeout=300)
+    out = log.read_text()
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err
+    assert "interrupted in stage search (SIGINT received)" in err
+    assert f"interrupted: resume with: synqt sweep {shlex.join(args)} --resume" in err
+    assert not list((sweep_dir / "runs").glob("final-*"))
+    kept_checkpoints(sweep_dir, checkpointed)

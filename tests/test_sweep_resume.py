@@ -1,0 +1,121 @@
+"""A sweep resumed with a changed plan (issue 14 item 1): finished trials whose resolved config is unchanged
+are kept, new and changed trials run as new trials (the old run directory of a changed one is moved aside,
+never lost), and the command says so; on Ray, no restored Tune trial runs another pack's work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from engine_helpers import (  # noqa: F401 - _one_thread_no_progress is an autouse fixture
+    TASK,
+    TINY_BACKBONE,
+    TINY_KW,
+    _one_thread_no_progress,
+    write_tiny_assets,
+)
+
+from synqt.fileio import sha256_file
+
+REPO = Path(__file__).resolve().parent.parent
+CI = REPO / "configs" / "sweeps" / "ci.yaml"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> tuple[Path, Path]:
+    return write_tiny_assets(tmp_path_factory.mktemp("sweep_resume"))
+
+
+def _args(assets, storage: Path, *extra: str) -> list[str]:
+    data_root, ckpt = assets
+    kw = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_KW.items()) + "}"
+    return [str(CI), f"storage_path={storage}", f"data_root={data_root}", f"checkpoint={ckpt}",
+            f"datasets=[{TASK}]", "seeds=[42]", "pack=off", "demo_assets=false", f"backbone={TINY_BACKBONE}",
+            f"backbone_kwargs={kw}", "epochs=1", "warmup_epochs=0", "batch_size=16", "eval_batch_size=32",
+            f"cache_dir={storage / 'cache'}", *extra]
+
+
+def _run(args: list[str], *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SYNQT_NO_PROGRESS": "1", "RAY_AUTH_MODE": "disabled",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "sweep", *args, *flags], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    return proc
+
+
+def _state(sweep_dir: Path) -> dict[str, str]:
+    """run name -> sha256 of its metrics.json."""
+    return {p.parent.name: sha256_file(p) for p in (sweep_dir / "runs").glob("*/metrics.json")}
+
+
+def _metrics(sweep_dir: Path, name: str) -> dict:
+    return json.loads((sweep_dir / "runs" / name / "metrics.json").read_text())
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+A, B, C = (f"final-{TASK}-lr{lr}-s42" for lr in ("0.001", "0.002", "0.005"))
+
+
+def test_sequential_resume_with_an_added_grid_point_runs_it_and_keeps_the_rest(assets, tmp_path):
+    _ok(_run(_args(assets, tmp_path, "grid.lr=[1e-3,2e-3]"), "--sequential"))
+    sweep = tmp_path / "ci"
+    before = _state(sweep)
+    assert set(before) == {A, B}
+    proc = _run(_args(assets, tmp_path, "grid.lr=[1e-3,2e-3,5e-3]"), "--sequential", "--resume")
+    _ok(proc)
+    after = _state(sweep)
+    assert set(after) == {A, B, C} and _metrics(sweep, C)["status"] == "ok"
+    assert {k: after[k] for k in before} == before  # the finished trials were not rerun
+    assert "2 finished trial(s) kept" in proc.stdout and "1 new" in proc.stdout and C in proc.stdout
+
+
+def test_sequential_resume_with_a_changed_key_reruns_changed_trials_as_new_ones(assets, tmp_path):
+    _ok(_run(_args(assets, tmp_path, "grid.lr=[1e-3,2e-3]"), "--sequential"))
+    sweep = tmp_path / "ci"
+    old = {name: _metrics(sweep, name) for name in (A, B)}
+    proc = _run(_args(assets, tmp_path, "grid.lr=[1e-3,2e-3]", "epochs=2"), "--sequential", "--resume")
+    _ok(proc)
+    for name in (A, B):
+        new = _metrics(sweep, name)
+        assert new["status"] == "ok" and new["epochs_done"] == 2  # really trained with the new setting
+        assert "epochs: 1 -> 2" in proc.stdout
+        # the earlier result is kept beside the sweep, byte for byte, and named in the output
+        moved = list((tmp_path / "ci.superseded").glob(f"{name}*/metrics.json"))
+        assert len(moved) == 1 and json.loads(moved[0].read_text()) == old[name]
+        assert str(moved[0].parent) in proc.stdout
+    assert "2 changed" in proc.stdout
+
+
+def test_sequential_resume_with_only_result_neutral_changes_reruns_nothing(assets, tmp_path):
+    _ok(_run(_args(assets, tmp_path, "grid.lr=[1e-3,2e-3]"), "--sequential"))
+    sweep = tmp_path / "ci"
+    before = _state(sweep)
+    proc = _run(_args(assets, tmp_path, "grid.lr=[1e-3,2e-3]", "log_every=3", "eval_batch_size=8"),
+                "--sequential", "--resume")
+    _ok(proc)
+    assert _state(sweep) == before
+    assert "2 finished trial(s) kept, 0 unfinished continue(s), 0 new, 0 changed" in proc.stdout
+
+
+@pytest.mark.slow
+def test_ray_resume_with_an_added_grid_point_runs_it_in_its_own_trial(assets, tmp_path):
+    """Tune's restore bound trials by pack index: the added point never ran and every later --resume
+    reported it as "no metrics.json was written". Now it runs, and the finished ones are not rerun."""
+    _ok(_run(_args(assets, tmp_path, "grid.lr=[1e-3,2e-3]", "max_concurrent=1")))
+    sweep = tmp_path / "ci"
+    before = _state(sweep)
+    proc = _run(_args(assets, tmp_path, "grid.lr=[1e-3,5e-3,2e-3]", "max_concurrent=1"), "--resume")
+    _ok(proc)
+    after = _state(sweep)
+    assert set(after) == {A, B, C} and _metrics(sweep, C)["status"] == "ok"
+    assert {k: after[k] for k in before} == before
+    assert "no metrics.json was written" not in proc.stdout + proc.stderr
+    assert "1 new" in proc.stdout
