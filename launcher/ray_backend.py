@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,7 @@ class _PendingReporter(tune.Callback):
         self.after_s, self.members, self.request = after_s, members, request
         self.since: dict[str, float] = {}
         self.reported: set[str] = set()
+        self.out = sys.stdout  # the console: Tune's own stdout chatter is redirected while the Tuner runs
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.monotonic()
@@ -279,7 +281,7 @@ class _PendingReporter(tune.Callback):
                 unit = "worker" if self.request.get("devices", 1) > 1 else "trial"
                 print(f"synqt sweep: trial {', '.join(runs)} has been pending for {now - start:.0f} s "
                       f"(pending_report_s={self.after_s:g}); it needs {self.request} per {unit}; the cluster "
-                      f"has {total} in total, {avail} free now", flush=True)
+                      f"has {total} in total, {avail} free now", file=self.out, flush=True)
 
 
 def _payload(sweep: Sweep, trials: list[PlannedTrial]) -> list[dict[str, Any]]:
