@@ -14,7 +14,6 @@ CLI only, turns them into output:
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import os
 import sys
@@ -24,7 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from synqt import progress
+from synqt import progress, rundir
 
 
 class Exit(enum.IntEnum):
@@ -309,10 +308,7 @@ class SweepWatcher:
 
     @staticmethod
     def trial_line(t: dict[str, Any]) -> str:
-        try:
-            m = json.loads((Path(t["dir"]) / "metrics.json").read_text())
-        except (OSError, ValueError):
-            m = {}
+        m = rundir.read_metrics(t["dir"]) or {}
         minutes = (m.get("wall_time_s") or 0.0) / 60
         if t["state"] == "failed":
             return f"FAILED {t['run_name']}: {(t.get('error') or 'unknown error').splitlines()[0]}"

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from synqt import rundir
 from synqt.errors import ConfigError, SynQTError
 from synqt.resources import package_path
 
@@ -119,7 +120,7 @@ def submit_array(
         print(shlex.join(second).replace(shlex.quote("--dependency=afterany:<ARRAY_JOB_ID>"),
                                          "--dependency=afterany:$ARRAY_JOB_ID"))
         return 0
-    if not (sweep.sweep_dir / "plan.json").is_file():
+    if not (sweep.sweep_dir / rundir.PLAN).is_file():
         write_plan(sweep, trials, False)  # `synqt status` and the aggregate read it
     array_id = _sbatch(first)
     _, second = array_commands(
@@ -145,7 +146,7 @@ def run_array_task(sweep_file: str, index: int, overrides: list[str]) -> int:
             f"{sweep_file}: trial index {index} out of range; the plan has {len(trials)} trial(s) "
             f"(0..{len(trials) - 1})"
         )
-    if not (sweep.sweep_dir / "plan.json").is_file():
+    if not (sweep.sweep_dir / rundir.PLAN).is_file():
         write_plan(sweep, trials, False)  # atomic: concurrent tasks write the same content
     trial = trials[index]
     run_dir = trial.run_dir(sweep)

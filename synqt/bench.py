@@ -14,7 +14,6 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -42,6 +41,7 @@ from synqt.model import (
     count_trainable,
     new_branch,
 )
+from synqt.precision import autocast_for
 from synqt.schedule import adamw
 from synqt.training.build import frozen_backbone
 
@@ -73,15 +73,6 @@ def hardware_info(device: torch.device) -> dict[str, Any]:
     info["cpu"] = model
     info["cpu_flags"] = {f: f in flags for f in CPU_FLAGS}
     return info
-
-
-def _autocast(device: torch.device, precision: str) -> AbstractContextManager:
-    if precision in ("no", "fp32"):
-        return nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision 'fp16' needs a GPU; use precision=bf16 on CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,7 +181,7 @@ def measure(name: str, model: nn.Module, trainable: list[nn.Parameter], images: 
     batch = images.shape[0]
 
     def loss() -> torch.Tensor:
-        with _autocast(device, precision):
+        with autocast_for(device, precision):
             return to_loss(fwd())
 
     def step() -> None:
@@ -212,12 +203,12 @@ def measure(name: str, model: nn.Module, trainable: list[nn.Parameter], images: 
     model.eval()
     eval_times = []
     with torch.no_grad():
-        with _autocast(device, precision):
+        with autocast_for(device, precision):
             fwd()  # warm-up
         for _ in range(max(1, eval_steps if eval_steps is not None else steps)):
             _sync(device)
             t0 = time.perf_counter()
-            with _autocast(device, precision):
+            with autocast_for(device, precision):
                 fwd()
             _sync(device)
             eval_times.append(time.perf_counter() - t0)

@@ -48,7 +48,8 @@ def bench_kv_cache(cfg: Any, *, steps: int = 3, n_train: int = 1000, n_test: int
                    eval_every: int = 10, device: torch.device | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """The figures above; ``cfg`` gives backbone, batch_size, precision, token_nums, kv_cache_dtype."""
-    from synqt.bench import _autocast, _image_size
+    from synqt.memory import _image_size
+    from synqt.precision import autocast_for
 
     device = device or torch.device("cpu")
     backbone = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=cfg.checkpoint,
@@ -65,7 +66,7 @@ def bench_kv_cache(cfg: Any, *, steps: int = 3, n_train: int = 1000, n_test: int
 
     x = to_tensor_batch(images_u8[:B], cfg.mean, cfg.std).to(device)
     y = torch.randint(0, 100, (B,), device=device)
-    amp = lambda: _autocast(device, cfg.precision)  # noqa: E731
+    amp = lambda: autocast_for(device, cfg.precision)  # noqa: E731
 
     def train_step(**inputs: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)

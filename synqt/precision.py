@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import platform
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -97,3 +98,16 @@ def check_precision(precision: str, device: torch.device | str) -> None:
 
 
 __all__ = ["ALLOW_SLOW_BF16_ENV", "bf16_native", "check_precision", "cpu_flags", "describe", "slow_bf16_allowed"]
+
+
+def autocast_for(device: torch.device, precision: str) -> AbstractContextManager:
+    """The autocast context of ``precision`` (no / fp32: none; bf16; fp16) on ``device``.
+
+    Raises ConfigError for fp16 off a GPU (CPU autocast has no fp16 kernels worth running).
+    """
+    if precision in ("no", "fp32"):
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision 'fp16' needs a GPU; use precision=bf16 on CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
