@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from launcher.cli import main
 from synqt.config import load_config
 from synqt.memory import estimate_trial_memory
@@ -67,3 +69,21 @@ def test_estimate_grows_with_branches_and_shrinks_with_modes():
     rec = estimate_trial_memory(load_config([], ["memory_mode=recompute"], base=True), 1)
     bf = estimate_trial_memory(load_config([], ["memory_mode=kv_bf16"], base=True), 1)
     assert rec < bf < keep
+
+
+def test_bench_kv_cache_reports_the_cache_size_and_trial_cost(tmp_path, capsys):
+    """`synqt bench --kv-cache`: the cache size follows from the geometry, computed here by hand; every time is > 0."""
+    out = tmp_path / "kv.json"
+    assert main(["bench", "--kv-cache", "--steps", "1", "--json", str(out), *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "K/V cache (vit_tiny_patch16_224 at 32 px" in text and "paper trial" in text
+    kv = json.loads(out.read_text())["kv_cache"]
+    # K and V of every block: 2 blocks x (4 patches of 16 px + the class token) x 192 channels x 2 bytes (bf16)
+    assert kv["bytes_per_image"] == 2 * 2 * (4 + 1) * 192 * 2
+    assert kv["trial"]["cache_bytes"] == 1000 * kv["bytes_per_image"]
+    for key in ("forward_s_per_image", "build_s_per_image", "full_step_s_per_image", "cached_step_s_per_image",
+                "eval_x1_s_per_image", "eval_x5_s_per_image"):
+        assert kv[key] > 0, key
+    trial = kv["trial"]
+    assert trial["epochs"] == 50 and trial["evaluations"] == 5 and trial["n_train"] == trial["n_test"] == 1000
+    assert trial["today_x_forward"] == pytest.approx(trial["today_s"] / trial["forward_pass_s"])
