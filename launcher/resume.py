@@ -11,7 +11,9 @@ Rule (the sweep form of ``synqt.compat``'s "a resume continues exactly the same 
   The old directory is moved, whole, to ``<storage_path>/<name>.superseded/<run_name>.<n>/`` (outside the
   sweep folder, so the table, ``synqt status`` and TensorBoard read only the current plan's runs) and the
   trial runs again from scratch as a new trial.
-- trials of the earlier plan that the new plan no longer has are left where they are, and named.
+- dropped: run directories of the stage that the new plan no longer has (a removed grid point, dataset
+  or seed; a stage-2 point no longer selected) are moved aside the same way, so the table never mixes in a
+  run of another plan, and nothing finished is lost.
 
 The summary is printed before anything runs. Nothing here imports Ray; the Ray backend separately keys
 its Tune trials by pack content (``pack_id``) so that a restored Tune experiment never hands one pack's
@@ -41,7 +43,7 @@ class Reconciled:
     kept_unfinished: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
     changed: list[tuple[str, str, Path]] = field(default_factory=list)  # (run name, changes, moved to)
-    dropped: list[str] = field(default_factory=list)
+    dropped: list[tuple[str, Path]] = field(default_factory=list)  # (run name, moved to)
 
     def text(self, stage: str) -> str:
         lines = [
@@ -52,8 +54,8 @@ class Reconciled:
         lines += [f"  new: {name}" for name in self.new]
         for name, what, moved in self.changed:
             lines.append(f"  changed: {name}: {what}; the earlier run moved to {moved}")
-        if self.dropped:
-            lines.append(f"  no longer in the plan (left in place): {', '.join(self.dropped)}")
+        for name, moved in self.dropped:
+            lines.append(f"  no longer in the plan: {name}; moved to {moved}")
         return "\n".join(lines)
 
 
@@ -94,8 +96,9 @@ def reconcile(sweep: Sweep, trials: Sequence[PlannedTrial], stage: str) -> Recon
     planned = {t.run_name for t in trials}
     runs = sweep.sweep_dir / rundir.RUNS
     if runs.is_dir():  # run names start with their stage (launcher.sweep.plan_trials)
-        out.dropped = sorted(d.name for d in runs.iterdir()
-                             if d.name.startswith(f"{stage}-") and d.name not in planned and has_state(d))
+        gone = sorted(d for d in runs.iterdir()
+                      if d.name.startswith(f"{stage}-") and d.name not in planned and has_state(d))
+        out.dropped = [(d.name, _move_aside(sweep, d)) for d in gone]
     if out.kept_finished or out.kept_unfinished or out.changed or out.dropped:
         print(out.text(stage), flush=True)
     return out

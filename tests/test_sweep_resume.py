@@ -105,6 +105,21 @@ def test_sequential_resume_with_only_result_neutral_changes_reruns_nothing(asset
     assert "2 finished trial(s) kept, 0 unfinished continue(s), 0 new, 0 changed" in proc.stdout
 
 
+def test_sequential_resume_with_a_removed_grid_point_moves_its_run_aside(assets, tmp_path):
+    _ok(_run(_args(assets, tmp_path, "grid.lr=[1e-3,2e-3]"), "--sequential"))
+    sweep = tmp_path / "ci"
+    before = _state(sweep)
+    old_b = _metrics(sweep, B)
+    proc = _run(_args(assets, tmp_path, "grid.lr=[1e-3]"), "--sequential", "--resume")
+    _ok(proc)
+    assert _state(sweep) == {A: before[A]}  # A kept as it was; B no longer counts in this plan's table
+    moved = list((tmp_path / "ci.superseded").glob(f"{B}*/metrics.json"))
+    assert len(moved) == 1 and json.loads(moved[0].read_text()) == old_b  # nothing finished is lost
+    assert f"no longer in the plan: {B}; moved to {moved[0].parent}" in proc.stdout
+    results = json.loads((sweep / "results.json").read_text())
+    assert results["datasets"][TASK]["accuracy"] == _metrics(sweep, A)["test_acc"]  # one seed: its accuracy
+
+
 @pytest.mark.slow
 def test_ray_resume_with_an_added_grid_point_runs_it_in_its_own_trial(assets, tmp_path):
     """Tune's restore bound trials by pack index: the added point never ran and every later --resume
