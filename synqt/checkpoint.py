@@ -425,9 +425,13 @@ def load_trainable(model: nn.Module, path: str | Path) -> dict[str, Any]:
     saved = header.get("backbone", {})
     for key in ("name", "embed_dim", "depth", "num_heads", "checkpoint_sha256"):
         ours, theirs = identity.get(key), saved.get(key)
-        # a branch trained on loaded weights is meaningless on any other weights, random ones included
-        differs = ours != theirs if key == "checkpoint_sha256" else (ours is not None and ours != theirs)
-        if theirs is not None and differs:
+        # a branch is meaningless on any other weights: trained on loaded weights, on random ones or another
+        # file; trained on a random backbone (no sha256 recorded), on loaded ones
+        if key == "checkpoint_sha256":
+            differs = ours != theirs
+        else:
+            differs = theirs is not None and ours is not None and ours != theirs
+        if differs:
             raise ModelError(
                 f"trainable checkpoint {path} was trained on backbone {saved.get('name')!r} "
                 f"(checkpoint {saved.get('checkpoint')!r}, {key}={theirs!r}) and cannot be loaded onto backbone "

@@ -411,3 +411,14 @@ def test_trainable_refused_on_backbone_without_its_checkpoint(tmp_path: Path) ->
             "set; fix: refuse when the saved header has a checkpoint_sha256 (or checkpoint name) and the "
             "model's differs, None included"
         )
+
+
+def test_trainable_from_a_random_backbone_refused_on_loaded_weights(tmp_path: Path) -> None:
+    """The other direction: a branch trained on a random backbone (no sha256) must not go onto real weights."""
+    ckpt = _backbone_file(tmp_path, 5, "a.safetensors")
+    out = synqt.save_trainable(_model(1), tmp_path / "t.safetensors")
+    assert read_trainable(out)[1]["backbone"]["checkpoint_sha256"] is None
+    other = _model(2, checkpoint=ckpt)
+    with pytest.raises(ModelError, match=r"t\.safetensors.*checkpoint_sha256=None.*a\.safetensors"):
+        synqt.load_trainable(other, out)
+    synqt.load_trainable(_model(2), out)  # random onto random: the same rule as before
