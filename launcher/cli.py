@@ -558,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return _stdout_gone()
     except KeyboardInterrupt as err:  # Ctrl+C, or launcher.stages.SweepInterrupted (SIGINT / SIGUSR1 in a sweep)
-        print(f"\nsynqt {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        print(f"\nsynqt {args.command}: {str(err) or 'interrupted'}", file=sys.stderr)
         if args.command in ("sweep", "demo"):
             words = list(sys.argv[1:] if argv is None else argv)
             if args.command == "sweep" and "--resume" not in words:
