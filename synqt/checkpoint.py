@@ -29,6 +29,7 @@ from synqt.ckptfile import (  # noqa: F401 - RANDOM, is_random, require_backbone
     npz_geometry,
     npz_required_keys,
     require_backbone_weights,
+    sniff,
     state_dict_geometry,
 )
 from synqt.errors import ModelError
@@ -408,6 +409,11 @@ def read_trainable(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"trainable checkpoint {path} does not exist")
+    # the same content rule as backbone files: a text, HTML or cut-off file is named, never a parser traceback
+    kind, what = sniff(path)
+    if kind != "safetensors":
+        raise ModelError(f"trainable checkpoint {path} is {what}; "
+                         "expected the trainable.safetensors a synqt run writes")
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}

@@ -422,3 +422,21 @@ def test_trainable_from_a_random_backbone_refused_on_loaded_weights(tmp_path: Pa
     with pytest.raises(ModelError, match=r"t\.safetensors.*checkpoint_sha256=None.*a\.safetensors"):
         synqt.load_trainable(other, out)
     synqt.load_trainable(_model(2), out)  # random onto random: the same rule as before
+
+
+@pytest.mark.parametrize("content", [b"not weights at all\n", b"<!DOCTYPE html><html>403</html>", b""])
+def test_trainable_file_that_is_not_safetensors_is_named(tmp_path: Path, content: bytes) -> None:
+    """Same rule as backbone files: a text / HTML / empty file given as trained weights is a clean error."""
+    bad = tmp_path / "trainable.safetensors"
+    bad.write_bytes(content)
+    with pytest.raises(ModelError, match=r"trainable checkpoint .*trainable\.safetensors is (a text file|an HTML|an "
+                                         r"empty file).*expected the trainable\.safetensors"):
+        read_trainable(bad)
+
+
+def test_cut_off_trainable_file_is_named(tmp_path: Path) -> None:
+    out = Path(synqt.save_trainable(_model(1), tmp_path / "t.safetensors"))
+    data = out.read_bytes()
+    out.write_bytes(data[: len(data) // 2])  # an interrupted copy
+    with pytest.raises(ModelError, match=r"cut-off safetensors"):
+        read_trainable(out)
