@@ -381,7 +381,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("root")
     c.add_argument("names", nargs="*", help="dataset folders (default: all under root)")
-    c.add_argument("--layout", default="auto")
+    c.add_argument("--layout", default="auto", choices=["auto", "vtab_json", "vtab_txt", "fgvc_json"])
     c.add_argument("--decode", action="store_true", help="decode every image (slow), not only check it exists")
     c.set_defaults(func=_cmd_data_check, _rest="names")  # names are accepted after flags too
     s = data_sub.add_parser(
@@ -400,7 +400,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
     report = check_datasets(args.root, args.names, layout=args.layout, decode=args.decode)
     print(report.text)
-    return report.exit_code
+    return Exit.OK if report.ok else Exit.BAD_INPUT  # a problem in the data is bad input (the exit-code rule)
 
 
 def _cmd_data_synthetic(args: argparse.Namespace) -> int:

@@ -704,8 +704,8 @@ class DataCheck:
         return "\n".join(self.lines)
 
     @property
-    def exit_code(self) -> int:
-        return 0 if self.problems == 0 else 1
+    def ok(self) -> bool:
+        return self.problems == 0
 
 
 def check_datasets(root: str | Path, names: Sequence[str] | None = None, layout: str = "auto",

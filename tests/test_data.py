@@ -17,7 +17,6 @@ from synqt.data import (
     BUILD_LOG_NAME,
     SplitList,
     cache_paths,
-    check_datasets,
     dataset_num_classes,
     default_cache_dir,
     detect_layout,
@@ -40,11 +39,11 @@ SPLIT_IDX = {
 SPLIT_IDX["train800val200"] = SPLIT_IDX["train800"] + SPLIT_IDX["val200"]
 
 
-def _check(*args, **kwargs) -> int:
-    """What `synqt data check` does: print the report, return its exit code."""
-    report = check_datasets(*args, **kwargs)
-    print(report.text)
-    return report.exit_code
+def _check(root, names=(), layout: str = "auto", decode: bool = False) -> int:
+    """`synqt data check` through the CLI: the report printed, the exit code returned (0 ok, 2 bad input)."""
+    from launcher.cli import main
+
+    return main(["data", "check", str(root), *names, "--layout", layout, *(["--decode"] if decode else [])])
 
 
 def _image_pool(n: int = 27) -> list[tuple[str, bytes, int]]:
@@ -432,19 +431,19 @@ def test_check_main_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     assert "toyj [vtab_json]" in out and "toyt [vtab_txt]" in out and "toyf [fgvc_json]" in out
     assert "notes: skipped" in out and "all OK" in out
 
-    assert _check(root, ["nope"]) != 0
+    assert _check(root, ["nope"]) == 2
     assert "nope" in capsys.readouterr().out
 
     # label outside the shipped config's class count
     (cfgs / "vtab" / "toyj.yaml").write_text("num_classes: 2\n")
-    assert _check(root, ["toyj"]) != 0
+    assert _check(root, ["toyj"]) == 2
     out = capsys.readouterr().out
     assert "label 2 outside [0, 2)" in out and "disagrees" in out
 
     # missing file
     missing = root / "toyt" / "images" / POOL[0][0]
     missing.unlink()
-    assert _check(root, ["toyt"]) != 0
+    assert _check(root, ["toyt"]) == 2
     out = capsys.readouterr().out
     assert "missing file" in out and str(missing) in out
 
@@ -453,7 +452,7 @@ def test_check_main_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     bad.write_bytes(b"garbage")
     assert _check(root, ["toyf"]) == 0
     capsys.readouterr()
-    assert _check(root, ["toyf"], decode=True) != 0
+    assert _check(root, ["toyf"], decode=True) == 2
     out = capsys.readouterr().out
     assert "unreadable" in out and str(bad) in out
-    assert _check(tmp_path / "absent", []) != 0
+    assert _check(tmp_path / "absent", []) == 2

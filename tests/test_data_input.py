@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synqt.data import check_datasets, decode_image, detect_layout, load_images, read_split, validate_dataset
+from synqt.data import decode_image, detect_layout, load_images, read_split, validate_dataset
 from synqt.errors import DataError
 from synqt.listfiles import show_path
 
 
 def check_main(root: Path, names: list[str], decode: bool = False) -> int:
-    """`synqt data check` as the CLI runs it: the report printed, its exit code returned."""
-    report = check_datasets(root, names, decode=decode)
-    print(report.text)
-    return report.exit_code
+    """`synqt data check` as the CLI runs it: the report printed, its exit code returned (0 ok, 2 bad input)."""
+    from launcher.cli import main
+
+    return main(["data", "check", str(root), *names, *(["--decode"] if decode else [])])
 
 
 BICUBIC = Image.Resampling.BICUBIC
@@ -177,7 +177,7 @@ def test_missing_path_is_printed_with_invisible_characters_shown(tmp_path: Path,
     with pytest.raises(DataError) as e:
         validate_dataset(tmp_path / "data", "toy", ["test"], None)
     assert "ghost\\u200b.png" in str(e.value) and "ZERO WIDTH SPACE" in str(e.value)
-    assert check_main(tmp_path / "data", ["toy"]) == 1
+    assert check_main(tmp_path / "data", ["toy"]) == 2
     out = capsys.readouterr().out
     assert "missing file" in out and "ghost\\u200b.png" in out and "\u200b" not in out
 
@@ -319,7 +319,7 @@ def test_data_check_counts_modes_and_reports_refused(tmp_path: Path, capsys, mon
     (ds / "d.png").write_bytes(_png16(np.full((4, 4), 30000, np.uint16), 0))
     Image.new("F", (4, 4), 5.0).save(ds / "e.tif")
     (ds / "test.txt").write_text("a.png 0\nb.png 1\nc.png 0\nd.png 1\ne.tif 0\n")
-    assert check_main(tmp_path / "data", ["mix"], decode=True) == 1
+    assert check_main(tmp_path / "data", ["mix"], decode=True) == 2
     out = capsys.readouterr().out
     assert "modes: I;16 1" in out and "L 2" in out and "RGB 1" in out
     assert "CONVERTED 1 image(s) of mode I;16" in out and "d.png" in out
