@@ -280,9 +280,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from launcher.console import status_exit
     from launcher.status import collect_status, status_text
+    from synqt.errors import SynQTError
 
     while True:
         st = collect_status(args.run_dir)
+        if not st["plan"] and not st["trials"] and not st["superseded"]:
+            # nothing to report is not "all done": a script reading exit 0 would take a wrong folder for a finished one
+            raise SynQTError(f"{args.run_dir}: no sweep (plan.json) and no run directories (metrics.json, "
+                             "progress.json, config.yaml) here; expected a sweep folder or a folder of runs")
         if args.json:
             print(json.dumps(st, default=str, indent=None if args.watch else 2), flush=True)
         else:

@@ -327,3 +327,15 @@ def test_every_subcommand_takes_verbose_and_quiet():
     missing = [" ".join(p) for p, parser in leaves.items()
                if not {"-v", "-q"} <= {s for a in parser._actions for s in a.option_strings}]
     assert missing == [], f"subcommands without -v/-q: {missing}"
+
+
+
+def test_status_of_a_folder_without_runs_is_bad_input_not_all_done(tmp_path, capsys):
+    """An empty folder (a mistyped path into the storage root, say) is exit 2 with a message, never 0."""
+    from launcher.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["status", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "no sweep (plan.json) and no run directories" in err and "Traceback" not in err
+    assert main(["status", str(tmp_path / "absent")]) == 2
