@@ -17,13 +17,14 @@ so the differences of means compare like with like; the tasks left out are named
 from __future__ import annotations
 
 import json
+import numbers
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synqt.errors import SynQTError
+from synqt.errors import ConfigError, SynQTError
 
 METRICS = ("accuracy", "best_of_test")
 GROUPS = ("Natural", "Specialized", "Structured")
@@ -60,10 +61,31 @@ def _task_of_column(column: str) -> str | None:
     return titles.get(key.lower())
 
 
+MISSING_CELLS = ("", "–", "-", "—")
+
+
+def _cell_value(path: Path, index: Any, row_name: str, column: str, raw: Any) -> float | None:
+    """The number in a CSV cell; None for an empty cell or a dash; a ConfigError for anything else."""
+    import pandas as pd
+
+    if raw is None or (not isinstance(raw, str) and pd.isna(raw)):
+        return None
+    if isinstance(raw, str) and raw.strip() in MISSING_CELLS:
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value != value:
+        line = f"line {int(index) + 2}" if isinstance(index, numbers.Integral) else f"row {index}"
+        raise ConfigError(f"{path}: {line} ({row_name}), column {column!r}: {raw!r} is not a number "
+                          "(leave the cell empty or write – for a missing task)")
+    return value
+
+
 def _from_wide(path: Path, frame: Any) -> list[Source]:
     """One source per row of a paper-style table: ``method`` + one column per task (titles or names);
     group and Mean columns are ignored (recomputed over the common tasks)."""
-    import pandas as pd
 
     tasks = {c: _task_of_column(str(c)) for c in frame.columns if c != "method"}
     known = {c: t for c, t in tasks.items() if t is not None}
@@ -73,12 +95,12 @@ def _from_wide(path: Path, frame: Any) -> list[Source]:
         raise SynQTError(f"{path}: a wide table needs a 'method' column and task columns (dataset names or "
                          f"titles like CIFAR-100); unknown columns: {', '.join(ignored) or '(no task column)'}")
     out = []
-    for _, row in frame.iterrows():
+    for index, row in frame.iterrows():
         src = Source(str(row["method"]), str(path))
         for column, task in known.items():
-            value = pd.to_numeric(row[column], errors="coerce")
-            if pd.notna(value):
-                src.acc[task] = float(value)
+            value = _cell_value(path, index, f"method {row['method']}", str(column), row[column])
+            if value is not None:
+                src.acc[task] = value
         out.append(src)
     return out
 
@@ -105,13 +127,13 @@ def _from_csv(path: Path, metric: str) -> list[Source]:
     for method in (list(dict.fromkeys(methods)) if methods is not None else [None]):
         part = frame if method is None else frame[methods == method]
         src = Source(method or path.stem, str(path))
-        for _, row in part.iterrows():
+        for index, row in part.iterrows():
             task = str(row["dataset"])
             if "group" in part.columns and isinstance(row["group"], str):
                 src.groups[task] = row["group"]
-            value = pd.to_numeric(row[column], errors="coerce")
-            if pd.notna(value):
-                src.acc[task] = float(value)
+            value = _cell_value(path, index, f"dataset {task}", column, row[column])
+            if value is not None:
+                src.acc[task] = value
         out.append(src)
     return out
 

@@ -322,6 +322,17 @@ def _table_columns(results: Mapping[str, Any], bench: str) -> list[tuple[str, li
         d["group"] == g for d in ds.values())]
 
 
+def _layout_groups(bench: str) -> dict[str, list[str]]:
+    """{group: every task of that group} for a fixed paper layout (VTAB-1k: 19 tasks in three groups; FGVC:
+    the 5 tasks); empty for the other layouts, whose columns are the sweep's own tasks."""
+    vtab, fgvc = _dataset_orders()
+    if bench == "vtab1k":
+        return {g: [n for n in vtab if _vtab_group(n) == g] for g in GROUPS}
+    if bench == "fgvc":
+        return {"FGVC": list(fgvc)}
+    return {}
+
+
 def _vtab_group(name: str) -> str | None:
     from synqt import registry
 
@@ -346,16 +357,26 @@ def table_rows(results: Mapping[str, Any], method: str, bench: str) -> list[tupl
     def cell(value: float | None, mark: bool = False) -> str:
         return "–" if value is None else f"{value:.1f}" + (CHOSEN_ON_TEST_MARK if mark else "")
 
+    def full(key: str, names: Iterable[str]) -> bool:
+        """Every task of a layout group has a number in this row (a mean over fewer is left empty)."""
+        return all(n in ds and ds[n].get(key) is not None for n in names)
+
     rows = []
     final = [cell(ds[n]["accuracy"], ds[n]["selection"] == "test") if n in ds else "–"
              for _, names in cols for n in names]
     best = [cell(ds[n]["best_of_test"]) if n in ds else "–" for _, names in cols for n in names]
     if bench == "fgvc":
-        final.append(cell(results.get("mean_fgvc")))
-        best.append(cell(bot.get("mean_fgvc")))
+        layout = _layout_groups(bench)["FGVC"]
+        final.append(cell(results.get("mean_fgvc") if full("accuracy", layout) else None))
+        best.append(cell(bot.get("mean_fgvc") if full("best_of_test", layout) else None))
     else:
-        final += [cell(results["groups"][g]) for g, _ in cols] + [cell(results["mean_of_groups"])]
-        best += [cell((bot.get("groups") or {}).get(g)) for g, _ in cols] + [cell(bot.get("mean_of_groups"))]
+        layout = _layout_groups(bench)
+        for key, row, gmeans, mean in (
+                ("accuracy", final, results["groups"], results["mean_of_groups"]),
+                ("best_of_test", best, bot.get("groups") or {}, bot.get("mean_of_groups"))):
+            ok = {g: full(key, layout.get(g, names)) for g, names in cols}
+            row += [cell(gmeans.get(g) if ok[g] else None) for g, _ in cols]
+            row.append(cell(mean if all(ok.values()) else None))
     rows.append((method, final))
     if any(d["best_of_test"] is not None for d in ds.values()):
         rows.append(("best of test (selected on test)", best))
@@ -495,23 +516,43 @@ def _mean_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
     ds = results["datasets"]
     labels = results["labels"]
     bot = results.get("best_of_test") or {}
+    vtab = [n for n, d in ds.items() if d["group"] in GROUPS]
+    # A VTAB-1k sweep is held to the 19-task layout: a group lacking one of its tasks has no group mean
+    # (as in the paper table), even when the folder had no plan naming the tasks.
+    layout = (_layout_groups("vtab1k")
+              if vtab and benchmark_of(vtab, {n: ds[n]["group"] for n in vtab}) == "vtab1k" else {})
+    absent = {g: [n for n in layout.get(g, []) if n not in ds] for g in GROUPS}
     rows = []
     for g in GROUPS:
         members = [n for n, d in ds.items() if d["group"] == g]
-        if not members:
+        if absent[g]:
+            value = f"incomplete (missing: {', '.join(absent[g])})"
+            if results["groups"][g] is None and members:
+                value += "; " + _incomplete_note(results, members)
+        elif not members:
             value = f"n/a (no {g} task in this sweep)"
         elif results["groups"][g] is None:
             value = _incomplete_note(results, members)
         else:
             value = fmt(results["groups"][g])
-        rows.append((f"{g} (group mean)", value, fmt((bot.get("groups") or {}).get(g)),
+        best = (bot.get("groups") or {}).get(g)
+        rows.append((f"{g} (group mean)", value, fmt(None if absent[g] else best),
                      f"mean of the {len(members)} {g} task accuracies"))
-    vtab = [n for n, d in ds.items() if d["group"] in GROUPS]
     vtab_incomplete = any(i["dataset"] in vtab for i in results["incomplete"])
+    all_absent = [n for g in GROUPS for n in absent[g]]
     for key, name in (("mean_of_groups", "Mean of groups"), ("mean_of_tasks", "Mean of tasks")):
         value = results[key]
-        if value is not None:
+        best = bot.get(key)
+        if key == "mean_of_groups" and any(absent.values()):
+            text = f"incomplete (missing: {', '.join(all_absent)})"
+            if vtab_incomplete:
+                text += "; " + _incomplete_note(results, vtab)
+            best = None
+        elif value is not None:
             text = fmt(value)
+            if key == "mean_of_tasks":
+                of = f" of {sum(len(v) for v in layout.values())} VTAB-1k" if layout else ""
+                text += f" (over {len(vtab)}{of} task{'s' if len(vtab) + len(of) != 1 else ''})"
         elif not vtab:
             text = "n/a (no VTAB task in this sweep)"
         else:
@@ -520,12 +561,17 @@ def _mean_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
             if key == "mean_of_groups" and absent:
                 notes.append(f"n/a (no {', '.join(absent)} task in this sweep)")
             text = "; ".join(notes)
-        rows.append((name, text, fmt(bot.get(key)), labels[key]))
+        rows.append((name, text, fmt(best), labels[key]))
     if "mean_fgvc" in results:
         fg = [n for n, d in ds.items() if d["group"] not in GROUPS and d.get("benchmark") == "fgvc"]
         value = results["mean_fgvc"]
-        rows.append(("FGVC mean", fmt(value) if value is not None else _incomplete_note(results, fg),
-                     fmt(bot.get("mean_fgvc")), labels["mean_fgvc"]))
+        fg_absent = [n for n in _layout_groups("fgvc")["FGVC"] if n not in ds] if fg and all(
+            n in _dataset_orders()[1] for n in fg) else []
+        if fg_absent:
+            text = f"incomplete (missing: {', '.join(fg_absent)})"
+        else:
+            text = fmt(value) if value is not None else _incomplete_note(results, fg)
+        rows.append(("FGVC mean", text, fmt(None if fg_absent else bot.get("mean_fgvc")), labels["mean_fgvc"]))
     return rows
 
 

@@ -242,6 +242,45 @@ def test_fgvc_sweep_gets_the_fgvc_table(tmp_path):
     _compile(tex, tmp_path)
 
 
+
+def test_vtab1k_group_means_stay_empty_until_every_task_of_the_group_has_a_number(tmp_path, capsys):
+    """A folder without a plan holding one hand-run Natural task (under an alias): no group mean, no Mean."""
+    write_run(tmp_path, "pets-s42", dataset="pets", group=None, test_acc=2.7, best_of_test=3.1)
+    assert main(["aggregate", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    header, final, best = _md_table((tmp_path / "table.md").read_text())
+    assert len(header) == 1 + 19 + 3 + 1 and header[5] == "Pets" and final[5] == "2.7" and best[5] == "3.1"
+    assert final[20:] == ["–"] * 4 and best[20:] == ["–"] * 4
+    tex_rows = _tabular_rows((tmp_path / "table.tex").read_text())[1]
+    assert "2.7" in tex_rows[-2] and tex_rows[-2].count("--") == 18 + 4
+    others = [n for n in VTAB if VTAB[n] == "Natural" and n != "oxford_iiit_pet"]
+    for text in (printed, (tmp_path / "results.md").read_text()):
+        rows = {r[0]: r[1] for r in _md_table(text) if len(r) >= 3}
+        assert rows["Natural (group mean)"] == f"incomplete (missing: {', '.join(others)})"
+        assert rows["Mean of groups"].startswith("incomplete (missing: cifar,")
+        assert rows["Mean of tasks"] == "2.70 (over 1 of 19 VTAB-1k tasks)"
+        table = {r[0]: r for r in _md_table(text)}
+        assert table["SynQT (this sweep)"][5] == "2.7" and table["SynQT (this sweep)"][20:] == ["–"] * 4
+    # complete groups keep their means: Natural done, the others still missing
+    for i, name in enumerate(others):
+        write_run(tmp_path, f"{name}-s42", dataset=name, group="Natural", test_acc=10.0 * (i + 1), best_of_test=1.0)
+    assert main(["aggregate", str(tmp_path)]) == 0
+    _, final, best = _md_table((tmp_path / "table.md").read_text())[:3]
+    natural = statistics.fmean([2.7] + [10.0 * (i + 1) for i in range(6)])
+    assert final[20:] == [f"{natural:.1f}", "–", "–", "–"]
+    assert best[20] == f"{statistics.fmean([3.1] + [1.0] * 6):.1f}"
+
+
+def test_fgvc_mean_stays_empty_until_all_five_tasks_have_a_number(tmp_path):
+    write_run(tmp_path, "cub", dataset="cub", group=None, test_acc=81.0)
+    write_run(tmp_path, "nabirds", dataset="nabirds", group=None, test_acc=83.0)
+    aggregate(tmp_path)
+    header, final = _md_table((tmp_path / "table.md").read_text())
+    assert header[-1] == "Mean" and final[1:] == ["81.0", "83.0", "–"]
+    assert "| FGVC mean | incomplete (missing: oxford_flowers, stanford_dogs, stanford_cars) |" in (
+        tmp_path / "results.md").read_text()
+
+
 def test_results_md_lists_constants_once_defines_abbreviations_and_links_relatively(grid_sweep, tmp_path):
     sweep, _ = grid_sweep
     out = tmp_path / "report"
@@ -400,6 +439,26 @@ def test_compare_needs_two_sources_and_a_readable_csv(grid_sweep, tmp_path, caps
     bad.write_text("task,acc\ncifar,1\n")
     assert main(["compare", str(sweep), str(bad)]) == 2
     assert "expected columns 'dataset' and 'accuracy'" in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize("text, where", [
+    ("dataset,accuracy\ncifar,80.5\nsyn_count,abc\n", "line 3 (dataset syn_count), column 'accuracy'"),
+    ("method,CIFAR-100,DMLab\nA,80.0,50.0\nB,70.0,n.a.\n", "line 3 (method B), column 'DMLab'"),
+])
+def test_compare_refuses_a_published_cell_that_is_not_a_number(grid_sweep, tmp_path, capsys, text, where):
+    sweep, _ = grid_sweep
+    pub = tmp_path / "pub.csv"
+    pub.write_text(text)
+    assert main(["compare", f"pub={pub}", f"mine={sweep}"]) == 2
+    err = capsys.readouterr().err
+    bad = text.splitlines()[2].split(",")[-1]
+    assert str(pub) in err and where in err and repr(bad) in err
+    # empty cells and dashes stay "missing"
+    pub.write_text("dataset,accuracy\ncifar,80.5\ndmlab,\ncub,–\nsyn_count,-\n")
+    assert main(["compare", f"pub={pub}", f"mine={sweep}", "--out", str(tmp_path / "c")]) == 0
+    frame = pd.read_csv(tmp_path / "c.csv").set_index("name")
+    assert frame.loc["cifar", "pub"] == 80.5 and pd.isna(frame.loc["dmlab", "pub"]) and pd.isna(frame.loc["cub", "pub"])
 
 
 # ----------------------------------------------------------------------------- provenance, version, install paths
