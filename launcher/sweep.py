@@ -386,8 +386,11 @@ def expand_datasets(entries: list[str], source: str = "<sweep>") -> list[str]:
     """Dataset names and group names -> a list of dataset names (order kept, duplicates dropped).
 
     Groups: vtab1k, natural / specialized / structured, fgvc (the registry's tasks), demo (the synthetic tasks).
+    Two different names of one task (a task and its alias, or two aliases) are refused: both folders would
+    be reported under the task's name and collide in the table.
     """
     out: list[str] = []
+    seen: dict[str, tuple[str, str]] = {}  # task -> (entry, dataset name) that first gave it
     for entry in entries:
         key = entry.lower()
         if key in ("vtab1k", "fgvc"):
@@ -400,7 +403,19 @@ def expand_datasets(entries: list[str], source: str = "<sweep>") -> list[str]:
             names = [entry]
         if not names:
             raise ConfigError(f"{source}: dataset group {entry!r} has no datasets")
-        out.extend(n for n in names if n not in out)
+        for n in names:
+            task = registry.canonical(n)
+            if task in seen:
+                first_entry, first_name = seen[task]
+                if first_name != n:
+                    raise ConfigError(
+                        f"{source}: datasets {first_entry!r} and {entry!r} are both the task {task!r} "
+                        f"({first_name!r} and {n!r}); two folders of one task would collide in the table: "
+                        f"keep one"
+                    )
+                continue
+            seen[task] = (entry, n)
+            out.append(n)
     return out
 
 
@@ -686,41 +701,58 @@ def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
             checked.add(cfg.checkpoint)
 
 
-def _split_size(cfg: Any, split: str, default: int) -> int:
-    """Images in one split of a trial's dataset, from its list file, or `default` when unavailable."""
-    if not cfg.data_root:
-        return default
-    try:
-        from synqt.data import read_split
+def _split_size(cfg: Any, split: str) -> tuple[int, bool]:
+    """(images, assumed) in one split of a trial's dataset: from its list file; else VTAB-1k's fixed size
+    for a VTAB-1k task's train800 / val200 / train800val200; else DEFAULT_TRAIN_IMAGES, assumed."""
+    from synqt.data import VTAB1K_SPLIT_SIZES
 
-        return len(read_split(cfg.data_root, cfg.dataset, split, cfg.layout))
-    except Exception:  # noqa: BLE001 - a dry run also works before the data is in place
-        return default
+    if cfg.data_root:
+        try:
+            from synqt.data import read_split
+
+            return len(read_split(cfg.data_root, cfg.dataset, split, cfg.layout)), False
+        except Exception:  # noqa: BLE001 - a dry run also works before the data is in place
+            pass
+    info = registry.lookup(cfg.dataset)
+    if (info is not None and info.benchmark == "vtab1k" and cfg.layout != "fgvc_json"
+            and split in VTAB1K_SPLIT_SIZES):
+        return VTAB1K_SPLIT_SIZES[split], False
+    return DEFAULT_TRAIN_IMAGES, True
 
 
-def count_train_images(cfg: Any) -> int:
+def count_train_images(cfg: Any) -> tuple[int, bool]:
+    """(images, assumed) of the trial's training split."""
     from synqt.config import splits_for
 
-    return _split_size(cfg, splits_for(cfg)[0], DEFAULT_TRAIN_IMAGES)
+    return _split_size(cfg, splits_for(cfg)[0])
 
 
-def count_eval_images(cfg: Any) -> int:
+def count_eval_images(cfg: Any) -> tuple[int, bool]:
+    """(images, assumed) of the trial's evaluation split."""
     from synqt.config import splits_for
 
-    split = splits_for(cfg)[1]
-    return _split_size(cfg, split, 200 if split == "val200" else DEFAULT_TRAIN_IMAGES)
+    return _split_size(cfg, splits_for(cfg)[1])
+
+
+def _img_count(n: int, assumed: bool) -> str:
+    return f"~{n} img (assumed: data not found)" if assumed else f"{n} img"
 
 
 def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]:
-    """Images through the frozen backbone: per pack (shared stream) and as if unpacked."""
+    """Images through the frozen backbone: per pack (shared stream) and as if unpacked; `assumed` is 1
+    when some split's size is assumed (its list file could not be read)."""
+    assumed = False
 
     def trial_images(cfg: Any) -> int:
-        n_eval = count_eval_images(cfg)
+        nonlocal assumed
+        n_eval, eval_assumed = count_eval_images(cfg)
+        n_train, train_assumed = count_train_images(cfg)
+        assumed = assumed or eval_assumed or train_assumed
         if cfg.protocol == "paper":
             evals = math.ceil(cfg.epochs / max(1, cfg.eval_every))
         else:
             evals = 1
-        return cfg.epochs * count_train_images(cfg) + evals * n_eval
+        return cfg.epochs * n_train + evals * n_eval
 
     cache: dict[str, int] = {}
     unpacked = 0
@@ -731,7 +763,7 @@ def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]
             cache[key] = trial_images(p[0].config)
         unpacked += cache[key] * len(p)
         packed += cache[key]
-    return {"unpacked": unpacked, "packed": packed}
+    return {"unpacked": unpacked, "packed": packed, "assumed": int(assumed)}
 
 
 def _trial_device(sweep: Sweep) -> str:
@@ -766,10 +798,10 @@ def kv_cache_lines(trials: list[PlannedTrial]) -> list[str]:
         seen.add(t.dataset)
         cfg = t.config
         train_split, eval_split = splits_for(cfg)
-        n_train, n_eval = count_train_images(cfg), count_eval_images(cfg)
+        (n_train, train_assumed), (n_eval, eval_assumed) = count_train_images(cfg), count_eval_images(cfg)
         plan = planned_cache(cfg, n_train, n_eval)
-        sizes = (f"{train_split} {n_train} img {format_bytes(plan['train_bytes'])}"
-                 f"{'' if plan['train_cached'] else ' (live)'}, {eval_split} {n_eval} img "
+        sizes = (f"{train_split} {_img_count(n_train, train_assumed)} {format_bytes(plan['train_bytes'])}"
+                 f"{'' if plan['train_cached'] else ' (live)'}, {eval_split} {_img_count(n_eval, eval_assumed)} "
                  f"{format_bytes(plan['eval_bytes'])}{'' if plan['eval_cached'] else ' (live)'}")
         state = f"cached ({cfg.kv_cache_dtype})" if plan["active"] else f"live: {plan['reason']}"
         lines.append(f"  {t.dataset:<24} {state}; {sizes}")
@@ -864,5 +896,7 @@ def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
     lines.append(
         f"estimated images through the backbone (training epochs x train images + evals): "
         f"{imgs['packed']:,} packed ({imgs['unpacked']:,} if every trial ran alone)"
+        + (f"; includes assumed split sizes (data not found: ~{DEFAULT_TRAIN_IMAGES} images each, marked above)"
+           if imgs["assumed"] else "")
     )
     return "\n".join(lines)

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 LAYOUTS = ("vtab_json", "vtab_txt", "fgvc_json")
 SPLITS = ("train800", "val200", "train800val200", "test")
+# VTAB-1k's fixed splits and their sizes (by the benchmark's definition); test's size varies by task.
+VTAB1K_SPLIT_SIZES: dict[str, int] = {"train800": 800, "val200": 200, "train800val200": 1000}
 FGVC_SPLITS = ("train", "val", "test")
 # Project split name -> the FGVC list files that make it up.
 FGVC_SPLIT_MAP: dict[str, tuple[str, ...]] = {
@@ -67,7 +69,8 @@ INTERPOLATIONS: dict[str, int] = {
 # Bump when the cached array's content or naming changes, so old caches are never reused.
 CACHE_FORMAT_VERSION = 2  # 2: 16-bit / float images scaled by value range (1 clipped them)
 BUILD_LOG_NAME = "builds.log"
-DERIVED_TRAIN = 800  # vtab_json with only train800val200: first 800 entries train, the rest val
+# vtab_json with only train800val200: the first 800 entries train, the rest val
+DERIVED_TRAIN = VTAB1K_SPLIT_SIZES["train800"]
 
 
 @dataclass

@@ -330,6 +330,36 @@ def test_vtab_dry_run_shows_both_stages(tmp_path):
     assert js["stage2_pending"] is True and len(js["trials"]) == 76
 
 
+def test_dry_run_without_data_uses_vtab1k_split_sizes_and_labels_assumptions(tmp_path):
+    """No data_root: VTAB-1k's fixed splits are 800 / 200 / 1000 by the benchmark's definition; test's size is
+    unknown, so it is marked assumed, and so is the totals line."""
+    out = _synqt("sweep", "configs/sweeps/vtab1k_search.yaml", f"storage_path={tmp_path}", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    cifar = next(line for line in out.stdout.splitlines() if line.lstrip().startswith("cifar ") and "img" in line)
+    assert "train800 800 img" in cifar and "val200 200 img" in cifar and "assumed" not in cifar
+    assert "assumed" not in out.stdout  # stage 1 uses only VTAB-1k's fixed splits
+    out = _synqt("sweep", "vtab1k", f"storage_path={tmp_path}", "datasets=[cifar,cub]", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    cifar = next(line for line in lines if line.lstrip().startswith("cifar ") and "img" in line)
+    assert "train800val200 1000 img" in cifar and "test ~1000 img (assumed: data not found)" in cifar
+    cub = next(line for line in lines if line.lstrip().startswith("cub ") and "img" in line)
+    assert "train800val200 ~1000 img (assumed: data not found)" in cub  # FGVC: no fixed size
+    assert "includes assumed split sizes" in next(line for line in lines if line.startswith("estimated images"))
+
+
+def test_alias_and_its_task_in_one_sweep_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"'pets' and 'oxford_iiit_pet' are both the task 'oxford_iiit_pet'"):
+        sw.expand_datasets(["pets", "oxford_iiit_pet"])
+    with pytest.raises(ConfigError, match=r"'pets' and 'natural' are both the task 'oxford_iiit_pet'"):
+        sw.expand_datasets(["pets", "natural"])
+    assert sw.expand_datasets(["cifar", "cifar"]) == ["cifar"]  # the same folder twice: one trial set
+    out = _synqt("sweep", "vtab1k", "--dry-run", "datasets=[pets,oxford_iiit_pet]", "checkpoint=random",
+                 f"storage_path={tmp_path}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "'pets' and 'oxford_iiit_pet' are both the task 'oxford_iiit_pet'" in out.stderr
+
+
 def test_missing_dataset_and_checkpoint_refused_before_ray(tmp_path, bench_root):
     import ray
 
