@@ -105,9 +105,13 @@ def submit_array(
     sbatch_args: str = "",
 ) -> int:
     """Submit slurm/vtab_array.sh over the plan (0..n-1 % concurrency) + a dependent aggregate job."""
-    from launcher.sweep import write_plan
+    from launcher.sweep import validate, write_plan
 
     sweep, trials = _plan(sweep_file, overrides, prepare=False)
+    if not sweep.demo_assets:  # a demo sweep's data and weights are made by its first task
+        # the same pre-flight as `synqt sweep`: a missing data folder or a checkpoint that is no weights file
+        # would otherwise queue an array whose every task fails
+        validate(sweep, trials)
     if concurrency is None:
         concurrency = sweep.max_concurrent
     first, second = array_commands(

@@ -23,7 +23,7 @@ from engine_helpers import (  # noqa: F401 - _one_thread_no_progress is an autou
 
 from launcher import commands
 from launcher import sweep as sw
-from synqt.errors import ConfigError
+from synqt.errors import ConfigError, DataError
 from synqt.training import run_trial
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,3 +134,17 @@ def test_slurm_array_without_checkpoint_is_refused_before_sbatch(tmp_path, asset
         submit_array(str(VTAB), ov, print_only=True)
     assert submit_array(str(VTAB), [*ov, f"checkpoint={ckpt}"], print_only=True) == 0
     assert "sbatch" in capsys.readouterr().out
+
+
+def test_slurm_array_refuses_missing_data_or_weights_file_before_sbatch(tmp_path, assets):
+    """`synqt slurm array` runs the sweep's own pre-flight: nothing is queued for a typo in a path."""
+    from launcher.slurm import submit_array
+
+    data_root, ckpt, _ = assets
+    ov = [f"storage_path={tmp_path}", f"datasets=[{TASK}]"]
+    with pytest.raises(DataError, match=r"nonexistent"):
+        submit_array(str(VTAB), [*ov, f"data_root={tmp_path / 'nonexistent'}", f"checkpoint={ckpt}"], print_only=True)
+    with pytest.raises(ConfigError, match=r"typo.npz.*does not exist"):
+        submit_array(str(VTAB), [*ov, f"data_root={data_root}", f"checkpoint={tmp_path / 'typo.npz'}"],
+                     print_only=True)
+    assert not (tmp_path / "vtab1k").exists()  # no plan written, nothing queued
