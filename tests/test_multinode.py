@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import test_slurm as single  # the single-node tests' sbatch/log/results helpers
+from ray_helpers import ray_job_submit
 from slurm_harness import NetNode, SlurmCluster, multinode_cluster, node_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
@@ -313,10 +314,10 @@ def test_ray_start_in_namespaces_and_job_submit(cluster: SlurmCluster, ci_assets
         assert f"ALIVE {sorted(n.addr for n in cluster.nodes)}" in alive.stdout, alive.stdout + alive.stderr
 
         storage = tmp_path / "store"
-        submit = subprocess.run(
+        submit = ray_job_submit(
             [ray_bin, "job", "submit", "--address", dash, "--", "synqt", "sweep", str(CI_SWEEP),
              f"storage_path={storage}", *ci_assets, *SWEEP_ARGS],
-            env=env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT)
+            env, timeout=SWEEP_TIMEOUT)
         assert submit.returncode == 0, submit.stdout[-5000:] + submit.stderr[-3000:]
         assert "succeeded" in (submit.stdout + submit.stderr).lower()  # "Job 'raysubmit_...' succeeded"
         single._check_results(storage / "ci", submit.stdout[-3000:])

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray_helpers import ray_job_submit
 
 pytestmark = pytest.mark.slow
 
@@ -218,6 +219,9 @@ def test_ray_job_submit_to_a_started_cluster(assets, tmp_path):
             "--block",
             f"--port={port}",
             f"--dashboard-port={dash}",
+            # the agent's HTTP port (which serves job submission) defaults to 52365 for every Ray on the
+            # machine: a second cluster (another test's, a labmate's) would leave this one without a job agent
+            f"--dashboard-agent-listen-port={_free_port()}",
             "--dashboard-host=127.0.0.1",
             "--num-cpus=2",
             f"--temp-dir={tmp_ray}",
@@ -232,7 +236,7 @@ def test_ray_job_submit_to_a_started_cluster(assets, tmp_path):
     try:
         _wait_for_dashboard(dash, head)
         storage = tmp_path / "jobruns"
-        job = subprocess.run(
+        submit = (
             [
                 "ray",
                 "job",
@@ -254,12 +258,9 @@ def test_ray_job_submit_to_a_started_cluster(assets, tmp_path):
                 "warmup_epochs=0",
                 "eval_every=1",
                 "batch_size=16",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=400,
+            ]
         )
+        job = ray_job_submit(submit, env, timeout=400)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
         m = _metrics(storage / "ci")
