@@ -89,6 +89,14 @@ def tiny_overrides(data_root: Path, ckpt: Path, cache_dir: Path) -> list[str]:
             "seed=7", "device=cpu"]
 
 
+def tiny_sweep_overrides(data_root: Path, ckpt: Path, storage: Path) -> list[str]:
+    """Overrides that turn configs/sweeps/ci.yaml into a one-task, one-seed, one-epoch sweep on the tiny ViT."""
+    kw = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_KW.items()) + "}"
+    return [f"storage_path={storage}", f"data_root={data_root}", f"checkpoint={ckpt}", f"datasets=[{TASK}]",
+            "seeds=[42]", "pack=off", "demo_assets=false", f"backbone={TINY_BACKBONE}", f"backbone_kwargs={kw}",
+            "epochs=1", "warmup_epochs=0", "batch_size=16", f"cache_dir={storage / 'cache'}"]
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from engine_helpers import TASK, TINY_BACKBONE, TINY_KW, write_tiny_assets
+from engine_helpers import TASK, tiny_sweep_overrides, write_tiny_assets
 
 from launcher.resources import check_fits, concurrency_cap
 from synqt.errors import ConfigError
@@ -30,12 +30,7 @@ def assets(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _sweep_args(assets, storage: Path, *extra: str) -> list[str]:
-    data_root, ckpt = assets
-    kw = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_KW.items()) + "}"
-    return [sys.executable, "-m", "launcher.cli", "sweep", str(CI), f"storage_path={storage}",
-            f"data_root={data_root}", f"checkpoint={ckpt}", f"datasets=[{TASK}]", "seeds=[42]", "pack=off",
-            "demo_assets=false", f"backbone={TINY_BACKBONE}", f"backbone_kwargs={kw}", "epochs=1",
-            "warmup_epochs=0", "batch_size=16", f"cache_dir={storage / 'cache'}", *extra]
+    return [sys.executable, "-m", "launcher.cli", "sweep", str(CI), *tiny_sweep_overrides(*assets, storage), *extra]
 
 
 # ------------------------------------------------------------------------------------------- pure checks

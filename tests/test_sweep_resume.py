@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from engine_helpers import (  # noqa: F401 - _one_thread_no_progress is an autouse fixture
     TASK,
-    TINY_BACKBONE,
-    TINY_KW,
     _one_thread_no_progress,
+    tiny_sweep_overrides,
     write_tiny_assets,
 )
 
@@ -31,12 +30,7 @@ def assets(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _args(assets, storage: Path, *extra: str) -> list[str]:
-    data_root, ckpt = assets
-    kw = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_KW.items()) + "}"
-    return [str(CI), f"storage_path={storage}", f"data_root={data_root}", f"checkpoint={ckpt}",
-            f"datasets=[{TASK}]", "seeds=[42]", "pack=off", "demo_assets=false", f"backbone={TINY_BACKBONE}",
-            f"backbone_kwargs={kw}", "epochs=1", "warmup_epochs=0", "batch_size=16", "eval_batch_size=32",
-            f"cache_dir={storage / 'cache'}", *extra]
+    return [str(CI), *tiny_sweep_overrides(*assets, storage), "eval_batch_size=32", *extra]
 
 
 def _run(args: list[str], *flags: str) -> subprocess.CompletedProcess:
