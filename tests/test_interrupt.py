@@ -2,6 +2,8 @@
 
 Real ``synqt sweep`` processes on the CI sweep with the vtab protocol (stage 1: val200 search, stage 2:
 the selected point with every seed), signalled once the first epoch checkpoint (resume.pt) exists.
+The trials get ``EPOCHS`` epochs, not ci.yaml's 2: Tune stops a trial within about a second of the signal, and a
+2-epoch trial on a fast machine finished its last epoch in that time (then no run was left to resume).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 CI_SWEEP = REPO / "configs" / "sweeps" / "ci.yaml"
 SYNQT = [sys.executable, "-m", "launcher.cli"]
+EPOCHS = 6
 
 
 def start_sweep(args: list[str], log: Path) -> subprocess.Popen:
@@ -42,10 +46,11 @@ def signal_at_first_checkpoint(proc: subprocess.Popen, sweep_dir: Path, sig: int
     return found
 
 
-def kept_checkpoints(sweep_dir: Path, checkpointed: list[str]) -> list[str]:
+def kept_checkpoints(sweep_dir: Path, checkpointed: list[str]) -> dict[str, int]:
     """Each run checkpointed at the signal either kept its epoch checkpoint (never a failed metrics.json) or
-    finished during the stop (an ok metrics.json); returns the stopped ones, which must not be all of them."""
-    stopped = []
+    finished during the stop (an ok metrics.json); returns stopped run -> the epoch its checkpoint holds; the
+    stopped runs must not be all of them."""
+    stopped = {}
     for name in checkpointed:
         run = sweep_dir / "runs" / name
         if (run / "metrics.json").exists():
@@ -53,7 +58,8 @@ def kept_checkpoints(sweep_dir: Path, checkpointed: list[str]) -> list[str]:
             assert not (run / "resume.pt").exists()
         else:
             assert (run / "resume.pt").is_file(), name
-            stopped.append(name)
+            stopped[name] = torch.load(run / "resume.pt", weights_only=True)["epochs_done"]
+            assert 1 <= stopped[name] < EPOCHS, (name, stopped[name])
     assert stopped, f"every checkpointed run finished during the stop: {checkpointed}"
     return stopped
 
@@ -61,7 +67,7 @@ def kept_checkpoints(sweep_dir: Path, checkpointed: list[str]) -> list[str]:
 def test_sigusr1_stops_stage1_and_resumes(demo_assets, tmp_path: Path) -> None:
     data_root, ckpt = demo_assets
     args = [str(CI_SWEEP), "protocol=vtab", f"storage_path={tmp_path}", f"data_root={data_root}",
-            f"checkpoint={ckpt}"]
+            f"checkpoint={ckpt}", f"epochs={EPOCHS}"]
     sweep_dir = tmp_path / "ci"
     log = tmp_path / "first.log"
     proc = start_sweep(args, log)
@@ -86,16 +92,16 @@ def test_sigusr1_stops_stage1_and_resumes(demo_assets, tmp_path: Path) -> None:
     assert again.returncode == 0, again.stdout + again.stderr
     results = json.loads((sweep_dir / "results.json").read_text())
     assert {d: e["status"] for d, e in results["datasets"].items()} == {"syn_colour_shape": "ok", "syn_count": "ok"}
-    for name in stopped:
+    for name, epoch in stopped.items():  # each continued from the epoch its kept checkpoint holds
         m = json.loads((sweep_dir / "runs" / name / "metrics.json").read_text())
-        assert m["status"] == "ok" and m["provenance"]["resumed_after_epoch"] == 1
+        assert m["status"] == "ok" and m["provenance"]["resumed_after_epoch"] == epoch, (name, epoch, m["provenance"])
     assert len(list((sweep_dir / "runs").glob("final-*/metrics.json"))) == 4  # 2 datasets x 2 seeds
 
 
 def test_sigint_stops_sequential_sweep(demo_assets, tmp_path: Path) -> None:
     data_root, ckpt = demo_assets
     args = [str(CI_SWEEP), "protocol=vtab", f"storage_path={tmp_path}", f"data_root={data_root}",
-            f"checkpoint={ckpt}", "--sequential"]
+            f"checkpoint={ckpt}", f"epochs={EPOCHS}", "--sequential"]
     sweep_dir = tmp_path / "ci"
     log = tmp_path / "first.log"
     proc = start_sweep(args, log)
