@@ -291,12 +291,18 @@ class KVCache:
         self._ahead: tuple[bytes, torch.Tensor, Any] | None = None
 
     def __len__(self) -> int:
-        return int(self.array.shape[0])
+        return int(self.array.shape[2] if isinstance(self.array, torch.Tensor) else self.array.shape[0])
 
     def _rows(self, idx: np.ndarray) -> torch.Tensor:
-        if isinstance(self.array, torch.Tensor):
-            return self.array[torch.as_tensor(idx, device=self.array.device)]
-        rows = torch.from_numpy(np.ascontiguousarray(self.array[np.asarray(idx)]))
+        """Images ``idx`` as one contiguous ``[L, 2, B, H, N, d]`` tensor (each block's K and V contiguous, so the
+        attention's batched matmuls read them without another copy)."""
+        if isinstance(self.array, torch.Tensor):  # held as [L, 2, n, H, N, d] (_hold_in_memory)
+            return self.array.index_select(2, torch.as_tensor(idx, device=self.array.device))
+        shape = self.array.shape
+        out = np.empty((shape[1], shape[2], len(idx), *shape[3:]), dtype=self.array.dtype)
+        for j, i in enumerate(np.asarray(idx)):  # one read of each image's rows, written in place
+            out[:, :, j] = self.array[i]
+        rows = torch.from_numpy(out)
         return rows.view(torch.bfloat16) if self.dtype == "bf16" else rows
 
     def _to_device(self, rows: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
@@ -320,11 +326,12 @@ class KVCache:
             self._ahead = (np.asarray(next_idx).tobytes(), ahead, event)
         if self.dtype == "bf16" and out.dtype != torch.bfloat16:
             out = out.view(torch.bfloat16)
-        return out.permute(1, 2, 0, 3, 4, 5)
+        return out
 
 
 def _hold_in_memory(arr: np.ndarray, dtype: str, device: torch.device) -> tuple[torch.Tensor, str]:
-    tensor = torch.from_numpy(np.array(arr, copy=True))
+    """The cache as a ``[L, 2, n, H, N, d]`` tensor (a batch is one ``index_select``) in process memory."""
+    tensor = torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, 0, 2)))
     if dtype == "bf16":
         tensor = tensor.view(torch.bfloat16)
     if device.type != "cuda":

@@ -58,31 +58,33 @@ def _drop_path(x: torch.Tensor, p: float, training: bool, generator: torch.Gener
 class _QueryOnlyAttention(torch.autograd.Function):
     """softmax(q K^T * scale) V for a few query tokens against frozen K, V (no gradient for K, V).
 
-    Saves the attention probabilities ``[B, H, T, N]`` (tiny for T query tokens) and the K/V
-    tensors given as ``k_save``/``v_save``: the fp32 K/V themselves in ``keep`` mode (shared, not
-    copied, by every branch of a pack) or bf16 copies in ``kv_bf16`` mode.
+    The two matmuls run in K/V's dtype: the compute dtype for live K/V, bf16 for a bf16 K/V cache
+    read as stored (promoting 6.9 MiB of K/V per ViT-B/16 image to fp32 on every step cost half of a
+    cached step; the softmax stays fp32). Saves the attention probabilities ``[B, H, T, N]`` (tiny
+    for T query tokens) and the K/V tensors given as ``k_save``/``v_save``: the K/V themselves in
+    ``keep`` mode (shared, not copied, by every branch of a pack) or bf16 copies in ``kv_bf16`` mode.
     """
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 k_save: torch.Tensor, v_save: torch.Tensor) -> torch.Tensor:
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+        compute = k.dtype
+        scores = torch.matmul(q.to(compute), k.transpose(-2, -1)).mul_(scale)
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v)
+        out = torch.matmul(probs.to(compute), v).to(q.dtype)
         ctx.save_for_backward(probs, k_save, v_save)
         ctx.scale = scale
+        ctx.compute = compute
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
         probs, k, v = ctx.saved_tensors
-        dtype = grad_out.dtype
-        grad_probs = torch.matmul(grad_out, v.to(dtype).transpose(-2, -1))
+        dtype, compute = grad_out.dtype, ctx.compute
+        grad_probs = torch.matmul(grad_out.to(compute), v.to(compute).transpose(-2, -1)).to(dtype)
         probs = probs.to(dtype)
         grad_scores = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True))
-        grad_q = torch.matmul(grad_scores, k.to(dtype)).mul_(ctx.scale)
+        grad_q = torch.matmul(grad_scores.to(compute), k.to(compute)).to(dtype).mul_(ctx.scale)
         return grad_q, None, None, None, None, None
 
 
@@ -511,11 +513,11 @@ class _FrozenStream(nn.Module):
         for i in range(self.depth):
             stored = next(kv_blocks)
             with torch.no_grad():
-                # cached K/V may be stored in bf16: promote once per block for every branch (forward and backward),
-                # not once per branch and use; live K/V already have the compute dtype, so this is a no-op there
+                # live K/V already have the compute dtype (no-op); cached fp32 K/V under autocast are cast once
+                # per block for every branch; cached bf16 K/V are read as stored (the attention runs in bf16)
                 device = stored.device.type
                 dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
-                kv = stored.to(dtype)
+                kv = stored if stored.dtype in (torch.bfloat16, torch.float16) else stored.to(dtype)
                 kv_saved = stored.to(torch.bfloat16) if self.memory_mode == "kv_bf16" else kv
             for b, branch in enumerate(branches):
                 p = branch.synthesize(i, prev[b], batch)

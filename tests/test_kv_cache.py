@@ -235,7 +235,8 @@ def test_cache_with_backbone_drop_path_is_a_config_error_naming_both_keys(tmp_pa
 
 
 def test_bf16_storage_tolerance(assets, live, tmp_path):
-    """bf16 storage rounds each K/V value to 8 significant bits (relative error <= 2^-9 of the fp32 value).
+    """bf16 storage rounds each K/V value to 8 significant bits (relative error <= 2^-9 of the fp32 value), and the
+    query-only attention reads it as stored (its two matmuls in bf16, the softmax in fp32).
 
     Stated tolerance for a trial: eval accuracies within 1 image of the fp32 run, trainable weights
     within 2e-3 (max abs) after 4 epochs; the cache itself within 2^-8 relative of the fp32 cache.

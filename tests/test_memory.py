@@ -154,3 +154,31 @@ def test_build_model_accepts_every_memory_mode():
     for mode in ("keep", "kv_bf16", "recompute"):
         m = build_model("vit_tiny_patch16_224", 3, img_size=32, depth=1, memory_mode=mode)
         assert m.memory_mode == mode
+
+
+def test_bf16_cached_kv_are_read_as_stored_within_the_kv_bf16_tolerance(backbone, batch):
+    """A bf16 K/V cache feeds the query-only attention in bf16: no fp32 copy of K/V is made or kept (what a
+    cached step saves for backward is the bf16 K/V given, once), and the gradients stay within kv_bf16's
+    stated tolerance of the fp32 attention over the same bf16 values promoted to fp32."""
+    images, labels = batch
+    model = _model(backbone, "keep")
+    model.image_generator = None
+    model.eval()
+    with torch.no_grad():
+        kv = torch.stack(list(model.kv_block_stream(images))).to(torch.bfloat16)  # [L, 2, B, H, N, d]
+    model.train()
+
+    def grads(stored: torch.Tensor) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        model.branch.seed_generator(5)
+        F.cross_entropy(model(kv=stored), labels).backward()
+        return torch.cat([p.grad.flatten() for p in model.trainable_parameters()])
+
+    ref = grads(kv.float())
+    got = grads(kv)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 0.0 < rel <= KV_BF16_REL_TOL
+    model.branch.seed_generator(5)
+    saved = saved_activation_bytes(lambda: F.cross_entropy(model(kv=kv), labels), model_tensors(model),
+                                   backward=True)["bytes"]
+    assert KV_BYTES / 2 <= saved < 0.6 * KV_BYTES, saved  # the bf16 K/V (half the fp32 bytes), not an fp32 copy
