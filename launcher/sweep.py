@@ -739,31 +739,51 @@ def _img_count(n: int, assumed: bool) -> str:
 
 
 def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]:
-    """Images through the frozen backbone: per pack (shared stream) and as if unpacked; `assumed` is 1
-    when some split's size is assumed (its list file could not be read)."""
+    """Images through the frozen backbone's image stream, three ways; ``assumed`` is 1 when some split's size is
+    assumed (its list file could not be read).
+
+    - ``planned``: what the sweep will run: a pack shares one image stream; a split held in the K/V cache
+      (``synqt.kv_cache.planned_cache``: ``kv_cache`` on, ``backbone_drop_path: false``, within
+      ``kv_cache_max_gb``) passes the backbone once per dataset and node (counted once: one node), every epoch
+      and evaluation then reads the cache; the paper protocol's evaluations are one deferred pass
+      (``deferred_eval``, pack trainer) instead of one per evaluation epoch.
+    - ``packed``: the same packs with every split live and every evaluation periodic.
+    - ``unpacked``: every trial alone, live and periodic (epochs x train images + evaluations x eval images).
+    """
+    from synqt.kv_cache import planned_cache
+
     assumed = False
+    built: set[tuple[str, str, str]] = set()  # (dataset, split, cache-relevant config) built once per node
 
-    def trial_images(cfg: Any) -> int:
+    def counts(cfg: Any) -> tuple[int, int]:
+        """(live periodic images, planned images) of one pack of ``cfg``."""
         nonlocal assumed
-        n_eval, eval_assumed = count_eval_images(cfg)
-        n_train, train_assumed = count_train_images(cfg)
+        (n_eval, eval_assumed), (n_train, train_assumed) = count_eval_images(cfg), count_train_images(cfg)
         assumed = assumed or eval_assumed or train_assumed
-        if cfg.protocol == "paper":
-            evals = math.ceil(cfg.epochs / max(1, cfg.eval_every))
-        else:
-            evals = 1
-        return cfg.epochs * n_train + evals * n_eval
+        evals = math.ceil(cfg.epochs / max(1, cfg.eval_every)) if cfg.protocol == "paper" else 1
+        live = cfg.epochs * n_train + evals * n_eval
+        plan = planned_cache(cfg, n_train, n_eval)
+        identity = json.dumps([cfg.backbone, dict(cfg.backbone_kwargs), cfg.checkpoint, cfg.image_size,
+                               cfg.kv_cache_dtype, cfg.precision], sort_keys=True, default=str)
+        planned = 0
+        for split, n, passes, cached in (
+                ("train", n_train, cfg.epochs, plan["train_cached"]),
+                ("eval", n_eval, 1 if (cfg.protocol == "paper" and cfg.deferred_eval
+                                       and cfg.trainer == "accelerate") else evals, plan["eval_cached"])):
+            if not cached:
+                planned += passes * n
+            elif (cfg.dataset, split, identity) not in built:
+                built.add((cfg.dataset, split, identity))
+                planned += n
+        return live, planned
 
-    cache: dict[str, int] = {}
-    unpacked = 0
-    packed = 0
+    unpacked = packed = planned = 0
     for p in packs_of(trials):
-        key = pack_key(p[0].config)
-        if key not in cache:
-            cache[key] = trial_images(p[0].config)
-        unpacked += cache[key] * len(p)
-        packed += cache[key]
-    return {"unpacked": unpacked, "packed": packed, "assumed": int(assumed)}
+        live, pack_planned = counts(p[0].config)
+        unpacked += live * len(p)
+        packed += live
+        planned += pack_planned
+    return {"planned": planned, "unpacked": unpacked, "packed": packed, "assumed": int(assumed)}
 
 
 def _trial_device(sweep: Sweep) -> str:
@@ -894,8 +914,10 @@ def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
     lines.extend(kv_cache_lines(trials))
     imgs = estimated_images(sweep, trials)
     lines.append(
-        f"estimated images through the backbone (training epochs x train images + evals): "
-        f"{imgs['packed']:,} packed ({imgs['unpacked']:,} if every trial ran alone)"
+        f"estimated images through the backbone: {imgs['planned']:,} as planned (packs share one image stream; a "
+        f"K/V-cached split passes once per dataset and node; deferred evaluation: one pass); live: "
+        f"{imgs['packed']:,} packed, {imgs['unpacked']:,} if every trial ran alone (epochs x train images + "
+        f"evaluations x eval images)"
         + (f"; includes assumed split sizes (data not found: ~{DEFAULT_TRAIN_IMAGES} images each, marked above)"
            if imgs["assumed"] else "")
     )

@@ -461,3 +461,36 @@ def test_every_shipped_sweep_dry_runs(path, tmp_path):
     assert len(plan["trials"]) == stage1
     assert len({t["run_name"] for t in plan["trials"]}) == stage1
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def _estimate(out: str) -> dict[str, int]:
+    import re
+
+    line = next(x for x in out.splitlines() if x.startswith("estimated images through the backbone"))
+    nums = [int(n.replace(",", "")) for n in re.findall(r"(\d[\d,]*) (?:as planned|packed|if every)", line)]
+    return dict(zip(("planned", "packed", "unpacked"), nums, strict=True))
+
+
+def test_dry_run_counts_images_through_the_backbone_with_the_kv_cache_and_deferred_evaluation(demo_assets, tmp_path):
+    """The CI sweep (2 datasets x 2 lr x 2 seeds, 2 epochs, an evaluation every epoch, packs of the 2 lr): the
+    expected counts are computed here from the list files. Cached: each split passes the backbone once per
+    dataset; live with deferred evaluation: every epoch's train images plus one pass over the test images per
+    pack; live and periodic: one test pass per evaluation epoch; alone: twice that (two trials per pack)."""
+    data_root, ckpt = demo_assets
+    sizes = {d: (len(json.loads((data_root / d / "train800val200.json").read_text())),
+                 len(json.loads((data_root / d / "test.json").read_text())))
+             for d in ("syn_colour_shape", "syn_count")}
+    base = ["sweep", "configs/sweeps/ci.yaml", f"storage_path={tmp_path}", f"data_root={data_root}",
+            f"checkpoint={ckpt}", "--dry-run"]
+    seeds, epochs, evals = 2, 2, 2
+    packed = sum(seeds * (epochs * tr + evals * te) for tr, te in sizes.values())
+    expected = {
+        "kv_cache=auto": sum(tr + te for tr, te in sizes.values()),
+        "kv_cache=off": sum(seeds * (epochs * tr + te) for tr, te in sizes.values()),
+        "deferred_eval=false": packed,
+    }
+    for override, planned in expected.items():
+        extra = [override, "kv_cache=off"] if override == "deferred_eval=false" else [override]
+        out = _synqt(*base, *extra)
+        assert out.returncode == 0, out.stderr
+        assert _estimate(out.stdout) == {"planned": planned, "packed": packed, "unpacked": 2 * packed}, override
