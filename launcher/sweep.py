@@ -680,6 +680,7 @@ def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
         if not folder.is_dir():
             raise DataError(
                 f"dataset {t.dataset!r}: folder {folder} does not exist (data_root={cfg.data_root})"
+                f"{registry.did_you_mean(t.dataset)}"
             )
         splits = tuple(splits_for(cfg))
         key = (cfg.data_root, cfg.dataset, splits, cfg.num_classes, cfg.layout)
@@ -896,7 +897,8 @@ def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
     for t in trials:
         per[t.dataset] = per.get(t.dataset, 0) + 1
     lines.append("trials per dataset:")
-    lines.extend(f"  {d:<24} {n}" for d, n in per.items())
+    lines.extend(f"  {d:<24} {n}" + (f"  <- not a known task{hint}" if (hint := registry.did_you_mean(d)) else "")
+                 for d, n in per.items())
     res = sweep.resources
     lines.append(
         f"resources per Ray trial: cpus={res['cpus']} gpus={res['gpus']} devices={res['devices']}; "

@@ -180,6 +180,23 @@ def canonical(name: str) -> str:
     return info.name if info is not None else name
 
 
+def did_you_mean(name: str) -> str:
+    """`` (did you mean 'cifar'?)`` when ``name`` is no known task or alias but close to some (difflib), else ``""``."""
+    import difflib
+
+    if lookup(name) is not None:
+        return ""
+    known = {d.name for d in demo_tasks()}
+    for tasks in _order_and_aliases().values():
+        for task, aliases in tasks.items():
+            known.add(task)
+            known.update(aliases)
+    for bench in BENCHMARKS:
+        known.update(list_datasets(benchmark=bench))
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.75)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
 def dataset_config_path(name: str) -> Path | None:
     """The shipped config of the task ``name`` is (or is an alias of), or None."""
     info = lookup(name)
@@ -187,4 +204,4 @@ def dataset_config_path(name: str) -> Path | None:
 
 
 __all__ = ["VTAB_GROUPS", "BENCHMARKS", "DatasetInfo", "config_dir", "datasets", "list_datasets", "demo_tasks",
-           "lookup", "canonical", "dataset_config_path"]
+           "lookup", "canonical", "did_you_mean", "dataset_config_path"]

@@ -494,3 +494,19 @@ def test_dry_run_counts_images_through_the_backbone_with_the_kv_cache_and_deferr
         out = _synqt(*base, *extra)
         assert out.returncode == 0, out.stderr
         assert _estimate(out.stdout) == {"planned": planned, "packed": packed, "unpacked": 2 * packed}, override
+
+
+def test_a_misspelled_dataset_is_pointed_at_its_known_name(tmp_path):
+    """'cifarr' is no registered task or alias: the dry run marks it, and the real start, whose data folder is
+    missing, names the close registered task; a registered name gets no hint."""
+    out = _synqt("sweep", "vtab1k", "datasets=[cifarr,dtd]", f"storage_path={tmp_path}", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "not a known task (did you mean 'cifar'?)" in next(x for x in lines if x.lstrip().startswith("cifarr "))
+    assert "did you mean" not in next(x for x in lines if x.lstrip().startswith("dtd "))
+    (tmp_path / "data").mkdir()
+    out = _synqt("sweep", "vtab1k", "datasets=[cifarr]", f"storage_path={tmp_path}", "checkpoint=random",
+                 f"data_root={tmp_path / 'data'}")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert f"folder {tmp_path / 'data' / 'cifarr'} does not exist" in out.stderr
+    assert "(did you mean 'cifar'?)" in out.stderr
