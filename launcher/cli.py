@@ -18,7 +18,7 @@ EPILOG = """examples:
   synqt demo                                   # synthetic benchmark + tiny ViT, whole pipeline on CPU
   synqt train --dataset cifar --data-root /data/vtab-1k --checkpoint ViT-B_16.npz --out runs/cifar
   synqt train --dataset NAME --data-root D --out RUN backbone=vit_tiny_patch16_224 \\
-      backbone_kwargs.img_size=32 backbone_kwargs.patch_size=4 epochs=5
+      backbone_kwargs.img_size=32 backbone_kwargs.patch_size=4 epochs=5 warmup_epochs=1
   synqt sweep configs/sweeps/vtab1k.yaml data_root=/data/vtab-1k storage_path=/shared/runs
   synqt sweep configs/sweeps/vtab1k.yaml --dry-run
   synqt aggregate /shared/runs/vtab1k
@@ -120,8 +120,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="score a trainable-only (or official-format) checkpoint on a split",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
-  synqt eval --weights runs/cifar/trainable.safetensors --dataset cifar --data-root D --split test
-  synqt eval --weights official_cifar.pth --official --dataset cifar --data-root D --checkpoint ViT-B_16.npz""",
+  synqt eval --weights runs/cifar/trainable.safetensors                 # the run's config.yaml, its test split
+  synqt eval --weights runs/cifar/trainable.safetensors --split val200 data_root=/other/vtab-1k
+  synqt eval --weights official_cifar.pth --official --dataset cifar --data-root D --checkpoint ViT-B_16.npz
+Without --config, the config.yaml of the run the weights sit in (if any) is the base; --dataset,
+--data-root, --checkpoint and key=value override it.""",
     )
     p.add_argument("--weights", required=True, help="trainable.safetensors, or an official state dict (--official)")
     p.add_argument("--official", action="store_true", help="weights are a full official-format state dict")
@@ -136,10 +139,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from synqt import rundir
     from synqt.config import load_config
     from synqt.training import evaluate_checkpoint
 
-    cfg = load_config(args.config, _trial_overrides(args))
+    configs = list(args.config)
+    run_config = Path(args.weights).parent / rundir.CONFIG
+    if not configs and not args.official and run_config.is_file():
+        configs = [str(run_config)]  # the resolved config the run trained with: backbone, weights, data, recipe
+        print(f"synqt eval: config from the run: {run_config}", flush=True)
+    cfg = load_config(configs, _trial_overrides(args))
     result = evaluate_checkpoint(cfg, args.weights, split=args.split, official=args.official, out=args.out)
     print(f"{cfg.dataset} {args.split}: {result['acc']:.2f}% ({result['images']} images)")
     return Exit.OK
@@ -159,7 +170,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
   synqt sweep configs/sweeps/demo.yaml storage_path=/tmp/seq --sequential     # no Ray: one pack after another
   ray job submit --address http://HEAD:8265 --working-dir . -- synqt sweep configs/sweeps/vtab1k.yaml
 overrides: sweep keys (datasets, grid.lr, seeds, resources.gpus, max_concurrent, pack, storage_path,
-data_root, name, protocol, ...) and trial config keys (epochs=5, backbone_kwargs.img_size=32) alike.""",
+data_root, name, protocol, ...) and trial config keys (epochs=5 warmup_epochs=1, backbone_kwargs.img_size=32) alike.""",
     )
     p.add_argument("sweep_file")
     p.add_argument("overrides", nargs="*")

@@ -212,6 +212,19 @@ def test_synqt_eval_cli_prints_and_writes_the_reported_accuracy(paper_run, asset
     assert read_json(out)["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-9)
 
 
+def test_synqt_eval_of_a_run_s_weights_needs_no_other_argument(paper_run, tmp_path, capsys):
+    """The run's own config.yaml (beside the weights) gives backbone, checkpoint, data, recipe and split."""
+    from launcher.cli import main
+
+    _, run_dir, metrics = paper_run
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--weights", str(run_dir / "trainable.safetensors"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"config from the run: {run_dir / 'config.yaml'}" in printed
+    assert f"{TASK} test: {metrics['test_acc']:.2f}% ({N_TEST} images)" in printed
+    assert read_json(out)["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-9)
+
+
 # ----------------------------------------------------------------------------------------------------- protocols
 
 
