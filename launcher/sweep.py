@@ -747,7 +747,7 @@ def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]
       (``synqt.kv_cache.planned_cache``: ``kv_cache`` on, ``backbone_drop_path: false``, within
       ``kv_cache_max_gb``) passes the backbone once per dataset and node (counted once: one node), every epoch
       and evaluation then reads the cache; the paper protocol's evaluations are one deferred pass
-      (``deferred_eval``, pack trainer) instead of one per evaluation epoch.
+      (``deferred_eval``, either trainer) instead of one per evaluation epoch.
     - ``packed``: the same packs with every split live and every evaluation periodic.
     - ``unpacked``: every trial alone, live and periodic (epochs x train images + evaluations x eval images).
     """
@@ -769,8 +769,8 @@ def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]
         planned = 0
         for split, n, passes, cached in (
                 ("train", n_train, cfg.epochs, plan["train_cached"]),
-                ("eval", n_eval, 1 if (cfg.protocol == "paper" and cfg.deferred_eval
-                                       and cfg.trainer == "accelerate") else evals, plan["eval_cached"])):
+                ("eval", n_eval, 1 if (cfg.protocol == "paper" and cfg.deferred_eval) else evals,
+                 plan["eval_cached"])):
             if not cached:
                 planned += passes * n
             elif (cfg.dataset, split, identity) not in built:

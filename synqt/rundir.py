@@ -9,6 +9,7 @@ A run directory::
     config.yaml            resolved TrialConfig (written at the start)
     progress.json          {"epoch", "epochs", "wall_time_s", "updated", "status": "running", "host"} while it trains
     resume.pt              last epoch checkpoint of the pack trainer (ds_checkpoint/ for DeepSpeed)
+    eval_snapshots/        deferred evaluation's weight snapshots, while they wait to be scored (deleted after)
     trainable.safetensors  final trainable-only weights (+ trainable.json, their description)
     metrics.json           written atomically at the end: status ok, or failed with the error
     events.out.tfevents.*  TensorBoard
@@ -41,6 +42,7 @@ METRICS = "metrics.json"
 PROGRESS = "progress.json"
 RESUME = "resume.pt"
 DS_CHECKPOINT = "ds_checkpoint"
+EVAL_SNAPSHOTS = "eval_snapshots"  # deferred evaluation (synqt.training.snapshots)
 TRAINABLE = "trainable.safetensors"
 TRAINABLE_INFO = "trainable.json"
 EVAL_METRICS = "eval_metrics.json"

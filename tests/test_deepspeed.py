@@ -223,3 +223,105 @@ def test_two_process_trial_from_the_kv_cache_equals_the_live_one(ds_assets: tupl
     a, _ = read_trainable(tmp_path / "live" / "trainable.safetensors")
     b, _ = read_trainable(tmp_path / "cached" / "trainable.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- deferred evaluation
+# The tiny 2-block ViT of engine_helpers (64 train images = 4 optimizer steps per epoch, 32 test images):
+# 4 epochs with an evaluation after each, over 2 processes.
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    from engine_helpers import write_tiny_assets
+
+    root = tmp_path_factory.mktemp("ds_tiny")
+    return (*write_tiny_assets(root), root)
+
+
+def _tiny(assets: tuple[Path, Path, Path], **kw) -> TrialConfig:
+    from engine_helpers import tiny_cfg
+
+    data_root, ckpt, root = assets
+    values = dict(trainer="deepspeed", num_devices=2, epochs=4, eval_every=1, kv_cache="off")
+    values.update(kw)
+    return tiny_cfg(data_root, ckpt, root / "cache", **values)
+
+
+def _eval_events(run_dir: Path) -> list[tuple[int, float]]:
+    from engine_helpers import event_accumulator
+
+    return [(e.step, round(e.value, 6)) for e in event_accumulator(run_dir).Scalars("eval/test_acc")]
+
+
+@pytest.fixture(scope="module")
+def periodic_tiny(tiny_assets: tuple[Path, Path, Path],
+                  tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The reference: the tiny 2-process trial evaluating the test split after every epoch."""
+    run = tmp_path_factory.mktemp("ds_periodic") / "run"
+    return run, run_local(_tiny(tiny_assets, deferred_eval=False), run, nprocs=2)
+
+
+def _same_as_periodic(metrics: dict, run: Path, periodic_tiny: tuple[Path, dict]) -> None:
+    ref_dir, ref = periodic_tiny
+    assert ref["status"] == metrics["status"] == "ok", metrics["error"]
+    assert [e["epoch"] for e in metrics["eval_history"]] == [1, 2, 3, 4]
+    assert metrics["eval_history"] == ref["eval_history"]  # exactly, not approximately
+    assert metrics["best_of_test"] == ref["best_of_test"] and metrics["test_acc"] == ref["test_acc"]
+    assert metrics["deepspeed"]["weights_sha256"]["branch"] == ref["deepspeed"]["weights_sha256"]["branch"]
+    # TensorBoard (its own reader): the accuracies at the optimizer steps the periodic run wrote them at
+    assert _eval_events(run) == _eval_events(ref_dir) == [
+        (4 * h["epoch"], round(h["acc"], 6)) for h in ref["eval_history"]]
+    assert not (run / "eval_snapshots").exists() and not (run / "ds_checkpoint").exists()
+
+
+@pytest.mark.slow
+def test_deferred_evaluation_reproduces_periodic_evaluation(tiny_assets: tuple[Path, Path, Path],
+                                                            periodic_tiny: tuple[Path, dict], tmp_path: Path) -> None:
+    """deferred_eval=true: snapshots after epochs 1-3, one packed pass over them and the final weights at the
+    end, on each rank's share of the test split: the periodic run's accuracies, steps and final weights."""
+    run = tmp_path / "deferred"
+    metrics = run_local(_tiny(tiny_assets), run, nprocs=2)
+    _same_as_periodic(metrics, run, periodic_tiny)
+    assert len({e["acc"] for e in metrics["eval_history"]}) > 1  # the four weight sets really differ
+    # ... scored in one pass at the end: every accuracy was written after epoch 3 (step 12) had ended,
+    # where the periodic run wrote epoch 1's before epoch 2 began
+    from engine_helpers import event_accumulator
+
+    def first_eval_after_epoch_3(run_dir: Path) -> bool:
+        events = event_accumulator(run_dir)
+        epoch_3 = next(e.wall_time for e in events.Scalars("train/epoch") if e.step == 12)
+        return min(e.wall_time for e in events.Scalars("eval/test_acc")) > epoch_3
+
+    assert first_eval_after_epoch_3(run) and not first_eval_after_epoch_3(periodic_tiny[0])
+
+
+def _stop_after_epoch_2(payload: dict) -> None:
+    """train_worker's report on every rank (module level: spawned processes unpickle it by name)."""
+    if payload["epoch"] >= 2:
+        raise RuntimeError(f"simulated stop after epoch {payload['epoch']}")
+
+
+@pytest.mark.slow
+def test_deferred_evaluation_survives_a_resume(tiny_assets: tuple[Path, Path, Path],
+                                               periodic_tiny: tuple[Path, dict], tmp_path: Path) -> None:
+    """Both ranks stop after epoch 2's checkpoint with two snapshots pending (listed in the DeepSpeed
+    checkpoint's client state); the resumed trial scores them and ends with the periodic accuracies."""
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    from synqt.config import config_to_dict
+    from synqt.training.deepspeed import _free_port, _spawn_entry
+
+    cfg, run = _tiny(tiny_assets), tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(ProcessException):  # raised by both ranks (or, rarely, their exit)
+        mp.spawn(_spawn_entry, args=(2, _free_port(), config_to_dict(cfg), str(run), 1, _stop_after_epoch_2),
+                 nprocs=2, join=True)
+    assert sorted(p.name for p in (run / "eval_snapshots").iterdir()) == [
+        "epoch00001.safetensors", "epoch00002.safetensors"]
+    client = torch.load(run / "ds_checkpoint" / "epoch0002" / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)
+    assert client["pending_evals"] == [[1, 4], [2, 8]] and client["eval_history"] == []
+    metrics = run_local(cfg, run, nprocs=2)
+    assert metrics["provenance"]["resumed_after_epoch"] == 2
+    _same_as_periodic(metrics, run, periodic_tiny)

@@ -84,10 +84,15 @@ def shareable_state(cfg: TrialConfig) -> dict[str, Any] | None:
             "identity": getattr(model, "synqt_identity", None)}
 
 
-def seeded_branch(cfg: TrialConfig, backbone: nn.Module, num_classes: int) -> QueryBranch:
-    """A fresh query branch for ``cfg`` (T, the three scales and the branch's dropout / drop-path rates),
-    its init drawn from ``init_seed``."""
-    torch.manual_seed(effective_seeds(cfg)[1])
+def branch_for(cfg: TrialConfig, backbone: nn.Module, num_classes: int) -> QueryBranch:
+    """A query branch shaped for ``cfg`` (T, the three scales and the branch's dropout / drop-path rates),
+    initialised from torch's global generator as it stands (e.g. to load a weight snapshot into)."""
     return new_branch(backbone, num_classes, token_nums=cfg.token_nums, feat_scale=cfg.feat_scale,
                       attn_scale=cfg.attn_scale, ffn_scale=cfg.ffn_scale, drop=cfg.branch_dropout,
                       attn_drop=cfg.branch_attn_dropout, head_drop_path=cfg.head_drop_path)
+
+
+def seeded_branch(cfg: TrialConfig, backbone: nn.Module, num_classes: int) -> QueryBranch:
+    """A fresh query branch for ``cfg`` (``branch_for``), its init drawn from ``init_seed``."""
+    torch.manual_seed(effective_seeds(cfg)[1])
+    return branch_for(cfg, backbone, num_classes)

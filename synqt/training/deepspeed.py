@@ -60,7 +60,7 @@ from synqt.memory import keep_freed_host_memory
 from synqt.model import PackedSynQT, count_trainable
 from synqt.precision import check_precision
 from synqt.schedule import adamw, lr_at
-from synqt.training.build import frozen_backbone, seeded_branch
+from synqt.training.build import branch_for, frozen_backbone, seeded_branch
 from synqt.training.loop import (
     RunData,
     TrialOutcome,
@@ -74,6 +74,7 @@ from synqt.training.loop import (
     trial_metrics,
     write_hparams,
 )
+from synqt.training.snapshots import count_correct, deferred, load_snapshots, remove_snapshots, save_snapshot
 
 log = logging.getLogger("synqt.deepspeed")
 
@@ -255,6 +256,9 @@ class _Worker:
         self.epochs_done = 0
         self.resumed_after_epoch: int | None = None
         self.eval_history: list[dict] = []
+        # deferred evaluation (synqt.training.snapshots): (epoch, optimizer step) of each snapshot still to score
+        self.deferred = deferred(cfg)
+        self.pending_evals: list[tuple[int, int]] = []
         self.last_loss: float | None = None
         self.images_per_s: float | None = None
         self.status = "running"
@@ -388,6 +392,7 @@ class _Worker:
         self.step = int(client["step"])
         self.epochs_done = int(client["epochs_done"])
         self.eval_history = list(client["eval_history"])
+        self.pending_evals = [(int(e), int(s)) for e, s in client.get("pending_evals", [])]
         self.resumed_after_epoch = self.epochs_done
         log.info("rank %d resumed %s after epoch %d (step %d)", self.rank, self.run_dir.name, self.epochs_done,
                  self.step)
@@ -395,7 +400,8 @@ class _Worker:
     def _save_resume(self) -> None:
         """DeepSpeed checkpoint (branch, ZeRO optimizer partitions) of this epoch; older tags are removed."""
         tag = f"epoch{self.epochs_done:04d}"
-        client = {"step": self.step, "epochs_done": self.epochs_done, "eval_history": self.eval_history}
+        client = {"step": self.step, "epochs_done": self.epochs_done, "eval_history": self.eval_history,
+                  "pending_evals": [list(p) for p in self.pending_evals]}
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)  # writes `latest` last
         dist.barrier()
         if self.is_main:
@@ -472,30 +478,52 @@ class _Worker:
             self._after_epoch(self.epochs_done)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Accuracy (percent) on the eval split: each rank scores indices rank::world, counts are summed."""
-        self.engine.eval()
-        correct, total = 0, 0
+    def evaluate(self, branches: list[nn.Module] | None = None) -> list[float]:
+        """Accuracy (percent) of each branch (default: the trained one) on the eval split, all branches in one
+        frozen forward per batch: each rank scores indices rank::world, the counts are summed over ranks."""
         mine = np.arange(self.rank, len(self.eval_labels), self.world)
-        for start in range(0, len(mine), self.cfg.eval_batch_size):
-            idx = mine[start:start + self.cfg.eval_batch_size]
-            x = self._inputs(self.eval_kv, self.eval_images, idx)
-            y = torch.as_tensor(self.eval_labels[idx], device=self.device)
-            with self._autocast():
-                logits = self.engine(**x)
-            correct += int((logits.argmax(-1) == y).sum())
-            total += len(idx)
+        bs = self.cfg.eval_batch_size
+        batches = [mine[start:start + bs] for start in range(0, len(mine), bs)]
+        inputs = (self._inputs(self.eval_kv, self.eval_images, idx) for idx in batches)
+        correct, total = count_correct(self.model, branches or [self.branch], batches, inputs, self.eval_labels,
+                                       device=self.device, autocast=self._autocast)
         self.engine.train()
-        correct, total = _all_reduce([correct, total])
-        return 100.0 * correct / max(total, 1)
+        *correct, total = _all_reduce([*correct, total])
+        return [100.0 * c / max(total, 1) for c in correct]
+
+    def _snapshot(self, epoch: int) -> None:
+        """Deferred evaluation: the branch's weights at ``epoch``, scored at the end. ZeRO-2 replicates the
+        parameters, so every rank holds the same weights and rank 0 alone writes them."""
+        if self.is_main:
+            save_snapshot(self.branch, self.run_dir, epoch)
+        self.pending_evals.append((epoch, self.step))
+
+    def _evaluate_now(self, epoch: int) -> None:
+        """Score the current weights, and with them every pending snapshot (deferred evaluation) in the same
+        packed pass; record each accuracy at the epoch and optimizer step its weights are from."""
+        pending, snapshots = self.pending_evals, []
+        if pending:
+            dist.barrier()  # rank 0 has written every snapshot before any rank reads one
+            snapshots = load_snapshots(self.run_dir, [e for e, _ in pending],
+                                       lambda: branch_for(self.cfg, self.backbone, self.num_classes), self.device,
+                                       run_name=self.run_dir.name)
+        # evaluate's all-reduce returns on a rank only once every rank has loaded its snapshots
+        accs = self.evaluate([*snapshots, self.branch])
+        for (e, step), acc in zip([*pending, (epoch, self.step)], accs, strict=True):
+            self.eval_history.append({"epoch": e, "split": self.eval_split, "acc": acc})
+            if self.writer is not None:  # x: the optimizer step (of the snapshot, as a periodic evaluation wrote it)
+                self.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, step)
+        if pending and self.is_main:
+            remove_snapshots(self.run_dir, [e for e, _ in pending])
+        self.pending_evals = []
 
     def _after_epoch(self, epoch: int) -> None:
         cfg = self.cfg
         if should_eval(cfg, epoch):
-            acc = self.evaluate()
-            self.eval_history.append({"epoch": epoch, "split": self.eval_split, "acc": acc})
-            if self.writer is not None:
-                self.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, self.step)  # x: the optimizer step
+            if self.deferred and epoch < cfg.epochs:
+                self._snapshot(epoch)
+            else:
+                self._evaluate_now(epoch)
         peak, peak_kind = device_peak_memory(self.device)
         self.peak = int(_all_reduce([peak], dist.ReduceOp.MAX)[0])
         if self.writer is not None:
@@ -628,7 +656,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _spawn_entry(rank: int, world: int, port: int, cfg: dict, run_dir: str, threads: int) -> None:
+def _spawn_entry(rank: int, world: int, port: int, cfg: dict, run_dir: str, threads: int,
+                 report: Callable[[dict], None] | None = None) -> None:
+    """One process of ``run_local`` (``report``: train_worker's per-epoch callback, e.g. a test's interrupt)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(threads)
@@ -639,7 +669,7 @@ def _spawn_entry(rank: int, world: int, port: int, cfg: dict, run_dir: str, thre
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10))
     try:
-        train_worker(cfg, run_dir)
+        train_worker(cfg, run_dir, report=report)
     finally:
         dist.destroy_process_group()
         logging.getLogger("synqt.deepspeed").info("rank %d: process group destroyed; exiting", rank)

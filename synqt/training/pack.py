@@ -33,10 +33,10 @@ from synqt.config import PACK_KEYS, TrialConfig, effective_seeds, pack_key, save
 from synqt.errors import ConfigError
 from synqt.fileio import atomic_write, atomic_write_json
 from synqt.memory import keep_freed_host_memory
-from synqt.model import PackedSynQT, QueryBranch, SynQT, count_trainable, new_branch
+from synqt.model import PackedSynQT, QueryBranch, SynQT, count_trainable
 from synqt.precision import check_precision
 from synqt.schedule import adamw, lr_at
-from synqt.training.build import frozen_backbone, seeded_branch
+from synqt.training.build import branch_for, frozen_backbone, seeded_branch
 from synqt.training.loop import (
     BranchScaler,
     RunData,
@@ -52,6 +52,7 @@ from synqt.training.loop import (
     trial_metrics,
     write_hparams,
 )
+from synqt.training.snapshots import count_correct, deferred, load_snapshots, remove_snapshots, save_snapshot
 
 log = logging.getLogger("synqt.training.pack")
 
@@ -195,18 +196,13 @@ class TrialRecipe:
             branch.writer = SummaryWriter(log_dir=str(branch.run_dir))
         self._setup_kv_cache()
 
-    def _new_branch(self, cfg: TrialConfig) -> QueryBranch:
-        return new_branch(self._backbone, self.num_classes, token_nums=cfg.token_nums, feat_scale=cfg.feat_scale,
-                          attn_scale=cfg.attn_scale, ffn_scale=cfg.ffn_scale, drop=cfg.branch_dropout,
-                          attn_drop=cfg.branch_attn_dropout, head_drop_path=cfg.head_drop_path)
-
     def _setup_kv_cache(self) -> None:
         """Open (building once per node) the K/V caches of the train and eval splits, or say once why not."""
         from synqt.kv_cache import CacheRequest, format_bytes, open_kv_cache
 
         cfg = self.cfg
         self.train_kv = self.eval_kv = None
-        self.deferred = cfg.deferred_eval and cfg.protocol == "paper"
+        self.deferred = deferred(cfg)
         if cfg.kv_cache == "off":
             return
         if cfg.backbone_drop_path:  # only kv_cache=auto gets here (the config refuses the others)
@@ -387,7 +383,8 @@ class TrialRecipe:
         if trained and should_eval(self.cfg, epoch):
             if self.deferred and epoch < self.cfg.epochs:
                 for b in trained:
-                    self._snapshot(b, epoch)
+                    save_snapshot(b.module, b.run_dir, epoch)
+                    b.pending_evals.append((epoch, b.step))
             elif self.deferred:
                 self._deferred_evaluation(trained, epoch)
             else:
@@ -413,32 +410,15 @@ class TrialRecipe:
         if self.report is not None:
             self.report({"epoch": epoch, "branches": [summary(b, self.eval_split) for b in self.branches]})
 
-    # deferred evaluation: snapshots of the trainable weights at each evaluation epoch, scored in one pass at the end
-    def _snapshot_path(self, b: _Branch, epoch: int) -> Path:
-        return b.run_dir / "eval_snapshots" / f"epoch{epoch:05d}.safetensors"
-
-    def _snapshot(self, b: _Branch, epoch: int) -> None:
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().cpu().contiguous() for k, v in b.module.state_dict().items()}
-        atomic_write(self._snapshot_path(b, epoch), lambda tmp: save_file(state, str(tmp)))
-        b.pending_evals.append((epoch, b.step))
-
     def _deferred_evaluation(self, trained: list[_Branch], epoch: int) -> None:
-        """Score every pending snapshot and the final weights of ``trained`` as branches of one packed pass."""
-        from safetensors.torch import load_file
-
+        """Score every pending snapshot and the final weights of ``trained`` as branches of one packed pass
+        (``synqt.training.snapshots``)."""
         modules, owners = [], []
         for b in trained:
-            for e, step in b.pending_evals:
-                path = self._snapshot_path(b, e)
-                if not path.is_file():
-                    raise ConfigError(f"{b.run_name}: the weight snapshot of epoch {e} ({path}) for deferred "
-                                      "evaluation is missing; rerun the trial with resume=false")
-                module = self._new_branch(b.cfg)
-                module.load_state_dict(load_file(str(path)))
-                modules.append(module.to(self.device))
-                owners.append((b, e, step))
+            modules += load_snapshots(b.run_dir, [e for e, _ in b.pending_evals],
+                                      lambda c=b.cfg: branch_for(c, self._backbone, self.num_classes), self.device,
+                                      run_name=b.run_name)
+            owners += [(b, e, step) for e, step in b.pending_evals]
             modules.append(b.module)
             owners.append((b, epoch, b.step))
         accs = self.evaluate(branches=modules)
@@ -448,37 +428,26 @@ class TrialRecipe:
             b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, step)
             progress.emit(progress.Eval(b.run_name, e, b.cfg.epochs, self.eval_split, acc))
         for b in trained:
-            for e, _ in b.pending_evals:
-                self._snapshot_path(b, e).unlink(missing_ok=True)
+            remove_snapshots(b.run_dir, [e for e, _ in b.pending_evals])
             b.pending_evals = []
-            try:
-                (b.run_dir / "eval_snapshots").rmdir()
-            except OSError:
-                pass
 
     @torch.no_grad()
     def evaluate(self, index: list[int] | None = None, branches: list[QueryBranch] | None = None) -> list[float]:
         """Accuracy (percent) of branches (by pack index, or given modules) on the eval split, one frozen pass."""
-        self.model.eval()
         chosen = branches if branches is not None else [self.model.branches[i] for i in index]
-        for module in chosen:
-            module.eval()
-        correct = torch.zeros(len(chosen), dtype=torch.long, device=self.device)
-        total = 0
         bs = self.cfg.eval_batch_size
         batches = [np.arange(s, min(s + bs, len(self.eval_labels))) for s in range(0, len(self.eval_labels), bs)]
-        inputs = self._feed(getattr(self, "eval_kv", None), self.eval_images, batches)
-        for idx in batches:
-            x = next(inputs)
-            y = torch.as_tensor(self.eval_labels[idx], dtype=torch.long).to(self.device, non_blocking=True)
-            with self.accelerator.autocast():
-                logits = self.model.forward_branches(chosen, **x)
-            preds = torch.stack([out.argmax(dim=-1) for out in logits])
+
+        def gather(preds: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             preds, y = self.accelerator.gather_for_metrics((preds.T.contiguous(), y))
-            correct += (preds.T == y).sum(dim=1)
-            total += y.numel()
+            return preds.T, y
+
+        correct, total = count_correct(self.model, chosen, batches,
+                                       self._feed(getattr(self, "eval_kv", None), self.eval_images, batches),
+                                       self.eval_labels, device=self.device, autocast=self.accelerator.autocast,
+                                       gather=gather)
         self.model.train()
-        return [100.0 * c / max(total, 1) for c in correct.tolist()]
+        return [100.0 * c / max(total, 1) for c in correct]
 
     # --------------------------------------------------------------------------------------------- outcomes
     def _metrics(self, b: _Branch) -> dict[str, Any]:
