@@ -41,9 +41,9 @@ def main() -> None:
     data_root = write_benchmark(out / "data", image_size=224, tasks=["syn_count"], n_train=args.n_train - n_val,
                                 n_val=n_val, n_test=args.n_test, seed=5)
     cache = out / "cache"
-    cfg = load_config([], [f"backbone={args.backbone}", "dataset=syn_count", f"data_root={data_root}",
-                           f"cache_dir={cache}", "backbone_drop_path=false", "kv_cache=disk", f"epochs={args.epochs}",
-                           "eval_every=10", "device=cpu", "eval_batch_size=64"])
+    cfg = load_config([], [f"backbone={args.backbone}", "checkpoint=random", "dataset=syn_count",
+                           f"data_root={data_root}", f"cache_dir={cache}", "backbone_drop_path=false", "kv_cache=disk",
+                           f"epochs={args.epochs}", "eval_every=10", "device=cpu", "eval_batch_size=64"])
     splits = [read_split(data_root, "syn_count", s) for s in ("train800val200", "test")]
     images = [load_images(s, 224, cache_dir=cache)[0] for s in splits]  # decode once, outside both figures
     backbone = frozen_backbone(cfg)

@@ -309,7 +309,7 @@ def test_dry_run_counts_text_and_json(tmp_path, bench_root):
     assert "syn_count                4" in text and "syn_blobs                4" in text
     assert "cpus=1 gpus=0 devices=1" in text
     # 4 packs x (2 epochs x 50 train800val200 images + 2 evals x 30 test images)
-    assert "640 packed (1,280 if every trial ran alone)" in text
+    assert "live: 640 packed, 1,280 if every trial ran alone" in text
     js = _synqt(*args, "--json")
     assert js.returncode == 0, js.stderr
     plan = json.loads(js.stdout)
