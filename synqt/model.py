@@ -460,7 +460,7 @@ class _FrozenStream(nn.Module):
 
         ``kv``: per-block K/V of the image tokens, ``[L, 2, B, H, N, d]`` (or a sequence of L
         ``[2, B, H, N, d]``), as ``kv_block_stream`` yields them in eval mode; any float dtype (bf16
-        storage is read as is and promoted by the query-only attention). Both sources feed the one
+        storage is read as is: the query-only attention's matmuls then run in bf16). Both sources feed the one
         query-stream implementation, ``_query_stream``.
         """
         if kv is not None:
