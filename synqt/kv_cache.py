@@ -144,7 +144,9 @@ def weights_digest(backbone: torch.nn.Module) -> str:
 
 def cache_identity(backbone: torch.nn.Module, split: Any, *, image_size: int, interpolation: str,
                    mean: Sequence[float], std: Sequence[float], dtype: str, precision: str) -> dict[str, Any]:
-    """Everything the cached array depends on (the key is the sha256 of this, as canonical JSON)."""
+    """Everything the cached array depends on (the key is the sha256 of this, as canonical JSON): the backbone's
+    identity, the split's list content, the transform, the storage dtype and precision, the stream code's
+    version and the torch and timm versions."""
     ident = dict(getattr(backbone, "synqt_identity", {}) or {})
     backbone_id: dict[str, Any] = {k: ident.get(k) for k in ("name", "kwargs", "checkpoint_sha256")}
     if not ident.get("checkpoint_sha256"):
@@ -165,7 +167,20 @@ def cache_identity(backbone: torch.nn.Module, split: Any, *, image_size: int, in
         "dtype": dtype,
         "precision": precision,
         "stream_code_version": STREAM_CODE_VERSION,
+        # the frozen blocks run through timm's submodules and torch's kernels: another version may compute other
+        # bits, so a cache written under one is rebuilt under another rather than mixed with a live run
+        "torch": torch.__version__,
+        "timm": _timm_version(),
     }
+
+
+def _timm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("timm")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def identity_key(identity: dict[str, Any]) -> str:
@@ -313,7 +328,9 @@ class KVCache:
         idx = np.asarray(idx)
         if self._ahead is not None and self._ahead[0] == idx.tobytes():
             _, out, event = self._ahead
-            torch.cuda.current_stream(self.device).wait_event(event)
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(event)
+            out.record_stream(main)  # allocated on the side stream: not reused while the main stream reads it
         else:
             out = self._to_device(self._rows(idx))
         self._ahead = None
@@ -424,13 +441,17 @@ def _open(frozen: Any, request: CacheRequest, identity: dict, geom: Geometry, *,
 
 
 def feed(cache: KVCache | None, live: Callable[[np.ndarray], torch.Tensor],
-         micro_batches: Sequence[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
-    """The model inputs for each micro-batch in turn: ``{"kv": ...}`` from the cache, else ``{"images": ...}``."""
+         micro_batches: Sequence[np.ndarray], then: np.ndarray | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The model inputs for each micro-batch in turn: ``{"kv": ...}`` from the cache, else ``{"images": ...}``.
+
+    ``then``: the micro-batch that follows the last one (the next optimizer step's first), so a pinned cache
+    copies it ahead while this step's last micro-batch computes.
+    """
     for i, idx in enumerate(micro_batches):
         if cache is None:
             yield {"images": live(idx)}
         else:
-            nxt = micro_batches[i + 1] if i + 1 < len(micro_batches) else None
+            nxt = micro_batches[i + 1] if i + 1 < len(micro_batches) else then
             yield {"kv": cache.batch(idx, nxt)}
 
 

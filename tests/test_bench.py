@@ -86,4 +86,11 @@ def test_bench_kv_cache_reports_the_cache_size_and_trial_cost(tmp_path, capsys):
         assert kv[key] > 0, key
     trial = kv["trial"]
     assert trial["epochs"] == 50 and trial["evaluations"] == 5 and trial["n_train"] == trial["n_test"] == 1000
-    assert trial["today_x_forward"] == pytest.approx(trial["today_s"] / trial["forward_pass_s"])
+    # the trial's cost recomputed from the measured parts with the formula (per image times x image counts)
+    unit = 2000 * kv["forward_s_per_image"]
+    today = 50 * 1000 * kv["full_step_s_per_image"] + 5 * 1000 * kv["eval_x1_s_per_image"]
+    cached = (1000 * kv["build_s_per_image"] + 50 * 1000 * kv["cached_step_s_per_image"]
+              + 1000 * kv["eval_x5_s_per_image"])
+    assert trial["today_x_forward"] == pytest.approx(today / unit)
+    assert trial["cached_x_forward"] == pytest.approx(cached / unit)
+    assert kv["cached_vs_full_step"] == pytest.approx(kv["full_step_s_per_image"] / kv["cached_step_s_per_image"])

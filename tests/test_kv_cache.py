@@ -204,6 +204,24 @@ def test_corrupt_or_foreign_cache_is_rebuilt_not_read(assets, live, tmp_path, da
     assert max_weight_diff(live_dir, tmp_path / "second") <= TOL
 
 
+@pytest.mark.parametrize("package", ["torch", "timm"])
+def test_a_cache_written_under_another_torch_or_timm_is_rebuilt(assets, tmp_path, package, monkeypatch):
+    """The frozen blocks run through torch's kernels and timm's modules: a cache from another version of either
+    is not mixed with this one's stream (one build per split per version, as counted in builds.log)."""
+    import importlib.metadata
+
+    cfg = _cfg(assets, "cache-versions-" + package, kv_cache="disk", epochs=1, eval_every=1)
+    assert _run(cfg, tmp_path / "first")["status"] == "ok"
+    if package == "torch":
+        monkeypatch.setattr(torch, "__version__", "0.0.1-another")
+    else:
+        real = importlib.metadata.version
+        monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1" if name == "timm" else real(name))
+    assert _run(cfg, tmp_path / "second")["status"] == "ok"
+    builds = [b[3] for b in _builds(Path(cfg.cache_dir))]
+    assert builds.count("train800val200") == 2 and builds.count("test") == 2, builds
+
+
 def test_cache_over_budget_falls_back_to_live_with_one_message(assets, live, tmp_path, caplog):
     live_dir, live_metrics = live
     cfg = _cfg(assets, "cache-budget", kv_cache="disk", kv_cache_max_gb=1e-6)  # ~1 KiB: nothing fits
@@ -294,3 +312,24 @@ def test_gradient_accumulation_from_the_cache_equals_live(assets, tmp_path):
     assert a["status"] == b["status"] == "ok"
     assert max_weight_diff(tmp_path / "live", tmp_path / "accum") <= 1e-4  # summation order differs
     assert [e["acc"] for e in a["eval_history"]] == [e["acc"] for e in b["eval_history"]]
+
+
+def test_feed_names_the_next_steps_first_micro_batch_for_the_copy_ahead():
+    """A pinned cache copies the next batch ahead on a side stream (GPU): the last micro-batch of a step
+    must name the next step's first one, or nothing is ever prefetched with grad_accum_steps=1."""
+    from synqt.kv_cache import feed
+
+    class Recorder:  # records the (batch, copy-ahead) pairs a trainer asks for
+        calls: list = []
+
+        def batch(self, idx, next_idx=None):
+            self.calls.append((list(idx), None if next_idx is None else list(next_idx)))
+            return torch.zeros(1)
+
+    rec = Recorder()
+    micro = [np.array([0, 1]), np.array([2, 3])]
+    assert len(list(feed(rec, lambda idx: torch.zeros(1), micro, then=np.array([4, 5])))) == 2
+    assert rec.calls == [([0, 1], [2, 3]), ([2, 3], [4, 5])]
+    rec.calls.clear()
+    list(feed(rec, lambda idx: torch.zeros(1), micro[:1]))  # the epoch's last step: nothing to copy ahead
+    assert rec.calls == [([0, 1], None)]

@@ -279,7 +279,7 @@ class TrialRecipe:
         y = torch.as_tensor(labels[idx], dtype=torch.long).to(self.device, non_blocking=True)
         return x, y
 
-    def _feed(self, cache: Any, images: np.ndarray, micro_batches: list[np.ndarray]):
+    def _feed(self, cache: Any, images: np.ndarray, micro_batches: list[np.ndarray], then: np.ndarray | None = None):
         """Model inputs per micro-batch: cached K/V (``kv=``) or normalised images (``images=``)."""
         from synqt.data import to_tensor_batch
         from synqt.kv_cache import feed
@@ -287,7 +287,7 @@ class TrialRecipe:
         def live(idx: np.ndarray) -> torch.Tensor:
             return to_tensor_batch(images[idx], self.mean, self.std).to(self.device, non_blocking=True)
 
-        return feed(cache, live, micro_batches)
+        return feed(cache, live, micro_batches, then)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -325,7 +325,8 @@ class TrialRecipe:
                     b.optimizer.zero_grad(set_to_none=True)
                 losses = {id(b): 0.0 for b in training}
                 micro_batches = [batch_idx[m:m + micro] for m in range(0, len(batch_idx), micro)]
-                inputs = self._feed(self.train_kv, self.train_images, micro_batches)
+                nxt = order[start + cfg.batch_size:start + cfg.batch_size + micro]  # the next step's first micro-batch
+                inputs = self._feed(self.train_kv, self.train_images, micro_batches, nxt if len(nxt) else None)
                 for idx in micro_batches:
                     x = next(inputs)
                     y = torch.as_tensor(self.train_labels[idx], dtype=torch.long).to(self.device, non_blocking=True)
