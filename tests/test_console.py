@@ -247,9 +247,12 @@ def test_status_watch_follows_until_done_and_ctrl_c_is_130(tmp_path):
     assert last == {"done": 2, "failed": 0, "broken": 0, "running": 0, "pending": 0}
 
     root2 = _sweep_dir(tmp_path / "b", ["running"])
+    # Ctrl-C reaches a foreground process whose SIGINT is the default; a test run started in the background
+    # (CI scripts, nohup) hands its children SIGINT ignored, which Python then keeps ignoring
     proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "status", str(root2), "--watch",
                              "--interval", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env_one_thread(), cwd=REPO)
+                            env=env_one_thread(), cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().startswith("-- ")  # off a terminal each snapshot starts with its time
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)

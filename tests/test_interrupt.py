@@ -31,8 +31,10 @@ EPOCHS = 6
 def start_sweep(args: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
+    # SIGINT as a terminal's Ctrl-C finds it (default), even when this test run was started in the background
     return subprocess.Popen([*SYNQT, "sweep", *args], cwd=REPO, env=env, stdout=open(log, "w"),
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def signal_at_first_checkpoint(proc: subprocess.Popen, sweep_dir: Path, sig: int, log: Path) -> list[str]:

@@ -333,3 +333,33 @@ def test_feed_names_the_next_steps_first_micro_batch_for_the_copy_ahead():
     rec.calls.clear()
     list(feed(rec, lambda idx: torch.zeros(1), micro[:1]))  # the epoch's last step: nothing to copy ahead
     assert rec.calls == [([0, 1], None)]
+
+
+def test_a_packs_deferred_evaluation_passes_the_test_images_once_with_periodic_numbers(assets, tmp_path,
+                                                                                       monkeypatch):
+    """A pack of 2 branches (two lr), live image stream, 4 epochs, evaluated every epoch: deferred, both branches'
+    4 snapshots share ONE pass of the test images through the frozen backbone (counted at the patch
+    embedding), periodic needs one per evaluation epoch; both give the same eval_history for each branch."""
+    from synqt.model import _FrozenStream
+
+    embedded: list[int] = []  # images per pass through the frozen stream in eval mode (evaluation)
+    real = _FrozenStream._embed
+
+    def counting(self, images):
+        if not self.training:
+            embedded.append(int(images.shape[0]))
+        return real(self, images)
+
+    monkeypatch.setattr(_FrozenStream, "_embed", counting)
+    runs = {}
+    for mode in ("periodic", "deferred"):
+        cfgs = [_cfg(assets, "cache-pack-defer", kv_cache="off", deferred_eval=mode == "deferred", epochs=4,
+                     eval_every=1, lr=lr) for lr in (1e-3, 3e-3)]
+        embedded.clear()
+        runs[mode] = run_pack(cfgs, [tmp_path / mode / f"b{i}" for i in range(2)], resume=False)
+        runs[mode + "_test_images"] = sum(embedded)
+    for periodic, deferred in zip(runs["periodic"], runs["deferred"], strict=True):
+        assert [e["epoch"] for e in deferred["eval_history"]] == [1, 2, 3, 4]
+        assert deferred["eval_history"] == periodic["eval_history"]
+    assert runs["deferred_test_images"] == N_TEST  # once, for both branches and all four epochs
+    assert runs["periodic_test_images"] == 4 * N_TEST

@@ -418,3 +418,26 @@ def test_sequential_sweep_gives_the_ray_sweeps_results(assets, tmp_path):
         assert {k: v for k, v in row.items() if k != "peak_memory_bytes"} == {
             k: v for k, v in ray_res["datasets"][d].items() if k != "peak_memory_bytes"}
     assert seq_res["mean_of_groups"] == ray_res["mean_of_groups"]
+
+
+def test_cached_sweep_builds_each_split_once_and_equals_the_live_sweep(assets, tmp_path):
+    """The CI sweep (2 tasks x 2 lr x 2 seeds: 4 packs on 2 concurrent Tune trials whose actors are reused) with
+    the K/V cache on (fp32 storage) against the same sweep live: every pack of a task reads the one cache of
+    each split (builds.log: one build per task and split), and every run ends with the live run's accuracies."""
+    tasks = "datasets=[syn_count,syn_blobs]"
+    cache = tmp_path / "node-cache"
+    live = _sweep(_base(assets, tmp_path / "live", tasks, "kv_cache=off", f"cache_dir={cache}"))
+    assert live.returncode == 0, live.stdout[-3000:] + live.stderr[-3000:]
+    cached = _sweep(_base(assets, tmp_path / "cached", tasks, "kv_cache=auto", "kv_cache_dtype=fp32",
+                          f"cache_dir={cache}"))
+    assert cached.returncode == 0, cached.stdout[-3000:] + cached.stderr[-3000:]
+    builds = [line.split("\t") for line in (cache / "kv" / "builds.log").read_text().splitlines()]
+    assert sorted((b[2], b[3]) for b in builds) == [("syn_blobs", "test"), ("syn_blobs", "train800val200"),
+                                                     ("syn_count", "test"), ("syn_count", "train800val200")], builds
+    m_live, m_cached = _metrics(tmp_path / "live" / "ci"), _metrics(tmp_path / "cached" / "ci")
+    assert sorted(m_live) == sorted(m_cached) and len(m_live) == 8
+    for name, m in m_cached.items():
+        assert m["status"] == "ok"
+        assert m["eval_history"] == m_live[name]["eval_history"], name
+    results = [json.loads((tmp_path / d / "ci" / "results.json").read_text())["datasets"] for d in ("live", "cached")]
+    assert {d: e["accuracy"] for d, e in results[0].items()} == {d: e["accuracy"] for d, e in results[1].items()}
