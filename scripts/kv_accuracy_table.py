@@ -1,8 +1,9 @@
 """Accuracy of the deterministic image stream (issue 15): the six demo tasks, live vs cached, branch dropout on/off.
 
-For every task and seed two packs run (configs/demo.yaml, lr 3e-3, paper protocol):
-- ``backbone_drop_path: true``, live image stream (the official recipe), and
-- ``backbone_drop_path: false``, the K/V cache (``kv_cache: disk``),
+For every task and seed three packs run (configs/demo.yaml, lr 3e-3, paper protocol):
+- ``backbone_drop_path: true``, live image stream (the official recipe),
+- ``backbone_drop_path: false``, live image stream (separates the drop path from the bf16 cache), and
+- ``backbone_drop_path: false``, the bf16 K/V cache (``kv_cache: disk``),
 each a pack of two branches: the official branch dropout (0.1 / attention 0.1 / head drop path 0.3) and
 all three off. A pack shares one frozen pass, so the dropout-off branch costs no extra image stream.
 
@@ -29,9 +30,16 @@ from synqt.training import run_pack
 ROWS = {  # name -> (backbone_drop_path, kv_cache, branch dropout keys)
     "live, official branch dropout": (True, "off", (0.1, 0.1, 0.3)),
     "live, branch dropout off": (True, "off", (0.0, 0.0, 0.0)),
+    "live without image drop path, official branch dropout": (False, "off", (0.1, 0.1, 0.3)),
+    "live without image drop path, branch dropout off": (False, "off", (0.0, 0.0, 0.0)),
     "cached, official branch dropout": (False, "disk", (0.1, 0.1, 0.3)),
     "cached, branch dropout off": (False, "disk", (0.0, 0.0, 0.0)),
 }
+# one pack per stream (its two rows are two branches sharing one image stream)
+STREAMS = {"live": ("live, official branch dropout", "live, branch dropout off"),
+           "live without image drop path": ("live without image drop path, official branch dropout",
+                                            "live without image drop path, branch dropout off"),
+           "cached": ("cached, official branch dropout", "cached, branch dropout off")}
 
 
 def main() -> None:
@@ -51,8 +59,7 @@ def main() -> None:
     done = {(r["task"], r["seed"], r["row"]) for r in results}
     for task in args.tasks:
         for seed in args.seeds:
-            for stream in ("live", "cached"):
-                rows = [r for r in ROWS if r.startswith(stream)]
+            for stream, rows in STREAMS.items():
                 if all((task, seed, r) in done for r in rows):
                     continue
                 cfgs = []
@@ -106,6 +113,16 @@ def table(results: list[dict], tasks: list[str]) -> str:
                                  "cached, official branch dropout"),
                                 ("cached - live, dropout off (paired)", "live, branch dropout off",
                                  "cached, branch dropout off"),
+                                ("drop path off - on, live, official dropout (paired)",
+                                 "live, official branch dropout",
+                                 "live without image drop path, official branch dropout"),
+                                ("drop path off - on, live, dropout off (paired)", "live, branch dropout off",
+                                 "live without image drop path, branch dropout off"),
+                                ("bf16 cache - live, no drop path, official dropout (paired)",
+                                 "live without image drop path, official branch dropout",
+                                 "cached, official branch dropout"),
+                                ("bf16 cache - live, no drop path, dropout off (paired)",
+                                 "live without image drop path, branch dropout off", "cached, branch dropout off"),
                                 ("dropout off - official, cached (paired)", "cached, official branch dropout",
                                  "cached, branch dropout off")):
         body += (f"| {label} | " + " | ".join(fmt(paired(t, live, cached), True) for t in tasks)
