@@ -440,6 +440,42 @@ def _open(frozen: Any, request: CacheRequest, identity: dict, geom: Geometry, *,
     return KVCache(arr, dtype, device, "disk", files["data"], identity["split"]), ""
 
 
+def open_trial_caches(frozen: Any, cfg: Any, splits: Sequence[tuple[str, CacheRequest]], *, device: torch.device,
+                      mean: Sequence[float], std: Sequence[float],
+                      autocast: Callable[[], AbstractContextManager] | None = None,
+                      who: str = "", say_live: bool = True) -> dict[str, KVCache]:
+    """A trial's K/V caches, split by split in the given order (train first: ``kv_cache_max_gb`` covers them
+    together); name -> cache for each split that has one. The one place both trainers turn ``kv_cache`` into
+    caches: ``off`` -> none; ``auto`` with ``backbone_drop_path: true`` -> none, said once (if ``say_live``);
+    a split that cannot be cached (budget, disk) -> one warning naming it, the split runs live. ``who``
+    prefixes the messages (e.g. ``rank 1: ``).
+    """
+    if cfg.kv_cache == "off":
+        return {}
+    if cfg.backbone_drop_path:  # only kv_cache=auto gets here (the config refuses the others)
+        if say_live:
+            log.info("kv_cache=auto: running the image stream live, because backbone_drop_path=true draws "
+                     "stochastic depth on it every step (set backbone_drop_path: false to train from the K/V cache)")
+        return {}
+    mode = "disk" if cfg.kv_cache == "auto" else cfg.kv_cache
+    out: dict[str, KVCache] = {}
+    used = 0
+    for name, request in splits:
+        cache, why = open_kv_cache(frozen, request, mode=mode, dtype=cfg.kv_cache_dtype, precision=cfg.precision,
+                                   max_gb=cfg.kv_cache_max_gb, used_bytes=used, cache_dir=cfg.cache_dir,
+                                   device=device, batch_size=cfg.eval_batch_size, mean=mean, std=std,
+                                   autocast=autocast)
+        if cache is None:
+            log.warning("%skv_cache=%s: %s; the %s split runs the live image stream", who, cfg.kv_cache, why, name)
+            continue
+        used += cache.nbytes
+        out[name] = cache
+        log.info("%sK/V cache %s/%s: %d images, %s %s (%s)%s", who, cfg.dataset, request.split.split, len(cache),
+                 format_bytes(cache.nbytes), cfg.kv_cache_dtype, cache.where,
+                 f" at {cache.path}" if cache.path else "")
+    return out
+
+
 def feed(cache: KVCache | None, live: Callable[[np.ndarray], torch.Tensor],
          micro_batches: Sequence[np.ndarray], then: np.ndarray | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """The model inputs for each micro-batch in turn: ``{"kv": ...}`` from the cache, else ``{"images": ...}``.
@@ -457,4 +493,4 @@ def feed(cache: KVCache | None, live: Callable[[np.ndarray], torch.Tensor],
 
 __all__ = ["planned_cache", "STREAM_CODE_VERSION", "Geometry", "geometry", "estimate_bytes", "format_bytes",
            "cache_identity", "identity_key", "cache_files", "validate", "compute_kv", "KVCache", "CacheRequest",
-           "open_kv_cache", "feed", "weights_digest"]
+           "open_kv_cache", "open_trial_caches", "feed", "weights_digest"]

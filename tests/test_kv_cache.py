@@ -225,7 +225,7 @@ def test_a_cache_written_under_another_torch_or_timm_is_rebuilt(assets, tmp_path
 def test_cache_over_budget_falls_back_to_live_with_one_message(assets, live, tmp_path, caplog):
     live_dir, live_metrics = live
     cfg = _cfg(assets, "cache-budget", kv_cache="disk", kv_cache_max_gb=1e-6)  # ~1 KiB: nothing fits
-    caplog.set_level(logging.INFO, logger="synqt.training.pack")
+    caplog.set_level(logging.INFO, logger="synqt.kv_cache")
     metrics = _run(cfg, tmp_path / "run")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len([w for w in warnings if "kv_cache_max_gb=1e-06" in w]) == 2  # once per split, naming the budget
@@ -236,7 +236,7 @@ def test_cache_over_budget_falls_back_to_live_with_one_message(assets, live, tmp
 
 def test_auto_runs_live_with_stochastic_depth_and_says_why_once(assets, tmp_path, caplog):
     cfg = _cfg(assets, "cache-auto", kv_cache="auto", backbone_drop_path=True, epochs=1)
-    caplog.set_level(logging.INFO, logger="synqt.training.pack")
+    caplog.set_level(logging.INFO, logger="synqt.kv_cache")
     assert _run(cfg, tmp_path / "run")["status"] == "ok"
     said = [r.getMessage() for r in caplog.records if "backbone_drop_path=true" in r.getMessage()]
     assert len(said) == 1 and "live" in said[0]

@@ -328,34 +328,22 @@ class _Worker:
 
     def _setup_kv_cache(self) -> None:
         """The node's K/V caches of both splits (rank 0 builds first; the others then map the same files)."""
-        from synqt.kv_cache import CacheRequest, open_kv_cache
+        from synqt.kv_cache import CacheRequest, open_trial_caches
 
         cfg = self.cfg
-        self.train_kv = self.eval_kv = None
-        if cfg.kv_cache == "off" or cfg.backbone_drop_path:
-            if cfg.kv_cache == "auto" and self.is_main:
-                log.info("kv_cache=auto: running the image stream live, because backbone_drop_path=true draws "
-                         "stochastic depth on it every step")
-            return
-        mode, used = ("disk" if cfg.kv_cache == "auto" else cfg.kv_cache), 0
+        requests = [(name, CacheRequest(split=split, images=images, image_size=self.image_size,
+                                        interpolation=cfg.interpolation))
+                    for name, images, split in (("train", self.train_images, self.train_list),
+                                                ("eval", self.eval_images, self.eval_list))]
+        caches: dict = {}
         for turn in (0, 1):
             if (turn == 0) == self.is_main:
-                for name, images, split in (("train", self.train_images, self.train_list),
-                                            ("eval", self.eval_images, self.eval_list)):
-                    request = CacheRequest(split=split, images=images, image_size=self.image_size,
-                                           interpolation=cfg.interpolation)
-                    cache, why = open_kv_cache(self.model, request, mode=mode, dtype=cfg.kv_cache_dtype,
-                                               precision=cfg.precision, max_gb=cfg.kv_cache_max_gb, used_bytes=used,
-                                               cache_dir=cfg.cache_dir, device=self.device,
-                                               batch_size=cfg.eval_batch_size, mean=cfg.mean, std=cfg.std,
-                                               autocast=self._autocast)
-                    if cache is None:
-                        log.warning("rank %d: kv_cache=%s: %s; the %s split runs live", self.rank, cfg.kv_cache,
-                                    why, name)
-                        continue
-                    used += cache.nbytes
-                    setattr(self, f"{name}_kv", cache)
-            dist.barrier()
+                caches = open_trial_caches(self.model, cfg, requests, device=self.device, mean=cfg.mean,
+                                           std=cfg.std, autocast=self._autocast, who=f"rank {self.rank}: ",
+                                           say_live=self.is_main)
+            if cfg.kv_cache != "off" and not cfg.backbone_drop_path:
+                dist.barrier()
+        self.train_kv, self.eval_kv = caches.get("train"), caches.get("eval")
 
     def _inputs(self, cache, images: np.ndarray, idx: np.ndarray) -> dict[str, torch.Tensor]:
         from synqt.data import to_tensor_batch

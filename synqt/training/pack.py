@@ -198,36 +198,17 @@ class TrialRecipe:
 
     def _setup_kv_cache(self) -> None:
         """Open (building once per node) the K/V caches of the train and eval splits, or say once why not."""
-        from synqt.kv_cache import CacheRequest, format_bytes, open_kv_cache
+        from synqt.kv_cache import CacheRequest, open_trial_caches
 
-        cfg = self.cfg
-        self.train_kv = self.eval_kv = None
-        self.deferred = deferred(cfg)
-        if cfg.kv_cache == "off":
-            return
-        if cfg.backbone_drop_path:  # only kv_cache=auto gets here (the config refuses the others)
-            log.info("kv_cache=auto: running the image stream live, because backbone_drop_path=true draws stochastic "
-                     "depth on it every step (set backbone_drop_path: false to train from the K/V cache)")
-            return
-        used = 0
-        mode = "disk" if cfg.kv_cache == "auto" else cfg.kv_cache
-        for name, images, split in (("train", self.train_images, self.train_list),
-                                    ("eval", self.eval_images, self.eval_list)):
-            request = CacheRequest(split=split, images=images, image_size=self.image_size,
-                                   interpolation=cfg.interpolation)
-            cache, why = open_kv_cache(self.model, request, mode=mode, dtype=cfg.kv_cache_dtype,
-                                       precision=cfg.precision, max_gb=cfg.kv_cache_max_gb, used_bytes=used,
-                                       cache_dir=cfg.cache_dir,
-                                       device=self.device, batch_size=cfg.eval_batch_size, mean=self.mean,
-                                       std=self.std, autocast=self.accelerator.autocast)
-            if cache is None:
-                log.warning("kv_cache=%s: %s; the %s split runs the live image stream", cfg.kv_cache, why, name)
-                continue
-            used += cache.nbytes
-            setattr(self, f"{name}_kv", cache)
-            log.info("K/V cache %s/%s: %d images, %s %s (%s)%s", cfg.dataset, split.split, len(cache),
-                     format_bytes(cache.nbytes), cfg.kv_cache_dtype, cache.where,
-                     f" at {cache.path}" if cache.path else "")
+        self.deferred = deferred(self.cfg)
+        requests = [(name, CacheRequest(split=split, images=images, image_size=self.image_size,
+                                        interpolation=self.cfg.interpolation))
+                    for name, images, split in (("train", self.train_images, self.train_list),
+                                                ("eval", self.eval_images, self.eval_list))]
+        caches = open_trial_caches(self.model, self.cfg, requests, device=self.device, mean=self.mean, std=self.std,
+                                   autocast=self.accelerator.autocast)
+        self.train_kv, self.eval_kv = caches.get("train"), caches.get("eval")
+
     @property
     def active(self) -> list[_Branch]:
         return [b for b in self.branches if b.status == "running"]
