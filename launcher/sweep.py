@@ -755,35 +755,38 @@ def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]
 
     assumed = False
     built: set[tuple[str, str, str]] = set()  # (dataset, split, cache-relevant config) built once per node
+    per_config: dict[str, tuple[int, list[tuple[str, int, int, bool]], str]] = {}  # pack_key -> counts
 
-    def counts(cfg: Any) -> tuple[int, int]:
-        """(live periodic images, planned images) of one pack of ``cfg``."""
+    def counts(cfg: Any) -> tuple[int, list[tuple[str, int, int, bool]], str]:
+        """(live periodic images, [(split, images, passes, cached)], cache identity) of one pack of ``cfg``;
+        computed once per pack configuration (``planned_cache`` builds the backbone on the meta device)."""
         nonlocal assumed
-        (n_eval, eval_assumed), (n_train, train_assumed) = count_eval_images(cfg), count_train_images(cfg)
-        assumed = assumed or eval_assumed or train_assumed
-        evals = math.ceil(cfg.epochs / max(1, cfg.eval_every)) if cfg.protocol == "paper" else 1
-        live = cfg.epochs * n_train + evals * n_eval
-        plan = planned_cache(cfg, n_train, n_eval)
-        identity = json.dumps([cfg.backbone, dict(cfg.backbone_kwargs), cfg.checkpoint, cfg.image_size,
-                               cfg.kv_cache_dtype, cfg.precision], sort_keys=True, default=str)
-        planned = 0
-        for split, n, passes, cached in (
-                ("train", n_train, cfg.epochs, plan["train_cached"]),
-                ("eval", n_eval, 1 if (cfg.protocol == "paper" and cfg.deferred_eval) else evals,
-                 plan["eval_cached"])):
-            if not cached:
-                planned += passes * n
-            elif (cfg.dataset, split, identity) not in built:
-                built.add((cfg.dataset, split, identity))
-                planned += n
-        return live, planned
+        key = pack_key(cfg)
+        if key not in per_config:
+            (n_eval, eval_assumed), (n_train, train_assumed) = count_eval_images(cfg), count_train_images(cfg)
+            assumed = assumed or eval_assumed or train_assumed
+            evals = math.ceil(cfg.epochs / max(1, cfg.eval_every)) if cfg.protocol == "paper" else 1
+            plan = planned_cache(cfg, n_train, n_eval)
+            eval_passes = 1 if (cfg.protocol == "paper" and cfg.deferred_eval) else evals
+            identity = json.dumps([cfg.backbone, dict(cfg.backbone_kwargs), cfg.checkpoint, cfg.image_size,
+                                   cfg.kv_cache_dtype, cfg.precision], sort_keys=True, default=str)
+            per_config[key] = (cfg.epochs * n_train + evals * n_eval,
+                               [("train", n_train, cfg.epochs, plan["train_cached"]),
+                                ("eval", n_eval, eval_passes, plan["eval_cached"])], identity)
+        return per_config[key]
 
     unpacked = packed = planned = 0
     for p in packs_of(trials):
-        live, pack_planned = counts(p[0].config)
+        cfg = p[0].config
+        live, splits, identity = counts(cfg)
         unpacked += live * len(p)
         packed += live
-        planned += pack_planned
+        for split, n, passes, cached in splits:
+            if not cached:
+                planned += passes * n
+            elif (cfg.dataset, split, identity) not in built:  # a cached split passes once per dataset and node
+                built.add((cfg.dataset, split, identity))
+                planned += n
     return {"planned": planned, "unpacked": unpacked, "packed": packed, "assumed": int(assumed)}
 
 
