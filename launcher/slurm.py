@@ -105,7 +105,7 @@ def submit_array(
     sbatch_args: str = "",
 ) -> int:
     """Submit slurm/vtab_array.sh over the plan (0..n-1 % concurrency) + a dependent aggregate job."""
-    from launcher.sweep import validate, write_plan
+    from launcher.sweep import validate
 
     sweep, trials = _plan(sweep_file, overrides, prepare=False)
     if not sweep.demo_assets:  # a demo sweep's data and weights are made by its first task
@@ -124,9 +124,12 @@ def submit_array(
         print(shlex.join(second).replace(shlex.quote("--dependency=afterany:<ARRAY_JOB_ID>"),
                                          "--dependency=afterany:$ARRAY_JOB_ID"))
         return 0
-    if not (sweep.sweep_dir / rundir.PLAN).is_file():
-        write_plan(sweep, trials, False)  # `synqt status` and the aggregate read it
     array_id = _sbatch(first)
+    # the sweep folder's first write, once the array is queued (a refused sbatch leaves nothing behind): what
+    # the array runs, for `synqt status` and the aggregate; a resubmission with changed keys rewrites it
+    from launcher.commands import write_sweep_files
+
+    write_sweep_files(sweep, trials, resume=(sweep.sweep_dir / rundir.PLAN).is_file())
     _, second = array_commands(
         sweep_file, overrides, n_trials=len(trials), sweep_dir=sweep.sweep_dir,
         concurrency=concurrency, sbatch_args=sbatch_args, array_job_id=array_id,

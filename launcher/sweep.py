@@ -656,12 +656,33 @@ def prepare_demo_assets(sweep: Sweep) -> None:
     sweep.checkpoint = sweep.checkpoint or str(Path(ckpt).absolute())
 
 
-def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
-    """Refuse a sweep before any Ray resource: data folders + list files, checkpoint, resources, precision."""
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def validate(sweep: Sweep, trials: list[PlannedTrial], *, in_process: bool = False) -> None:
+    """Refuse a sweep before any Ray resource and before its first write: data folders + list files (also
+    stage 2's), checkpoint file, device and precision against the GPUs the trials will get (``in_process``:
+    the trials run in this process, ``--sequential``, and see this machine's GPUs). Raises ConfigError /
+    DataError naming the key, file or dataset."""
     from synqt.ckptfile import check_file
     from synqt.config import splits_for
     from synqt.data import validate_dataset
 
+    # Ray hides every GPU from a trial that asked for none; in this process (--sequential) the trials see this
+    # machine's GPUs
+    no_gpu = not _has_cuda() if in_process else sweep.resources["gpus"] == 0
+    if no_gpu:
+        where = "this machine has no CUDA GPU" if in_process else "resources.gpus is 0, so no trial gets one"
+        for t in trials:
+            for key, value in (("device", "cuda"), ("precision", "fp16")):
+                if getattr(t.config, key) == value:
+                    raise ConfigError(
+                        f"{sweep.source}: dataset {t.dataset!r}: {key}={value} needs a GPU, but {where}; "
+                        + ("" if in_process else "set resources.gpus (e.g. resources.gpus=1) or ")
+                        + ("device=auto" if key == "device" else "precision=bf16 or precision=no"))
     if _trial_device(sweep) == "cpu" and any(t.config.precision == "bf16" for t in trials):
         from synqt.precision import check_precision
 
@@ -669,8 +690,7 @@ def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
 
     seen: set[tuple] = set()
     checked: set[str] = set()
-    for t in trials:
-        cfg = t.config
+    for t, cfg in _with_stage2(sweep, trials):
         if not cfg.data_root:
             raise ConfigError(
                 f"{sweep.source}: no data_root for dataset {t.dataset!r} (set data_root=... "
@@ -700,6 +720,16 @@ def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
                 )
             check_file(Path(cfg.checkpoint))  # a cut-off download or an HTML page: refused before Ray
             checked.add(cfg.checkpoint)
+
+
+def _with_stage2(sweep: Sweep, trials: list[PlannedTrial]) -> list[tuple[PlannedTrial, Any]]:
+    """(trial, config) pairs to validate: each trial, and for a vtab stage-1 trial also the config its dataset's
+    stage 2 will have (train800val200 + test): a missing test list must refuse the sweep now, not after
+    stage 1 has run."""
+    out = [(t, t.config) for t in trials]
+    if sweep.protocol == "vtab":
+        out += [(t, dataclasses.replace(t.config, stage="final")) for t in trials if t.stage == "search"]
+    return out
 
 
 def _split_size(cfg: Any, split: str) -> tuple[int, bool]:
@@ -847,10 +877,17 @@ def plan_dict(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) ->
     }
 
 
+def sweep_yaml_text(sweep: Sweep) -> str:
+    """The resolved sweep (every key, after overrides) as ``sweep.yaml`` holds it."""
+    return yaml.safe_dump(sweep.to_dict(), sort_keys=False)
+
+
 def write_plan(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) -> Path:
+    """Write ``sweep.yaml`` and ``plan.json`` (creating the sweep folder). Callers write only after every check
+    passed (``launcher.commands.write_sweep_files``, the SLURM array once its array job is queued)."""
     d = sweep.sweep_dir
     d.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(d / rundir.SWEEP, yaml.safe_dump(sweep.to_dict(), sort_keys=False))
+    atomic_write_text(d / rundir.SWEEP, sweep_yaml_text(sweep))
     return atomic_write_json(d / rundir.PLAN, plan_dict(sweep, trials, stage2_pending))
 
 
