@@ -36,14 +36,25 @@ def _stage2_pending(sweep: Sweep, stage: str) -> bool:
     return sweep.protocol == "vtab" and stage == "search"
 
 
-def dry_run_plan(sweep_file: str, overrides: list[str], *, as_json: bool = False) -> str:
-    """The plan of `synqt sweep FILE --dry-run` as text (or JSON); starts nothing, writes nothing."""
+def dry_run_plan(sweep_file: str, overrides: list[str], *, as_json: bool = False,
+                 sequential: bool = False) -> tuple[str, str | None]:
+    """(the plan of `synqt sweep FILE --dry-run` as text or JSON, why the sweep would be refused or None);
+    starts nothing, writes nothing. What is not set yet (data_root, checkpoint) is no refusal: a plan is
+    previewed before the data and weights are in place (``validate(preview=True)``)."""
+    from synqt.errors import SynQTError
+
     sweep = load_sweep(sweep_file, overrides)
     trials = plan_trials(sweep)
+    try:
+        validate(sweep, trials, in_process=sequential, preview=True)
+        refused = None
+    except SynQTError as err:
+        refused = str(err)
     if as_json:
         stage = trials[0].stage if trials else "final"
-        return json.dumps(plan_dict(sweep, trials, _stage2_pending(sweep, stage)), indent=2, default=str)
-    return dry_run_text(sweep, trials)
+        d = plan_dict(sweep, trials, _stage2_pending(sweep, stage)) | {"refused": refused}
+        return json.dumps(d, indent=2, default=str), refused
+    return dry_run_text(sweep, trials), refused
 
 
 def run_sweep_command(
@@ -65,8 +76,14 @@ def run_sweep_command(
         raise ConfigError(f"{sweep.source}: asha needs Ray Tune's scheduler; --sequential runs every trial to its "
                           "end (remove the asha section or run without --sequential)")
     if dry_run:
-        print(dry_run_plan(sweep_file, overrides, as_json=as_json))
-        return 0
+        text, refused = dry_run_plan(sweep_file, overrides, as_json=as_json, sequential=sequential)
+        print(text, flush=True)
+        if refused is not None:  # the plan is shown, and the exit status says the sweep would not start
+            import sys
+
+            print(f"synqt sweep: --dry-run: this sweep would be refused: {refused}", file=sys.stderr, flush=True)
+            return Exit.BAD_INPUT
+        return Exit.OK
     prepare_demo_assets(sweep)
     trials = plan_trials(sweep)
     validate(sweep, trials, in_process=sequential)  # data (both stages' splits), checkpoint, device: reads only

@@ -456,6 +456,11 @@ def run_bench(overrides: Sequence[str] = (), *, steps: int = 3, modes: Sequence[
         raise ConfigError(f"--pack must be >= 1, got {pack}")
     if loader and not (data_root and dataset):
         raise ConfigError("--loader needs --data-root and --dataset")
+    if loader:  # checked now, not after minutes of model timings
+        from synqt.config import splits_for
+        from synqt.data import validate_dataset
+
+        validate_dataset(data_root, dataset, [splits_for(cfg)[0]], cfg.num_classes, layout=cfg.layout)
     device = _device(cfg)
     from synqt.precision import check_precision, describe
 

@@ -6,6 +6,9 @@ a resume with changed keys rewriting sweep.yaml / plan.json: tests/test_sweep_re
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,49 @@ def test_other_refusals_leave_no_sweep_folder(assets, tmp_path, extra, says, cap
     err = capsys.readouterr().err
     assert code == 2 and says in err, err
     assert _nothing_under(storage / "ci") == []
+
+
+# ------------------------------------------------------------------ a file option is checked first (item 5)
+
+
+def test_eval_names_missing_weights_first(tmp_path, capsys):
+    """d5b98fd: `synqt eval --weights missing.safetensors` said "data_root is empty"."""
+    missing = tmp_path / "missing.safetensors"
+    assert main(["eval", "--weights", str(missing)]) == 2
+    assert f"--weights {missing}: file not found" in capsys.readouterr().err
+    assert main(["eval", "--weights", str(missing), "--official", "--dataset", "cifar", "--data-root",
+                 str(tmp_path / "nodata"), "--checkpoint", "random"]) == 2
+    assert f"--weights {missing}: file not found" in capsys.readouterr().err
+
+
+def test_train_names_a_missing_checkpoint_before_the_data(assets, tmp_path, capsys):
+    missing = tmp_path / "ViT-B_16.npz"
+    for how in (["--checkpoint", str(missing)], [f"checkpoint={missing}"]):
+        assert main(["train", "--dataset", TASK, "--data-root", str(tmp_path / "nodata"), "--out",
+                     str(tmp_path / "run"), *how]) == 2
+        assert f"{missing}: file not found" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sweep_names_a_missing_checkpoint_before_building_demo_assets(tmp_path):
+    """ci.yaml has demo_assets: true; d5b98fd pre-trained the demo backbone for minutes, then refused the path."""
+    env = {**os.environ, "SYNQT_DEMO_DIR": str(tmp_path / "demo-cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "sweep", str(CI), f"storage_path={tmp_path}",
+                           f"checkpoint={tmp_path / 'none.npz'}", "--sequential"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "none.npz" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "demo-cache" / "vit_tiny_demo.safetensors").exists()
+    assert not (tmp_path / "ci").exists()
+
+
+def test_bench_loader_checks_its_data_root_before_timing(tmp_path, capsys):
+    """d5b98fd timed every model for minutes before it read --data-root."""
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "bench", "--loader", "--data-root",
+                           str(tmp_path / "nodata"), "--dataset", "cifar", "--steps", "1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and str(tmp_path / "nodata") in proc.stderr, proc.stderr[-2000:]
+
+
+def test_compare_names_a_missing_source(tmp_path, capsys):
+    assert main(["compare", str(tmp_path / "published.csv"), str(tmp_path)]) == 2
+    assert f"{tmp_path / 'published.csv'}: file or folder not found" in capsys.readouterr().err
