@@ -173,6 +173,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not args.official:  # an official state dict holds the backbone too
         _require_files([("checkpoint", cfg.checkpoint)])
     result = evaluate_checkpoint(cfg, args.weights, split=args.split, official=args.official, out=args.out)
+    from synqt.threads import ThreadChoice
+
+    print(f"synqt eval: {ThreadChoice(**result['threads']).line()}")
     print(f"{cfg.dataset} {args.split}: {result['acc']:.2f}% ({result['images']} images)")
     return Exit.OK
 

@@ -135,8 +135,10 @@ def pack_trainable(
         if hook is not None:
             hook(payload)
 
+    # the CPUs Ray gave this trial decide its thread count (synqt.threads; torch would take every core)
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     results = run_pack(
-        cfgs, run_dirs, resume=True, backbone=backbone, report=report, hparams=pack.get("hparams")
+        cfgs, run_dirs, resume=True, backbone=backbone, report=report, hparams=pack.get("hparams"), cpus=cpus
     )
     tune.report(_final_report(results))
 

@@ -707,7 +707,9 @@ def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, ret
         if not cfg.dataset or not cfg.data_root:
             raise ConfigError("dataset and data_root must be set (e.g. --dataset cifar --data-root /data/vtab-1k)")
         validate_dataset(cfg.data_root, cfg.dataset, list(splits_for(cfg)), cfg.num_classes, layout=cfg.layout)
-    threads = max(1, (os.cpu_count() or 1) // nprocs)
+    from synqt.threads import choose_threads
+
+    threads = max(1, choose_threads().threads // nprocs)  # the process's CPUs (synqt.threads), shared by the ranks
     for attempt in range(retries + 1):
         try:
             mp.spawn(_spawn_entry, args=(nprocs, _free_port(), config_to_dict(cfg), str(run_dir), threads),

@@ -78,7 +78,7 @@ class TrialRecipe:
 
     def __init__(self, cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, resume: bool = True,
                  backbone: torch.nn.Module | None = None, report: Callable[[dict], None] | None = None,
-                 hparams: Sequence[dict] | None = None) -> None:
+                 hparams: Sequence[dict] | None = None, cpus: float | None = None) -> None:
         if not cfgs or len(cfgs) != len(run_dirs):
             raise ConfigError(
                 f"a pack needs one run directory per config (got {len(cfgs)} configs, {len(run_dirs)} dirs)")
@@ -96,11 +96,16 @@ class TrialRecipe:
             for i, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True))
         ]
         self.start_time = time.time()
+        self.cpus = cpus  # the CPUs Ray assigned (None elsewhere): synqt.threads decides the thread count
+        self.threads = None
         self.train_split, self.eval_split = splits_for(self.cfg)
         self.train_list = self.eval_list = self.image_size = self.images_per_s = None
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
+        from synqt.threads import configure_threads
+
+        self.threads = configure_threads(self.cpus)
         self.device = self._device()
         self.accelerator = self._accelerator()
         self.device = self.accelerator.device
@@ -283,7 +288,8 @@ class TrialRecipe:
         images_seen, train_seconds = 0, 0.0
         total_steps = cfg.epochs * self.steps_per_epoch
         progress.emit(progress.TrainStart(tuple(b.run_name for b in self.active), cfg.epochs, self.steps_per_epoch,
-                                          start_epoch * self.steps_per_epoch))
+                                          start_epoch * self.steps_per_epoch,
+                                          self.threads.line() if self.threads is not None else ""))
         for epoch in range(start_epoch, cfg.epochs):
             # branches ahead of the others (resumed from a later checkpoint) sit this epoch out
             training = [b for b in self.active if b.epochs_done <= epoch]
@@ -436,7 +442,8 @@ class TrialRecipe:
         peak, peak_kind = device_peak_memory(self.device)
         identity = self._backbone.synqt_identity if hasattr(self, "_backbone") else {}
         data = RunData(self.train_split, self.eval_split, self.start_time, self.train_list, self.eval_list,
-                       self.image_size, self.images_per_s)
+                       self.image_size, self.images_per_s,
+                       self.threads.as_dict() if self.threads is not None else None)
         return trial_metrics(b, data, peak=peak, peak_kind=peak_kind, identity=identity,
                              packed_with=len(self.branches))
 
@@ -483,9 +490,11 @@ class TrialRecipe:
 
 def train_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, resume: bool = True,
                backbone: torch.nn.Module | None = None, report: Callable[[dict], None] | None = None,
-               hparams: Sequence[dict] | None = None) -> list[dict]:
-    """Train a pack (k >= 1) of trials; returns each branch's metrics dict (also in its metrics.json)."""
-    recipe = TrialRecipe(cfgs, run_dirs, resume=resume, backbone=backbone, report=report, hparams=hparams)
+               hparams: Sequence[dict] | None = None, cpus: float | None = None) -> list[dict]:
+    """Train a pack (k >= 1) of trials; returns each branch's metrics dict (also in its metrics.json).
+    ``cpus``: the CPUs Ray assigned to the trial (``synqt.threads``)."""
+    recipe = TrialRecipe(cfgs, run_dirs, resume=resume, backbone=backbone, report=report, hparams=hparams,
+                         cpus=cpus)
     try:
         recipe.setup()
         recipe.train()
@@ -508,8 +517,10 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
     """Score a trainable-only checkpoint (or an official full state dict) on one split."""
     from synqt.checkpoint import read_state_dict, read_trainable
     from synqt.data import dataset_num_classes, load_images, read_split, to_tensor_batch, validate_dataset
+    from synqt.threads import configure_threads
 
     validate_dataset(cfg.data_root, cfg.dataset, [split], cfg.num_classes, layout=cfg.layout)
+    threads = configure_threads()
     if official:
         state = read_state_dict(weights)
         num_classes = int(state["head.weight"].shape[0])
@@ -544,7 +555,7 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
     acc = 100.0 * correct / max(len(labels), 1)
     result = {"dataset": cfg.dataset, "split": split, "acc": acc, "images": int(len(labels)),
               "weights": str(weights), "official": official, "test_acc" if split == "test" else "val_acc": acc,
-              "warnings": warnings}
+              "warnings": warnings, "threads": threads.as_dict()}
     out_path = Path(out) if out else Path(weights).parent / rundir.EVAL_METRICS
     atomic_write_json(out_path if out_path.suffix == ".json" else out_path / rundir.EVAL_METRICS, result)
     return result
