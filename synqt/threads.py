@@ -7,8 +7,8 @@ that spin against each other then collapse throughput (issue 21: `synqt train` o
 
 Precedence (the first that applies decides):
 
-1. ``OMP_NUM_THREADS`` in the environment: the user's word (inside a Ray worker Ray sets it to the worker's CPUs
-   unless the user did), never changed.
+1. ``OMP_NUM_THREADS`` in the environment: the user's word, never changed (inside a Ray worker, Ray sets it to
+   the trial's CPUs unless the user did: a value equal to them counts as 2).
 2. The CPUs Ray assigned to this trial (``assigned_cpus``: ``launcher.ray_backend`` reads them from
    ``ray.get_runtime_context().get_assigned_resources()`` and passes them down; this module imports no Ray).
 3. ``SLURM_CPUS_PER_TASK`` (a SLURM step's CPUs per task).
@@ -104,10 +104,13 @@ def choose_threads(assigned_cpus: float | None = None, *, environ: Mapping[str, 
     omp = _positive_int(env.get("OMP_NUM_THREADS"))
     slurm = _positive_int(env.get("SLURM_CPUS_PER_TASK"))
     shared = False
-    if omp is not None:
+    ray_cpus = max(1, math.floor(assigned_cpus)) if assigned_cpus is not None and assigned_cpus > 0 else None
+    if omp is not None and omp == ray_cpus:  # Ray sets OMP_NUM_THREADS to the trial's CPUs in its workers
+        threads, source = min(usable, ray_cpus), "ray"
+    elif omp is not None:
         threads, source = omp, "OMP_NUM_THREADS"
-    elif assigned_cpus is not None and assigned_cpus > 0:
-        threads, source = min(usable, max(1, math.floor(assigned_cpus))), "ray"
+    elif ray_cpus is not None:
+        threads, source = min(usable, ray_cpus), "ray"
     elif slurm is not None:
         threads, source = min(usable, slurm), "SLURM_CPUS_PER_TASK"
     else:

@@ -54,6 +54,9 @@ def test_the_precedence_omp_then_ray_then_slurm_then_the_process():
             choose_threads(environ={"OMP_NUM_THREADS": "3"}, load1=quiet).source) == (3, "OMP_NUM_THREADS")
     ray = choose_threads(1.0, environ={"SLURM_CPUS_PER_TASK": "2"}, load1=quiet)
     assert (ray.threads, ray.source) == (1, "ray")
+    # Ray's own OMP_NUM_THREADS (set to the trial's CPUs in its workers) is Ray's grant; another value is the user's
+    assert choose_threads(1.0, environ={"OMP_NUM_THREADS": "1"}, load1=quiet).source == "ray"
+    assert choose_threads(1.0, environ={"OMP_NUM_THREADS": "2"}, load1=quiet).threads == 2
     slurm = choose_threads(environ={"SLURM_CPUS_PER_TASK": "1"}, load1=quiet)
     assert (slurm.threads, slurm.source) == (1, "SLURM_CPUS_PER_TASK")
     assert "SLURM_CPUS_PER_TASK" in slurm.line()
