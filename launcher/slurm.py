@@ -111,7 +111,7 @@ def submit_array(
     if not sweep.demo_assets:  # a demo sweep's data and weights are made by its first task
         # the same pre-flight as `synqt sweep`: a missing data folder or a checkpoint that is no weights file
         # would otherwise queue an array whose every task fails
-        validate(sweep, trials)
+        validate(sweep, trials, check_gpus=False)  # the array's GPUs come from its sbatch arguments
     if concurrency is None:
         concurrency = sweep.max_concurrent
     first, second = array_commands(

@@ -667,14 +667,16 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def validate(sweep: Sweep, trials: list[PlannedTrial], *, in_process: bool = False, preview: bool = False) -> None:
+def validate(sweep: Sweep, trials: list[PlannedTrial], *, in_process: bool = False, preview: bool = False,
+             check_gpus: bool = True) -> None:
     """Refuse a sweep before any Ray resource and before its first write: checkpoint file, data folders + list
     files (also stage 2's), device and precision against the GPUs the trials will get (``in_process``: the
     trials run in this process, ``--sequential``, and see this machine's GPUs). Raises ConfigError /
     DataError naming the key, file or dataset.
 
     ``preview`` (``--dry-run``): what is not set yet (data_root, checkpoint) is not refused, what is set and
-    wrong is; without data_root a dataset name that is no known task but close to one is refused (a typo)."""
+    wrong is; without data_root a dataset name that is no known task but close to one is refused (a typo).
+    ``check_gpus=False``: the trials' GPUs are not known here (a SLURM array: its sbatch arguments give them)."""
     from synqt.ckptfile import check_file
     from synqt.config import splits_for
     from synqt.data import validate_dataset
@@ -682,7 +684,7 @@ def validate(sweep: Sweep, trials: list[PlannedTrial], *, in_process: bool = Fal
     # Ray hides every GPU from a trial that asked for none; in this process (--sequential) the trials see this
     # machine's GPUs
     no_gpu = not _has_cuda() if in_process else sweep.resources["gpus"] == 0
-    if no_gpu:
+    if no_gpu and check_gpus:
         where = "this machine has no CUDA GPU" if in_process else "resources.gpus is 0, so no trial gets one"
         for t in trials:
             for key, value in (("device", "cuda"), ("precision", "fp16")):
