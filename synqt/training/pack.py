@@ -185,21 +185,24 @@ class TrialRecipe:
             modules.append(module)
             if self.resume:
                 self._load_resume(branch)
-            branch.status = "running"
-            save_config(branch.cfg, branch.run_dir / rundir.CONFIG)
+            branch.status = "starting"
         self.model = PackedSynQT(self._backbone, modules, drop_path_rate=cfg.drop_path_rate,
                                  backbone_drop_path=cfg.backbone_drop_path, memory_mode=cfg.memory_mode)
         self.model.to(self.device)
         self.model.image_generator = torch.Generator(device=self.device)
-        prepared = self.accelerator.prepare(*[b.optimizer for b in self.active])
+        starting = [b for b in self.branches if b.status == "starting"]
+        prepared = self.accelerator.prepare(*[b.optimizer for b in starting])
         prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
-        for branch, opt in zip(self.active, prepared, strict=True):
+        for branch, opt in zip(starting, prepared, strict=True):
             branch.optimizer = opt
+        self._setup_kv_cache()
+        # the run directories' first write, once every check of setup passed: a refused trial leaves none behind
         from torch.utils.tensorboard import SummaryWriter
 
-        for branch in self.active:
+        for branch in starting:
+            branch.status = "running"
+            save_config(branch.cfg, branch.run_dir / rundir.CONFIG)
             branch.writer = SummaryWriter(log_dir=str(branch.run_dir))
-        self._setup_kv_cache()
 
     def _setup_kv_cache(self) -> None:
         """Open (building once per node) the K/V caches of the train and eval splits, or say once why not."""
