@@ -839,8 +839,8 @@ def check_datasets(root: str | Path, names: Sequence[str] | None = None, layout:
         found_leaks = 0
         if read:
             rep = split_leaks(root_p, name, lay, content=content, splits=read)
-            how = (f"by file and by pixels: {rep.hashed} images decoded and hashed in {rep.seconds:.1f} s "
-                   f"({rep.from_cache} from the pixel-hash cache)" if content else "by file only (--paths-only)")
+            how = (f"by file and by pixels: {rep.hashed} image files in {rep.seconds:.1f} s ({rep.from_cache} "
+                   "hashes from the pixel-hash cache)" if content else "by file only (--paths-only)")
             say(f"  split leaks checked {how}")
             if not decode:  # with --decode the loop above reported them already
                 problems += [f"unreadable: {u}" for u in rep.unreadable[:10]]

@@ -16,7 +16,7 @@ all name one file) or, with ``content=True``, when their decoded pixels are equa
 or copied file, or a lossless re-encode (PNG re-saved, PNG <-> BMP/TIFF/lossless WebP, grayscale saved as RGB)
 is found. A lossy re-encode (JPEG saved again, PNG -> JPEG) changes the pixels and is NOT found.
 
-Pixel hashes are cached per file (path, size, modification time) under the decoded-image cache folder
+Pixel hashes are cached per file (path, size, modification and change times, inode) under the decoded-image cache folder
 (``synqt.data.default_cache_dir() / pixel-hashes``), so a second check of the same data costs a ``stat`` per file.
 """
 
@@ -40,7 +40,7 @@ from synqt.listfiles import same_file, show_path
 log = logging.getLogger(__name__)
 
 # Bump when pixel_hash changes: cached hashes of the old kind are then ignored.
-PIXEL_HASH_VERSION = 1
+PIXEL_HASH_VERSION = 1  # also the cache file's format
 HASH_CACHE_DIR = "pixel-hashes"
 EVAL_SPLIT = "test"
 # split -> the split it must not share an image with besides test (selection on the first, training on the second)
@@ -134,7 +134,8 @@ class LeakReport:
 
 
 class _HashCache:
-    """Pixel hashes of one dataset folder keyed by file and (size, mtime_ns): a changed file is hashed again."""
+    """Pixel hashes of one dataset folder keyed by file and (size, mtime, inode, ctime): a changed file is hashed
+    again."""
 
     def __init__(self, folder: Path | None, name: str) -> None:
         self.file = folder / HASH_CACHE_DIR / f"{name}.json" if folder is not None else None
@@ -151,7 +152,7 @@ class _HashCache:
 
     def get(self, key: str, stamp: list[int]) -> str | None:
         hit = self.entries.get(key)
-        return hit[2] if isinstance(hit, list) and len(hit) == 3 and hit[:2] == stamp else None
+        return hit[-1] if isinstance(hit, list) and hit[:-1] == stamp else None
 
     def put(self, key: str, stamp: list[int], digest: str) -> None:
         self.entries[key] = [*stamp, digest]
@@ -177,7 +178,8 @@ def _hash_files(keys: Sequence[str], cache: _HashCache, workers: int) -> tuple[d
             st = Path(key).stat()
         except OSError:
             continue  # missing: `data check` reports it as a missing file
-        stamp = [st.st_size, st.st_mtime_ns]
+        # a changed or replaced file (rewritten, renamed over, re-linked) differs in one of these
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
         hit = cache.get(key, stamp)
         if hit is not None:
             hashes[key] = hit

@@ -48,6 +48,7 @@ def make_dataset(root: Path, name: str, layout: str, lists: dict[str, list[str]]
     """``n_images`` distinct random images ``img/NNN.png`` and the list files ``lists`` (list -> listed paths,
     labels 0/1 alternating) in ``layout``: vtab_json / fgvc_json paths relative to images/, vtab_txt to the
     dataset folder."""
+    layout = layout.split("-")[0]
     ds = root / name
     base = ds / BASE[layout]
     for i in range(n_images):
@@ -76,7 +77,13 @@ def noah(prefix: str = "img/") -> dict[str, list[str]]:
     return {"train800": t, "val200": v, "train800val200": t + v, "test": imgs(range(16, 26), prefix)}
 
 
+LAYOUTS = ["vtab_json", "vtab_txt", "vtab_txt-derived", "fgvc_json"]
+
+
 def clean_lists(layout: str) -> dict[str, list[str]]:
+    """Disjoint splits in ``layout``; ``vtab_txt-derived``: train800.txt + val200.txt, train800val200 derived."""
+    if layout == "vtab_txt-derived":
+        return {k: v for k, v in noah().items() if k != "train800val200"}
     if layout == "vtab_json":  # only train800val200 + test: train800 / val200 derived (first 80 % / rest)
         return {"train800val200": imgs(range(0, 15)), "test": imgs(range(15, 25))}
     if layout == "fgvc_json":
@@ -99,7 +106,7 @@ def leak_count(out: str, pattern: str) -> int:
     return int(m.group(1))
 
 
-@pytest.mark.parametrize("layout", ["vtab_json", "vtab_txt", "fgvc_json"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_clean_dataset_is_all_ok_and_train800val200_overlap_is_by_design(tmp_path, capsys, layout):
     make_dataset(tmp_path, "clean", layout, clean_lists(layout))
     code, out = check(tmp_path, "clean", "--strict", capsys=capsys)
@@ -112,7 +119,7 @@ def test_clean_dataset_is_all_ok_and_train800val200_overlap_is_by_design(tmp_pat
         assert code == 0 and out.rstrip().endswith("all OK"), out
 
 
-@pytest.mark.parametrize("layout", ["vtab_json", "vtab_txt", "fgvc_json"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_test_image_also_in_train800val200(tmp_path, capsys, layout):
     # the 10 test images are the first 10 training images (train800val200 holds train800 + val200)
     lists = clean_lists(layout)
@@ -136,6 +143,7 @@ SPELLINGS = {
     "dotdot": lambda ds, layout, rel: rel.replace("img/", "img/../img/"),
     "absolute": lambda ds, layout, rel: str((ds / BASE[layout] / rel).absolute()),
     "symlink": lambda ds, layout, rel: rel.replace("img/", "link/"),
+    "backslash": lambda ds, layout, rel: rel.replace("/", "\\"),  # a list written on Windows
 }
 
 
@@ -145,7 +153,7 @@ SPELLINGS = {
 def test_one_image_named_twice_in_a_list(tmp_path, capsys, layout, spelling):
     ds = tmp_path / "twice"
     (ds / BASE[layout]).mkdir(parents=True)
-    os.symlink("img", ds / BASE[layout] / "link")
+    os.symlink("img", ds / BASE[layout] / "link")  # link/NNN.png is img/NNN.png
     lists = clean_lists(layout)
     test = list(lists["test"])
     lists["test"] = [*test, SPELLINGS[spelling](ds, layout, test[3])]  # test[3] listed a second time
@@ -193,13 +201,16 @@ def test_renamed_and_losslessly_reencoded_copies_found_by_pixels(tmp_path, capsy
     for test_i, train_i, fmt, kw in copies:
         _save(ds / f"img/{test_i:03d}.png", _pixels(train_i), fmt, **kw)
     assert (ds / "img/017.png").read_bytes() != (ds / "img/007.png").read_bytes()
+    # a hard link under a test name
+    os.remove(ds / "img/020.png")
+    os.link(ds / "img/004.png", ds / "img/020.png")
     # a grayscale image saved as L and as RGB is one image to the loader (convert("RGB"))
     gray = np.random.default_rng(7).integers(0, 256, (12, 12), dtype=np.uint8)
     Image.fromarray(gray, mode="L").save(ds / "img/019.png")
     Image.fromarray(np.stack([gray] * 3, axis=-1)).save(ds / "img/011.png")
     code, out = check(tmp_path, "copies", capsys=capsys)
     assert code == 0, out
-    assert leak_count(out, r"test images also in") == len(copies) + 1, out  # a stale cached hash would miss them
+    assert leak_count(out, r"test images also in") == len(copies) + 2, out  # a stale cached hash would miss them
     assert "found by pixels only" in out
     # by path alone the copies are different files
     code, out = check(tmp_path, "copies", "--paths-only", capsys=capsys)
