@@ -719,8 +719,8 @@ def check_split_leaks(sweep: Sweep, folders: dict[tuple[str, str, str], str]) ->
 
     if not folders:
         return
-    log.info("checking %d dataset(s) for split leaks (duplicates, test or val200 images in training splits; "
-             "pixel hashes are cached, `synqt data check` shows examples) ...", len(folders))
+    log.info("checking %d dataset(s) for split leaks (by file and by decoded pixels; pixel hashes are cached) ...",
+             len(folders))
     leaky = []
     for (root, folder, layout), name in folders.items():
         report = split_leaks(root, folder, layout)

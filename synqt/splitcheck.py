@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +79,21 @@ class Finding:
     what: str  # "test images also in train800val200", "images listed more than once in train800"
     groups: list[list[Entry]]
     by_pixels: int  # groups found only by their pixels (different files)
+    lead: str = ""  # the split the finding is about (test, val200, the split with duplicates)
+    other: tuple[str, ...] = ()  # the splits it overlaps (empty for duplicates)
+
+    def example(self, g: list[Entry]) -> list[list[Entry]]:
+        """One group as files (each with its entries), put so that a short example shows both sides: a lead
+        entry first, then one from the other side, then the rest (lead entries first)."""
+        def side(e: Entry) -> int:
+            return 0 if self.lead in e.splits else 1 if any(s in e.splits for s in self.other) else 2
+
+        front = [e for e in (next((e for e in g if side(e) == k), None) for k in (0, 1)) if e is not None]
+        order = front + sorted((e for e in g if not any(e is x for x in front)), key=side)
+        files: dict[str, list[Entry]] = {}
+        for e in order:
+            files.setdefault(same_file(e.path), []).append(e)
+        return list(files.values())
 
     @property
     def count(self) -> int:
@@ -123,11 +138,8 @@ class LeakReport:
             pix = f" ({f.by_pixels} found by pixels only: different files, same image)" if f.by_pixels else ""
             out.append(f"{f.count} {f.what}{pix}")
             for g in f.groups[:examples]:
-                files: dict[str, list[Entry]] = {}
-                for e in g:
-                    files.setdefault(same_file(e.path), []).append(e)
-                out.append("    e.g. " + " = ".join(
-                    f"{self._show(es[0].path)} ({', '.join(e.source for e in es)})" for es in files.values()))
+                shown = [f"{self._show(es[0].path)} ({_first(e.source for e in es)})" for es in f.example(g)]
+                out.append("    e.g. " + " = ".join(shown[:EXAMPLES]) + _more(len(shown) - EXAMPLES, "file", "files"))
             if f.count > examples:
                 out.append(f"    ... and {f.count - examples} more")
         return out
@@ -206,6 +218,15 @@ def _hash_files(keys: Sequence[str], cache: _HashCache, workers: int) -> tuple[d
     return hashes, errors, from_cache
 
 
+def _first(items: Iterable[str], n: int = EXAMPLES) -> str:
+    items = list(items)
+    return ", ".join(items[:n]) + _more(len(items) - n, "entry", "entries")
+
+
+def _more(n: int, one: str, many: str) -> str:
+    return f" and {n} more {one if n == 1 else many}" if n > 0 else ""
+
+
 def _plural(n: int, one: str, many: str) -> str:
     return one if n == 1 else many
 
@@ -255,10 +276,9 @@ def find_leaks(dataset: str, splits: Mapping[str, Sequence[tuple[str, Path]]], *
     def count(g: list[Entry], split: str) -> int:
         return sum(split in e.splits for e in g)
 
-    def finding(what: str, hits: list[list[Entry]], lead: str, by_pixels: int) -> None:
-        if hits:  # examples start with the entries of the split the finding is about
-            shown = [sorted(g, key=lambda e: lead not in e.splits) for g in hits]
-            report.findings.append(Finding(what, shown, by_pixels))
+    def finding(what: str, hits: list[list[Entry]], lead: str, by_pixels: int, other: Sequence[str] = ()) -> None:
+        if hits:
+            report.findings.append(Finding(what, hits, by_pixels, lead, tuple(other)))
 
     present = list(splits)
     if EVAL_SPLIT in present:
@@ -267,12 +287,12 @@ def find_leaks(dataset: str, splits: Mapping[str, Sequence[tuple[str, Path]]], *
         where = sorted({s for g in hits for e in g for s in e.splits if s != EVAL_SPLIT}, key=present.index)
         pix = sum(not files(g, [EVAL_SPLIT]) & files(g, others) for g in hits)
         finding(f"{_plural(len(hits), 'test image', 'test images')} also in {' / '.join(where)}", hits,
-                EVAL_SPLIT, pix)
+                EVAL_SPLIT, pix, others)
     for val, train in VAL_PAIRS.items():
         if val in present and train in present:
             hits = [g for g in groups if count(g, val) and count(g, train)]
             pix = sum(not files(g, [val]) & files(g, [train]) for g in hits)
-            finding(f"{val} {_plural(len(hits), 'image', 'images')} also in {train}", hits, val, pix)
+            finding(f"{val} {_plural(len(hits), 'image', 'images')} also in {train}", hits, val, pix, [train])
     for split in present:
         hits = [g for g in groups if count(g, split) > 1]
         pix = sum(len(files(g, [split])) == count(g, split) for g in hits)  # no two of its entries share a file
