@@ -137,3 +137,6 @@ def test_ray_resume_with_an_added_grid_point_runs_it_in_its_own_trial(assets, tm
     assert {k: after[k] for k in before} == before
     assert "no metrics.json was written" not in proc.stdout + proc.stderr
     assert "1 new" in proc.stdout
+    # each Ray trial took its thread count from the CPUs Ray assigned it (resources.cpus 1; issue 21 item 3)
+    assert {(m["provenance"]["threads"]["source"], m["provenance"]["threads"]["threads"])
+            for m in (_metrics(sweep, n) for n in (A, B, C))} == {("ray", 1)}
