@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -27,6 +28,8 @@ from synqt.config import TAGS, Schema, pack_key, setting
 from synqt.errors import ConfigError, DataError
 from synqt.fileio import atomic_write_json, atomic_write_text
 from synqt.resources import shipped_config_dir
+
+log = logging.getLogger(__name__)
 
 # The shipped sweeps (synqt/configs/sweeps inside the installed package; `configs/sweeps` in a checkout).
 SWEEP_DIR = shipped_config_dir() / "sweeps"
@@ -551,9 +554,26 @@ def stage1_unfinished(sweep: Sweep, trials: list[PlannedTrial] | None = None) ->
             done = bool(sweep.asha)
         else:
             done = rec.state == "done" or (rec.state == "failed" and DIVERGED in str(rec.error or ""))
+            done = done and _same_trial(rec, t)
         if not done:
             out.setdefault(t.dataset, []).append(t.run_name)
     return out
+
+
+def _same_trial(rec: rundir.RunRecord, t: PlannedTrial) -> bool:
+    """True when the run directory's result is the planned trial's (``synqt.rundir.trial_identity``: every key
+    that can change a result, the checkpoint by content); a run recorded with another config is another trial
+    and never selects a point."""
+    recorded = rec.config_identity()
+    if recorded is None:  # no recorded config (an old metrics.json): its name is all there is to go by
+        return True
+    from synqt.config import config_to_dict
+
+    same = recorded == rundir.trial_identity(config_to_dict(t.config))
+    if not same:
+        log.warning("%s holds a result of another configuration than the planned trial %s; it is not counted as "
+                    "this trial's result", rec.dir, t.run_name)
+    return same
 
 
 def select_best(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> dict[str, dict[str, Any]]:

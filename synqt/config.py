@@ -141,6 +141,10 @@ PACK_KEYS: tuple[str, ...] = tuple(k for k, f in _FIELDS.items() if f.metadata["
 HPARAM_KEYS: tuple[str, ...] = tuple(k for k, f in _FIELDS.items() if f.metadata["hparam"])
 # keys that cannot change a run's numbers: the only ones a resume may change (synqt.compat)
 RESULT_NEUTRAL_KEYS: frozenset[str] = frozenset(k for k, f in _FIELDS.items() if not f.metadata["result"])
+# Every key that can change a run's result: a trial's identity. The ONE list that the resume check
+# (synqt.compat.config_changes), the duplicate rule (synqt.rundir.trial_identity) and the table's rows
+# (launcher.aggregate) compare; the backbone checkpoint is compared by content (synqt.rundir).
+RESULT_KEYS: tuple[str, ...] = tuple(k for k in CONFIG_KEYS if k not in RESULT_NEUTRAL_KEYS)
 TAGS: dict[str, str] = {k: f.metadata["tag"] or k.replace("_", "") for k, f in _FIELDS.items()}
 LABELS: dict[str, str] = {k: f.metadata["label"] or k for k, f in _FIELDS.items()}
 CHOICES: dict[str, tuple[str, ...]] = {k: f.metadata["choices"] for k, f in _FIELDS.items() if f.metadata["choices"]}
