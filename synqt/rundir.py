@@ -331,11 +331,11 @@ def resolve_duplicates(records: Iterable[RunRecord]) -> list[tuple[RunRecord, Ru
     """Mark every copy of the same trial but one as superseded; return (superseded, kept) pairs.
 
     Rule (docs/aggregate.md): among done/failed records of the same trial (``RunRecord.identity``: every key
-    that can change a result, the checkpoint by content), the one finished most recently counts (metrics.json ``finished_at``, else the file's modification
-    time); equal times: the path that sorts last. A re-run therefore replaces a stale copy, and an exact copy
-    (same content) changes nothing. Each superseded copy is logged once with both paths.
+    that can change a result, the checkpoint by content), the one finished most recently counts (metrics.json
+    ``finished_at``, else the file's modification time); equal times: the path that sorts last. A re-run
+    therefore replaces a stale copy, and an exact copy (same content) changes nothing. Each superseded copy is logged once with both paths.
     """
-    groups: dict[tuple, list[RunRecord]] = {}
+    groups: dict[str, list[RunRecord]] = {}
     for rec in records:
         key = rec.identity() if rec.state in ("done", "failed") else None
         if key is not None:
@@ -361,7 +361,8 @@ def counting(records: Iterable[RunRecord]) -> list[RunRecord]:
 
 __all__ = [
     "CONFIG", "METRICS", "PROGRESS", "RESUME", "DS_CHECKPOINT", "TRAINABLE", "TRAINABLE_INFO", "EVAL_METRICS",
-    "PLAN", "SWEEP", "RUNS", "SKIP_DIRS", "METRIC_KEYS", "SEED_KEYS", "point_key", "trial_identity", "weights_id", "STATES", "RunRecord", "read_json",
+    "PLAN", "SWEEP", "RUNS", "SKIP_DIRS", "METRIC_KEYS", "SEED_KEYS", "point_key",
+    "trial_identity", "weights_id", "STATES", "RunRecord", "read_json",
     "read_metrics", "is_done", "write_metrics", "write_progress", "clear_progress", "read_plan", "read_run",
     "find_run_dirs", "scan_runs", "resolve_duplicates", "counting",
 ]

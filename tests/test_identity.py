@@ -8,7 +8,6 @@ configuration's result for a planned trial's.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
