@@ -333,7 +333,8 @@ def resolve_duplicates(records: Iterable[RunRecord]) -> list[tuple[RunRecord, Ru
     Rule (docs/aggregate.md): among done/failed records of the same trial (``RunRecord.identity``: every key
     that can change a result, the checkpoint by content), the one finished most recently counts (metrics.json
     ``finished_at``, else the file's modification time); equal times: the path that sorts last. A re-run
-    therefore replaces a stale copy, and an exact copy (same content) changes nothing. Each superseded copy is logged once with both paths.
+    therefore replaces a stale copy, and an exact copy (same content) changes nothing. Each superseded copy is
+    logged once with both paths.
     """
     groups: dict[str, list[RunRecord]] = {}
     for rec in records:
