@@ -135,7 +135,7 @@ def split_configurations(runs: list[dict[str, Any]]) -> list[tuple[dict[str, str
         key = json.dumps(conf, sort_keys=True, default=str)
         groups.setdefault(key, []).append(run)
         configs[key] = conf
-    if len(groups) == 1:
+    if len(groups) <= 1:
         return [(None, runs)]
     keys = sorted({k for c in configs.values() if c for k in c})
     differ = [k for k in keys if len({json.dumps((c or {}).get(k, "?"), sort_keys=True, default=str)
