@@ -165,8 +165,10 @@ def apply_sweep_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str
     given: dict[str, str] = {}  # top-level sweep key -> the override that set it
 
     def claim(sweep_key: str, item: str) -> None:
-        if sweep_key in given and given[sweep_key] != item:
-            raise ConfigError(f"command line: {item!r} and {given[sweep_key]!r} both set {sweep_key!r}; give one")
+        """A repeated key: the last wins (as in `synqt train`); two keys setting one sweep key: refused."""
+        earlier = given.get(sweep_key)
+        if earlier is not None and earlier.partition("=")[0].strip() != item.partition("=")[0].strip():
+            raise ConfigError(f"command line: {item!r} and {earlier!r} both set {sweep_key!r}; give one")
         given[sweep_key] = item
 
     for item in overrides:
