@@ -8,6 +8,7 @@ configuration's result for a planned trial's.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -147,3 +148,34 @@ def test_identity_is_every_result_key_and_the_checkpoint_by_content(tmp_path):
     a.write_bytes(b"weights-2-longer")
     assert trial_identity(base) != before
     assert trial_identity(base, checkpoint_sha256="ab") == trial_identity({**base, "checkpoint": "/gone"}, "ab")
+
+
+def test_stage2_selection_never_takes_another_configurations_result(tmp_path):
+    """A stage-1 run directory holding a result of another configuration (other backbone weights, same names)
+    is not the planned trial's result: its dataset is held back instead of selected on it."""
+    import yaml
+
+    from launcher import sweep as sw
+    from synqt.config import config_to_dict
+
+    ckpt = tmp_path / "w.pth"
+    ckpt.write_bytes(b"weights")
+    data = {"name": "v", "datasets": ["syn_count", "syn_blobs"], "protocol": "vtab", "seeds": [42],
+            "grid": {"lr": [1e-3, 1e-2]}, "storage_path": str(tmp_path), "checkpoint": str(ckpt),
+            "data_root": str(tmp_path / "data")}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    s = sw.load_sweep(tmp_path / "s.yaml")
+    trials = sw.plan_trials(s, "search")
+    import hashlib
+
+    sha = hashlib.sha256(b"weights").hexdigest()
+    for i, t in enumerate(trials):
+        d = t.run_dir(s)
+        d.mkdir(parents=True)
+        other = t.dataset == "syn_blobs" and t.hparams["lr"] == 1e-2  # trained on other weights, same path
+        (d / "metrics.json").write_text(json.dumps({
+            "dataset": t.dataset, "protocol": "vtab", "stage": "search", "seed": 42, "hparams": t.hparams,
+            "status": "ok", "val_acc": 50.0 + i, "config": config_to_dict(t.config),
+            "provenance": {"backbone_checkpoint_sha256": "0" * 64 if other else sha}}))
+    assert sw.stage1_unfinished(s, trials) == {"syn_blobs": ["search-syn_blobs-lr0.01-s42"]}
+    assert sw.select_best(s, trials) == {"syn_count": {"lr": 1e-2}}
