@@ -635,6 +635,14 @@ def plan_trials(
         name = f"{stage}-{d}-{hparam_short(hp)}-s{seed}"
         cfg = trial_config(sweep, d, hp, seed, stage)
         trials.append(PlannedTrial(len(trials), name, d, seed, stage, dict(hp), cfg))
+    if sweep.asha and stage == "search" and "max_t" in sweep.asha:
+        longer = [t for t in trials if t.config.epochs > sweep.asha["max_t"]]
+        if longer:  # ASHA stops a trial at max_t epochs, before it writes its result: the record would say epochs
+            t = longer[0]
+            raise ConfigError(
+                f"{sweep.source}: asha.max_t={sweep.asha['max_t']} is below epochs={t.config.epochs} of {t.run_name} "
+                f"(from the grid, trial or per_dataset): ASHA would stop every such trial at epoch "
+                f"{sweep.asha['max_t']} before it records a result; set asha.max_t >= epochs")
     names = [t.run_name for t in trials]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})

@@ -239,3 +239,13 @@ def test_the_sweep_has_no_second_override_parser():
 
     source = inspect.getsource(sw)
     assert "yaml_load" not in source and "def yaml_value" not in source
+
+
+def test_asha_max_t_below_a_trials_epochs_is_refused(tmp_path):
+    """asha.max_t is an epoch budget the sweep sets: below a trial's epochs, ASHA would stop every such trial
+    before it records a result while its config says it trains longer."""
+    data = {"name": "a", "datasets": ["syn_count"], "protocol": "vtab", "storage_path": str(tmp_path),
+            "asha": {"max_t": 4, "grace_period": 1}, "trial": {"epochs": 4, "warmup_epochs": 1}}
+    assert len(sw.plan_trials(sw.load_sweep(_write(tmp_path, data)))) == 1
+    with pytest.raises(ConfigError, match=r"asha.max_t=4 is below epochs=6 of search-syn_count-ep6-s42"):
+        sw.plan_trials(sw.load_sweep(_write(tmp_path, {**data, "grid": {"epochs": [4, 6]}})))
