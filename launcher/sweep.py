@@ -994,8 +994,6 @@ def write_plan(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) -
 
 def weights_lines(sweep: Sweep, trials: list[PlannedTrial]) -> list[str]:
     """Which backbone weights the trials will use: path + sha256, random, the demo backbone, or none."""
-    from synqt.fileio import sha256_file
-
     out: dict[str, list[str]] = {}
     for t in trials:
         ckpt = t.config.checkpoint
@@ -1007,7 +1005,8 @@ def weights_lines(sweep: Sweep, trials: list[PlannedTrial]) -> list[str]:
             text = ("NONE: key 'checkpoint' is not set, so the sweep will be refused; set "
                     "checkpoint=/path/ViT-B_16.npz or checkpoint=random")
         elif Path(ckpt).is_file():
-            text = f"{Path(ckpt).absolute()} (sha256 {sha256_file(ckpt)})"
+            digest = rundir.weights_id(ckpt).removeprefix("sha256:")  # hashed once per file, not once per trial
+            text = f"{Path(ckpt).absolute()} (sha256 {digest})"
         else:
             text = f"{ckpt} (file not found: the sweep will be refused)"
         out.setdefault(text, []).append(t.dataset)
