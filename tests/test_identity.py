@@ -179,3 +179,37 @@ def test_stage2_selection_never_takes_another_configurations_result(tmp_path):
             "provenance": {"backbone_checkpoint_sha256": "0" * 64 if other else sha}}))
     assert sw.stage1_unfinished(s, trials) == {"syn_blobs": ["search-syn_blobs-lr0.01-s42"]}
     assert sw.select_best(s, trials) == {"syn_count": {"lr": 1e-2}}
+
+
+def test_a_resumed_sweep_reruns_a_finished_trial_whose_weights_file_changed(tmp_path, capsys):
+    """The same checkpoint path with other content is another trial: `--resume` moves the old result aside
+    and reruns it, instead of keeping a result trained on other weights."""
+    import hashlib
+
+    import yaml
+
+    from launcher import sweep as sw
+    from launcher.resume import reconcile
+    from synqt.config import config_to_dict, save_config
+
+    ckpt = tmp_path / "w.pth"
+    ckpt.write_bytes(b"weights-v1")
+    data = {"name": "r", "datasets": ["syn_count", "syn_blobs"], "seeds": [42], "storage_path": str(tmp_path),
+            "checkpoint": str(ckpt), "data_root": str(tmp_path / "data")}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    s = sw.load_sweep(tmp_path / "s.yaml")
+    trials = sw.plan_trials(s)
+    for t in trials:
+        d = t.run_dir(s)
+        d.mkdir(parents=True)
+        save_config(t.config, d / "config.yaml")
+        (d / "metrics.json").write_text(json.dumps({
+            "dataset": t.dataset, "protocol": "paper", "stage": "final", "seed": 42, "hparams": t.hparams,
+            "status": "ok", "test_acc": 50.0, "config": config_to_dict(t.config),
+            "provenance": {"backbone_checkpoint_sha256": hashlib.sha256(b"weights-v1").hexdigest()}}))
+    assert reconcile(s, trials, "final").kept_finished == [t.run_name for t in trials]
+    ckpt.write_bytes(b"weights-v2")  # re-downloaded other weights under the same name
+    out = reconcile(s, trials, "final")
+    assert [name for name, _, _ in out.changed] == [t.run_name for t in trials] and out.kept_finished == []
+    assert "checkpoint: sha256:" + hashlib.sha256(b"weights-v1").hexdigest() in out.changed[0][1]
+    assert not trials[0].run_dir(s).exists()
