@@ -308,17 +308,24 @@ class KVCache:
     def __len__(self) -> int:
         return int(self.array.shape[2] if isinstance(self.array, torch.Tensor) else self.array.shape[0])
 
-    def _rows(self, idx: np.ndarray) -> torch.Tensor:
+    def _rows(self, idx: np.ndarray, pin: bool = False) -> torch.Tensor:
         """Images ``idx`` as one contiguous ``[L, 2, B, H, N, d]`` tensor (each block's K and V contiguous, so the
-        attention's batched matmuls read them without another copy)."""
+        attention's batched matmuls read them without another copy); ``pin``: gathered straight into pinned
+        host memory (the source of an asynchronous copy to the GPU)."""
         if isinstance(self.array, torch.Tensor):  # held as [L, 2, n, H, N, d] (_hold_in_memory)
-            return self.array.index_select(2, torch.as_tensor(idx, device=self.array.device))
+            where = torch.as_tensor(idx, device=self.array.device)
+            if not pin:
+                return self.array.index_select(2, where)
+            shape = self.array.shape
+            out = torch.empty((shape[0], shape[1], len(where), *shape[3:]), dtype=self.array.dtype, pin_memory=True)
+            return torch.index_select(self.array, 2, where, out=out)
         shape = self.array.shape
         out = np.empty((shape[1], shape[2], len(idx), *shape[3:]), dtype=self.array.dtype)
         for j, i in enumerate(np.asarray(idx)):  # one read of each image's rows, written in place
             out[:, :, j] = self.array[i]
         rows = torch.from_numpy(out)
-        return rows.view(torch.bfloat16) if self.dtype == "bf16" else rows
+        rows = rows.view(torch.bfloat16) if self.dtype == "bf16" else rows
+        return rows.pin_memory() if pin else rows
 
     def _to_device(self, rows: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
         return rows if rows.device == self.device else rows.to(self.device, non_blocking=non_blocking)
@@ -335,7 +342,7 @@ class KVCache:
             out = self._to_device(self._rows(idx))
         self._ahead = None
         if self._stream is not None and next_idx is not None:
-            rows = self._rows(np.asarray(next_idx)).pin_memory()
+            rows = self._rows(np.asarray(next_idx), pin=True)
             with torch.cuda.stream(self._stream):
                 ahead = rows.to(self.device, non_blocking=True)
                 event = torch.cuda.Event()
@@ -353,10 +360,16 @@ def _hold_in_memory(arr: np.ndarray, dtype: str, device: torch.device) -> tuple[
         tensor = tensor.view(torch.bfloat16)
     if device.type != "cuda":
         return tensor, "host"
-    free, _ = torch.cuda.mem_get_info(device)
-    if tensor.numel() * tensor.element_size() < free // 2:
+    if fits_on_device(tensor.numel() * tensor.element_size(), device):
         return tensor.to(device), "device"
     return tensor.pin_memory(), "pinned"
+
+
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """May a ``kv_cache=memory`` cache of ``nbytes`` live on CUDA ``device``? When it takes less than half the
+    device's free memory (the rest is the trial's); else it is held in pinned host memory."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes < free // 2
 
 
 @dataclass
