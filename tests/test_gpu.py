@@ -224,10 +224,13 @@ def test_peak_cuda_memory_per_memory_mode_beside_the_cpu_saved_activations(devic
         assert r["peak_kind"] == "cuda max_memory_allocated"
         # the same activations are kept on either device (fused attention kernels may add a little)
         assert abs(r["saved_gib"] - CPU_SAVED_GIB[mode]) <= 0.05 * CPU_SAVED_GIB[mode] + 0.01, (mode, r["saved_gib"])
-        # what is saved is resident at the step's peak, plus bounded transients (one block's qkv, AdamW state)
-        assert r["saved_bytes"] <= r["peak_bytes"] <= r["saved_bytes"] + 1.5 * 2**30, (mode, r["peak_gib"])
+        # what is saved is resident at the step's peak, plus bounded transients: one block's image-stream
+        # activations, AdamW state, and under recompute the K/V its backward recomputes (on CPU its RSS peak was
+        # above keep's: docs/bench.md)
+        assert r["saved_bytes"] <= r["peak_bytes"] <= r["saved_bytes"] + kv_fp32 + 2**30, (mode, r["peak_gib"])
     assert rows["keep"]["saved_bytes"] >= kv_fp32
-    assert rows["recompute"]["peak_bytes"] < rows["kv_bf16"]["peak_bytes"] < rows["keep"]["peak_bytes"]
+    assert rows["recompute"]["saved_bytes"] < 0.1 * 2**30
+    assert rows["kv_bf16"]["peak_bytes"] < rows["keep"]["peak_bytes"]
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed
@@ -261,7 +264,8 @@ def test_deepspeed_trial_is_killed_and_resumes(assets, device, tmp_path, monkeyp
     assert backend == ("nccl" if device.type == "cuda" else "gloo")
     assert metrics["status"] == ref["status"] == "ok" and metrics["provenance"]["resumed_after_epoch"] == 1
     assert metrics["eval_history"] == ref["eval_history"]
-    assert metrics["deepspeed"]["weights_sha256"]["branch"] == ref["deepspeed"]["weights_sha256"]["branch"]
+    # the same kernels on the same shapes: equal weights (bitwise on CPU; 1e-5 leaves room for a GPU's kernels)
+    assert max_weight_diff(tmp_path / "killed", tmp_path / "uninterrupted") <= WEIGHT_TOL
 
 
 # ---------------------------------------------------------------------------------------------------- fp16

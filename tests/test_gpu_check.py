@@ -149,3 +149,27 @@ def test_deepspeed_collectives_use_the_nccl_device(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: seen.append(t.device))
     ds._all_reduce([1.0, 2.0])
     assert seen == [torch.device("cpu")]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_memory_cache_computed_in_place_equals_the_node_file_layout(tiny_vit, dtype):
+    """kv_cache=memory computes K/V straight into the tensor it holds (on a GPU: device memory, no host round
+    trip); its bits equal the node file's array (compute_kv) moved to the held layout."""
+    import numpy as np
+
+    from synqt.kv_cache import _NUMPY_OF, STORAGE_DTYPES, _hold_in_memory, compute_held, compute_kv, geometry
+    from synqt.model import PackedSynQT, new_branch
+
+    backbone = tiny_vit()
+    model = PackedSynQT(backbone, [new_branch(backbone, 3)], backbone_drop_path=False)
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    geom = geometry(backbone, 32)
+    kw = dict(dtype=dtype, device=torch.device("cpu"), batch_size=2)
+    arr = np.empty((5, *geom.shape), dtype=_NUMPY_OF[dtype])
+    compute_kv(model, images, [0.5] * 3, [0.5] * 3, arr, **kw)
+    expected, _ = _hold_in_memory(arr, dtype, torch.device("cpu"))
+    held, where = compute_held(model, images, [0.5] * 3, [0.5] * 3, geom, **kw)
+    assert where == "host" and held.dtype == STORAGE_DTYPES[dtype] and held.shape == (2, 2, 5, 2, 17, 16)
+    assert torch.equal(held.view(torch.int16) if dtype == "bf16" else held,
+                       expected.view(torch.int16) if dtype == "bf16" else expected)
+    assert held.abs().sum() > 0
