@@ -444,7 +444,9 @@ check passed, 3 when one failed.""",
     p.add_argument("--cpu", action="store_true", help="run on the CPU at small sizes, without the CUDA-only checks")
     p.add_argument("--only", default="", help="comma list of checks to run: pytest, bench, train, sweep")
     p.add_argument("--demo-assets", help="folder holding the built demo data and backbone for the sweep check")
-    p.add_argument("--timeout", type=float, default=480, help="seconds allowed to each check (default 480)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for all checks; a step still running then is stopped and fails (default: 450 on a "
+                        "GPU, leaving the install its share of 8 minutes; 900 with --cpu)")
     p.set_defaults(func=_cmd_gpu_check)
 
 
@@ -452,7 +454,8 @@ def _cmd_gpu_check(args: argparse.Namespace) -> int:
     from launcher.gpu_check import format_summary, run_checks
 
     only = [c.strip() for c in args.only.split(",") if c.strip()]
-    result = run_checks(args.out, cpu=args.cpu, only=only, demo_assets=args.demo_assets, timeout=args.timeout)
+    result = run_checks(args.out, cpu=args.cpu, only=only, demo_assets=args.demo_assets,
+                        budget=args.budget)
     print(format_summary(result), flush=True)
     return Exit.OK if result["passed"] else Exit.FAILED_RUNS
 

@@ -116,9 +116,11 @@ def _ray_blocker(out: Path) -> Path:
     return folder
 
 
-def _run(cmd: Sequence[str], env: dict[str, str], log: Path, timeout: float) -> tuple[int, float]:
-    """Run ``cmd`` with its output in ``log``; (exit code, wall seconds). 124 when it ran past ``timeout``."""
+def _run(cmd: Sequence[str], env: dict[str, str], log: Path, deadline: float) -> tuple[int, float]:
+    """Run ``cmd`` with its output in ``log``; (exit code, wall seconds). 124 when it ran past ``deadline`` (a
+    ``time.perf_counter()`` value: the whole check's budget)."""
     t0 = time.perf_counter()
+    timeout = max(5.0, deadline - t0)
     with open(log, "w") as fh:
         try:
             rc = subprocess.run(list(cmd), env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=_repo_root(),
@@ -151,13 +153,13 @@ def _precision(device: str, size: str) -> str:
 # ------------------------------------------------------------------------------------------------- 1. pytest
 
 
-def check_pytest(out: Path, device: str, size: str, timeout: float) -> list[Check]:
+def check_pytest(out: Path, device: str, size: str, deadline: float) -> list[Check]:
     """tests/test_gpu.py, one row per test (its figures from ``<out>/figures``)."""
     expr = "gpu" if device == "cuda" else "gpu and not cuda_only"
     xml = out / "pytest.xml"
     cmd = [sys.executable, "-m", "pytest", "tests/test_gpu.py", "-m", expr, "-q", "-p", "no:cacheprovider",
            f"--junitxml={xml}", f"--basetemp={out / 'pytest-tmp'}", "-o", "addopts="]
-    rc, seconds = _run(cmd, _env(out, device, size), out / "pytest.log", timeout)
+    rc, seconds = _run(cmd, _env(out, device, size), out / "pytest.log", deadline)
     rows: list[Check] = []
     if xml.is_file():
         for case in ET.parse(xml).getroot().iter("testcase"):
@@ -197,13 +199,13 @@ def _figure_key(test_name: str) -> str:
 # -------------------------------------------------------------------------------------------------- 2. bench
 
 
-def check_bench(out: Path, device: str, size: str, timeout: float) -> Check:
+def check_bench(out: Path, device: str, size: str, deadline: float) -> Check:
     s = SIZES[size]
     precision = _precision(device, size)
     path = out / "bench_kv.json"
     cmd = [*_synqt(), "bench", "--kv-cache", "--steps", str(s["bench_steps"]), "--json", str(path), *s["backbone"],
            f"batch_size={s['bench_batch']}", f"precision={precision}", f"device={device}"]
-    rc, seconds = _run(cmd, _env(out, device, size), out / "bench.log", timeout)
+    rc, seconds = _run(cmd, _env(out, device, size), out / "bench.log", deadline)
     row = Check("synqt bench --kv-cache", seconds=seconds)
     if rc != 0 or not path.is_file():
         row.detail = f"exited {rc}: {_tail(out / 'bench.log')}"
@@ -270,7 +272,7 @@ json.dump({"decode_s": decode, "forward_s": fwd, "images": sum(len(a) for a in i
 """
 
 
-def check_train(out: Path, device: str, size: str, timeout: float) -> Check:
+def check_train(out: Path, device: str, size: str, deadline: float) -> Check:
     """One ``synqt train`` at the paper recipe from the K/V cache, its time by phase, and the floor."""
     from synqt.synthetic import write_benchmark
 
@@ -287,7 +289,7 @@ def check_train(out: Path, device: str, size: str, timeout: float) -> Check:
     script.write_text(_FLOOR_SCRIPT)
     rc, _ = _run([sys.executable, str(script), str(data), TRAIN_TASK, str(out / "floor-cache"), device, precision,
                   str(s["eval_batch_size"]), str(s["image_size"]), str(floor_json), *common], env,
-                 out / "floor.log", timeout)
+                 out / "floor.log", deadline)
     if rc != 0:
         row.detail = f"floor measurement exited {rc}: {_tail(out / 'floor.log')}"
         return row
@@ -298,7 +300,7 @@ def check_train(out: Path, device: str, size: str, timeout: float) -> Check:
            f"eval_batch_size={s['eval_batch_size']}", *s["warmup"], "protocol=paper", "eval_every=10",
            "deferred_eval=true", "kv_cache=memory", "kv_cache_dtype=bf16", "backbone_drop_path=false",
            f"cache_dir={out / 'train-cache'}"]
-    rc, whole = _run(cmd, env, out / "train.log", timeout)
+    rc, whole = _run(cmd, env, out / "train.log", deadline)
     row.seconds = whole
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
@@ -330,7 +332,7 @@ def check_train(out: Path, device: str, size: str, timeout: float) -> Check:
 # -------------------------------------------------------------------------------------------------- 4. sweep
 
 
-def check_sweep(out: Path, device: str, size: str, timeout: float, demo_assets: Path | None) -> Check:
+def check_sweep(out: Path, device: str, size: str, deadline: float, demo_assets: Path | None) -> Check:
     """``synqt sweep --sequential configs/sweeps/ci.yaml`` on the device, with ``import ray`` blocked."""
     from launcher.sweep import SWEEP_DIR
 
@@ -348,7 +350,7 @@ def check_sweep(out: Path, device: str, size: str, timeout: float, demo_assets: 
 
         overrides += [f"data_root={demo_assets / DEMO_DATA_NAME}", f"checkpoint={demo_assets / DEMO_CHECKPOINT_NAME}"]
     cmd = [*_synqt(), "sweep", str(SWEEP_DIR / "ci.yaml"), "--sequential", *overrides]
-    rc, seconds = _run(cmd, _env(out, device, size, block_ray=True), out / "sweep.log", timeout)
+    rc, seconds = _run(cmd, _env(out, device, size, block_ray=True), out / "sweep.log", deadline)
     row = Check("synqt sweep --sequential ci.yaml", seconds=seconds)
     runs = sorted(storage.glob("*/runs/*/metrics.json"))
     statuses = [json.loads(p.read_text()).get("status") for p in runs]
@@ -401,9 +403,11 @@ def format_summary(result: dict[str, Any]) -> str:
 
 
 def run_checks(out: str | Path, *, cpu: bool = False, only: Sequence[str] = (), demo_assets: str | Path | None = None,
-               timeout: float = 480) -> dict[str, Any]:
+               budget: float | None = None) -> dict[str, Any]:
     """Run the checks (all, or those named in ``only``: pytest, bench, train, sweep) into ``out``; the summary as
-    a dict, also written to ``<out>/gpu_check.json``. ``timeout``: seconds allowed to each step."""
+    a dict, also written to ``<out>/gpu_check.json``. ``budget``: seconds for all of them (default 450 on a GPU,
+    leaving the install its share of the issue's 8 minutes; 900 for ``cpu``); a step still running when it is
+    spent is stopped and fails."""
     import torch
 
     from synqt.errors import ConfigError
@@ -422,15 +426,16 @@ def run_checks(out: str | Path, *, cpu: bool = False, only: Sequence[str] = (), 
         raise ConfigError(f"synqt gpu-check --only: unknown check(s) {unknown}; expected pytest, bench, train, sweep")
     wanted = set(only) or {"pytest", "bench", "train", "sweep"}
     t0 = time.perf_counter()
+    deadline = t0 + (budget if budget is not None else (900 if cpu else 450))
     checks: list[Check] = []
     if "pytest" in wanted:
-        checks += check_pytest(out, device, size, timeout)
+        checks += check_pytest(out, device, size, deadline)
     if "bench" in wanted:
-        checks.append(check_bench(out, device, size, timeout))
+        checks.append(check_bench(out, device, size, deadline))
     if "train" in wanted:
-        checks.append(check_train(out, device, size, timeout))
+        checks.append(check_train(out, device, size, deadline))
     if "sweep" in wanted:
-        checks.append(check_sweep(out, device, size, timeout, Path(demo_assets) if demo_assets else None))
+        checks.append(check_sweep(out, device, size, deadline, Path(demo_assets) if demo_assets else None))
     from synqt.version import __version__
 
     result = {
@@ -442,14 +447,3 @@ def run_checks(out: str | Path, *, cpu: bool = False, only: Sequence[str] = (), 
     }
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m launcher.gpu_check`` (the same as ``synqt gpu-check``)."""
-    from launcher.cli import main as cli_main
-
-    return cli_main(["gpu-check", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

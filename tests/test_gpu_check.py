@@ -32,7 +32,7 @@ def test_gpu_check_script_cpu_mode_passes_every_check(tmp_path):
     passed, with sane figures."""
     out = tmp_path / "check"
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--cpu", "--no-install", "--out", str(out)],
-                          env=_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=900)
+                          env=_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=1000)
     result = json.loads((out / "gpu_check.json").read_text())
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "ALL CHECKS PASSED" in proc.stdout
