@@ -375,8 +375,8 @@ def _fmt(v: Any) -> str:
         return f"{v:.4g}"
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, list) and len(v) > 6:
-        return f"[{len(v)} items]"
+    if isinstance(v, list) and (len(v) > 6 or any(isinstance(x, (dict, list)) for x in v)):
+        return f"[{len(v)} items]"  # eval histories and the like: in the JSON
     return str(v)
 
 
