@@ -175,7 +175,7 @@ def check_pytest(out: Path, device: str, size: str, deadline: float) -> list[Che
             rows.append(row)
     figures = {p.stem: json.loads(p.read_text()) for p in sorted((out / "figures").glob("*.json"))}
     for row in rows:
-        key = _figure_key(row.name)
+        key = _figure_key(row.name.removeprefix("pytest "))
         if key:
             row.figures = {f: v for f, v in figures.items() if f.startswith(key)}
     if not rows or rc not in (0, 1):
