@@ -87,6 +87,8 @@ def _env(out: Path, device: str, size: str, *, block_ray: bool = False) -> dict[
                SYNQT_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU variant never touches a GPU, even where one is visible
+        # tiny tensors: one thread is fastest and immune to other processes contending for the cores
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         env.setdefault("SYNQT_ALLOW_SLOW_BF16", "1")  # bf16 numerics on a tiny model, also without avx512_bf16
     repo = str(_repo_root())
     paths = [repo, env.get("PYTHONPATH", "")]
