@@ -415,17 +415,22 @@ def run_checks(out: str | Path, *, cpu: bool = False, only: Sequence[str] = (), 
     from synqt.errors import ConfigError
 
     out = Path(out).absolute()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    device = "cpu" if cpu else "cuda"
-    if not cpu and not torch.cuda.is_available():
-        raise ConfigError("synqt gpu-check: no CUDA device is visible (torch.cuda.is_available() is False); run it "
-                          "on a GPU node, or use --cpu for the CPU variant")
-    size = "small" if cpu else "full"
     unknown = sorted(set(only) - {"pytest", "bench", "train", "sweep"})
     if unknown:
-        raise ConfigError(f"synqt gpu-check --only: unknown check(s) {unknown}; expected pytest, bench, train, sweep")
+        raise ConfigError(f"--only: unknown check(s) {', '.join(unknown)}; expected a comma list of pytest, bench, "
+                          "train, sweep")
+    device = "cpu" if cpu else "cuda"
+    if not cpu and not torch.cuda.is_available():
+        raise ConfigError("no CUDA device is visible (torch.cuda.is_available() is False); run it on a GPU node, "
+                          "or use --cpu for the CPU variant")
+    if out.exists() and any(out.iterdir()) and not (out / "gpu_check.json").is_file() \
+            and not (out / "pytest.log").is_file():
+        raise ConfigError(f"--out {out} exists and is not the folder of an earlier gpu-check (no gpu_check.json): "
+                          "it would be emptied; name a new folder")
+    if out.exists():
+        shutil.rmtree(out)  # an earlier gpu-check's folder: replaced
+    out.mkdir(parents=True)
+    size = "small" if cpu else "full"
     wanted = set(only) or {"pytest", "bench", "train", "sweep"}
     t0 = time.perf_counter()
     deadline = t0 + (budget if budget is not None else (900 if cpu else 450))

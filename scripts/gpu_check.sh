@@ -31,4 +31,4 @@ if [ "$INSTALL" = 1 ]; then
     # the project itself, without dependencies; its build backend (setuptools) comes from the wheels too
     "$PYTHON" -m pip install -q --no-deps --no-index --find-links "$WHEELS" -e .
 fi
-exec "$PYTHON" -m launcher.cli gpu-check "${ARGS[@]}"
+exec "$PYTHON" -m launcher.cli gpu-check ${ARGS[@]+"${ARGS[@]}"}

@@ -307,7 +307,8 @@ def test_fp16_pack_keeps_one_loss_scaler_per_branch(assets, device, tmp_path):
         scalers[2].scale(torch.nn.functional.cross_entropy(lb_alone.float(), y)).backward()
         steps.append([s.step(o) for s, o in zip(scalers, opts, strict=True)])
     scales = [s.scaler.get_scale() for s in scalers]
-    diff = max(float((p - q).abs().max()) for p, q in zip(b.parameters(), b_alone.parameters(), strict=True))
+    diff = max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(b.parameters(), b_alone.parameters(),
+                                                                              strict=True))
     record("fp16_branch_scalers", steps=steps, scales=scales, pack_mate_vs_alone=diff)
     assert steps == [[False, True, True]] * 3
     assert scales[0] == 2.0**16 / 8 and scales[1] == scales[2] == 2.0**16

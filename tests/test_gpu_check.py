@@ -173,3 +173,18 @@ def test_memory_cache_computed_in_place_equals_the_node_file_layout(tiny_vit, dt
     assert torch.equal(held.view(torch.int16) if dtype == "bf16" else held,
                        expected.view(torch.int16) if dtype == "bf16" else expected)
     assert held.abs().sum() > 0
+
+
+def test_gpu_check_refuses_bad_input_before_touching_anything(tmp_path, capsys):
+    """Exit 2 naming the option: an unknown --only check, and an --out folder that is not an earlier check's
+    (it would be emptied: its files stay)."""
+    from launcher.cli import main
+
+    assert main(["gpu-check", "--cpu", "--only", "pytest,bogus", "--out", str(tmp_path / "o")]) == 2
+    assert "--only: unknown check(s) bogus" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    keep = tmp_path / "results"
+    keep.mkdir()
+    (keep / "table.csv").write_text("precious")
+    assert main(["gpu-check", "--cpu", "--only", "sweep", "--out", str(keep)]) == 2
+    assert "is not the folder of an earlier gpu-check" in capsys.readouterr().err
+    assert (keep / "table.csv").read_text() == "precious"
