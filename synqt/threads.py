@@ -54,12 +54,10 @@ class ThreadChoice:
                "cgroup": f"cgroup CPU quota: {self.usable_cpus} of {self.cores} cores",
                "affinity": f"CPU affinity: {self.usable_cpus} of {self.cores} cores",
                "all cores": f"all {self.cores} cores"}[self.source]
-        text = f"threads: {self.threads} ({why})"
-        if self.oversubscribed:
-            text += (f"; the machine is oversubscribed: load {self.load1:.1f} on {self.cores} cores"
-                     + (", so this process takes its fair share (set OMP_NUM_THREADS to choose)" if self.shared
-                        else "; expect slower steps"))
-        return text
+        busy = f"the machine is oversubscribed: load {self.load1:.1f} on {self.cores} cores"
+        if self.shared:
+            return (f"threads: {self.threads} (a fair share of {why}: {busy}; set OMP_NUM_THREADS to choose)")
+        return f"threads: {self.threads} ({why})" + (f"; {busy}; expect slower steps" if self.oversubscribed else "")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
