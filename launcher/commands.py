@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -84,6 +85,12 @@ def run_sweep_command(
     if not (resume and _same_plan(plan_file, trials)):
         write_plan(sweep, trials, _stage2_pending(sweep, trials[0].stage if trials else "final"))
     write_planned_experiment(sweep.sweep_dir, trials)  # TensorBoard's HParams columns while the sweep runs
+    if resume and _all_done(sweep.sweep_dir):  # nothing to run: no Ray cluster (or process) to start for it
+        from launcher.stages import finish_sweep
+
+        print(f"synqt sweep: every planned trial in {sweep.sweep_dir} has finished; nothing to run "
+              "(aggregating only)", flush=True)
+        return Exit.OK if finish_sweep(sweep, [], time.time()).get("ok") else Exit.FAILED_RUNS
     with watch(sweep.sweep_dir) if watch is not None else contextlib.nullcontext():
         if sequential:
             from launcher.stages import run_sequential
@@ -94,6 +101,13 @@ def run_sweep_command(
 
             result = run_sweep(sweep, trials, address=address, resume=resume)
     return Exit.OK if result.get("ok") else Exit.FAILED_RUNS
+
+
+def _all_done(sweep_dir: Path) -> bool:
+    """Every trial plan.json lists has an ok metrics.json and no later stage is still to be planned."""
+    plan, records = rundir.scan_runs(sweep_dir)
+    planned = [r for r in records if r.plan]
+    return bool(plan and planned and not plan.get("stage2_pending") and all(r.state == "done" for r in planned))
 
 
 def _same_plan(plan_file: Path, trials: list[PlannedTrial]) -> bool:
