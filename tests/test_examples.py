@@ -639,3 +639,22 @@ def test_every_runnable_example_exits_as_documented(world, capsys):
     array, aggregate = [line for line in out.splitlines() if line.startswith("sbatch")]
     assert "--array=0-18%16" in array and "--gpus=1" in array
     assert "--gpus" not in aggregate and "--dependency=afterany:" in aggregate and "not set yet" in out
+
+
+@pytest.mark.parametrize("sbatch_args, kept", [
+    ("--gpus=1", []),
+    ("--partition=gpu --gpus 2 -c 8 --account=lab --time=1:00:00", ["--partition=gpu", "--account=lab",
+                                                                   "--time=1:00:00"]),
+    ("--gres=gpu:a100:1 --mem=64G --qos=high -G 1 --exclusive -p gpu", ["--qos=high", "-p", "gpu"]),
+    ("--cpus-per-task=8 --constraint=a100 --mail-type=END", ["--constraint=a100", "--mail-type=END"]),
+])
+def test_the_aggregate_job_gets_the_sbatch_args_without_resource_requests(sbatch_args, kept):
+    """Issue 21: `--sbatch-args "--gpus=1"` gave the one-CPU aggregate job a GPU too."""
+    from launcher.slurm import array_commands
+
+    array, aggregate = array_commands("vtab1k", [], n_trials=3, sweep_dir="/s/vtab1k", concurrency=2,
+                                      sbatch_args=sbatch_args)
+    assert array[3:3 + len(shlex.split(sbatch_args))] == shlex.split(sbatch_args)  # the array job: all of them
+    start = aggregate.index("--output=%x-%j.out") + 1
+    assert aggregate[start:-1] == kept and aggregate[-1].startswith("--wrap=")
+    assert "--cpus-per-task=1" in aggregate and "--ntasks=1" in aggregate
