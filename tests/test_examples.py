@@ -203,6 +203,8 @@ RUN: dict[str, int] = {
     "synqt data check /data/vtab-1k cifar --decode": 0,
     "synqt data check /data/vtab-1k cifar dtd --decode": 0,
     "synqt data check /data/fgvc --layout fgvc_json": 0,
+    "synqt data check /data/vtab-1k cifar --strict": 0,
+    "synqt data check /data/vtab-1k --paths-only": 0,
     "synqt data synthetic /tmp/synthetic-vtab": 0,
     "synqt data synthetic DIR": 0,
     # a real small trial (random tiny ViT, 5 epochs on the tiny task NAME), then its resume / eval examples
@@ -339,7 +341,13 @@ NOT_RUN: dict[str, str] = {
     "synqt sweep FILE ... --resume": _SYNOPSIS,
     "synqt sweep FILE ... --sequential": _SYNOPSIS,
     "synqt sweep FILE <overrides> --resume": _SYNOPSIS,
-    "synqt sweep FILE [key=value ...] [--dry-run [--json]] [--resume] [--address ADDR]": _SYNOPSIS,
+    "synqt sweep FILE [key=value ...] [--dry-run [--json]] [--resume] [--address ADDR] [--strict]": _SYNOPSIS,
+    "synqt sweep ... --strict": _SYNOPSIS,
+    "python scripts/split_leak_cost.py --root /tmp/leaks-bench --json docs/bench_results/split-leak-cost-2core.json":
+        "the split-leak cost measurement itself: writes a VTAB-1k-sized task (11,000 images) and the committed "
+        "result file",
+    "synqt data check /tmp/leaks-bench/data vtabsize": "reads the 11,000-image task the line above writes (its "
+                                                      "measurement); tests/test_split_leaks.py checks small ones",
     "synqt sweep configs/sweeps/demo.yaml storage_path=... --sequential": _SYNOPSIS,
     "synqt sweep ... resources.devices=2": _SYNOPSIS,
     "synqt sweep ... --dry-run --json": _SYNOPSIS,
@@ -423,40 +431,53 @@ def test_every_synqt_example_parses(text):
 # tiny inputs
 
 
-def _png(path: Path, value: int) -> None:
+def _png(path: Path, rng: np.random.Generator) -> None:
+    """An 8x8 image of random pixels: no two images of a tiny dataset are alike (no split leaks)."""
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+
+
+def _tiny_lists(folder: Path, k: int, splits: dict[str, int], rng: np.random.Generator,
+                prefix: str = "") -> dict[str, dict[str, int]]:
+    """{split: {relative path: label}}: ``splits[s]`` distinct images each (train: one per class 0..k-1)."""
+    out = {}
+    for split, n in splits.items():
+        out[split] = {f"{prefix}{split}/{i}.png": i % k for i in range(n)}
+        for rel in out[split]:
+            _png(folder / rel, rng)
+    return out
 
 
 def write_tiny_vtab(root: Path) -> Path:
-    """Every VTAB-1k task of the registry in the vtab_json layout with its real class count, as few images as
-    labels need (files are listed once per label), so a dry run and `data check` see the true geometry."""
+    """Every VTAB-1k task of the registry in the vtab_json layout with its real class count: train800 holds one
+    image per class, val200 and test four, all distinct (a dry run, `data check` and its split-leak check see the
+    true geometry of a clean copy)."""
     from synqt import registry
 
+    rng = np.random.default_rng(0)
     for info in registry.datasets(benchmark="vtab1k"):
         folder = root / info.name
         k = info.num_classes or 2
-        for i in range(2):
-            _png(folder / "images" / f"{i}.png", 60 + 100 * i)
-        entries = [{f"{i % 2}.png": i} for i in range(k)]
-        for split in ("train800", "val200", "train800val200", "test"):
-            (folder / f"{split}.json").write_text(json.dumps(entries))
+        lists = _tiny_lists(folder / "images", k, {"train800": k, "val200": 4, "test": 4}, rng)
+        lists["train800val200"] = {**lists["train800"], **lists["val200"]}
+        for split, entries in lists.items():
+            (folder / f"{split}.json").write_text(json.dumps([{p: lab} for p, lab in entries.items()]))
     return root
 
 
 def write_tiny_fgvc(root: Path) -> Path:
+    """Every FGVC task in the fgvc_json layout (class ids: one train image each), four val and test images."""
     from synqt import registry
 
+    rng = np.random.default_rng(1)
     for info in registry.datasets(benchmark="fgvc"):
         folder = root / info.name
         k = info.num_classes or 2
-        listing = {f"img{i}.png": i for i in range(k)}  # FGVC ids are distinct files
-        for name in listing:
-            _png(folder / name, 90)
-        for split in ("train", "val", "test"):
-            (folder / f"{split}.json").write_text(json.dumps(listing))
+        lists = _tiny_lists(folder / "images", k, {"train": k, "val": 4, "test": 4}, rng)
+        for split, entries in lists.items():
+            (folder / f"{split}.json").write_text(json.dumps(entries))
     return root
 
 
