@@ -253,9 +253,11 @@ DRY: dict[str, str] = {
 _VITB = "trains or evaluates ViT-B/16 at 224 px (the official recipe: hours on 2 CPU cores, a GPU's job)"
 _VITB_BENCH = ("times ViT-B/16 at 224 px (minutes and several GiB on CPU); tests/test_bench.py runs the same "
                "code at tiny sizes")
-_SLURM = "needs the SLURM daemons; tests/test_slurm.py runs slurm/vtab.sh and vtab_array.sh under real ones"
+_SLURM = ("needs the SLURM daemons; tests/test_slurm.py runs slurm/vtab.sh and vtab_array.sh under real ones (the "
+          "`synqt sweep` of each vtab.sh job gets its pre-flight: test_every_submitted_sweep_passes_its_preflight)")
 _RAYJOB = ("needs a running Ray head at HEAD:8265; tests/test_ray.py::test_ray_job_submit_to_a_started_cluster "
-           "starts one (`ray start --head`) and submits `synqt sweep` with `ray job submit --working-dir`")
+           "starts one (`ray start --head`) and submits `synqt sweep` with `ray job submit --working-dir`; the "
+           "submitted sweep gets its pre-flight here (test_every_submitted_sweep_passes_its_preflight)")
 _SYNOPSIS = "a synopsis (placeholders, elided `...` or optional `[...]` parts); its concrete forms are in RUN/DRY"
 _INSTALL = "installs into the environment; .ci/run runs it, tests/test_install.py builds the wheel and runs the demo"
 _SUITE = "the test suite itself (or a part of it)"
@@ -317,14 +319,16 @@ NOT_RUN: dict[str, str] = {
     "storage_path=/shared/runs data_root=/shared/data/vtab-1k checkpoint=/shared/weights/ViT-B_16.npz": _RAYJOB,
     "ray start --head --dashboard-host=0.0.0.0": "starts a Ray head on all interfaces, left running; "
                                                  "tests/test_ray.py starts one bound to 127.0.0.1",
-    "sbatch slurm/vtab.sh configs/sweeps/vtab1k.yaml data_root=/shared/vtab-1k storage_path=/shared/runs": _SLURM,
-    "sbatch --nodes=4 --gpus-per-node=4 --cpus-per-task=32 slurm/vtab.sh configs/sweeps/vtab1k.yaml "
-    "storage_path=...": _SLURM,
+    "sbatch slurm/vtab.sh configs/sweeps/vtab1k.yaml data_root=/shared/vtab-1k checkpoint=/shared/weights/ViT-B_16.npz "
+    "storage_path=/shared/runs": _SLURM,
+    "sbatch --nodes=4 --gpus-per-node=4 --cpus-per-task=32 slurm/vtab.sh configs/sweeps/vtab1k.yaml data_root=... "
+    "checkpoint=... storage_path=...": _SLURM,
     "sbatch --gpus-per-node=4 --cpus-per-task=32 slurm/vtab.sh configs/sweeps/vtab1k.yaml data_root=/data/vtab-1k "
     "checkpoint=/weights/ViT-B_16.npz storage_path=/shared/runs": _SLURM,
     "sbatch --nodes=4 --gpus-per-node=4 --cpus-per-task=32 --time=48:00:00 slurm/vtab.sh configs/sweeps/vtab1k.yaml "
-    "data_root=/data/vtab-1k storage_path=/shared/runs": _SLURM,
-    "sbatch --cpus-per-task=16 slurm/vtab.sh configs/sweeps/vtab1k.yaml data_root=... storage_path=...": _SLURM,
+    "data_root=/data/vtab-1k checkpoint=/weights/ViT-B_16.npz storage_path=/shared/runs": _SLURM,
+    "sbatch --cpus-per-task=16 slurm/vtab.sh configs/sweeps/vtab1k.yaml resources.gpus=0 data_root=... "
+    "checkpoint=... storage_path=...": _SLURM,
     "synqt slurm script vtab.sh && sbatch vtab.sh vtab1k ...": _SLURM + "; `synqt slurm script` runs in RUN",
     "squeue -u $USER": _SLURM,
     "scancel --batch --signal=USR1 JOBID": _SLURM,
@@ -540,11 +544,18 @@ def world(demo_assets, tmp_path_factory) -> World:
     return World(tmp, cwd, {k: str(v) for k, v in paths.items()}, env)
 
 
+# `key=...` in a line that elides a path: the path a reader would put there (a key of PATHS)
+ELIDED = {"data_root": "/data/vtab-1k", "checkpoint": "/w/ViT-B_16.npz", "storage_path": "/shared/runs"}
+
+
 def substitute(text: str, paths: dict[str, str]) -> list[str]:
-    """The example's words with every path replaced: a whole word, a `key=PATH` value or a `PATH/...` prefix."""
+    """The example's words with every path replaced: a whole word, a `key=PATH` value or a `PATH/...` prefix
+    (`key=...` too, for the keys of ELIDED)."""
     out = []
     for word in shlex.split(text):
         key, eq, value = word.partition("=") if "=" in word and not word.startswith("-") else ("", "", word)
+        if value == "..." and key in ELIDED:
+            value = ELIDED[key]
         for path in sorted(paths, key=len, reverse=True):
             if value == path:
                 value = paths[path]
@@ -679,3 +690,40 @@ def test_the_aggregate_job_gets_the_sbatch_args_without_resource_requests(sbatch
     start = aggregate.index("--output=%x-%j.out") + 1
     assert aggregate[start:-1] == kept and aggregate[-1].startswith("--wrap=")
     assert "--cpus-per-task=1" in aggregate and "--ntasks=1" in aggregate
+
+
+def _submitted_sweep(text: str) -> list[str] | None:
+    """The `synqt sweep` argv an `sbatch slurm/vtab.sh SWEEP ...` job or a `ray job submit ... -- synqt sweep ...`
+    runs (vtab.sh passes its arguments to `synqt sweep`), or None."""
+    words = shlex.split(text)
+    if words[:3] == ["ray", "job", "submit"] and "--" in words:
+        rest = words[words.index("--") + 1:]
+        return rest[2:] if rest[:2] == ["synqt", "sweep"] else None
+    if words[0] == "sbatch":
+        scripts = [i for i, w in enumerate(words) if w.endswith("vtab.sh")]
+        return words[scripts[0] + 1:] if scripts else None
+    return None
+
+
+# the README's "with data_root, checkpoint and storage_path set in the sweep file": the user's file, not the shipped
+SWEEP_FILE_HAS_PATHS = {"ray job submit --address http://HEAD:8265 --working-dir . -- synqt sweep "
+                        "configs/sweeps/vtab1k.yaml"}
+SUBMITTED = sorted(t for t in NOT_RUN if _submitted_sweep(t) and "..." not in t.split()  # `key=...` is a path
+                   and not any(m in t for m in TEMPLATE if m != "...") and t not in SWEEP_FILE_HAS_PATHS)
+
+
+@pytest.mark.parametrize("text", SUBMITTED)
+def test_every_submitted_sweep_passes_its_preflight(text, world):
+    """The sweep an sbatch / `ray job submit` example starts, planned and checked as the job would before any
+    resource (`launcher.sweep.validate`: data folders and lists, checkpoint file, split leaks), on the tiny data."""
+    from launcher.sweep import load_sweep, plan_trials, validate
+
+    argv = substitute(shlex.join(_submitted_sweep(text)), world.paths)
+    old = Path.cwd()
+    os.chdir(world.cwd)
+    try:
+        sweep = load_sweep(argv[0], argv[1:])
+        validate(sweep, plan_trials(sweep))
+    finally:
+        os.chdir(old)
+    assert sweep.resources["gpus"] == 0 or "cpus-per-task=16" not in text  # the CPU-cluster line asks for no GPU
