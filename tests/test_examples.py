@@ -727,3 +727,23 @@ def test_every_submitted_sweep_passes_its_preflight(text, world):
     finally:
         os.chdir(old)
     assert sweep.resources["gpus"] == 0 or "cpus-per-task=16" not in text  # the CPU-cluster line asks for no GPU
+
+
+VITB_TRAIN = sorted(t for t, why in NOT_RUN.items() if why == _VITB and t.startswith("synqt train "))
+
+
+@pytest.mark.parametrize("text", VITB_TRAIN)
+def test_every_vitb_train_example_passes_its_preflight(text, world):
+    """A ViT-B `synqt train` example (hours on CPU) gets the checks its trial makes before training: the
+    resolved config, backbone weights given and a weights file (synqt.training.run_pack), the data folder and the
+    lists of its splits (the trainer's setup)."""
+    from launcher.cli import _trial_overrides, build_parser, parse_args
+    from synqt.ckptfile import check_file, require_backbone_weights
+    from synqt.config import load_config, splits_for
+    from synqt.data import validate_dataset
+
+    args = parse_args(build_parser(), substitute(text, world.paths)[1:])
+    cfg = load_config(args.config, _trial_overrides(args))
+    require_backbone_weights(cfg.checkpoint, f"dataset {cfg.dataset!r}")
+    check_file(Path(cfg.checkpoint))
+    validate_dataset(cfg.data_root, cfg.dataset, list(splits_for(cfg)), cfg.num_classes, cfg.layout)
