@@ -450,6 +450,39 @@ def _cmd_data_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_gpu_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "gpu-check",
+        parents=[_common()],
+        help="prove every CUDA path on one GPU in minutes: tests, K/V bench, a timed trial, a sweep (docs/gpu.md)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  synqt gpu-check --out gpu-check             # on a GPU node, from a checkout (scripts/gpu_check.sh installs first)
+  synqt gpu-check --cpu --out /tmp/gpu-check  # the same checks on the CPU at small sizes (about a minute)
+  synqt gpu-check --only pytest,bench         # a subset: pytest, bench, train, sweep
+prints one table (pass/fail per check, the figures) and writes it to <out>/gpu_check.json; exit 0 when every
+check passed, 3 when one failed.""",
+    )
+    p.add_argument("--out", default="gpu-check", help="folder for the logs, runs and gpu_check.json (emptied first)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU at small sizes, without the CUDA-only checks")
+    p.add_argument("--only", default="", help="comma list of checks to run: pytest, bench, train, sweep")
+    p.add_argument("--demo-assets", help="folder holding the built demo data and backbone for the sweep check")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for all checks; a step still running then is stopped and fails (default: 450 on a "
+                        "GPU, leaving the install its share of 8 minutes; 900 with --cpu)")
+    p.set_defaults(func=_cmd_gpu_check)
+
+
+def _cmd_gpu_check(args: argparse.Namespace) -> int:
+    from launcher.gpu_check import format_summary, run_checks
+
+    only = [c.strip() for c in args.only.split(",") if c.strip()]
+    result = run_checks(args.out, cpu=args.cpu, only=only, demo_assets=args.demo_assets,
+                        budget=args.budget)
+    print(format_summary(result), flush=True)
+    return Exit.OK if result["passed"] else Exit.FAILED_RUNS
+
+
 def _add_slurm(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "slurm",
@@ -549,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"synqt {version_string()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_eval, _add_sweep, _add_aggregate, _add_compare, _add_status, _add_demo, _add_bench,
-                _add_data, _add_slurm):
+                _add_data, _add_slurm, _add_gpu_check):
         add(sub)
     return parser
 

@@ -59,9 +59,9 @@ class Sweep:
     seeds: list[int] | None = setting(None)
     resources: dict[str, Any] = setting(factory=lambda: {"cpus": 1, "gpus": 0, "devices": 1})
     max_concurrent: int | None = setting(None, min=1)
-    storage_path: str = setting("runs")
-    data_root: str | None = setting(None)
-    checkpoint: str | None = setting(None)
+    storage_path: str = setting("runs", path=True)
+    data_root: str | None = setting(None, path=True)
+    checkpoint: str | None = setting(None, path=True)
     pack: str | int = setting("off")
     pack_memory_gb: float | None = setting(None, min=0)
     trial: dict[str, Any] = setting(factory=dict)
@@ -139,39 +139,112 @@ def _set_dotted(d: dict[str, Any], parts: list[str], value: Any, where: str) -> 
     d[parts[-1]] = value
 
 
-def apply_sweep_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key=value` overrides: sweep keys (dotted into mappings) or TrialConfig keys (-> `trial`).
+# Trial keys whose value the sweep itself sets, for each trial, and the sweep key that owns each (a `trial`,
+# `per_dataset` or grid value of one would be overwritten: refused, naming both).
+OWNED_TRIAL_KEYS = {"dataset": "datasets", "seed": "seeds", "stage": "protocol (paper: final; vtab: search, then "
+                    "final)", "protocol": "protocol"}
+# Set by resources.devices > 1 (one trial over several DeepSpeed processes).
+DEVICE_OWNED_KEYS = ("trainer", "num_devices")
+# Trial keys that are also sweep-level keys (the sweep's value is every trial's, below `trial`, `per_dataset`
+# and the grid, which may set them per dataset or per point).
+SHARED_KEYS = ("data_root", "checkpoint")
 
-    One override syntax with `synqt train`: the text is split and parsed by synqt.config (string-typed trial
-    keys keep their text; other values are YAML 1.2 scalars or flow lists/mappings; empty means null).
+
+def apply_sweep_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` overrides to a sweep mapping; every one is applied or refused (ConfigError naming the key).
+
+    One override syntax and parser with `synqt train` (``synqt.config.parse_override_value``: text keys keep
+    their text, other values are YAML 1.2 scalars or flow lists/mappings). Sweep keys (dotted into mappings:
+    ``grid.lr=[...]``, ``trial.lr=...``, ``resources.cpus=2``) set the sweep key. A TrialConfig key sets that key
+    for every trial, above every layer of the sweep file: ``seed=7`` is ``seeds=[7]``, ``dataset=x`` is
+    ``datasets=[x]``, a key the grid varies becomes a one-value grid axis (``lr=0.5``: ``grid.lr=[0.5]``, so run
+    names and hparams say 0.5), and a ``per_dataset`` value of the key gives way. ``stage`` is refused (the
+    protocol sets it), as is a trial key given together with the sweep key that owns it.
     """
-    from synqt.config import parse_override_value, split_override
+    from synqt.config import TRIAL, parse_override_value, split_override
 
     raw = json.loads(json.dumps(raw, default=str)) if raw else {}
     trial_keys = _trial_keys()
+    given: dict[str, str] = {}  # top-level sweep key -> the override that set it
+
+    def claim(sweep_key: str, item: str) -> None:
+        """A repeated key: the last wins (as in `synqt train`); two keys setting one sweep key: refused."""
+        earlier = given.get(sweep_key)
+        if earlier is not None and earlier.partition("=")[0].strip() != item.partition("=")[0].strip():
+            raise ConfigError(f"command line: {item!r} and {earlier!r} both set {sweep_key!r}; give one")
+        given[sweep_key] = item
+
     for item in overrides:
         key, text = split_override(item, "command line")
         parts = key.split(".")
-        if parts[0] in SWEEP_KEYS:
-            value = yaml_value(text, key)
-            _set_dotted(raw, parts, value, "command line")
-        elif parts[0] in trial_keys:
+        top = parts[0]
+        if top in ("seed", "dataset") and len(parts) == 1:
+            value = TRIAL.check(top, parse_override_value(key, text, "command line"), "command line")
+            owner = OWNED_TRIAL_KEYS[top]
+            claim(owner, item)
+            raw[owner] = [value]
+        elif top == "stage":
+            raise ConfigError(f"command line: {item!r}: key 'stage' is set by the sweep for each of its stages; it is "
+                              f"owned by {OWNED_TRIAL_KEYS['stage']}: run one trial with `synqt train` instead")
+        elif top in SWEEP_KEYS:
+            if len(parts) == 1:
+                value = parse_override_value(key, text, "command line", SWEEP)
+                claim(top, item)
+                raw[top] = value
+                if top in SHARED_KEYS:
+                    _override_trial_key(raw, top, value)
+            elif top in ("trial", "per_dataset") and len(parts) > (1 if top == "trial" else 2):
+                sub = parts[1:] if top == "trial" else parts[2:]
+                value = parse_override_value(".".join(sub), text, "command line")
+                _set_dotted(raw, parts, value, "command line")
+            elif top == "grid" and len(parts) == 2 and parts[1] in trial_keys:
+                value = parse_override_value(key, text, "command line", SWEEP)
+                _set_dotted(raw, parts, [_grid_text(parts[1], v) for v in value]
+                            if isinstance(value, list) else _grid_text(parts[1], value), "command line")
+            else:
+                _set_dotted(raw, parts, parse_override_value(key, text, "command line", SWEEP), "command line")
+        elif top in trial_keys:
+            value = parse_override_value(key, text, "command line")
+            if len(parts) == 1:
+                value = TRIAL.check(top, value, "command line")
+            if len(parts) == 1 and top in (raw.get("grid") or {}):
+                raw["grid"][top] = [value]  # one value of the axis: run names and hparams record it
+                continue
             trial = raw.setdefault("trial", {}) or {}
             raw["trial"] = trial
-            _set_dotted(trial, parts, parse_override_value(key, text, "command line"), "command line")
+            _set_dotted(trial, parts, value, "command line")
+            if len(parts) == 1:
+                _override_trial_key(raw, top, value, keep_trial=True)
         else:
             raise ConfigError(
-                f"command line: unknown key {parts[0]!r}; sweep keys: {', '.join(SWEEP_KEYS)}; "
+                f"command line: unknown key {top!r}; sweep keys: {', '.join(SWEEP_KEYS)}; "
                 f"trial keys: {', '.join(trial_keys)}"
             )
     return raw
 
 
-def yaml_value(text: str, key: str) -> Any:
-    """A sweep key's override text as a YAML 1.2 value (synqt.config's strict loader); empty text is null."""
-    from synqt.config import yaml_load
+def _grid_text(key: str, value: Any) -> Any:
+    """A grid value of a text trial key from the command line: a YAML scalar it was read as is kept as the
+    text typed would be (``grid.precision=[no, bf16]``); other values go to the typed check unchanged."""
+    from synqt.config import TRIAL
 
-    return yaml_load(text, f"command line {key}={text}") if text.strip() != "" else None
+    if TRIAL.types.get(key) in (str, str | None) and isinstance(value, bool | int | float):
+        raise ConfigError(f"command line: grid.{key}: {value!r} is not text; key {key!r} expects "
+                          f"{TRIAL.types[key]}: quote it")
+    return value
+
+
+def _override_trial_key(raw: dict[str, Any], key: str, value: Any, keep_trial: bool = False) -> None:
+    """A command-line value of trial key ``key`` is every trial's: it replaces the file's `trial` and
+    `per_dataset` values of the key and, where the grid varies it, becomes the axis's one value."""
+    if not keep_trial and isinstance(raw.get("trial"), dict):
+        raw["trial"].pop(key, None)
+    for entry in (raw.get("per_dataset") or {}).values():
+        if isinstance(entry, dict):
+            entry.pop(key, None)
+    grid = raw.get("grid")
+    if isinstance(grid, dict) and key in grid:
+        grid[key] = [value]
 
 
 def _expect(cond: bool, source: str, key: str, value: Any, expected: str) -> None:
@@ -347,6 +420,7 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
     s.per_dataset = {
         d: _check_trial_mapping(v, source, f"per_dataset.{d}", trial_keys) for d, v in pdm.items()
     }
+    _check_layers(s, source)
     s.retries = SWEEP.check("retries", raw.get("retries", 2), source)
     s.pending_report_s = SWEEP.check("pending_report_s", raw.get("pending_report_s", 600.0), source)
     s.demo_assets = SWEEP.check("demo_assets", raw.get("demo_assets", False), source)
@@ -359,6 +433,33 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
                 f"({', '.join(s.datasets)})"
             )
     return s
+
+
+def _check_layers(s: Sweep, source: str) -> None:
+    """Refuse a trial key set in a layer whose value another layer would silently replace: a key the sweep owns
+    (seed, dataset, stage, protocol; trainer and num_devices under resources.devices > 1) in `trial`,
+    `per_dataset` or the grid, and a shared key (data_root, checkpoint) both at the top and in `trial`."""
+    layers = [("trial", s.trial), *((f"per_dataset.{d}", v) for d, v in s.per_dataset.items()),
+              *((f"grid.{k}", {k: None}) for k in s.grid)]
+    devices = s.resources["devices"]
+    fixed = {"trainer": "deepspeed", "num_devices": devices}
+    for where, layer in layers:
+        for key in layer:
+            if key in OWNED_TRIAL_KEYS:
+                raise ConfigError(f"{source}: {where if where.startswith('grid.') else f'{where}.{key}'} sets "
+                                  f"{key!r}, which the sweep sets for each trial from {OWNED_TRIAL_KEYS[key]}: "
+                                  f"set it there")
+            if key in DEVICE_OWNED_KEYS and devices > 1:
+                values = s.grid[key] if where.startswith("grid.") else [layer[key]]
+                if any(v != fixed[key] for v in values):
+                    raise ConfigError(f"{source}: {where if where.startswith('grid.') else f'{where}.{key}'} = "
+                                      f"{values if where.startswith('grid.') else values[0]!r}, but "
+                                      f"resources.devices: {devices} runs every trial with {key}={fixed[key]}")
+    for key in SHARED_KEYS:
+        if getattr(s, key) is not None and s.trial.get(key) is not None:
+            raise ConfigError(f"{source}: {key!r} is set both at the top ({getattr(s, key)}) and in "
+                              f"trial.{key} ({s.trial[key]}): set it in one place (per_dataset or the grid "
+                              f"may still set it per dataset or per point)")
 
 
 def resolve_sweep_path(path: str | Path) -> Path:
@@ -468,20 +569,29 @@ def _merge(into: dict[str, Any], layer: dict[str, Any]) -> None:
             into[k] = v
 
 
+def _as_path(key: str, value: Any) -> Any:
+    """A data_root / checkpoint value as the sweep's own keys hold it: absolute (a trial may run in another
+    working folder), ``random`` kept as said."""
+    if key not in SHARED_KEYS or not isinstance(value, str) or not value:
+        return value
+    if key == "checkpoint" and is_random(value):
+        return RANDOM
+    return str(Path(os.path.expanduser(value)).absolute())
+
+
 def trial_config(sweep: Sweep, dataset: str, hparams: dict[str, Any], seed: int, stage: str) -> Any:
-    """One trial's TrialConfig: base < shipped dataset config < sweep `trial` < per_dataset < grid < sweep."""
+    """One trial's TrialConfig. Layers, later wins: base < shipped dataset config < the sweep's data_root /
+    checkpoint < `trial` < per_dataset < grid point < what the sweep owns (dataset, seed, stage, protocol; trainer
+    and num_devices under resources.devices > 1, which no layer may set otherwise: ``sweep_from_dict``)."""
     from synqt.config import config_from_dict, config_to_dict, load_config
 
     where = f"{sweep.source}: dataset {dataset!r}" + (f", grid point {hparams}" if hparams else "")
     try:
         values = config_to_dict(load_config([], [f"dataset={dataset}"]))
-        for layer in (sweep.trial, sweep.per_dataset.get(dataset, {}), hparams):
-            _merge(values, layer)
+        shared = {k: getattr(sweep, k) for k in SHARED_KEYS if getattr(sweep, k)}
+        for layer in (shared, sweep.trial, sweep.per_dataset.get(dataset, {}), hparams):
+            _merge(values, {k: _as_path(k, v) for k, v in layer.items()})
         fixed: dict[str, Any] = {"dataset": dataset, "seed": seed, "stage": stage, "protocol": sweep.protocol}
-        if sweep.data_root:
-            fixed["data_root"] = sweep.data_root
-        if sweep.checkpoint:
-            fixed["checkpoint"] = sweep.checkpoint
         if sweep.resources["devices"] > 1:
             fixed["trainer"] = "deepspeed"
             fixed["num_devices"] = sweep.resources["devices"]
@@ -529,6 +639,14 @@ def plan_trials(
         name = f"{stage}-{d}-{hparam_short(hp)}-s{seed}"
         cfg = trial_config(sweep, d, hp, seed, stage)
         trials.append(PlannedTrial(len(trials), name, d, seed, stage, dict(hp), cfg))
+    if sweep.asha and stage == "search" and "max_t" in sweep.asha:
+        longer = [t for t in trials if t.config.epochs > sweep.asha["max_t"]]
+        if longer:  # ASHA stops a trial at max_t epochs, before it writes its result: the record would say epochs
+            t = longer[0]
+            raise ConfigError(
+                f"{sweep.source}: asha.max_t={sweep.asha['max_t']} is below epochs={t.config.epochs} of {t.run_name} "
+                f"(from the grid, trial or per_dataset): ASHA would stop every such trial at epoch "
+                f"{sweep.asha['max_t']} before it records a result; set asha.max_t >= epochs")
     names = [t.run_name for t in trials]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -558,9 +676,26 @@ def stage1_unfinished(sweep: Sweep, trials: list[PlannedTrial] | None = None) ->
             done = bool(sweep.asha)
         else:
             done = rec.state == "done" or (rec.state == "failed" and DIVERGED in str(rec.error or ""))
+            done = done and _same_trial(rec, t)
         if not done:
             out.setdefault(t.dataset, []).append(t.run_name)
     return out
+
+
+def _same_trial(rec: rundir.RunRecord, t: PlannedTrial) -> bool:
+    """True when the run directory's result is the planned trial's (``synqt.rundir.trial_identity``: every key
+    that can change a result, the checkpoint by content); a run recorded with another config is another trial
+    and never selects a point."""
+    recorded = rec.config_identity()
+    if recorded is None:  # no recorded config (an old metrics.json): its name is all there is to go by
+        return True
+    from synqt.config import config_to_dict
+
+    same = recorded == rundir.trial_identity(config_to_dict(t.config))
+    if not same:
+        log.warning("%s holds a result of another configuration than the planned trial %s; it is not counted as "
+                    "this trial's result", rec.dir, t.run_name)
+    return same
 
 
 def select_best(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> dict[str, dict[str, Any]]:
@@ -888,8 +1023,6 @@ def write_plan(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) -
 
 def weights_lines(sweep: Sweep, trials: list[PlannedTrial]) -> list[str]:
     """Which backbone weights the trials will use: path + sha256, random, the demo backbone, or none."""
-    from synqt.fileio import sha256_file
-
     out: dict[str, list[str]] = {}
     for t in trials:
         ckpt = t.config.checkpoint
@@ -901,7 +1034,8 @@ def weights_lines(sweep: Sweep, trials: list[PlannedTrial]) -> list[str]:
             text = ("NONE: key 'checkpoint' is not set, so the sweep will be refused; set "
                     "checkpoint=/path/ViT-B_16.npz or checkpoint=random")
         elif Path(ckpt).is_file():
-            text = f"{Path(ckpt).absolute()} (sha256 {sha256_file(ckpt)})"
+            digest = rundir.weights_id(ckpt).removeprefix("sha256:")  # hashed once per file, not once per trial
+            text = f"{Path(ckpt).absolute()} (sha256 {digest})"
         else:
             text = f"{ckpt} (file not found: the sweep will be refused)"
         out.setdefault(text, []).append(t.dataset)

@@ -34,7 +34,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 PROGRAMS = {"synqt", "sbatch", "ray", "tensorboard", "python", "pip", "ruff", "squeue", "scancel", "srun",
-            "scontrol"}
+            "scontrol", "scripts/gpu_check.sh"}
 _ENV = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*$")
 _DIAGRAM = set("─│►◄▼")
 TEMPLATE = ("...", "<", "[--", "[key", "[DIR]")  # a synopsis: elided or optional parts, not a command line
@@ -260,12 +260,30 @@ _RAYJOB = ("needs a running Ray head at HEAD:8265; tests/test_ray.py::test_ray_j
            "submitted sweep gets its pre-flight here (test_every_submitted_sweep_passes_its_preflight)")
 _SYNOPSIS = "a synopsis (placeholders, elided `...` or optional `[...]` parts); its concrete forms are in RUN/DRY"
 _INSTALL = "installs into the environment; .ci/run runs it, tests/test_install.py builds the wheel and runs the demo"
+_GPU = "needs a CUDA device (docs/gpu.md: the GPU node's check)"
+_GPU_CPU = ("the GPU check's CPU variant (about 1.5 min of 2 cores): tests/test_gpu_check.py::"
+            "test_gpu_check_script_cpu_mode_passes_every_check runs `scripts/gpu_check.sh --cpu --no-install`")
+_GPU_OFFLINE = ("the offline GPU install (docs/gpu.md): downloads or builds wheels on a connected machine, or "
+                "installs them")
 _SUITE = "the test suite itself (or a part of it)"
 _MENTION = "names a flag in prose (no required argument)"
 NOT_RUN: dict[str, str] = {
     "pip install -e \".[dev]\"": _INSTALL,
     "pip install .": _INSTALL,
     "DS_BUILD_SHM_COMM=1 pip install deepspeed": "builds DeepSpeed's C++ ops (a download and a compiler); optional",
+    "pip download --only-binary=:all: --no-deps --python-version 3.12 --implementation cp --abi cp312 --abi abi3 "
+    "--abi none --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 "
+    "--platform any -d wheels/ -r scripts/gpu_wheels.txt": _GPU_OFFLINE,
+    "pip wheel --no-deps --no-build-isolation \"deepspeed==0.19.8\" -w wheels/": _GPU_OFFLINE,
+    "pip install --no-index --find-links wheels/ wheels/*.whl": _GPU_OFFLINE,
+    "pip install --no-deps --no-index --find-links wheels/ -e .": _GPU_OFFLINE,
+    "SYNQT_CHECK_DEVICE=cuda python -m pytest -m gpu tests/test_gpu.py": _GPU,
+    "SYNQT_CHECK_DEVICE=cpu python -m pytest -m \"gpu and not cuda_only\" tests/test_gpu.py": _SUITE + "; " + _GPU_CPU,
+    "synqt gpu-check --out gpu-check": _GPU,
+    "synqt gpu-check --only pytest,bench": _GPU,
+    "synqt gpu-check --cpu --out /tmp/gpu-check": _GPU_CPU,
+    "scripts/gpu_check.sh": _GPU + "; installs offline into .gpu-venv first",
+    "scripts/gpu_check.sh --cpu --no-install --out /tmp/gpu-check": _GPU_CPU,
     "python -m pytest -q": _SUITE,
     "python -m pytest -q -m \"not slow\"": _SUITE,
     "python -m pytest -q -m multinode": _SUITE + "; needs root and network namespaces",

@@ -226,8 +226,16 @@ def deepspeed_config(cfg: TrialConfig, world_size: int) -> dict[str, Any]:
     return out
 
 
+def collective_device() -> torch.device:
+    """Where the default process group's collectives need their tensors: the current CUDA device under nccl
+    (NCCL reduces device memory only; a CPU tensor is refused), else the CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_reduce(values: list[float], op: Any = None, device: torch.device | None = None) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device or "cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device or collective_device())
     dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t.tolist()
 
@@ -447,7 +455,7 @@ class _Worker:
                     # mean over the global batch, as in the single-device engine
                     engine.backward(ce * (world * gas / len(batch_idx)))
                     engine.step()  # optimizer step only at the accumulation boundary
-                (total,) = _all_reduce([local])
+                (total,) = _all_reduce([local], device=self.device)
                 if not math.isfinite(total):
                     raise FloatingPointError(f"non-finite training loss ({total}) at epoch {epoch + 1}, "
                                              f"step {self.step}")
@@ -476,7 +484,7 @@ class _Worker:
         correct, total = count_correct(self.model, branches or [self.branch], batches, inputs, self.eval_labels,
                                        device=self.device, autocast=self._autocast)
         self.engine.train()
-        *correct, total = _all_reduce([*correct, total])
+        *correct, total = _all_reduce([*correct, total], device=self.device)
         return [100.0 * c / max(total, 1) for c in correct]
 
     def _snapshot(self, epoch: int) -> None:
@@ -513,7 +521,7 @@ class _Worker:
             else:
                 self._evaluate_now(epoch)
         peak, peak_kind = device_peak_memory(self.device)
-        self.peak = int(_all_reduce([peak], dist.ReduceOp.MAX)[0])
+        self.peak = int(_all_reduce([peak], dist.ReduceOp.MAX, self.device)[0])
         if self.writer is not None:
             self.writer.add_scalar("train/epoch", epoch, self.step)
             self.writer.add_scalar("perf/images_per_s", self.images_per_s, self.step)
@@ -673,13 +681,15 @@ def _spawn_entry(rank: int, world: int, port: int, cfg: dict, run_dir: str, thre
     os._exit(0)
 
 
-def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, retries: int = 1) -> dict:
+def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, retries: int = 1,
+              report: Callable[[dict], None] | None = None) -> dict:
     """Run one DeepSpeed trial on this machine with ``nprocs`` processes (gloo on CPU, nccl on GPUs).
 
     The Ray-free path for tests and single-node use; returns rank 0's metrics (also in metrics.json).
     A worker process that dies (killed, out of memory) is retried up to ``retries`` times from the
     trial's last DeepSpeed checkpoint, as Ray's FailureConfig does for a trial in a sweep; a finished
-    trial (metrics.json ok) is not rerun.
+    trial (metrics.json ok) is not rerun. ``report``: ``train_worker``'s per-epoch callback in every process (a
+    module-level function: the spawned processes unpickle it by name).
     """
     import torch.multiprocessing as mp
 
@@ -693,7 +703,7 @@ def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, ret
     threads = max(1, (os.cpu_count() or 1) // nprocs)
     for attempt in range(retries + 1):
         try:
-            mp.spawn(_spawn_entry, args=(nprocs, _free_port(), config_to_dict(cfg), str(run_dir), threads),
+            mp.spawn(_spawn_entry, args=(nprocs, _free_port(), config_to_dict(cfg), str(run_dir), threads, report),
                      nprocs=nprocs, join=True)
             break
         except mp.ProcessExitedException as err:  # a crashed process, not a Python error of the trial

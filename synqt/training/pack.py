@@ -98,6 +98,9 @@ class TrialRecipe:
         self.start_time = time.time()
         self.train_split, self.eval_split = splits_for(self.cfg)
         self.train_list = self.eval_list = self.image_size = self.images_per_s = None
+        # wall seconds by phase (metrics.json "timings_s"): what a trial's time goes to, e.g. on a GPU where the
+        # cached steps are cheap and decoding, the cache build and evaluation weigh (scripts/gpu_check.sh)
+        self.timings = {"decode_s": 0.0, "kv_cache_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -159,8 +162,10 @@ class TrialRecipe:
         size = cfg.image_size or int(self._backbone.patch_embed.img_size[0])
         self.image_size = size
         load = dict(interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
+        t0 = time.perf_counter()
         self.train_images, self.train_labels = load_images(self.train_list, size, **load)
         self.eval_images, self.eval_labels = load_images(self.eval_list, size, **load)
+        self.timings["decode_s"] += time.perf_counter() - t0
         self.mean, self.std = list(cfg.mean), list(cfg.std)
 
     def _setup_model(self) -> None:
@@ -205,8 +210,10 @@ class TrialRecipe:
                                         interpolation=self.cfg.interpolation))
                     for name, images, split in (("train", self.train_images, self.train_list),
                                                 ("eval", self.eval_images, self.eval_list))]
+        t0 = time.perf_counter()
         caches = open_trial_caches(self.model, self.cfg, requests, device=self.device, mean=self.mean, std=self.std,
                                    autocast=self.accelerator.autocast)
+        self.timings["kv_cache_s"] += time.perf_counter() - t0
         self.train_kv, self.eval_kv = caches.get("train"), caches.get("eval")
 
     @property
@@ -351,6 +358,7 @@ class TrialRecipe:
                     break
             epoch_s = time.perf_counter() - t0
             train_seconds += epoch_s
+            self.timings["train_s"] += epoch_s
             self.images_per_s = images_seen / max(train_seconds, 1e-9)
             for b in training:
                 b.epochs_done = epoch + 1
@@ -362,6 +370,7 @@ class TrialRecipe:
 
     def _after_epoch(self, epoch: int, trained: list[_Branch]) -> None:
         trained = [b for b in trained if b.status == "running"]
+        t0 = time.perf_counter()
         if trained and should_eval(self.cfg, epoch):
             if self.deferred and epoch < self.cfg.epochs:
                 for b in trained:
@@ -376,6 +385,7 @@ class TrialRecipe:
                     # every scalar of a run shares one x-axis, the optimizer step (train/epoch maps it to epochs)
                     b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, b.step)
                     progress.emit(progress.Eval(b.run_name, epoch, b.cfg.epochs, self.eval_split, acc))
+        self.timings["eval_s"] += time.perf_counter() - t0
         peak, peak_kind = device_peak_memory(self.device)
         for b in trained:
             b.writer.add_scalar("train/epoch", epoch, b.step)
@@ -437,8 +447,10 @@ class TrialRecipe:
         identity = self._backbone.synqt_identity if hasattr(self, "_backbone") else {}
         data = RunData(self.train_split, self.eval_split, self.start_time, self.train_list, self.eval_list,
                        self.image_size, self.images_per_s)
-        return trial_metrics(b, data, peak=peak, peak_kind=peak_kind, identity=identity,
-                             packed_with=len(self.branches))
+        metrics = trial_metrics(b, data, peak=peak, peak_kind=peak_kind, identity=identity,
+                                packed_with=len(self.branches))
+        metrics["timings_s"] = {k: round(v, 4) for k, v in self.timings.items()}
+        return metrics
 
     def _finish(self, b: _Branch) -> None:
         b.status = "ok"
