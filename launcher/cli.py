@@ -99,13 +99,30 @@ def _trial_overrides(args: argparse.Namespace) -> list[str]:
     return extra + list(args.overrides)
 
 
+def _require_files(given: Sequence[tuple[str, str | None]]) -> None:
+    """Each file a command was given exists, checked before it reads data or builds a model, so a missing file
+    is named first (not the data it would have found: `eval --weights missing` said "data_root is empty").
+    ``given``: (option or key, path); ``random`` (a random backbone on purpose) and unset values pass."""
+    from pathlib import Path
+
+    from synqt.ckptfile import is_random
+    from synqt.errors import ConfigError
+
+    for option, value in given:
+        if value and not is_random(value) and not Path(value).is_file():
+            what = "is a folder, not a file" if Path(value).is_dir() else "file not found"
+            raise ConfigError(f"{option} {value}: {what}")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from launcher.console import TrainPrinter, final_line
     from synqt import progress
     from synqt.config import load_config
     from synqt.training import run_trial
 
+    _require_files([("--checkpoint", args.checkpoint), *(("--config", c) for c in args.config)])
     cfg = load_config(args.config, _trial_overrides(args))
+    _require_files([("checkpoint", cfg.checkpoint)])  # also when set in a config file or as checkpoint=...
     from synqt.compat import check_same_run
     from synqt.rundir import read_metrics
 
@@ -160,13 +177,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from synqt.config import load_config
     from synqt.training import evaluate_checkpoint
 
+    _require_files([("--weights", args.weights), *(("--config", c) for c in args.config),
+                    ("--checkpoint", args.checkpoint)])
     configs = list(args.config)
     run_config = Path(args.weights).parent / rundir.CONFIG
     if not configs and not args.official and run_config.is_file():
         configs = [str(run_config)]  # the resolved config the run trained with: backbone, weights, data, recipe
         print(f"synqt eval: config from the run: {run_config}", flush=True)
     cfg = load_config(configs, _trial_overrides(args))
+    if not args.official:  # an official state dict holds the backbone too
+        _require_files([("checkpoint", cfg.checkpoint)])
     result = evaluate_checkpoint(cfg, args.weights, split=args.split, official=args.official, out=args.out)
+    from synqt.threads import ThreadChoice
+
+    print(f"synqt eval: {ThreadChoice(**result['threads']).line()}")
     print(f"{cfg.dataset} {args.split}: {result['acc']:.2f}% ({result['images']} images)")
     return Exit.OK
 
