@@ -97,7 +97,7 @@ def run_sweep_command(
     if resume and not plan_file.is_file():
         raise ConfigError(f"--resume: no sweep at {sweep.sweep_dir} (missing {plan_file})")
 
-    if resume and _same_plan(sweep, trials) and _all_done(sweep.sweep_dir):
+    if resume and _same_trials(sweep, trials) and _all_done(sweep.sweep_dir):
         # this very plan has run to its end: nothing to run, no Ray cluster (or process) to start, nothing rewritten
         from launcher.stages import finish_sweep
 
@@ -154,17 +154,38 @@ def write_sweep_files(sweep: Sweep, trials: list[PlannedTrial], *, resume: bool)
     write_planned_experiment(sweep.sweep_dir, trials)  # TensorBoard's HParams columns while the sweep runs
 
 
+# where the sweep folder is reached from (a symbolic link, a moved folder) is not what the sweep runs
+_LOCATION_KEYS = ("storage_path", "sweep_dir")
+
+
 def _same_plan(sweep: Sweep, trials: list[PlannedTrial]) -> bool:
     """On --resume keep plan.json (it may already list stage 2) when neither the sweep's resolved keys
     (sweep.yaml) nor its stage-1 trials changed."""
+    import yaml
+
+    text = _read_text(sweep.sweep_dir / rundir.SWEEP)
+    try:
+        old = yaml.safe_load(text) if text is not None else None
+    except yaml.YAMLError:
+        return False
+    if not isinstance(old, dict):
+        return False
+    new = yaml.safe_load(sweep_yaml_text(sweep))
+    same = all(old.get(k) == new.get(k) for k in {*old, *new} if k not in _LOCATION_KEYS)
+    return same and _same_trials(sweep, trials)
+
+
+def _same_trials(sweep: Sweep, trials: list[PlannedTrial]) -> bool:
+    """plan.json lists these stage-1 trials (names, hparams, seeds, epochs, packs) under the same sweep-level
+    plan keys; keys that change no trial's plan entry (e.g. a result-neutral eval_batch_size) may differ."""
     old, _ = rundir.read_json(sweep.sweep_dir / rundir.PLAN)
-    if not isinstance(old, dict) or sweep_yaml_text(sweep) != _read_text(sweep.sweep_dir / rundir.SWEEP):
+    if not isinstance(old, dict):
         return False
     new = plan_dict(sweep, trials, False)
     old_trials = [t for t in old.get("trials", []) if isinstance(t, dict)]
     same_trials = json.loads(json.dumps(new["trials"], default=str)) == old_trials[: len(trials)]
     return same_trials and all(old.get(k) == json.loads(json.dumps(new[k], default=str))
-                               for k in new if k not in ("trials", "stage2_pending"))
+                               for k in new if k not in ("trials", "stage2_pending", *_LOCATION_KEYS))
 
 
 def _read_text(path: Path) -> str | None:
