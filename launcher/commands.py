@@ -97,7 +97,7 @@ def run_sweep_command(
     if resume and not plan_file.is_file():
         raise ConfigError(f"--resume: no sweep at {sweep.sweep_dir} (missing {plan_file})")
 
-    if resume and _same_trials(sweep, trials) and _all_done(sweep.sweep_dir):
+    if resume and _same_plan(sweep, trials) and _all_done(sweep.sweep_dir):
         # this very plan has run to its end: nothing to run, no Ray cluster (or process) to start, nothing rewritten
         from launcher.stages import finish_sweep
 
