@@ -532,13 +532,12 @@ def world(demo_assets, tmp_path_factory) -> World:
     npz = tmp / "weights" / "ViT-B_16.npz"
     npz.parent.mkdir()
     np.savez(npz, **{"Transformer/encoder_norm/scale": np.ones(4, np.float32)})  # a real npz (dry runs sniff it)
-    demo_out = tmp / "demo-out"
-    sweep = demo_out / "demo"
     cwd = tmp / "cwd"
     cwd.mkdir()
     for name in ("configs", "slurm", "scripts"):
         (cwd / name).symlink_to(REPO / name)
-    (cwd / "synqt-demo").symlink_to(demo_out, target_is_directory=True)  # `synqt demo`'s default --out
+    demo_out = cwd / "synqt-demo"  # `synqt demo`'s default --out: the second demo continues the first one's sweep
+    sweep = demo_out / "demo"
     (tmp / "report").mkdir()
     run = tmp / "run"
     csv = write_published_csv(tmp / "published.csv", ["syn_colour_shape", "syn_texture", "syn_blobs", "syn_lesion",
