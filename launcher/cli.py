@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from collections.abc import Sequence
 
@@ -35,7 +34,7 @@ EXIT_CODES = """exit codes (every subcommand):
   2    bad input: command line, config, data or file (nothing was started)
   3    finished, but with failed or missing runs (train, sweep, aggregate; status: some trial failed)
   4    status only: trials still running or pending, none failed
-  130  interrupted (Ctrl-C)
+  130  interrupted (Ctrl-C, SIGTERM from kill/scancel/preemption, SLURM's USR1): last epoch checkpoints kept
   141  the reader of the output went away (e.g. `| head`); ended quietly"""
 
 
@@ -91,9 +90,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from synqt.training import run_trial
 
     cfg = load_config(args.config, _trial_overrides(args))
+    from synqt import ownership
     from synqt.compat import check_same_run
     from synqt.rundir import read_metrics
 
+    ownership.check_free(args.out, "run")  # another process training this run directory: refuse before reading it
     previous = read_metrics(args.out)
     if args.resume or (previous and previous.get("status") == "ok"):
         check_same_run(cfg, args.out)  # a resume continues exactly the same run, or stops naming each change
@@ -104,7 +105,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return Exit.OK
     printer = TrainPrinter(quiet=args.quiet > 0)
     try:
-        with progress.listening(printer):
+        # one live owner per run directory (synqt/ownership.py), held until this process ends, also on SIGTERM
+        with ownership.Claim(args.out, "run"), progress.listening(printer):
             metrics = run_trial(cfg, args.out, resume=args.resume)
     finally:
         printer.close()
@@ -562,10 +564,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     restore_logging = configure_logging(args.verbose - args.quiet)
+    from launcher.console import resume_command, sigterm_as_interrupt
     from synqt.errors import SynQTError
 
     try:
-        code = int(args.func(args) or 0)
+        with sigterm_as_interrupt():  # scancel / preemption / kill: as Ctrl-C (exit 130, resume line)
+            code = int(args.func(args) or 0)
         sys.stdout.flush()
         return code
     except SynQTError as err:
@@ -573,13 +577,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Exit.BAD_INPUT
     except BrokenPipeError:
         return _stdout_gone()
-    except KeyboardInterrupt as err:  # Ctrl+C, or launcher.stages.SweepInterrupted (SIGINT / SIGUSR1 in a sweep)
-        print(f"\nsynqt {args.command}: {str(err) or 'interrupted'}", file=sys.stderr)
-        if args.command in ("sweep", "demo"):
-            words = list(sys.argv[1:] if argv is None else argv)
-            if args.command == "sweep" and "--resume" not in words:
-                words.append("--resume")  # `synqt demo` continues its sweep by itself
-            print(f"interrupted: resume with: synqt {shlex.join(words)}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as err:  # Ctrl+C, SIGTERM (console.Terminated), launcher.stages.SweepInterrupted
+        command = args.command + (f" {args.slurm_cmd}" if args.command == "slurm" else "")
+        print(f"\nsynqt {command}: {str(err) or 'interrupted'}", file=sys.stderr)
+        again = resume_command(command, list(sys.argv[1:] if argv is None else argv))
+        if again:  # demo and slurm task continue by themselves; sweep and train need --resume
+            print(f"interrupted: resume with: {again}", file=sys.stderr, flush=True)
         return Exit.INTERRUPTED
     finally:
         restore_logging()

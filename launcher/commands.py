@@ -27,7 +27,7 @@ from launcher.sweep import (
     validate,
     write_plan,
 )
-from synqt import rundir
+from synqt import ownership, rundir
 from synqt.errors import ConfigError
 
 
@@ -70,29 +70,36 @@ def run_sweep_command(
     trials = plan_trials(sweep)
     validate(sweep, trials)
     plan_file = sweep.sweep_dir / rundir.PLAN
-    if not resume and sweep.sweep_dir.exists() and any(sweep.sweep_dir.iterdir()):
+    # a sweep folder has one live owner (synqt/ownership.py): a copy of this sweep still running (a resubmitted
+    # or requeued job, a second `synqt demo`) refuses this one here, before anything is written or started
+    ownership.check_free(sweep.sweep_dir, "sweep")
+    if not resume and sweep.sweep_dir.exists() and any(not p.name.startswith((ownership.CLAIM, f".{ownership.CLAIM}"))
+                                                       for p in sweep.sweep_dir.iterdir()):
         raise ConfigError(
             f"sweep folder {sweep.sweep_dir} already exists (plan: {plan_file}); continue it with "
             f"`synqt sweep {sweep_file} ... --resume`, or choose another storage_path/name"
         )
     if resume and not plan_file.is_file():
         raise ConfigError(f"--resume: no sweep at {sweep.sweep_dir} (missing {plan_file})")
-    if resume:  # keep unchanged trials, move changed ones aside, say so (launcher/resume.py)
-        from launcher.resume import reconcile
+    # the claim is taken where the sweep folder is first written, before Ray starts; held until this process
+    # ends (also on Ctrl-C / SIGTERM); the trials run under it (their retries too) and take none of their own
+    with ownership.Claim(sweep.sweep_dir, "sweep"):
+        if resume:  # keep unchanged trials, move changed ones aside, say so (launcher/resume.py)
+            from launcher.resume import reconcile
 
-        reconcile(sweep, trials, trials[0].stage if trials else "final")
-    if not (resume and _same_plan(plan_file, trials)):
-        write_plan(sweep, trials, _stage2_pending(sweep, trials[0].stage if trials else "final"))
-    write_planned_experiment(sweep.sweep_dir, trials)  # TensorBoard's HParams columns while the sweep runs
-    with watch(sweep.sweep_dir) if watch is not None else contextlib.nullcontext():
-        if sequential:
-            from launcher.stages import run_sequential
+            reconcile(sweep, trials, trials[0].stage if trials else "final")
+        if not (resume and _same_plan(plan_file, trials)):
+            write_plan(sweep, trials, _stage2_pending(sweep, trials[0].stage if trials else "final"))
+        write_planned_experiment(sweep.sweep_dir, trials)  # TensorBoard's HParams columns while the sweep runs
+        with watch(sweep.sweep_dir) if watch is not None else contextlib.nullcontext():
+            if sequential:
+                from launcher.stages import run_sequential
 
-            result = run_sequential(sweep, trials)
-        else:
-            from launcher.ray_backend import run_sweep
+                result = run_sequential(sweep, trials)
+            else:
+                from launcher.ray_backend import run_sweep
 
-            result = run_sweep(sweep, trials, address=address, resume=resume)
+                result = run_sweep(sweep, trials, address=address, resume=resume)
     return Exit.OK if result.get("ok") else Exit.FAILED_RUNS
 
 
@@ -123,6 +130,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None,
         *list(overrides or []),
     ]
     sweep = load_sweep(SWEEP_DIR / "demo.yaml", ov)
+    ownership.check_free(sweep.sweep_dir, "sweep")  # a demo still running there refuses this one (exit 2)
     resume = (sweep.sweep_dir / rundir.PLAN).is_file()
     if resume:
         print(f"synqt demo: continuing the demo sweep already at {sweep.sweep_dir}")

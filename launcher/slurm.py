@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from synqt import rundir
+from synqt import ownership, rundir
 from synqt.errors import ConfigError, SynQTError
 from synqt.resources import package_path
 
@@ -108,6 +108,7 @@ def submit_array(
     from launcher.sweep import validate, write_plan
 
     sweep, trials = _plan(sweep_file, overrides, prepare=False)
+    ownership.check_free(sweep.sweep_dir, "sweep")  # a sweep or array tasks still running there: refuse (exit 2)
     if not sweep.demo_assets:  # a demo sweep's data and weights are made by its first task
         # the same pre-flight as `synqt sweep`: a missing data folder or a checkpoint that is no weights file
         # would otherwise queue an array whose every task fails
@@ -155,7 +156,10 @@ def run_array_task(sweep_file: str, index: int, overrides: list[str]) -> int:
     trial = trials[index]
     run_dir = trial.run_dir(sweep)
     print(f"[synqt slurm task] {index}/{len(trials)}: {trial.run_name} -> {run_dir}", flush=True)
-    metrics = run_trial(trial.config, run_dir, resume=True)
+    # one live owner per run directory: a second copy of this task (resubmitted while the first runs) stops here;
+    # a requeued task (same job, next restart) or one whose process has ended is taken over (synqt/ownership.py)
+    with ownership.Claim(run_dir, "run"):
+        metrics = run_trial(trial.config, run_dir, resume=True)
     status = metrics.get("status")
     print(f"[synqt slurm task] {trial.run_name}: {status}", flush=True)
     from launcher.console import Exit, final_line
