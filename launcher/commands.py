@@ -41,7 +41,13 @@ def dry_run_plan(sweep_file: str, overrides: list[str], *, as_json: bool = False
     trials = plan_trials(sweep)
     if as_json:
         stage = trials[0].stage if trials else "final"
-        return json.dumps(plan_dict(sweep, trials, _stage2_pending(sweep, stage)), indent=2, default=str)
+        d = plan_dict(sweep, trials, _stage2_pending(sweep, stage))
+        try:  # slurm/vtab.sh refuses a second copy of a running sweep with this before it starts Ray
+            ownership.check_free(sweep.sweep_dir, "sweep")
+            d["owner"] = None
+        except ownership.Refused as err:
+            d["owner"] = str(err)
+        return json.dumps(d, indent=2, default=str)
     return dry_run_text(sweep, trials)
 
 

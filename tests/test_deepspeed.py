@@ -325,3 +325,42 @@ def test_deferred_evaluation_survives_a_resume(tiny_assets: tuple[Path, Path, Pa
     metrics = run_local(cfg, run, nprocs=2)
     assert metrics["provenance"]["resumed_after_epoch"] == 2
     _same_as_periodic(metrics, run, periodic_tiny)
+
+
+def test_sigterm_to_a_two_process_train_stops_every_rank(ds_assets: tuple[Path, Path], tmp_path: Path) -> None:
+    """Issue 19: `synqt train trainer=deepspeed num_devices=2` sent SIGTERM (kill / scancel of the parent only)
+    exits 130 with the resume command, stops both ranks (none trains on), and keeps the epoch checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    root, ckpt = ds_assets
+    run_dir = tmp_path / "run"
+    args = ["train", "--dataset", "syn_colour_shape", "--data-root", str(root), "--checkpoint", str(ckpt), "--out",
+            str(run_dir), "protocol=paper", "backbone=vit_tiny_patch16_224", "epochs=30", "warmup_epochs=1",
+            "eval_every=100", "batch_size=32", "eval_batch_size=64", "trainer=deepspeed", "num_devices=2",
+            "device=cpu", f"cache_dir={tmp_path / 'cache'}"]
+    log = tmp_path / "train.log"
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "progress.json").is_file():  # written after the epoch-1 checkpoint
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.2)
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+        assert len([r for r in ranks if "spawn" in " ".join(r.cmdline())]) == 2
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    out = log.read_text()
+    assert proc.returncode == 130, out
+    assert f"interrupted: resume with: synqt {' '.join(args)} --resume" in out, out
+    _, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive, alive
+    assert (run_dir / "ds_checkpoint").is_dir() and not (run_dir / "metrics.json").exists()

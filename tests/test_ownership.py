@@ -212,3 +212,52 @@ def test_demo_refused_while_its_folder_is_owned(demo_assets, synqt_cache_dir: Pa
     res = run(["demo", "--out", str(tmp_path)], env={**env_one_thread(), "SYNQT_DEMO_DIR": str(synqt_cache_dir)})
     assert_refused(res, os.getpid(), HOST)
     assert sorted(p.name for p in claim.parent.iterdir()) == ["owner.json"]
+
+
+def test_sigterm_to_status_watch_is_an_interrupt(tmp_path: Path) -> None:
+    """Every subcommand takes SIGTERM as Ctrl-C (exit 130, one line, no traceback): here `synqt status --watch`,
+    which refreshes until nothing runs, on a folder whose one run is running (progress.json only)."""
+    run_dir = tmp_path / "runs" / "a"
+    run_dir.mkdir(parents=True)
+    (run_dir / "progress.json").write_text(json.dumps({"epoch": 1, "epochs": 3, "updated": time.time(),
+                                                       "status": "running"}))
+    log = tmp_path / "watch.log"
+    proc = start(["status", str(tmp_path), "--watch", "--interval", "0.5"], log)
+    try:
+        wait_for(lambda: "running" in log.read_text(), proc, log)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    out = log.read_text()
+    assert proc.returncode == 130, out
+    assert "synqt status: interrupted (SIGTERM received)" in out and "Traceback" not in out, out
+    assert "resume with" not in out  # nothing to resume
+
+
+def test_an_owner_whose_claim_was_taken_over_learns_it_at_its_next_renewal(tmp_path: Path, monkeypatch) -> None:
+    """The renewal thread: a claim removed by hand is published again; a claim replaced by another process's
+    (this owner was suspended past stale_after_s and taken over) ends the renewal and calls on_lost once."""
+    from synqt.ownership import Claim
+
+    monkeypatch.setenv("SYNQT_CLAIM_RENEW_S", "0.1")
+    lost: list = []
+    claim = Claim(tmp_path / "run", "run", on_lost=lost.append).acquire()
+    try:
+        path = tmp_path / "run" / "owner.json"
+        mine = json.loads(path.read_text())
+        assert mine["pid"] == os.getpid() and mine["host"] == HOST
+        path.unlink()
+        deadline = time.time() + 30
+        while not path.is_file():
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert json.loads(path.read_text())["token"] == mine["token"]
+        foreign_claim(tmp_path / "run", host="other-node", pid=999)
+        while not lost:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert lost[0].host == "other-node" and lost[0].pid == 999
+    finally:
+        claim.release()
+    assert json.loads(path.read_text())["host"] == "other-node"  # release never removes another's claim

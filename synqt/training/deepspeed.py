@@ -33,7 +33,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -673,6 +673,19 @@ def _spawn_entry(rank: int, world: int, port: int, cfg: dict, run_dir: str, thre
     os._exit(0)
 
 
+def _stop_ranks(processes: Sequence[Any], grace_s: float = 30.0) -> None:
+    """SIGTERM every rank still alive, wait up to ``grace_s`` for them, then SIGKILL what is left."""
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in processes:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, retries: int = 1) -> dict:
     """Run one DeepSpeed trial on this machine with ``nprocs`` processes (gloo on CPU, nccl on GPUs).
 
@@ -693,8 +706,17 @@ def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, ret
     threads = max(1, (os.cpu_count() or 1) // nprocs)
     for attempt in range(retries + 1):
         try:
-            mp.spawn(_spawn_entry, args=(nprocs, _free_port(), config_to_dict(cfg), str(run_dir), threads),
-                     nprocs=nprocs, join=True)
+            context = mp.start_processes(_spawn_entry, nprocs=nprocs, join=False, start_method="spawn",
+                                         args=(nprocs, _free_port(), config_to_dict(cfg), str(run_dir), threads))
+            try:
+                while not context.join():
+                    pass
+            except KeyboardInterrupt:
+                # Ctrl-C or SIGTERM reached this process only (kill, scancel of the parent): stop the ranks too,
+                # or they would train on, and the interpreter would wait for them at exit; the last epoch's
+                # DeepSpeed checkpoint stays for --resume
+                _stop_ranks(context.processes)
+                raise
             break
         except mp.ProcessExitedException as err:  # a crashed process, not a Python error of the trial
             if attempt == retries:
