@@ -66,6 +66,10 @@ def run_sweep_command(
     ``dry_run``). ``watch(sweep_dir)`` is held open while the trials run (the CLI's finished-trial lines).
     Returns an exit code of ``launcher.console.Exit``: OK, or FAILED_RUNS when a trial failed or is missing."""
     sweep = load_sweep(sweep_file, overrides)
+    # a sweep folder has one live owner (synqt/ownership.py): a copy of this sweep still running (a resubmitted
+    # or requeued job, a second `synqt demo`) refuses this one first, before anything is prepared, written or started
+    if not dry_run:
+        ownership.check_free(sweep.sweep_dir, "sweep")
     if sequential and sweep.asha:
         raise ConfigError(f"{sweep.source}: asha needs Ray Tune's scheduler; --sequential runs every trial to its "
                           "end (remove the asha section or run without --sequential)")
@@ -76,9 +80,6 @@ def run_sweep_command(
     trials = plan_trials(sweep)
     validate(sweep, trials)
     plan_file = sweep.sweep_dir / rundir.PLAN
-    # a sweep folder has one live owner (synqt/ownership.py): a copy of this sweep still running (a resubmitted
-    # or requeued job, a second `synqt demo`) refuses this one here, before anything is written or started
-    ownership.check_free(sweep.sweep_dir, "sweep")
     if not resume and sweep.sweep_dir.exists() and any(not p.name.startswith((ownership.CLAIM, f".{ownership.CLAIM}"))
                                                        for p in sweep.sweep_dir.iterdir()):
         raise ConfigError(

@@ -330,6 +330,7 @@ def test_deferred_evaluation_survives_a_resume(tiny_assets: tuple[Path, Path, Pa
 def test_sigterm_to_a_two_process_train_stops_every_rank(ds_assets: tuple[Path, Path], tmp_path: Path) -> None:
     """Issue 19: `synqt train trainer=deepspeed num_devices=2` sent SIGTERM (kill / scancel of the parent only)
     exits 130 with the resume command, stops both ranks (none trains on), and keeps the epoch checkpoint."""
+    import contextlib
     import os
     import signal
     import subprocess
@@ -347,6 +348,7 @@ def test_sigterm_to_a_two_process_train_stops_every_rank(ds_assets: tuple[Path, 
     log = tmp_path / "train.log"
     proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ranks: list[psutil.Process] = []
     try:
         deadline = time.time() + 300
         while not (run_dir / "progress.json").is_file():  # written after the epoch-1 checkpoint
@@ -356,11 +358,14 @@ def test_sigterm_to_a_two_process_train_stops_every_rank(ds_assets: tuple[Path, 
         assert len([r for r in ranks if "spawn" in " ".join(r.cmdline())]) == 2
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
+        _, alive = psutil.wait_procs(ranks, timeout=10)
     finally:
         proc.kill()
+        for r in ranks:  # never leave a rank training on after the test
+            with contextlib.suppress(psutil.Error):
+                r.kill()
     out = log.read_text()
     assert proc.returncode == 130, out
     assert f"interrupted: resume with: synqt {' '.join(args)} --resume" in out, out
-    _, alive = psutil.wait_procs(ranks, timeout=10)
     assert not alive, alive
     assert (run_dir / "ds_checkpoint").is_dir() and not (run_dir / "metrics.json").exists()

@@ -136,7 +136,7 @@ def test_sigterm_stops_ray_sweep_and_duplicate_is_refused(demo_assets, tmp_path:
         assert time.time() < deadline, log.read_text()
         time.sleep(0.2)
     env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
-    dup = subprocess.run([*SYNQT, "sweep", *args, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300,
+    dup = subprocess.run([*SYNQT, "sweep", *args, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=180,
                          env=env)
     assert dup.returncode == 2, dup.stdout + dup.stderr
     assert f"being run by pid {proc.pid} on host {socket.gethostname()} since " in dup.stderr, dup.stderr

@@ -108,6 +108,7 @@ def test_train_twice_refused_then_killed_owner_taken_over_then_sigterm(assets, t
         assert sorted(p.name for p in run_dir.glob("events.out.tfevents.*")) == events_before  # it wrote nothing
         status = run(["status", str(run_dir)])  # a reader is never refused: the run is running (exit 4)
         assert status.returncode == 4, status.stdout + status.stderr
+        assert f"being run by pid {first.pid} on host {HOST} since " in status.stdout, status.stdout
     finally:
         first.kill()
         first.wait()
