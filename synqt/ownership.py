@@ -330,10 +330,8 @@ class Claim:
                     # unreadable or just released: move an unreadable one aside once it is old
                     self._set_aside_unreadable()
                     continue
-                if _is_me(owner):  # this process claimed it already (a nested call)
-                    self.token = owner.token
-                    self.held = True
-                    return self
+                if _is_me(owner):  # this process holds it already (a nested claim): the outer one renews and
+                    return self  # releases it; this one neither renews nor removes it
                 reason = owner.gone_because()
                 if reason is None:
                     raise _refusal(self.folder, self.what, owner, self.folder)
