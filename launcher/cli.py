@@ -49,6 +49,21 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
+def _strict() -> argparse.ArgumentParser:
+    """--strict of `data check`, `sweep` and `slurm array` (a parent parser: declared once). For a sweep it sets
+    the sweep key ``strict`` (launcher.sweep.Sweep), so ``strict=true`` in the file or on the line is the same."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--strict", action="store_true",
+                   help="split leaks (an image twice in a split, test images in a training split, val200 images in "
+                        "train800; by file and by decoded pixels) are errors (exit 2), not warnings")
+    return p
+
+
+def _sweep_overrides(args: argparse.Namespace) -> list[str]:
+    """The sweep's key=value overrides, with ``strict=true`` for --strict."""
+    return [*args.overrides, "strict=true"] if args.strict else list(args.overrides)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -161,7 +176,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep",
-        parents=[_common()],
+        parents=[_common(), _strict()],
         help="run a sweep on a Ray cluster (or print its plan)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
@@ -203,7 +218,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     listener, watch = _sweep_console(args)
     with progress.listening(listener):
         return run_sweep_command(
-            args.sweep_file, args.overrides, dry_run=args.dry_run, resume=args.resume,
+            args.sweep_file, _sweep_overrides(args), dry_run=args.dry_run, resume=args.resume,
             address=args.address, as_json=args.json, sequential=args.sequential, watch=watch,
         )
 
@@ -392,15 +407,20 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     data_sub = p.add_subparsers(dest="data_cmd", required=True)
     c = data_sub.add_parser(
         "check",
-        parents=[_common()],
-        help="count images and classes per split; report missing/unreadable files and bad labels",
+        parents=[_common(), _strict()],
+        help="count images and classes per split; report missing/unreadable files, bad labels and split leaks",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  synqt data check /data/vtab-1k\n  synqt data check /data/vtab-1k cifar dtd --decode",
+        epilog="examples:\n  synqt data check /data/vtab-1k\n  synqt data check /data/vtab-1k cifar dtd --decode\n"
+               "  synqt data check /data/vtab-1k cifar --strict        # split leaks are errors (exit 2)\n"
+               "  synqt data check /data/vtab-1k --paths-only         # leaks by file only: no image decoded",
     )
     c.add_argument("root")
     c.add_argument("names", nargs="*", help="dataset folders (default: all under root)")
     c.add_argument("--layout", default="auto", choices=["auto", "vtab_json", "vtab_txt", "fgvc_json"])
-    c.add_argument("--decode", action="store_true", help="decode every image (slow), not only check it exists")
+    c.add_argument("--decode", action="store_true",
+                   help="also report each split's image modes and the images converted by value range")
+    c.add_argument("--paths-only", action="store_true",
+                   help="find split leaks by file only (no image decoded; renamed copies are not found)")
     c.set_defaults(func=_cmd_data_check, _rest="names")  # names are accepted after flags too
     s = data_sub.add_parser(
         "synthetic",
@@ -416,7 +436,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from synqt.data import check_datasets
 
-    report = check_datasets(args.root, args.names, layout=args.layout, decode=args.decode)
+    report = check_datasets(args.root, args.names, layout=args.layout, decode=args.decode,
+                            content=not args.paths_only, strict=args.strict)
     print(report.text)
     return Exit.OK if report.ok else Exit.BAD_INPUT  # a problem in the data is bad input (the exit-code rule)
 
@@ -442,7 +463,7 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
     slurm_sub = p.add_subparsers(dest="slurm_cmd", required=True)
     a = slurm_sub.add_parser(
         "array",
-        parents=[_common()],
+        parents=[_common(), _strict()],
         help="submit slurm/vtab_array.sh over a sweep's plan + a dependent aggregate job",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
@@ -485,7 +506,7 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
 def _cmd_slurm_array(args: argparse.Namespace) -> int:
     from launcher.slurm import submit_array
 
-    return submit_array(args.sweep_file, args.overrides, print_only=args.print,
+    return submit_array(args.sweep_file, _sweep_overrides(args), print_only=args.print,
                         concurrency=args.concurrency, sbatch_args=args.sbatch_args)
 
 

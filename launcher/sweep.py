@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -27,6 +28,8 @@ from synqt.config import TAGS, Schema, pack_key, setting
 from synqt.errors import ConfigError, DataError
 from synqt.fileio import atomic_write_json, atomic_write_text
 from synqt.resources import shipped_config_dir
+
+log = logging.getLogger(__name__)
 
 # The shipped sweeps (synqt/configs/sweeps inside the installed package; `configs/sweeps` in a checkout).
 SWEEP_DIR = shipped_config_dir() / "sweeps"
@@ -67,6 +70,9 @@ class Sweep:
     # a Ray trial waiting longer than this many seconds for its resources is reported by name
     pending_report_s: float = setting(600.0, min=0)
     demo_assets: bool = setting(False)
+    # split leaks (`synqt data check`: an image twice in a split, test in a training split, val200 in train800)
+    # refuse the sweep before Ray starts instead of a warning; `--strict` on the command line sets it
+    strict: bool = setting(False)
     source: str = field(default="<sweep>", metadata={})
 
     @property
@@ -344,6 +350,7 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
     s.retries = SWEEP.check("retries", raw.get("retries", 2), source)
     s.pending_report_s = SWEEP.check("pending_report_s", raw.get("pending_report_s", 600.0), source)
     s.demo_assets = SWEEP.check("demo_assets", raw.get("demo_assets", False), source)
+    s.strict = SWEEP.check("strict", raw.get("strict", False), source)
     s.datasets = expand_datasets(s.datasets, source)
     for d in s.per_dataset:
         if d not in s.datasets:
@@ -669,6 +676,7 @@ def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
 
     seen: set[tuple] = set()
     checked: set[str] = set()
+    folders: dict[tuple[str, str, str], str] = {}  # (data_root, dataset folder, layout) -> the sweep's name
     for t in trials:
         cfg = t.config
         if not cfg.data_root:
@@ -690,6 +698,7 @@ def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
                 validate_dataset(cfg.data_root, cfg.dataset, list(splits), cfg.num_classes, cfg.layout)
             except DataError as err:
                 raise DataError(f"dataset {t.dataset!r} ({folder}): {err}") from None
+        folders.setdefault((cfg.data_root, cfg.dataset, cfg.layout), t.dataset)
         where = f"{sweep.source}: dataset {t.dataset!r}"
         require_backbone_weights(cfg.checkpoint, where)
         if not is_random(cfg.checkpoint) and cfg.checkpoint not in checked:
@@ -700,6 +709,29 @@ def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
                 )
             check_file(Path(cfg.checkpoint))  # a cut-off download or an HTML page: refused before Ray
             checked.add(cfg.checkpoint)
+    check_split_leaks(sweep, folders)
+
+
+def check_split_leaks(sweep: Sweep, folders: dict[tuple[str, str, str], str]) -> None:
+    """The pre-flight leak check: one warning per dataset with the counts (``synqt.data.split_leaks``, by file and
+    decoded pixels, every split the folder has), or with ``sweep.strict`` a DataError naming each dataset."""
+    from synqt.data import split_leaks
+
+    if not folders:
+        return
+    log.info("checking %d dataset(s) for split leaks (by file and by decoded pixels; pixel hashes are cached) ...",
+             len(folders))
+    leaky = []
+    for (root, folder, layout), name in folders.items():
+        report = split_leaks(root, folder, layout)
+        if report.findings:
+            where = f"dataset {name!r} ({Path(root) / folder}): {report.summary()}"
+            leaky.append(where)
+            if not sweep.strict:
+                log.warning("split leak in %s; see `synqt data check %s %s`; strict=true (--strict) refuses the "
+                            "sweep", where, root, folder)
+    if leaky and sweep.strict:
+        raise DataError("strict: split leaks found (see `synqt data check`): " + " | ".join(leaky))
 
 
 def _split_size(cfg: Any, split: str) -> tuple[int, bool]:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from synqt import splitcheck
 from synqt.errors import DataError
 from synqt.fileio import atomic_write
 from synqt.imagemodes import HOW, RESCALED, to_rgb
@@ -695,12 +696,43 @@ def _check_splits(ds_dir: Path, layout: str) -> list[str]:
     return out
 
 
+def split_leaks(data_root: str | Path, dataset: str, layout: str = "auto", *, content: bool = True,
+                splits: dict[str, SplitList] | None = None) -> splitcheck.LeakReport:
+    """Duplicates within a split and overlap between splits of one dataset (``synqt.splitcheck.find_leaks``).
+
+    Reads every split the folder has (train800, val200, train800val200, test, derived ones included; FGVC
+    train, val, test) unless ``splits`` gives them already; a split whose list cannot be read is left out
+    (``validate_dataset`` / ``check_datasets`` report it). ``content``: also compare decoded pixels, with the
+    hashes cached under ``default_cache_dir()``. Decodes in ``_workers()`` threads.
+    """
+    if splits is None:
+        ds_dir = _dataset_dir(data_root, dataset)
+        lay = _resolve_layout(ds_dir, layout)
+        splits = {}
+        for name in _check_splits(ds_dir, lay):
+            try:
+                splits[name] = read_split(data_root, dataset, name, lay)
+            except DataError:
+                continue
+    else:
+        ds_dir = _dataset_dir(data_root, dataset)
+    key = hashlib.sha256(os.path.realpath(ds_dir).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", dataset)
+    return splitcheck.find_leaks(
+        dataset, {s: list(zip(sl.sources, sl.paths, strict=True)) for s, sl in splits.items()}, content=content,
+        cache_dir=default_cache_dir(), cache_name=f"{name}-{key}", workers=_workers(), folder=ds_dir)
+
+
 @dataclass
 class DataCheck:
-    """The report of ``check_datasets``: its text lines and the number of problems found."""
+    """The report of ``check_datasets``: its text lines, the number of problems and of split-leak findings.
+
+    Leaks are warnings (``ok`` stays True) unless the check ran with ``strict``: then they count as problems.
+    """
 
     lines: list[str]
     problems: int
+    leaks: int = 0
 
     @property
     def text(self) -> str:
@@ -712,8 +744,13 @@ class DataCheck:
 
 
 def check_datasets(root: str | Path, names: Sequence[str] | None = None, layout: str = "auto",
-                   decode: bool = False) -> DataCheck:
-    """`synqt data check`: counts and problems per dataset and split (the CLI prints the report)."""
+                   decode: bool = False, *, content: bool = True, strict: bool = False) -> DataCheck:
+    """`synqt data check`: counts and problems per dataset and split (the CLI prints the report).
+
+    Also split leaks (``split_leaks``: duplicates within a split, overlap between splits that must be disjoint),
+    by file and, with ``content``, by decoded pixels (an undecodable image is then a problem too); ``strict``
+    counts each leak finding as a problem.
+    """
     lines: list[str] = []
     say = lines.append
     root_p = Path(root).expanduser().absolute()
@@ -726,8 +763,10 @@ def check_datasets(root: str | Path, names: Sequence[str] | None = None, layout:
         say(f"error: no dataset folders under {root_p}")
         return DataCheck(lines, 1)
     total = 0
+    leaks = 0
     for name in names:
         problems: list[str] = []
+        read: dict[str, SplitList] = {}
         try:
             ds_dir = _dataset_dir(root_p, name)
             lay = _resolve_layout(ds_dir, layout)
@@ -759,6 +798,7 @@ def check_datasets(root: str | Path, names: Sequence[str] | None = None, layout:
                 problems.append(f"{split}: {e}")
                 say(f"  {split:<15} unreadable list")
                 continue
+            read[split] = sl
             missing, bad_labels, unreadable = [], [], []
             modes: dict[str, int] = {}
             rescaled: dict[str, list[str]] = {}
@@ -796,9 +836,31 @@ def check_datasets(root: str | Path, names: Sequence[str] | None = None, layout:
                     problems.append(f"{split}: {kind}: {item}")
                 if len(items) > 10:
                     problems.append(f"{split}: {kind}: ... and {len(items) - 10} more")
+        found_leaks = 0
+        if read:
+            rep = split_leaks(root_p, name, lay, content=content, splits=read)
+            how = (f"by file and by pixels: {rep.hashed} image files in {rep.seconds:.1f} s ({rep.from_cache} "
+                   "hashes from the pixel-hash cache)" if content else "by file only (--paths-only)")
+            say(f"  split leaks checked {how}")
+            if not decode:  # with --decode the loop above reported them already
+                problems += [f"unreadable: {u}" for u in rep.unreadable[:10]]
+                if len(rep.unreadable) > 10:
+                    problems.append(f"unreadable: ... and {len(rep.unreadable) - 10} more")
+            for line in rep.lines():
+                say(f"  {line}" if line.startswith(" ") else f"  {'PROBLEM' if strict else 'LEAK'} {line}")
+            found_leaks = len(rep.findings)
         for pr in problems:
             say(f"  PROBLEM {pr}")
-        say(f"  {'OK' if not problems else f'{len(problems)} problem(s)'}")
-        total += len(problems)
-    say(f"{'all OK' if total == 0 else f'{total} problem(s) found'}")
-    return DataCheck(lines, total)
+        n = len(problems) + (found_leaks if strict else 0)
+        warned = 0 if strict else found_leaks
+        parts = [f"{n} problem(s)"] * bool(n) + [f"{warned} split leak(s)"] * bool(warned)
+        say(f"  {', '.join(parts) or 'OK'}")
+        total += n
+        leaks += found_leaks
+    if total:
+        say(f"{total} problem(s) found")
+    elif leaks:
+        say(f"{leaks} split leak(s) found (LEAK lines; --strict makes them errors)")
+    else:
+        say("all OK")
+    return DataCheck(lines, total, leaks)
