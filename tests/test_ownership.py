@@ -147,8 +147,13 @@ def test_sweep_foreign_claim_refused_until_stale(assets, tmp_path: Path) -> None
     refused = run(args)
     assert_refused(refused, 4242, "node-that-died")
     assert sorted(p.name for p in sweep_dir.iterdir()) == ["owner.json"]  # nothing written
+    # what slurm/vtab.sh reads to refuse a resubmitted job before it starts Ray (a dry run is never refused)
+    dry = run(["sweep", *args[1:], "--dry-run", "--json"])
+    assert dry.returncode == 0, dry.stderr
+    assert "being run by pid 4242 on host node-that-died since " in json.loads(dry.stdout)["owner"]
 
     foreign_claim(sweep_dir, age_s=600, stale_after_s=60)
+    assert json.loads(run(["sweep", *args[1:], "--dry-run", "--json"]).stdout)["owner"] is None
     res = run(args)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
