@@ -130,24 +130,28 @@ def test_sigterm_stops_ray_sweep_and_duplicate_is_refused(demo_assets, tmp_path:
     sweep_dir = tmp_path / "ci"
     log = tmp_path / "first.log"
     proc = start_sweep(args, log)
-    deadline = time.time() + 600
-    while not (sweep_dir / "plan.json").is_file():  # the claim is taken before plan.json is written
-        assert proc.poll() is None, log.read_text() + proc.stderr.read()
-        assert time.time() < deadline, log.read_text()
-        time.sleep(0.2)
-    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
-    dup = subprocess.run([*SYNQT, "sweep", *args, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=180,
-                         env=env)
-    assert dup.returncode == 2, dup.stdout + dup.stderr
-    assert f"being run by pid {proc.pid} on host {socket.gethostname()} since " in dup.stderr, dup.stderr
-    assert "(started by " in dup.stderr and "Traceback" not in dup.stderr
-    assert "Ray" not in dup.stdout  # refused before Ray was started (no stage line)
-    status = subprocess.run([*SYNQT, "status", str(sweep_dir)], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env=env)
-    assert status.returncode == 4, status.stdout + status.stderr  # a reader is never refused: still running
+    try:
+        deadline = time.time() + 600
+        while not (sweep_dir / "plan.json").is_file():  # the claim is taken before plan.json is written
+            assert proc.poll() is None, log.read_text() + proc.stderr.read()
+            assert time.time() < deadline, log.read_text()
+            time.sleep(0.2)
+        env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+        dup = subprocess.run([*SYNQT, "sweep", *args, "--resume"], cwd=REPO, capture_output=True, text=True,
+                             timeout=180, env=env)
+        assert dup.returncode == 2, dup.stdout + dup.stderr
+        assert f"being run by pid {proc.pid} on host {socket.gethostname()} since " in dup.stderr, dup.stderr
+        assert "(started by " in dup.stderr and "Traceback" not in dup.stderr
+        assert "Ray" not in dup.stdout  # refused before Ray was started (no stage line)
+        status = subprocess.run([*SYNQT, "status", str(sweep_dir)], cwd=REPO, capture_output=True, text=True,
+                                timeout=300, env=env)
+        assert status.returncode == 4, status.stdout + status.stderr  # a reader is never refused: still running
 
-    checkpointed = signal_at_first_checkpoint(proc, sweep_dir, signal.SIGTERM, log)
-    _, err = proc.communicate(timeout=300)
+        checkpointed = signal_at_first_checkpoint(proc, sweep_dir, signal.SIGTERM, log)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # a failed assertion above: never leave the sweep running
+            proc.kill()
     out = log.read_text()
     assert proc.returncode == 130, out + err
     assert "Aborted" not in err and "Traceback" not in err and "Fatal Python error" not in err, err
