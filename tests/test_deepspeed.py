@@ -341,12 +341,13 @@ def test_sigterm_to_a_two_process_train_stops_every_rank(ds_assets: tuple[Path, 
 
     root, ckpt = ds_assets
     run_dir = tmp_path / "run"
-    args = ["train", "--dataset", "syn_colour_shape", "--data-root", str(root), "--checkpoint", str(ckpt), "--out",
-            str(run_dir), "protocol=paper", "backbone=vit_tiny_patch16_224", "epochs=30", "warmup_epochs=1",
+    repo = Path(__file__).resolve().parents[1]
+    args = ["train", "--config", "configs/demo.yaml", "--dataset", "syn_colour_shape", "--data-root", str(root),
+            "--checkpoint", str(ckpt), "--out", str(run_dir), "protocol=paper", "epochs=30", "warmup_epochs=1",
             "eval_every=100", "batch_size=32", "eval_batch_size=64", "trainer=deepspeed", "num_devices=2",
             "device=cpu", f"cache_dir={tmp_path / 'cache'}"]
     log = tmp_path / "train.log"
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], stdout=open(log, "w"),
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], stdout=open(log, "w"), cwd=repo,
                             stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ranks: list[psutil.Process] = []
     try:
