@@ -98,13 +98,30 @@ def _trial_overrides(args: argparse.Namespace) -> list[str]:
     return extra + list(args.overrides)
 
 
+def _require_files(given: Sequence[tuple[str, str | None]]) -> None:
+    """Each file a command was given exists, checked before it reads data or builds a model, so a missing file
+    is named first (not the data it would have found: `eval --weights missing` said "data_root is empty").
+    ``given``: (option or key, path); ``random`` (a random backbone on purpose) and unset values pass."""
+    from pathlib import Path
+
+    from synqt.ckptfile import is_random
+    from synqt.errors import ConfigError
+
+    for option, value in given:
+        if value and not is_random(value) and not Path(value).is_file():
+            what = "is a folder, not a file" if Path(value).is_dir() else "file not found"
+            raise ConfigError(f"{option} {value}: {what}")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from launcher.console import TrainPrinter, final_line
     from synqt import progress
     from synqt.config import load_config
     from synqt.training import run_trial
 
+    _require_files([("--checkpoint", args.checkpoint), *(("--config", c) for c in args.config)])
     cfg = load_config(args.config, _trial_overrides(args))
+    _require_files([("checkpoint", cfg.checkpoint)])  # also when set in a config file or as checkpoint=...
     from synqt import ownership
     from synqt.compat import check_same_run
     from synqt.rundir import read_metrics
@@ -162,13 +179,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from synqt.config import load_config
     from synqt.training import evaluate_checkpoint
 
+    _require_files([("--weights", args.weights), *(("--config", c) for c in args.config),
+                    ("--checkpoint", args.checkpoint)])
     configs = list(args.config)
     run_config = Path(args.weights).parent / rundir.CONFIG
     if not configs and not args.official and run_config.is_file():
         configs = [str(run_config)]  # the resolved config the run trained with: backbone, weights, data, recipe
         print(f"synqt eval: config from the run: {run_config}", flush=True)
     cfg = load_config(configs, _trial_overrides(args))
+    if not args.official:  # an official state dict holds the backbone too
+        _require_files([("checkpoint", cfg.checkpoint)])
     result = evaluate_checkpoint(cfg, args.weights, split=args.split, official=args.official, out=args.out)
+    from synqt.threads import ThreadChoice
+
+    print(f"synqt eval: {ThreadChoice(**result['threads']).line()}")
     print(f"{cfg.dataset} {args.split}: {result['acc']:.2f}% ({result['images']} images)")
     return Exit.OK
 
@@ -450,6 +474,39 @@ def _cmd_data_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_gpu_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "gpu-check",
+        parents=[_common()],
+        help="prove every CUDA path on one GPU in minutes: tests, K/V bench, a timed trial, a sweep (docs/gpu.md)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  synqt gpu-check --out gpu-check             # on a GPU node, from a checkout (scripts/gpu_check.sh installs first)
+  synqt gpu-check --cpu --out /tmp/gpu-check  # the same checks on the CPU at small sizes (about a minute)
+  synqt gpu-check --only pytest,bench         # a subset: pytest, bench, train, sweep
+prints one table (pass/fail per check, the figures) and writes it to <out>/gpu_check.json; exit 0 when every
+check passed, 3 when one failed.""",
+    )
+    p.add_argument("--out", default="gpu-check", help="folder for the logs, runs and gpu_check.json (emptied first)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU at small sizes, without the CUDA-only checks")
+    p.add_argument("--only", default="", help="comma list of checks to run: pytest, bench, train, sweep")
+    p.add_argument("--demo-assets", help="folder holding the built demo data and backbone for the sweep check")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for all checks; a step still running then is stopped and fails (default: 450 on a "
+                        "GPU, leaving the install its share of 8 minutes; 900 with --cpu)")
+    p.set_defaults(func=_cmd_gpu_check)
+
+
+def _cmd_gpu_check(args: argparse.Namespace) -> int:
+    from launcher.gpu_check import format_summary, run_checks
+
+    only = [c.strip() for c in args.only.split(",") if c.strip()]
+    result = run_checks(args.out, cpu=args.cpu, only=only, demo_assets=args.demo_assets,
+                        budget=args.budget)
+    print(format_summary(result), flush=True)
+    return Exit.OK if result["passed"] else Exit.FAILED_RUNS
+
+
 def _add_slurm(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "slurm",
@@ -543,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"synqt {version_string()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_eval, _add_sweep, _add_aggregate, _add_compare, _add_status, _add_demo, _add_bench,
-                _add_data, _add_slurm):
+                _add_data, _add_slurm, _add_gpu_check):
         add(sub)
     return parser
 
