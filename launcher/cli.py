@@ -32,8 +32,10 @@ EPILOG = """examples:
 EXIT_CODES = """exit codes (every subcommand):
   0    everything asked for finished and is ok
   1    an unexpected error (a bug; the traceback is shown)
-  2    bad input: command line, config, data or file (nothing was started)
+  2    bad input: command line, config, data or file, or an output folder that takes no file
+       (read-only, full, no permission): nothing was started
   3    finished, but with failed or missing runs (train, sweep, aggregate; status: some trial failed)
+       or a write failed mid-run (the file, free space and key are named; the run is marked failed)
   4    status only: trials still running or pending, none failed
   130  interrupted (Ctrl-C)
   141  the reader of the output went away (e.g. `| head`); ended quietly"""
@@ -93,6 +95,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _trial_overrides(args))
     from synqt.compat import check_same_run
     from synqt.rundir import read_metrics
+    from synqt.training import check_outputs
+
+    check_outputs([cfg], [args.out], "--out")  # before data, backbone or device: --out must take files
 
     previous = read_metrics(args.out)
     if args.resume or (previous and previous.get("status") == "ok"):
@@ -151,6 +156,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         configs = [str(run_config)]  # the resolved config the run trained with: backbone, weights, data, recipe
         print(f"synqt eval: config from the run: {run_config}", flush=True)
     cfg = load_config(configs, _trial_overrides(args))
+    from synqt.fileio import check_writable
+
+    if args.out:  # a folder, or a .json file name in one
+        check_writable(Path(args.out).parent if args.out.endswith(".json") else args.out, "--out")
+    else:
+        check_writable(Path(args.weights).parent, "--out (default: the folder of --weights)")
     result = evaluate_checkpoint(cfg, args.weights, split=args.split, official=args.official, out=args.out)
     print(f"{cfg.dataset} {args.split}: {result['acc']:.2f}% ({result['images']} images)")
     return Exit.OK
@@ -226,7 +237,9 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
 
     from launcher.aggregate import aggregate
     from launcher.report import summary_text
+    from synqt.fileio import check_writable
 
+    check_writable(args.out or args.run_dir, "--out" if args.out else "--out (default: the run directory)")
     results = aggregate(args.run_dir, out_dir=args.out)
     if args.quiet < 2:
         print(summary_text(results))
@@ -263,6 +276,12 @@ e.g. CIFAR-100,Caltech101,...); NAME=SOURCE names its column.""",
 def _cmd_compare(args: argparse.Namespace) -> int:
     from launcher.compare import compare_main
 
+    if args.out:
+        from pathlib import Path
+
+        from synqt.fileio import check_writable
+
+        check_writable(Path(args.out).absolute().parent, "--out")
     return compare_main(args.sources, metric=args.metric, out=args.out)
 
 
@@ -369,6 +388,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from synqt.bench import format_table, run_bench
     from synqt.fileio import atomic_write_json
 
+    if args.json:  # before minutes of timing: the figures must have somewhere to go
+        from pathlib import Path
+
+        from synqt.fileio import check_writable
+
+        check_writable(Path(args.json).absolute().parent, "--json")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
     result = run_bench(args.overrides, steps=args.steps, modes=modes, pack=args.pack, loader=args.loader,
                        data_root=args.data_root, dataset=args.dataset, baselines=not args.no_baselines,
@@ -420,8 +445,10 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_synthetic(args: argparse.Namespace) -> int:
+    from synqt.fileio import check_writable
     from synqt.synthetic import write_benchmark
 
+    check_writable(args.root, "root")
     root = write_benchmark(args.root, image_size=args.image_size)
     print(f"synthetic benchmark written to {root}")
     return 0
@@ -563,11 +590,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(parser, argv)
     restore_logging = configure_logging(args.verbose - args.quiet)
     from synqt.errors import SynQTError
+    from synqt.fileio import WriteFailed
 
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()
         return code
+    except WriteFailed as err:  # storage failed mid-run: the file, free space, key; the run is marked failed
+        print(f"synqt {args.command}: error: {err}", file=sys.stderr)
+        return Exit.FAILED_RUNS
     except SynQTError as err:
         print(f"synqt {args.command}: error: {err}", file=sys.stderr)
         return Exit.BAD_INPUT

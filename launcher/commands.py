@@ -19,11 +19,13 @@ from launcher.sweep import (
     SWEEP_DIR,
     PlannedTrial,
     Sweep,
+    check_storage,
     dry_run_text,
     load_sweep,
     plan_dict,
     plan_trials,
     prepare_demo_assets,
+    set_aside_broken_plan,
     validate,
     write_plan,
 )
@@ -66,8 +68,10 @@ def run_sweep_command(
     if dry_run:
         print(dry_run_plan(sweep_file, overrides, as_json=as_json))
         return 0
+    check_storage(sweep)  # before demo assets, data, backbone or Ray: storage_path must take files
     prepare_demo_assets(sweep)
     trials = plan_trials(sweep)
+    check_storage(sweep, trials)  # ... and the trials' cache folders (said once when unwritable)
     validate(sweep, trials)
     plan_file = sweep.sweep_dir / rundir.PLAN
     if not resume and sweep.sweep_dir.exists() and any(sweep.sweep_dir.iterdir()):
@@ -77,6 +81,8 @@ def run_sweep_command(
         )
     if resume and not plan_file.is_file():
         raise ConfigError(f"--resume: no sweep at {sweep.sweep_dir} (missing {plan_file})")
+    if resume:
+        set_aside_broken_plan(sweep)  # a cut plan.json: moved aside, named, written again below
     if resume:  # keep unchanged trials, move changed ones aside, say so (launcher/resume.py)
         from launcher.resume import reconcile
 
@@ -111,6 +117,9 @@ def run_demo(out: str | Path, overrides: list[str] | None = None,
     from synqt.pretrain import ensure_demo_assets
 
     out = Path(out).absolute()
+    from synqt.fileio import check_writable
+
+    check_writable(out, "--out")  # before the demo's data and backbone are made
     print(
         "synqt demo: preparing the synthetic benchmark and the pre-trained demo backbone (cached) ...",
         flush=True,

@@ -29,7 +29,7 @@ SCRIPTS = {"vtab": SWEEP_SCRIPT, "vtab_array": ARRAY_SCRIPT}
 
 def _plan(sweep_file: str, overrides: list[str], *, prepare: bool) -> tuple[Any, list[Any]]:
     """The sweep and its stage-1 plan, exactly as `synqt sweep FILE --dry-run` computes it."""
-    from launcher.sweep import load_sweep, plan_trials, prepare_demo_assets
+    from launcher.sweep import check_storage, load_sweep, plan_trials, prepare_demo_assets
 
     sweep = load_sweep(sweep_file, overrides)
     if sweep.protocol != "paper":
@@ -37,7 +37,8 @@ def _plan(sweep_file: str, overrides: list[str], *, prepare: bool) -> tuple[Any,
             f"{sweep_file}: protocol={sweep.protocol!r}; the SLURM array runs the paper protocol only "
             f"(its stage 2 depends on stage-1 results): use `sbatch slurm/vtab.sh {sweep_file} ...`"
         )
-    if prepare:
+    if prepare:  # an array task: its run directory must take files before demo assets, data or backbone
+        check_storage(sweep)
         prepare_demo_assets(sweep)
     trials = plan_trials(sweep)
     # before sbatch (and in each task): a missing checkpoint would fail every array task; a demo_assets
@@ -105,9 +106,13 @@ def submit_array(
     sbatch_args: str = "",
 ) -> int:
     """Submit slurm/vtab_array.sh over the plan (0..n-1 % concurrency) + a dependent aggregate job."""
-    from launcher.sweep import validate, write_plan
+    from launcher.sweep import set_aside_broken_plan, validate, write_plan
 
     sweep, trials = _plan(sweep_file, overrides, prepare=False)
+    if not print_only:  # the tasks and the aggregate job write under storage_path: refused before sbatch
+        from launcher.sweep import check_storage
+
+        check_storage(sweep)
     if not sweep.demo_assets:  # a demo sweep's data and weights are made by its first task
         # the same pre-flight as `synqt sweep`: a missing data folder or a checkpoint that is no weights file
         # would otherwise queue an array whose every task fails
@@ -124,6 +129,7 @@ def submit_array(
         print(shlex.join(second).replace(shlex.quote("--dependency=afterany:<ARRAY_JOB_ID>"),
                                          "--dependency=afterany:$ARRAY_JOB_ID"))
         return 0
+    set_aside_broken_plan(sweep)
     if not (sweep.sweep_dir / rundir.PLAN).is_file():
         write_plan(sweep, trials, False)  # `synqt status` and the aggregate read it
     array_id = _sbatch(first)
@@ -141,7 +147,7 @@ def submit_array(
 
 def run_array_task(sweep_file: str, index: int, overrides: list[str]) -> int:
     """Run trial `index` of the plan with the single-trial engine (resuming from its run dir)."""
-    from launcher.sweep import write_plan
+    from launcher.sweep import set_aside_broken_plan, write_plan
     from synqt.training import run_trial
 
     sweep, trials = _plan(sweep_file, overrides, prepare=True)
@@ -150,6 +156,7 @@ def run_array_task(sweep_file: str, index: int, overrides: list[str]) -> int:
             f"{sweep_file}: trial index {index} out of range; the plan has {len(trials)} trial(s) "
             f"(0..{len(trials) - 1})"
         )
+    set_aside_broken_plan(sweep)  # a cut plan.json: moved aside, named, written again
     if not (sweep.sweep_dir / rundir.PLAN).is_file():
         write_plan(sweep, trials, False)  # atomic: concurrent tasks write the same content
     trial = trials[index]
@@ -181,6 +188,7 @@ def write_script(dest: str | Path, name: str = "vtab", *, force: bool = False) -
         raise ConfigError(f"{out} exists; choose another path or pass --force to overwrite it")
     if not out.parent.is_dir():
         raise ConfigError(f"folder {out.parent} does not exist; create it or choose another path")
-    out.write_bytes(src.read_bytes())
-    out.chmod(0o755)
-    return out
+    from synqt.fileio import atomic_write_bytes, check_writable
+
+    check_writable(out.parent, "the script's destination")
+    return atomic_write_bytes(out, src.read_bytes(), mode=0o755)
