@@ -210,6 +210,20 @@ def test_train_resume_with_a_broken_resume_pt_names_it_and_restarts_from_epoch_0
     assert comparable(metrics) == comparable(json.loads(json.dumps(ref_metrics)))
 
 
+def test_a_broken_evaluation_snapshot_sets_the_resume_state_aside(reference, interrupted, tmp_path, caplog):
+    """Deferred evaluation: resume.pt lists the epoch-2 weight snapshot to score at the end; a cut snapshot
+    makes that resume state unusable, so both are moved aside and the run restarts from epoch 0."""
+    cfg, _, ref_metrics = reference
+    run = tmp_path / "run"
+    shutil.copytree(interrupted, run)
+    snap = run / "eval_snapshots" / "epoch00002.safetensors"
+    _damage(snap, "truncated")
+    metrics = run_trial(cfg, run, resume=True)
+    assert len(_set_aside(snap.parent, snap.name)) == 1 and len(_set_aside(run, "resume.pt")) == 1
+    assert metrics["provenance"]["resumed_after_epoch"] is None
+    assert comparable(metrics) == comparable(ref_metrics)
+
+
 @pytest.mark.parametrize("name", ["metrics.json", "progress.json", "config.yaml"])
 def test_a_broken_run_state_file_is_set_aside_and_the_run_resumes(reference, interrupted, tmp_path, name, caplog):
     """A cut metrics.json / progress.json / config.yaml beside a good resume.pt: named once, moved aside, and
