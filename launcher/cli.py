@@ -97,8 +97,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from synqt.rundir import read_metrics
     from synqt.training import check_outputs
 
-    check_outputs([cfg], [args.out], "--out")  # before data, backbone or device: --out must take files
-
     previous = read_metrics(args.out)
     if args.resume or (previous and previous.get("status") == "ok"):
         check_same_run(cfg, args.out)  # a resume continues exactly the same run, or stops naming each change
@@ -107,6 +105,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"synqt train: {args.out} already finished ({', '.join(f'{k}={v:.2f}' for k, v in acc.items())}); "
               "nothing to train", file=sys.stderr)
         return Exit.OK
+    check_outputs([cfg], [args.out], "--out")  # before data, backbone or device: --out must take files
     printer = TrainPrinter(quiet=args.quiet > 0)
     try:
         with progress.listening(printer):
