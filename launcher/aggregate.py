@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 GROUPS: tuple[str, ...] = registry.VTAB_GROUPS
 
 SEED_KEYS = rundir.SEED_KEYS  # identify a run, not a hyperparameter point: never used to group runs into points
+# Identity keys that never split a task's runs into configurations: seeds (averaged over), the stage (the search
+# and final runs of one point), the dataset and its group (the row's task). Every other RESULT_KEYS value that
+# is not one of the run's recorded hparams (a point, chosen among) makes another configuration: another row.
+NOT_CONFIGURATION = SEED_KEYS | {"stage", "dataset", "group"}
 
 
 # ----------------------------------------------------------------------------- dataset metadata
@@ -80,6 +84,7 @@ def load_runs(run_dir: str | Path) -> tuple[dict[str, Any] | None, list[dict[str
         data["dataset"] = registry.canonical(data["dataset"])
         if not data.get("run_name"):
             data["run_name"] = rec.dir.name
+        data["_identity"] = rec.config_identity()
         runs.append(data)
     for rec in records:
         if rec.state == "broken":
@@ -99,6 +104,54 @@ def load_runs(run_dir: str | Path) -> tuple[dict[str, Any] | None, list[dict[str
 def hparams_key(hparams: Mapping[str, Any] | None) -> str:
     """Canonical JSON of a hyperparameter point (seed keys dropped): groups runs and breaks ties."""
     return rundir.point_key(hparams)
+
+
+def _configuration(run: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The run's configuration: its identity (``synqt.rundir.trial_identity``) less seeds, stage, dataset and
+    the keys of its recorded hparams (a grid point, selected among); None when it recorded no config."""
+    ident = run.get("_identity")
+    if not isinstance(ident, Mapping):
+        return None
+    hp = run.get("hparams") or {}
+    return {k: v for k, v in ident.items() if k not in NOT_CONFIGURATION and k not in hp}
+
+
+def _shown(key: str, value: Any, run: Mapping[str, Any]) -> str:
+    """A configuration value as the table shows it; the checkpoint as its file name and content hash."""
+    if key == "checkpoint" and isinstance(value, str) and value.startswith("sha256:"):
+        path = (run.get("config") or {}).get("checkpoint")
+        return f"{Path(str(path)).name if path else 'checkpoint'} ({value[:15]})"
+    return json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+
+
+def split_configurations(runs: list[dict[str, Any]]) -> list[tuple[dict[str, str] | None, list[dict[str, Any]]]]:
+    """One task's runs split by configuration: ``[(None, runs)]`` when they share one, else one
+    ``({differing key: shown value}, runs)`` per configuration, so different trials are never averaged or
+    counted as one."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    configs: dict[str, dict[str, Any] | None] = {}
+    for run in runs:
+        conf = _configuration(run)
+        key = json.dumps(conf, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(run)
+        configs[key] = conf
+    if len(groups) <= 1:
+        return [(None, runs)]
+    keys = sorted({k for c in configs.values() if c for k in c})
+    differ = [k for k in keys if len({json.dumps((c or {}).get(k, "?"), sort_keys=True, default=str)
+                                      for c in configs.values()}) > 1]
+    out = []
+    for key, members in groups.items():
+        conf = configs[key]
+        shown = ({k: _shown(k, conf.get(k), members[0]) for k in differ} if conf is not None
+                 else {"config": "not recorded"})
+        out.append((shown, members))
+    return sorted(out, key=lambda item: json.dumps(item[0], sort_keys=True))
+
+
+def configuration_label(shown: Mapping[str, str]) -> str:
+    """``checkpoint=random, backbone_drop_path=False``: what makes a row's configuration differ."""
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -275,6 +328,11 @@ def _labels(n_vtab: int, n_fgvc: int, protocol: str | None) -> dict[str, str]:
 
 def build_results(run_dir: str | Path) -> dict[str, Any]:
     """The results dict (the content of results.json) from a run directory; writes nothing."""
+    return _build(run_dir)[0]
+
+
+def _build(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(results, the runs that count, each with ``_row``: its row of ``results["datasets"]``)."""
     root = Path(run_dir)
     if not root.is_dir():
         raise SynQTError(f"run directory {root} does not exist; expected a sweep or run directory")
@@ -303,9 +361,21 @@ def build_results(run_dir: str | Path) -> dict[str, Any]:
     benchmark_of = {name: _benchmark(name) for name in groups_of}
     names = _sort_datasets(set(expected) | set(seen), groups_of)
 
-    datasets = {n: _summarise_dataset(n, groups_of[n], by_dataset.get(n, [])) for n in names}
-    for n, d in datasets.items():  # FGVC is a benchmark of the registry; any other name is "other"
-        d["benchmark"] = benchmark_of[n] or ("vtab1k" if d["group"] in GROUPS else "other")
+    datasets: dict[str, dict[str, Any]] = {}
+    configurations = []
+    for n in names:
+        parts = split_configurations(by_dataset.get(n, []))
+        if len(parts) > 1:
+            configurations.append({"dataset": n, "differ_in": list(parts[0][0] or {}),
+                                   "rows": [f"{n} [{configuration_label(shown)}]" for shown, _ in parts]})
+        for shown, members in parts:
+            row = n if shown is None else f"{n} [{configuration_label(shown)}]"
+            d = _summarise_dataset(row, groups_of[n], members)
+            d.update(task=n, configuration=shown)
+            d["benchmark"] = benchmark_of[n] or ("vtab1k" if d["group"] in GROUPS else "other")
+            datasets[row] = d
+            for run in members:
+                run["_row"] = row
     incomplete = [
         {"dataset": n, "group": d["group"], "status": d["status"], "error": d["error"]}
         for n, d in datasets.items()
@@ -313,12 +383,13 @@ def build_results(run_dir: str | Path) -> dict[str, Any]:
     ]
 
     def mean_over(members: list[str]) -> float | None:
-        if not members or any(datasets[m]["status"] != "ok" for m in members):
+        # a task with several configurations has no one accuracy: a mean would mix different trials
+        if not members or any(datasets[m]["status"] != "ok" or datasets[m]["configuration"] for m in members):
             return None
         return statistics.fmean(datasets[m]["accuracy"] for m in members)
 
-    vtab = [n for n in names if datasets[n]["group"] in GROUPS]
-    fgvc = [n for n in names if datasets[n]["group"] not in GROUPS and datasets[n]["benchmark"] == "fgvc"]
+    vtab = [n for n in datasets if datasets[n]["group"] in GROUPS]
+    fgvc = [n for n in datasets if datasets[n]["group"] not in GROUPS and datasets[n]["benchmark"] == "fgvc"]
     groups = {g: mean_over([n for n in vtab if datasets[n]["group"] == g]) for g in GROUPS}
     group_means = [groups[g] for g in GROUPS]
     mean_of_groups = statistics.fmean(group_means) if all(m is not None for m in group_means) else None
@@ -337,20 +408,23 @@ def build_results(run_dir: str | Path) -> dict[str, Any]:
         "protocol": protocol,
         "incomplete": incomplete,
         "labels": _labels(len(vtab), len(fgvc), protocol),
+        # tasks whose runs differ in a key that can change the result (not a grid point, not a seed):
+        # one row each, "<task> [key=value, ...]"; every mean over such a task is null
+        "configurations": configurations,
         "expected_datasets": list(expected),
         "runs": accounting,
     }
     if fgvc:
         results["mean_fgvc"] = mean_over(fgvc)
     results["best_of_test"] = _best_of_test_block(datasets, vtab, fgvc)
-    return results
+    return results, runs
 
 
 def _best_of_test_block(datasets: Mapping[str, Any], vtab: list[str], fgvc: list[str]) -> dict[str, Any]:
     """The best-of-test counterparts of the final-accuracy means (selected on test; null where a task of
     the mean has no best-of-test number, e.g. the vtab protocol)."""
     def mean_of(members: list[str]) -> float | None:
-        vals = [datasets[m]["best_of_test"] for m in members]
+        vals = [None if datasets[m]["configuration"] else datasets[m]["best_of_test"] for m in members]
         return statistics.fmean(vals) if vals and all(v is not None for v in vals) else None
 
     groups = {g: mean_of([n for n in vtab if datasets[n]["group"] == g]) for g in GROUPS}
@@ -451,8 +525,8 @@ def aggregate(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[st
     from launcher.plots import accuracy_figure, write_plots
     from launcher.report import write_tables
 
-    results = _json_safe(build_results(run_dir))
-    _, runs, _ = load_runs(run_dir)
+    results, runs = _build(run_dir)
+    results = _json_safe(results)
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
 

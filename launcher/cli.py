@@ -52,6 +52,21 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
+def _strict() -> argparse.ArgumentParser:
+    """--strict of `data check`, `sweep` and `slurm array` (a parent parser: declared once). For a sweep it sets
+    the sweep key ``strict`` (launcher.sweep.Sweep), so ``strict=true`` in the file or on the line is the same."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--strict", action="store_true",
+                   help="split leaks (an image twice in a split, test images in a training split, val200 images in "
+                        "train800; by file and by decoded pixels) are errors (exit 2), not warnings")
+    return p
+
+
+def _sweep_overrides(args: argparse.Namespace) -> list[str]:
+    """The sweep's key=value overrides, with ``strict=true`` for --strict."""
+    return [*args.overrides, "strict=true"] if args.strict else list(args.overrides)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -86,13 +101,30 @@ def _trial_overrides(args: argparse.Namespace) -> list[str]:
     return extra + list(args.overrides)
 
 
+def _require_files(given: Sequence[tuple[str, str | None]]) -> None:
+    """Each file a command was given exists, checked before it reads data or builds a model, so a missing file
+    is named first (not the data it would have found: `eval --weights missing` said "data_root is empty").
+    ``given``: (option or key, path); ``random`` (a random backbone on purpose) and unset values pass."""
+    from pathlib import Path
+
+    from synqt.ckptfile import is_random
+    from synqt.errors import ConfigError
+
+    for option, value in given:
+        if value and not is_random(value) and not Path(value).is_file():
+            what = "is a folder, not a file" if Path(value).is_dir() else "file not found"
+            raise ConfigError(f"{option} {value}: {what}")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from launcher.console import TrainPrinter, final_line
     from synqt import progress
     from synqt.config import load_config
     from synqt.training import run_trial
 
+    _require_files([("--checkpoint", args.checkpoint), *(("--config", c) for c in args.config)])
     cfg = load_config(args.config, _trial_overrides(args))
+    _require_files([("checkpoint", cfg.checkpoint)])  # also when set in a config file or as checkpoint=...
     from synqt.compat import check_same_run
     from synqt.rundir import read_metrics
     from synqt.training import check_outputs
@@ -149,12 +181,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from synqt.config import load_config
     from synqt.training import evaluate_checkpoint
 
+    _require_files([("--weights", args.weights), *(("--config", c) for c in args.config),
+                    ("--checkpoint", args.checkpoint)])
     configs = list(args.config)
     run_config = Path(args.weights).parent / rundir.CONFIG
     if not configs and not args.official and run_config.is_file():
         configs = [str(run_config)]  # the resolved config the run trained with: backbone, weights, data, recipe
         print(f"synqt eval: config from the run: {run_config}", flush=True)
     cfg = load_config(configs, _trial_overrides(args))
+    if not args.official:  # an official state dict holds the backbone too
+        _require_files([("checkpoint", cfg.checkpoint)])
     from synqt.fileio import check_writable
 
     if args.out:  # a folder, or a .json file name in one
@@ -162,6 +198,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         check_writable(Path(args.weights).parent, "--out (default: the folder of --weights)")
     result = evaluate_checkpoint(cfg, args.weights, split=args.split, official=args.official, out=args.out)
+    from synqt.threads import ThreadChoice
+
+    print(f"synqt eval: {ThreadChoice(**result['threads']).line()}")
     print(f"{cfg.dataset} {args.split}: {result['acc']:.2f}% ({result['images']} images)")
     return Exit.OK
 
@@ -169,7 +208,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep",
-        parents=[_common()],
+        parents=[_common(), _strict()],
         help="run a sweep on a Ray cluster (or print its plan)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
@@ -211,7 +250,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     listener, watch = _sweep_console(args)
     with progress.listening(listener):
         return run_sweep_command(
-            args.sweep_file, args.overrides, dry_run=args.dry_run, resume=args.resume,
+            args.sweep_file, _sweep_overrides(args), dry_run=args.dry_run, resume=args.resume,
             address=args.address, as_json=args.json, sequential=args.sequential, watch=watch,
         )
 
@@ -414,15 +453,20 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     data_sub = p.add_subparsers(dest="data_cmd", required=True)
     c = data_sub.add_parser(
         "check",
-        parents=[_common()],
-        help="count images and classes per split; report missing/unreadable files and bad labels",
+        parents=[_common(), _strict()],
+        help="count images and classes per split; report missing/unreadable files, bad labels and split leaks",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  synqt data check /data/vtab-1k\n  synqt data check /data/vtab-1k cifar dtd --decode",
+        epilog="examples:\n  synqt data check /data/vtab-1k\n  synqt data check /data/vtab-1k cifar dtd --decode\n"
+               "  synqt data check /data/vtab-1k cifar --strict        # split leaks are errors (exit 2)\n"
+               "  synqt data check /data/vtab-1k --paths-only         # leaks by file only: no image decoded",
     )
     c.add_argument("root")
     c.add_argument("names", nargs="*", help="dataset folders (default: all under root)")
     c.add_argument("--layout", default="auto", choices=["auto", "vtab_json", "vtab_txt", "fgvc_json"])
-    c.add_argument("--decode", action="store_true", help="decode every image (slow), not only check it exists")
+    c.add_argument("--decode", action="store_true",
+                   help="also report each split's image modes and the images converted by value range")
+    c.add_argument("--paths-only", action="store_true",
+                   help="find split leaks by file only (no image decoded; renamed copies are not found)")
     c.set_defaults(func=_cmd_data_check, _rest="names")  # names are accepted after flags too
     s = data_sub.add_parser(
         "synthetic",
@@ -438,7 +482,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from synqt.data import check_datasets
 
-    report = check_datasets(args.root, args.names, layout=args.layout, decode=args.decode)
+    report = check_datasets(args.root, args.names, layout=args.layout, decode=args.decode,
+                            content=not args.paths_only, strict=args.strict)
     print(report.text)
     return Exit.OK if report.ok else Exit.BAD_INPUT  # a problem in the data is bad input (the exit-code rule)
 
@@ -451,6 +496,39 @@ def _cmd_data_synthetic(args: argparse.Namespace) -> int:
     root = write_benchmark(args.root, image_size=args.image_size)
     print(f"synthetic benchmark written to {root}")
     return 0
+
+
+def _add_gpu_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "gpu-check",
+        parents=[_common()],
+        help="prove every CUDA path on one GPU in minutes: tests, K/V bench, a timed trial, a sweep (docs/gpu.md)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  synqt gpu-check --out gpu-check             # on a GPU node, from a checkout (scripts/gpu_check.sh installs first)
+  synqt gpu-check --cpu --out /tmp/gpu-check  # the same checks on the CPU at small sizes (about a minute)
+  synqt gpu-check --only pytest,bench         # a subset: pytest, bench, train, sweep
+prints one table (pass/fail per check, the figures) and writes it to <out>/gpu_check.json; exit 0 when every
+check passed, 3 when one failed.""",
+    )
+    p.add_argument("--out", default="gpu-check", help="folder for the logs, runs and gpu_check.json (emptied first)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU at small sizes, without the CUDA-only checks")
+    p.add_argument("--only", default="", help="comma list of checks to run: pytest, bench, train, sweep")
+    p.add_argument("--demo-assets", help="folder holding the built demo data and backbone for the sweep check")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for all checks; a step still running then is stopped and fails (default: 450 on a "
+                        "GPU, leaving the install its share of 8 minutes; 900 with --cpu)")
+    p.set_defaults(func=_cmd_gpu_check)
+
+
+def _cmd_gpu_check(args: argparse.Namespace) -> int:
+    from launcher.gpu_check import format_summary, run_checks
+
+    only = [c.strip() for c in args.only.split(",") if c.strip()]
+    result = run_checks(args.out, cpu=args.cpu, only=only, demo_assets=args.demo_assets,
+                        budget=args.budget)
+    print(format_summary(result), flush=True)
+    return Exit.OK if result["passed"] else Exit.FAILED_RUNS
 
 
 def _add_slurm(sub: argparse._SubParsersAction) -> None:
@@ -466,7 +544,7 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
     slurm_sub = p.add_subparsers(dest="slurm_cmd", required=True)
     a = slurm_sub.add_parser(
         "array",
-        parents=[_common()],
+        parents=[_common(), _strict()],
         help="submit slurm/vtab_array.sh over a sweep's plan + a dependent aggregate job",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
@@ -509,7 +587,7 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
 def _cmd_slurm_array(args: argparse.Namespace) -> int:
     from launcher.slurm import submit_array
 
-    return submit_array(args.sweep_file, args.overrides, print_only=args.print,
+    return submit_array(args.sweep_file, _sweep_overrides(args), print_only=args.print,
                         concurrency=args.concurrency, sbatch_args=args.sbatch_args)
 
 
@@ -546,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"synqt {version_string()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_eval, _add_sweep, _add_aggregate, _add_compare, _add_status, _add_demo, _add_bench,
-                _add_data, _add_slurm):
+                _add_data, _add_slurm, _add_gpu_check):
         add(sub)
     return parser
 

@@ -174,6 +174,8 @@ class TrainPrinter:
 
     def __call__(self, event: progress.Event) -> None:
         if isinstance(event, progress.TrainStart):
+            if event.threads and not self.quiet:
+                print(event.threads, file=self.out, flush=True)  # the run's first line: how many threads, and why
             self.started = time.monotonic()
             if self.prefix is None:
                 self.prefix = len(event.run_names) > 1

@@ -27,20 +27,6 @@ from synqt.rundir import point_key as hparams_key
 
 GROUPS: tuple[str, ...] = ("Natural", "Specialized", "Structured")
 
-# Column titles of the paper tables (the names NOAH / SynQT tables use).
-VTAB_TITLES: dict[str, str] = {
-    "cifar": "CIFAR-100", "caltech101": "Caltech101", "dtd": "DTD", "oxford_flowers102": "Flowers102",
-    "oxford_iiit_pet": "Pets", "svhn": "SVHN", "sun397": "Sun397", "patch_camelyon": "Camelyon",
-    "eurosat": "EuroSAT", "resisc45": "Resisc45", "diabetic_retinopathy": "Retinopathy",
-    "clevr_count": "Clevr-Count", "clevr_dist": "Clevr-Dist", "dmlab": "DMLab", "kitti": "KITTI-Dist",
-    "dsprites_loc": "dSpr-Loc", "dsprites_ori": "dSpr-Ori", "smallnorb_azi": "sNORB-Azim",
-    "smallnorb_ele": "sNORB-Elev",
-}  # fmt: skip
-FGVC_TITLES: dict[str, str] = {
-    "cub": "CUB-200-2011", "nabirds": "NABirds", "oxford_flowers": "Oxford Flowers",
-    "stanford_dogs": "Stanford Dogs", "stanford_cars": "Stanford Cars",
-}  # fmt: skip
-
 # Abbreviations used in hyperparameter cells and defined in results.md.
 ABBREVIATIONS: dict[str, tuple[str, str]] = {
     "token_nums": ("T", "query tokens per block"),
@@ -139,8 +125,13 @@ def relpath(path: str | Path | None, start: Path) -> str:
 # ----------------------------------------------------------------------------- runs.csv
 
 
+def _row_of(run: Mapping[str, Any]) -> str:
+    """The row of ``results["datasets"]`` a run belongs to (its task, or its task and configuration)."""
+    return run.get("_row") or run["dataset"]
+
+
 def _run_group(run: Mapping[str, Any], results: Mapping[str, Any]) -> str | None:
-    ds = results["datasets"].get(run["dataset"])
+    ds = results["datasets"].get(_row_of(run))
     return run.get("group") or (ds["group"] if ds else None)
 
 
@@ -190,7 +181,7 @@ def runs_frame(runs: Sequence[Mapping[str, Any]], results: Mapping[str, Any], ou
     import pandas as pd
 
     order = list(results["datasets"])
-    fixed = ["run_name", "dataset", "group", "protocol", "stage", "seed"]
+    fixed = ["run_name", "dataset", "row", "group", "protocol", "stage", "seed"]
     tail = ["val_acc", "test_acc", "best_of_test_selected_on_test", "chosen", "trainable_params",
             "peak_memory_mib", "peak_memory_kind", "images_per_s", "wall_time_s", "epochs_done", "status",
             "error", "run_dir"]
@@ -203,14 +194,15 @@ def runs_frame(runs: Sequence[Mapping[str, Any]], results: Mapping[str, Any], ou
 
     rows = []
     for run in runs:
-        ds = results["datasets"].get(run["dataset"], {})
+        ds = results["datasets"].get(_row_of(run), {})
         chosen_hp = ds.get("hparams")
         hp = run.get("hparams") or {}
         is_chosen = (chosen_hp is not None and run.get("stage") in ("final", None) and run.get("status") == "ok"
                      and hparams_key(hp) == hparams_key(chosen_hp))
         peak = run.get("peak_memory_bytes")
         row = {
-            "run_name": run.get("run_name"), "dataset": run["dataset"], "group": _run_group(run, results),
+            "run_name": run.get("run_name"), "dataset": run["dataset"], "row": _row_of(run),
+            "group": _run_group(run, results),
             "protocol": run.get("protocol"), "stage": run.get("stage"), "seed": run.get("seed"),
         }
         for key in hp_keys:
@@ -231,7 +223,7 @@ def runs_frame(runs: Sequence[Mapping[str, Any]], results: Mapping[str, Any], ou
         rows.append(row)
     frame = pd.DataFrame(rows, columns=fixed + [col[k] for k in hp_keys] + tail)
     if len(frame):
-        frame["_order"] = [order.index(d) if d in order else len(order) for d in frame["dataset"]]
+        frame["_order"] = [order.index(d) if d in order else len(order) for d in frame["row"]]
         frame["_stage"] = [0 if s == "search" else 1 for s in frame["stage"]]
         frame = frame.sort_values(["_order", "_stage", "run_name"], kind="stable").drop(columns=["_order", "_stage"])
     for name in ("seed", "trainable_params", "epochs_done"):
@@ -255,7 +247,9 @@ def tasks_frame(results: Mapping[str, Any]) -> Any:
     for name, d in results["datasets"].items():
         peak = d.get("peak_memory_bytes")
         row = {
-            "dataset": name, "group": d["group"], "protocol": d["protocol"], "status": d["status"],
+            "dataset": name, "task": d.get("task", name),
+            "configuration": ", ".join(f"{k}={v}" for k, v in (d.get("configuration") or {}).items()),
+            "group": d["group"], "protocol": d["protocol"], "status": d["status"],
             "accuracy": d["accuracy"], "std": d["std"], "n_seeds": len(d["seeds"]),
             "seeds": " ".join(str(s) for s in d["seeds"]),
             "best_of_test_selected_on_test": d["best_of_test"], "val_acc": d["val_acc"],
@@ -341,7 +335,10 @@ def _vtab_group(name: str) -> str | None:
 
 
 def _title(name: str) -> str:
-    return VTAB_TITLES.get(name) or FGVC_TITLES.get(name) or name
+    """The paper tables' column title (CIFAR-100, sNORB-Elev): configs/datasets.yaml through the registry."""
+    from synqt import registry
+
+    return registry.title(name)
 
 
 def table_rows(results: Mapping[str, Any], method: str, bench: str) -> list[tuple[str, list[str]]]:
@@ -490,6 +487,10 @@ def _incomplete_note(results: Mapping[str, Any], members: Iterable[str]) -> str:
     for item in results["incomplete"]:
         if item["dataset"] in members:
             parts.setdefault(item["status"], []).append(item["dataset"])
+    for item in results.get("configurations", []):  # one task, different trials: never averaged together
+        if members & set(item["rows"]):
+            parts.setdefault("several configurations", []).append(
+                f"{item['dataset']} (differ in {', '.join(item['differ_in'])})")
     return "incomplete (" + "; ".join(f"{s}: {', '.join(n)}" for s, n in parts.items()) + ")"
 
 
@@ -538,7 +539,8 @@ def _mean_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
         best = (bot.get("groups") or {}).get(g)
         rows.append((f"{g} (group mean)", value, fmt(None if absent[g] else best),
                      f"mean of the {len(members)} {g} task accuracies"))
-    vtab_incomplete = any(i["dataset"] in vtab for i in results["incomplete"])
+    vtab_incomplete = (any(i["dataset"] in vtab for i in results["incomplete"])
+                       or any(set(c["rows"]) & set(vtab) for c in results.get("configurations", [])))
     all_absent = [n for g in GROUPS for n in absent[g]]
     for key, name in (("mean_of_groups", "Mean of groups"), ("mean_of_tasks", "Mean of tasks")):
         value = results[key]
@@ -657,6 +659,11 @@ def format_report(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]] 
         lines += ["", "## Failed runs of tasks that also have ok runs", ""]
         lines += [f"- {n}: {f['run_name']} (stage {f['stage']}, seed {f['seed']}): {f['error']}"
                   f" ({rel(Path(f['path']).parent) if f.get('path') else '–'})" for n, f in failed_runs]
+    if results.get("configurations"):
+        lines += ["", "## Tasks with runs of several configurations (one row each, never averaged together)", ""]
+        lines += [f"- {c['dataset']}: runs differ in {', '.join(c['differ_in'])} (keys that can change the result, "
+                  f"not a grid point or a seed): rows {'; '.join(c['rows'])}. Every mean over this task is left "
+                  "empty; aggregate the configurations apart for their means" for c in results["configurations"]]
     if results["incomplete"]:
         lines += ["", "## Incomplete (no ok final run)", ""]
         lines += [f"- {i['dataset']} ({_group_cell(ds[i['dataset']])}): {i['status']}: {i['error']}"
@@ -686,6 +693,10 @@ def summary_text(results: Mapping[str, Any]) -> str:
     if results["incomplete"]:
         lines += ["", "incomplete (no ok final run):"]
         lines += [f"  {i['dataset']}: {i['status']}: {i['error']}" for i in results["incomplete"]]
+    if results.get("configurations"):
+        lines += ["", "tasks with runs of several configurations (one row each; means over them left empty):"]
+        lines += [f"  {c['dataset']}: differ in {', '.join(c['differ_in'])}: {'; '.join(c['rows'])}"
+                  for c in results["configurations"]]
     return "\n".join(lines) + "\n"
 
 

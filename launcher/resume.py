@@ -74,6 +74,36 @@ def _move_aside(sweep: Sweep, run_dir: Path) -> Path:
     return dest
 
 
+def supersede_sweep_files(sweep: Sweep) -> Path | None:
+    """Move the sweep folder's ``sweep.yaml`` and ``plan.json`` to ``<name>.superseded/sweep-files.<n>/``
+    before a resume with a changed sweep rewrites them; returns that folder, or None when neither existed."""
+    present = [sweep.sweep_dir / f for f in (rundir.SWEEP, rundir.PLAN) if (sweep.sweep_dir / f).is_file()]
+    if not present:
+        return None
+    root = superseded_dir(sweep)
+    n = 1
+    while (root / f"sweep-files.{n}").exists():
+        n += 1
+    dest = root / f"sweep-files.{n}"
+    dest.mkdir(parents=True)
+    for f in present:
+        shutil.move(str(f), str(dest / f.name))
+    return dest
+
+
+def _content_changes(run_dir: Path, t: PlannedTrial) -> str:
+    """What differs between a run's recorded identity and the planned trial's beyond the config text
+    (``synqt.rundir.trial_identity``: the backbone weights by content, e.g. another file under the same path);
+    empty when nothing does or the run recorded no identity."""
+    from synqt.config import config_to_dict
+
+    recorded = rundir.read_run(run_dir).config_identity()
+    if recorded is None:
+        return ""
+    planned = rundir.trial_identity(config_to_dict(t.config))
+    return "; ".join(f"{k}: {recorded.get(k)} -> {v}" for k, v in planned.items() if recorded.get(k) != v)
+
+
 def reconcile(sweep: Sweep, trials: Sequence[PlannedTrial], stage: str) -> Reconciled:
     """Classify each planned trial against its run directory, move changed ones aside, print the summary.
 
@@ -87,9 +117,10 @@ def reconcile(sweep: Sweep, trials: Sequence[PlannedTrial], stage: str) -> Recon
             continue
         old = saved_config(run_dir)
         changes = config_changes(old, t.config) if old is not None else []
-        if changes:
+        what = format_changes(changes) if changes else _content_changes(run_dir, t)
+        if what:
             moved = _move_aside(sweep, run_dir)
-            out.changed.append((t.run_name, format_changes(changes), moved))
+            out.changed.append((t.run_name, what, moved))
             continue
         m = rundir.read_metrics(run_dir)
         (out.kept_finished if m and m.get("status") == "ok" else out.kept_unfinished).append(t.run_name)
@@ -106,13 +137,12 @@ def reconcile(sweep: Sweep, trials: Sequence[PlannedTrial], stage: str) -> Recon
 
 def pack_id(run_names: Sequence[str], cfgs: Sequence[Any]) -> str:
     """A Tune trial's key: a hash of its pack's run names and resolved configs (not its position)."""
-    from synqt.compat import RESULT_NEUTRAL_KEYS
-    from synqt.config import config_to_dict
+    from synqt.config import RESULT_KEYS, config_to_dict
 
     # keys that cannot change a result may change on resume without making it another Tune trial
-    resolved = [{k: v for k, v in config_to_dict(c).items() if k not in RESULT_NEUTRAL_KEYS} for c in cfgs]
+    resolved = [{k: v for k, v in config_to_dict(c).items() if k in RESULT_KEYS} for c in cfgs]
     blob = json.dumps([list(run_names), resolved], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-__all__ = ["Reconciled", "pack_id", "reconcile", "superseded_dir"]
+__all__ = ["Reconciled", "pack_id", "reconcile", "supersede_sweep_files", "superseded_dir"]

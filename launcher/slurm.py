@@ -106,7 +106,7 @@ def submit_array(
     sbatch_args: str = "",
 ) -> int:
     """Submit slurm/vtab_array.sh over the plan (0..n-1 % concurrency) + a dependent aggregate job."""
-    from launcher.sweep import set_aside_broken_plan, validate, write_plan
+    from launcher.sweep import validate
 
     sweep, trials = _plan(sweep_file, overrides, prepare=False)
     if not print_only:  # the tasks and the aggregate job write under storage_path: refused before sbatch
@@ -116,7 +116,7 @@ def submit_array(
     if not sweep.demo_assets:  # a demo sweep's data and weights are made by its first task
         # the same pre-flight as `synqt sweep`: a missing data folder or a checkpoint that is no weights file
         # would otherwise queue an array whose every task fails
-        validate(sweep, trials)
+        validate(sweep, trials, check_gpus=False)  # the array's GPUs come from its sbatch arguments
     if concurrency is None:
         concurrency = sweep.max_concurrent
     first, second = array_commands(
@@ -129,10 +129,12 @@ def submit_array(
         print(shlex.join(second).replace(shlex.quote("--dependency=afterany:<ARRAY_JOB_ID>"),
                                          "--dependency=afterany:$ARRAY_JOB_ID"))
         return 0
-    set_aside_broken_plan(sweep)
-    if not (sweep.sweep_dir / rundir.PLAN).is_file():
-        write_plan(sweep, trials, False)  # `synqt status` and the aggregate read it
     array_id = _sbatch(first)
+    # the sweep folder's first write, once the array is queued (a refused sbatch leaves nothing behind): what
+    # the array runs, for `synqt status` and the aggregate; a resubmission with changed keys rewrites it
+    from launcher.commands import write_sweep_files
+
+    write_sweep_files(sweep, trials, resume=(sweep.sweep_dir / rundir.PLAN).is_file())
     _, second = array_commands(
         sweep_file, overrides, n_trials=len(trials), sweep_dir=sweep.sweep_dir,
         concurrency=concurrency, sbatch_args=sbatch_args, array_job_id=array_id,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -27,6 +28,8 @@ from synqt.config import TAGS, Schema, pack_key, setting
 from synqt.errors import ConfigError, DataError
 from synqt.fileio import atomic_write_json, atomic_write_text
 from synqt.resources import shipped_config_dir
+
+log = logging.getLogger(__name__)
 
 # The shipped sweeps (synqt/configs/sweeps inside the installed package; `configs/sweeps` in a checkout).
 SWEEP_DIR = shipped_config_dir() / "sweeps"
@@ -56,9 +59,9 @@ class Sweep:
     seeds: list[int] | None = setting(None)
     resources: dict[str, Any] = setting(factory=lambda: {"cpus": 1, "gpus": 0, "devices": 1})
     max_concurrent: int | None = setting(None, min=1)
-    storage_path: str = setting("runs")
-    data_root: str | None = setting(None)
-    checkpoint: str | None = setting(None)
+    storage_path: str = setting("runs", path=True)
+    data_root: str | None = setting(None, path=True)
+    checkpoint: str | None = setting(None, path=True)
     pack: str | int = setting("off")
     pack_memory_gb: float | None = setting(None, min=0)
     trial: dict[str, Any] = setting(factory=dict)
@@ -67,6 +70,9 @@ class Sweep:
     # a Ray trial waiting longer than this many seconds for its resources is reported by name
     pending_report_s: float = setting(600.0, min=0)
     demo_assets: bool = setting(False)
+    # split leaks (`synqt data check`: an image twice in a split, test in a training split, val200 in train800)
+    # refuse the sweep before Ray starts instead of a warning; `--strict` on the command line sets it
+    strict: bool = setting(False)
     source: str = field(default="<sweep>", metadata={})
 
     @property
@@ -133,39 +139,112 @@ def _set_dotted(d: dict[str, Any], parts: list[str], value: Any, where: str) -> 
     d[parts[-1]] = value
 
 
-def apply_sweep_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key=value` overrides: sweep keys (dotted into mappings) or TrialConfig keys (-> `trial`).
+# Trial keys whose value the sweep itself sets, for each trial, and the sweep key that owns each (a `trial`,
+# `per_dataset` or grid value of one would be overwritten: refused, naming both).
+OWNED_TRIAL_KEYS = {"dataset": "datasets", "seed": "seeds", "stage": "protocol (paper: final; vtab: search, then "
+                    "final)", "protocol": "protocol"}
+# Set by resources.devices > 1 (one trial over several DeepSpeed processes).
+DEVICE_OWNED_KEYS = ("trainer", "num_devices")
+# Trial keys that are also sweep-level keys (the sweep's value is every trial's, below `trial`, `per_dataset`
+# and the grid, which may set them per dataset or per point).
+SHARED_KEYS = ("data_root", "checkpoint")
 
-    One override syntax with `synqt train`: the text is split and parsed by synqt.config (string-typed trial
-    keys keep their text; other values are YAML 1.2 scalars or flow lists/mappings; empty means null).
+
+def apply_sweep_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` overrides to a sweep mapping; every one is applied or refused (ConfigError naming the key).
+
+    One override syntax and parser with `synqt train` (``synqt.config.parse_override_value``: text keys keep
+    their text, other values are YAML 1.2 scalars or flow lists/mappings). Sweep keys (dotted into mappings:
+    ``grid.lr=[...]``, ``trial.lr=...``, ``resources.cpus=2``) set the sweep key. A TrialConfig key sets that key
+    for every trial, above every layer of the sweep file: ``seed=7`` is ``seeds=[7]``, ``dataset=x`` is
+    ``datasets=[x]``, a key the grid varies becomes a one-value grid axis (``lr=0.5``: ``grid.lr=[0.5]``, so run
+    names and hparams say 0.5), and a ``per_dataset`` value of the key gives way. ``stage`` is refused (the
+    protocol sets it), as is a trial key given together with the sweep key that owns it.
     """
-    from synqt.config import parse_override_value, split_override
+    from synqt.config import TRIAL, parse_override_value, split_override
 
     raw = json.loads(json.dumps(raw, default=str)) if raw else {}
     trial_keys = _trial_keys()
+    given: dict[str, str] = {}  # top-level sweep key -> the override that set it
+
+    def claim(sweep_key: str, item: str) -> None:
+        """A repeated key: the last wins (as in `synqt train`); two keys setting one sweep key: refused."""
+        earlier = given.get(sweep_key)
+        if earlier is not None and earlier.partition("=")[0].strip() != item.partition("=")[0].strip():
+            raise ConfigError(f"command line: {item!r} and {earlier!r} both set {sweep_key!r}; give one")
+        given[sweep_key] = item
+
     for item in overrides:
         key, text = split_override(item, "command line")
         parts = key.split(".")
-        if parts[0] in SWEEP_KEYS:
-            value = yaml_value(text, key)
-            _set_dotted(raw, parts, value, "command line")
-        elif parts[0] in trial_keys:
+        top = parts[0]
+        if top in ("seed", "dataset") and len(parts) == 1:
+            value = TRIAL.check(top, parse_override_value(key, text, "command line"), "command line")
+            owner = OWNED_TRIAL_KEYS[top]
+            claim(owner, item)
+            raw[owner] = [value]
+        elif top == "stage":
+            raise ConfigError(f"command line: {item!r}: key 'stage' is set by the sweep for each of its stages; it is "
+                              f"owned by {OWNED_TRIAL_KEYS['stage']}: run one trial with `synqt train` instead")
+        elif top in SWEEP_KEYS:
+            if len(parts) == 1:
+                value = parse_override_value(key, text, "command line", SWEEP)
+                claim(top, item)
+                raw[top] = value
+                if top in SHARED_KEYS:
+                    _override_trial_key(raw, top, value)
+            elif top in ("trial", "per_dataset") and len(parts) > (1 if top == "trial" else 2):
+                sub = parts[1:] if top == "trial" else parts[2:]
+                value = parse_override_value(".".join(sub), text, "command line")
+                _set_dotted(raw, parts, value, "command line")
+            elif top == "grid" and len(parts) == 2 and parts[1] in trial_keys:
+                value = parse_override_value(key, text, "command line", SWEEP)
+                _set_dotted(raw, parts, [_grid_text(parts[1], v) for v in value]
+                            if isinstance(value, list) else _grid_text(parts[1], value), "command line")
+            else:
+                _set_dotted(raw, parts, parse_override_value(key, text, "command line", SWEEP), "command line")
+        elif top in trial_keys:
+            value = parse_override_value(key, text, "command line")
+            if len(parts) == 1:
+                value = TRIAL.check(top, value, "command line")
+            if len(parts) == 1 and top in (raw.get("grid") or {}):
+                raw["grid"][top] = [value]  # one value of the axis: run names and hparams record it
+                continue
             trial = raw.setdefault("trial", {}) or {}
             raw["trial"] = trial
-            _set_dotted(trial, parts, parse_override_value(key, text, "command line"), "command line")
+            _set_dotted(trial, parts, value, "command line")
+            if len(parts) == 1:
+                _override_trial_key(raw, top, value, keep_trial=True)
         else:
             raise ConfigError(
-                f"command line: unknown key {parts[0]!r}; sweep keys: {', '.join(SWEEP_KEYS)}; "
+                f"command line: unknown key {top!r}; sweep keys: {', '.join(SWEEP_KEYS)}; "
                 f"trial keys: {', '.join(trial_keys)}"
             )
     return raw
 
 
-def yaml_value(text: str, key: str) -> Any:
-    """A sweep key's override text as a YAML 1.2 value (synqt.config's strict loader); empty text is null."""
-    from synqt.config import yaml_load
+def _grid_text(key: str, value: Any) -> Any:
+    """A grid value of a text trial key from the command line: a YAML scalar it was read as is kept as the
+    text typed would be (``grid.precision=[no, bf16]``); other values go to the typed check unchanged."""
+    from synqt.config import TRIAL
 
-    return yaml_load(text, f"command line {key}={text}") if text.strip() != "" else None
+    if TRIAL.types.get(key) in (str, str | None) and isinstance(value, bool | int | float):
+        raise ConfigError(f"command line: grid.{key}: {value!r} is not text; key {key!r} expects "
+                          f"{TRIAL.types[key]}: quote it")
+    return value
+
+
+def _override_trial_key(raw: dict[str, Any], key: str, value: Any, keep_trial: bool = False) -> None:
+    """A command-line value of trial key ``key`` is every trial's: it replaces the file's `trial` and
+    `per_dataset` values of the key and, where the grid varies it, becomes the axis's one value."""
+    if not keep_trial and isinstance(raw.get("trial"), dict):
+        raw["trial"].pop(key, None)
+    for entry in (raw.get("per_dataset") or {}).values():
+        if isinstance(entry, dict):
+            entry.pop(key, None)
+    grid = raw.get("grid")
+    if isinstance(grid, dict) and key in grid:
+        grid[key] = [value]
 
 
 def _expect(cond: bool, source: str, key: str, value: Any, expected: str) -> None:
@@ -341,9 +420,11 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
     s.per_dataset = {
         d: _check_trial_mapping(v, source, f"per_dataset.{d}", trial_keys) for d, v in pdm.items()
     }
+    _check_layers(s, source)
     s.retries = SWEEP.check("retries", raw.get("retries", 2), source)
     s.pending_report_s = SWEEP.check("pending_report_s", raw.get("pending_report_s", 600.0), source)
     s.demo_assets = SWEEP.check("demo_assets", raw.get("demo_assets", False), source)
+    s.strict = SWEEP.check("strict", raw.get("strict", False), source)
     s.datasets = expand_datasets(s.datasets, source)
     for d in s.per_dataset:
         if d not in s.datasets:
@@ -352,6 +433,33 @@ def sweep_from_dict(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
                 f"({', '.join(s.datasets)})"
             )
     return s
+
+
+def _check_layers(s: Sweep, source: str) -> None:
+    """Refuse a trial key set in a layer whose value another layer would silently replace: a key the sweep owns
+    (seed, dataset, stage, protocol; trainer and num_devices under resources.devices > 1) in `trial`,
+    `per_dataset` or the grid, and a shared key (data_root, checkpoint) both at the top and in `trial`."""
+    layers = [("trial", s.trial), *((f"per_dataset.{d}", v) for d, v in s.per_dataset.items()),
+              *((f"grid.{k}", {k: None}) for k in s.grid)]
+    devices = s.resources["devices"]
+    fixed = {"trainer": "deepspeed", "num_devices": devices}
+    for where, layer in layers:
+        for key in layer:
+            if key in OWNED_TRIAL_KEYS:
+                raise ConfigError(f"{source}: {where if where.startswith('grid.') else f'{where}.{key}'} sets "
+                                  f"{key!r}, which the sweep sets for each trial from {OWNED_TRIAL_KEYS[key]}: "
+                                  f"set it there")
+            if key in DEVICE_OWNED_KEYS and devices > 1:
+                values = s.grid[key] if where.startswith("grid.") else [layer[key]]
+                if any(v != fixed[key] for v in values):
+                    raise ConfigError(f"{source}: {where if where.startswith('grid.') else f'{where}.{key}'} = "
+                                      f"{values if where.startswith('grid.') else values[0]!r}, but "
+                                      f"resources.devices: {devices} runs every trial with {key}={fixed[key]}")
+    for key in SHARED_KEYS:
+        if getattr(s, key) is not None and s.trial.get(key) is not None:
+            raise ConfigError(f"{source}: {key!r} is set both at the top ({getattr(s, key)}) and in "
+                              f"trial.{key} ({s.trial[key]}): set it in one place (per_dataset or the grid "
+                              f"may still set it per dataset or per point)")
 
 
 def resolve_sweep_path(path: str | Path) -> Path:
@@ -461,20 +569,29 @@ def _merge(into: dict[str, Any], layer: dict[str, Any]) -> None:
             into[k] = v
 
 
+def _as_path(key: str, value: Any) -> Any:
+    """A data_root / checkpoint value as the sweep's own keys hold it: absolute (a trial may run in another
+    working folder), ``random`` kept as said."""
+    if key not in SHARED_KEYS or not isinstance(value, str) or not value:
+        return value
+    if key == "checkpoint" and is_random(value):
+        return RANDOM
+    return str(Path(os.path.expanduser(value)).absolute())
+
+
 def trial_config(sweep: Sweep, dataset: str, hparams: dict[str, Any], seed: int, stage: str) -> Any:
-    """One trial's TrialConfig: base < shipped dataset config < sweep `trial` < per_dataset < grid < sweep."""
+    """One trial's TrialConfig. Layers, later wins: base < shipped dataset config < the sweep's data_root /
+    checkpoint < `trial` < per_dataset < grid point < what the sweep owns (dataset, seed, stage, protocol; trainer
+    and num_devices under resources.devices > 1, which no layer may set otherwise: ``sweep_from_dict``)."""
     from synqt.config import config_from_dict, config_to_dict, load_config
 
     where = f"{sweep.source}: dataset {dataset!r}" + (f", grid point {hparams}" if hparams else "")
     try:
         values = config_to_dict(load_config([], [f"dataset={dataset}"]))
-        for layer in (sweep.trial, sweep.per_dataset.get(dataset, {}), hparams):
-            _merge(values, layer)
+        shared = {k: getattr(sweep, k) for k in SHARED_KEYS if getattr(sweep, k)}
+        for layer in (shared, sweep.trial, sweep.per_dataset.get(dataset, {}), hparams):
+            _merge(values, {k: _as_path(k, v) for k, v in layer.items()})
         fixed: dict[str, Any] = {"dataset": dataset, "seed": seed, "stage": stage, "protocol": sweep.protocol}
-        if sweep.data_root:
-            fixed["data_root"] = sweep.data_root
-        if sweep.checkpoint:
-            fixed["checkpoint"] = sweep.checkpoint
         if sweep.resources["devices"] > 1:
             fixed["trainer"] = "deepspeed"
             fixed["num_devices"] = sweep.resources["devices"]
@@ -522,6 +639,14 @@ def plan_trials(
         name = f"{stage}-{d}-{hparam_short(hp)}-s{seed}"
         cfg = trial_config(sweep, d, hp, seed, stage)
         trials.append(PlannedTrial(len(trials), name, d, seed, stage, dict(hp), cfg))
+    if sweep.asha and stage == "search" and "max_t" in sweep.asha:
+        longer = [t for t in trials if t.config.epochs > sweep.asha["max_t"]]
+        if longer:  # ASHA stops a trial at max_t epochs, before it writes its result: the record would say epochs
+            t = longer[0]
+            raise ConfigError(
+                f"{sweep.source}: asha.max_t={sweep.asha['max_t']} is below epochs={t.config.epochs} of {t.run_name} "
+                f"(from the grid, trial or per_dataset): ASHA would stop every such trial at epoch "
+                f"{sweep.asha['max_t']} before it records a result; set asha.max_t >= epochs")
     names = [t.run_name for t in trials]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -551,9 +676,26 @@ def stage1_unfinished(sweep: Sweep, trials: list[PlannedTrial] | None = None) ->
             done = bool(sweep.asha)
         else:
             done = rec.state == "done" or (rec.state == "failed" and DIVERGED in str(rec.error or ""))
+            done = done and _same_trial(rec, t)
         if not done:
             out.setdefault(t.dataset, []).append(t.run_name)
     return out
+
+
+def _same_trial(rec: rundir.RunRecord, t: PlannedTrial) -> bool:
+    """True when the run directory's result is the planned trial's (``synqt.rundir.trial_identity``: every key
+    that can change a result, the checkpoint by content); a run recorded with another config is another trial
+    and never selects a point."""
+    recorded = rec.config_identity()
+    if recorded is None:  # no recorded config (an old metrics.json): its name is all there is to go by
+        return True
+    from synqt.config import config_to_dict
+
+    same = recorded == rundir.trial_identity(config_to_dict(t.config))
+    if not same:
+        log.warning("%s holds a result of another configuration than the planned trial %s; it is not counted as "
+                    "this trial's result", rec.dir, t.run_name)
+    return same
 
 
 def select_best(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> dict[str, dict[str, Any]]:
@@ -674,6 +816,11 @@ def prepare_demo_assets(sweep: Sweep) -> None:
     """demo_assets: create (or reuse) the cached synthetic data + pre-trained backbone; fill missing paths."""
     if not sweep.demo_assets or (sweep.data_root and sweep.checkpoint):
         return
+    # a path given but wrong is refused now, not after minutes of building the assets it would not use
+    if sweep.checkpoint and not is_random(sweep.checkpoint) and not Path(sweep.checkpoint).is_file():
+        raise ConfigError(f"{sweep.source}: backbone checkpoint {sweep.checkpoint} (key 'checkpoint') does not exist")
+    if sweep.data_root and not Path(sweep.data_root).is_dir():
+        raise DataError(f"{sweep.source}: data_root {sweep.data_root} does not exist or is not a folder")
     from synqt.pretrain import ensure_demo_assets
 
     data_root, ckpt = ensure_demo_assets()
@@ -681,12 +828,38 @@ def prepare_demo_assets(sweep: Sweep) -> None:
     sweep.checkpoint = sweep.checkpoint or str(Path(ckpt).absolute())
 
 
-def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
-    """Refuse a sweep before any Ray resource: data folders + list files, checkpoint, resources, precision."""
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def validate(sweep: Sweep, trials: list[PlannedTrial], *, in_process: bool = False, preview: bool = False,
+             check_gpus: bool = True) -> None:
+    """Refuse a sweep before any Ray resource and before its first write: checkpoint file, data folders + list
+    files (also stage 2's), device and precision against the GPUs the trials will get (``in_process``: the
+    trials run in this process, ``--sequential``, and see this machine's GPUs). Raises ConfigError /
+    DataError naming the key, file or dataset.
+
+    ``preview`` (``--dry-run``): what is not set yet (data_root, checkpoint) is not refused, what is set and
+    wrong is; without data_root a dataset name that is no known task but close to one is refused (a typo).
+    ``check_gpus=False``: the trials' GPUs are not known here (a SLURM array: its sbatch arguments give them)."""
     from synqt.ckptfile import check_file
     from synqt.config import splits_for
     from synqt.data import validate_dataset
 
+    # Ray hides every GPU from a trial that asked for none; in this process (--sequential) the trials see this
+    # machine's GPUs
+    no_gpu = not _has_cuda() if in_process else sweep.resources["gpus"] == 0
+    if no_gpu and check_gpus:
+        where = "this machine has no CUDA GPU" if in_process else "resources.gpus is 0, so no trial gets one"
+        for t in trials:
+            for key, value in (("device", "cuda"), ("precision", "fp16")):
+                if getattr(t.config, key) == value:
+                    raise ConfigError(
+                        f"{sweep.source}: dataset {t.dataset!r}: {key}={value} needs a GPU, but {where}; "
+                        + ("" if in_process else "set resources.gpus (e.g. resources.gpus=1) or ")
+                        + ("device=auto" if key == "device" else "precision=bf16 or precision=no"))
     if _trial_device(sweep) == "cpu" and any(t.config.precision == "bf16" for t in trials):
         from synqt.precision import check_precision
 
@@ -694,9 +867,26 @@ def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
 
     seen: set[tuple] = set()
     checked: set[str] = set()
-    for t in trials:
-        cfg = t.config
+    folders: dict[tuple[str, str, str], str] = {}  # (data_root, dataset folder, layout) -> the sweep's name
+    for t, cfg in _with_stage2(sweep, trials):
+        where = f"{sweep.source}: dataset {t.dataset!r}"
+        # the files first (checkpoint), then the data: a missing file is named before the data it would read
+        if cfg.checkpoint or not preview:
+            require_backbone_weights(cfg.checkpoint, where)
+        if cfg.checkpoint and not is_random(cfg.checkpoint) and cfg.checkpoint not in checked:
+            if not Path(cfg.checkpoint).is_file():
+                raise ConfigError(
+                    f"{sweep.source}: backbone checkpoint {cfg.checkpoint} (key 'checkpoint', "
+                    f"dataset {t.dataset!r}) does not exist"
+                )
+            check_file(Path(cfg.checkpoint))  # a cut-off download or an HTML page: refused before Ray
+            checked.add(cfg.checkpoint)
         if not cfg.data_root:
+            if preview:  # the data may not be in place yet; a name that is no task but close to one is a typo
+                if hint := registry.did_you_mean(t.dataset):
+                    raise DataError(f"{where}: {t.dataset!r} is not a known task{hint}, and no data_root is "
+                                    "set to find it as a folder of your own")
+                continue
             raise ConfigError(
                 f"{sweep.source}: no data_root for dataset {t.dataset!r} (set data_root=... "
                 "in the sweep file or on the command line)"
@@ -715,53 +905,103 @@ def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
                 validate_dataset(cfg.data_root, cfg.dataset, list(splits), cfg.num_classes, cfg.layout)
             except DataError as err:
                 raise DataError(f"dataset {t.dataset!r} ({folder}): {err}") from None
-        where = f"{sweep.source}: dataset {t.dataset!r}"
-        require_backbone_weights(cfg.checkpoint, where)
-        if not is_random(cfg.checkpoint) and cfg.checkpoint not in checked:
-            if not Path(cfg.checkpoint).is_file():
-                raise ConfigError(
-                    f"{sweep.source}: backbone checkpoint {cfg.checkpoint} (key 'checkpoint', "
-                    f"dataset {t.dataset!r}) does not exist"
-                )
-            check_file(Path(cfg.checkpoint))  # a cut-off download or an HTML page: refused before Ray
-            checked.add(cfg.checkpoint)
+        folders.setdefault((cfg.data_root, cfg.dataset, cfg.layout), t.dataset)
+    if not preview:  # --dry-run decodes nothing: `synqt data check` runs the leak check on its own
+        check_split_leaks(sweep, folders)
 
 
-def _split_size(cfg: Any, split: str) -> tuple[int, bool]:
-    """(images, assumed) in one split of a trial's dataset: from its list file; else VTAB-1k's fixed size
-    for a VTAB-1k task's train800 / val200 / train800val200; else DEFAULT_TRAIN_IMAGES, assumed."""
-    from synqt.data import VTAB1K_SPLIT_SIZES
+def check_split_leaks(sweep: Sweep, folders: dict[tuple[str, str, str], str]) -> None:
+    """The pre-flight leak check: one warning per dataset with the counts (``synqt.data.split_leaks``, by file and
+    decoded pixels, every split the folder has), or with ``sweep.strict`` a DataError naming each dataset."""
+    from synqt.data import split_leaks
+
+    if not folders:
+        return
+    log.info("checking %d dataset(s) for split leaks (by file and by decoded pixels; pixel hashes are cached) ...",
+             len(folders))
+    leaky = []
+    for (root, folder, layout), name in folders.items():
+        report = split_leaks(root, folder, layout)
+        if report.findings:
+            where = f"dataset {name!r} ({Path(root) / folder}): {report.summary()}"
+            leaky.append(where)
+            if not sweep.strict:
+                log.warning("split leak in %s; see `synqt data check %s %s`; strict=true (--strict) refuses the "
+                            "sweep", where, root, folder)
+    if leaky and sweep.strict:
+        raise DataError("strict: split leaks found (see `synqt data check`): " + " | ".join(leaky))
+
+
+def _with_stage2(sweep: Sweep, trials: list[PlannedTrial]) -> list[tuple[PlannedTrial, Any]]:
+    """(trial, config) pairs to validate: each trial, and for a vtab stage-1 trial also the config its dataset's
+    stage 2 will have (train800val200 + test): a missing test list must refuse the sweep now, not after
+    stage 1 has run."""
+    out = [(t, t.config) for t in trials]
+    if sweep.protocol == "vtab":
+        out += [(t, dataclasses.replace(t.config, stage="final")) for t in trials if t.stage == "search"]
+    return out
+
+
+def _split_size(cfg: Any, split: str) -> tuple[int, str]:
+    """(images, source) in one split of a trial's dataset. source: ``list`` (its list file was read),
+    ``official`` (the data is not in place: the benchmark's official size from the registry,
+    ``synqt.data.official_split_size``) or ``assumed`` (neither: DEFAULT_TRAIN_IMAGES)."""
+    from synqt.data import official_split_size
 
     if cfg.data_root:
         try:
             from synqt.data import read_split
 
-            return len(read_split(cfg.data_root, cfg.dataset, split, cfg.layout)), False
+            return len(read_split(cfg.data_root, cfg.dataset, split, cfg.layout)), "list"
         except Exception:  # noqa: BLE001 - a dry run also works before the data is in place
             pass
-    info = registry.lookup(cfg.dataset)
-    if (info is not None and info.benchmark == "vtab1k" and cfg.layout != "fgvc_json"
-            and split in VTAB1K_SPLIT_SIZES):
-        return VTAB1K_SPLIT_SIZES[split], False
-    return DEFAULT_TRAIN_IMAGES, True
+    n = official_split_size(cfg.dataset, split)
+    return (n, "official") if n is not None else (DEFAULT_TRAIN_IMAGES, "assumed")
 
 
-def count_train_images(cfg: Any) -> tuple[int, bool]:
-    """(images, assumed) of the trial's training split."""
+def count_train_images(cfg: Any) -> tuple[int, str]:
+    """(images, source) of the trial's training split (see ``_split_size``)."""
     from synqt.config import splits_for
 
     return _split_size(cfg, splits_for(cfg)[0])
 
 
-def count_eval_images(cfg: Any) -> tuple[int, bool]:
-    """(images, assumed) of the trial's evaluation split."""
+def count_eval_images(cfg: Any) -> tuple[int, str]:
+    """(images, source) of the trial's evaluation split (see ``_split_size``)."""
     from synqt.config import splits_for
 
     return _split_size(cfg, splits_for(cfg)[1])
 
 
-def _img_count(n: int, assumed: bool) -> str:
-    return f"~{n} img (assumed: data not found)" if assumed else f"{n} img"
+def _img_count(n: int, source: str) -> str:
+    return {"list": f"{n} img", "official": f"{n} img (official)",
+            "assumed": f"~{n} img (assumed: data not found)"}[source]
+
+
+def stage2_stand_ins(sweep: Sweep, trials: list[PlannedTrial]) -> list[PlannedTrial]:
+    """The vtab protocol's stage-2 trials as the dry run counts them before stage 1 chose: each dataset's first
+    grid point with every seed (the grid point changes no split, and the image count only through epochs or
+    eval_every set in the grid). Empty for the paper protocol or a plan that is stage 2 already."""
+    if sweep.protocol != "vtab" or not trials or trials[0].stage != "search":
+        return []
+    first = grid_points(sweep)[0]
+    return plan_trials(sweep, "final", best={d: dict(first) for d in sweep.datasets})
+
+
+_planned: dict[str, dict[str, Any]] = {}
+
+
+def _planned_cache(cfg: Any, n_train: int, n_eval: int) -> dict[str, Any]:
+    """``synqt.kv_cache.planned_cache`` once per configuration that differs in more than its seeds (it builds
+    the backbone on the meta device: a stage 2 of 19 tasks x 5 seeds called it 95 times)."""
+    from synqt.config import config_to_dict
+    from synqt.kv_cache import planned_cache
+
+    key = json.dumps([{k: v for k, v in config_to_dict(cfg).items() if k not in rundir.SEED_KEYS}, n_train, n_eval],
+                     sort_keys=True, default=str)
+    if key not in _planned:
+        _planned[key] = planned_cache(cfg, n_train, n_eval)
+    return _planned[key]
 
 
 def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]:
@@ -776,7 +1016,6 @@ def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]
     - ``packed``: the same packs with every split live and every evaluation periodic.
     - ``unpacked``: every trial alone, live and periodic (epochs x train images + evaluations x eval images).
     """
-    from synqt.kv_cache import planned_cache
 
     assumed = False
     built: set[tuple[str, str, str]] = set()  # (dataset, split, cache-relevant config) built once per node
@@ -788,10 +1027,10 @@ def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]
         nonlocal assumed
         key = pack_key(cfg)
         if key not in per_config:
-            (n_eval, eval_assumed), (n_train, train_assumed) = count_eval_images(cfg), count_train_images(cfg)
-            assumed = assumed or eval_assumed or train_assumed
+            (n_eval, eval_source), (n_train, train_source) = count_eval_images(cfg), count_train_images(cfg)
+            assumed = assumed or "assumed" in (eval_source, train_source)
             evals = math.ceil(cfg.epochs / max(1, cfg.eval_every)) if cfg.protocol == "paper" else 1
-            plan = planned_cache(cfg, n_train, n_eval)
+            plan = _planned_cache(cfg, n_train, n_eval)
             eval_passes = 1 if (cfg.protocol == "paper" and cfg.deferred_eval) else evals
             identity = json.dumps([cfg.backbone, dict(cfg.backbone_kwargs), cfg.checkpoint, cfg.image_size,
                                    cfg.kv_cache_dtype, cfg.precision], sort_keys=True, default=str)
@@ -837,23 +1076,26 @@ def _bf16_line(sweep: Sweep, trials: list[PlannedTrial]) -> str | None:
 def kv_cache_lines(trials: list[PlannedTrial]) -> list[str]:
     """Per dataset: the K/V cache its trials share on a node (size per split), or why they run live."""
     from synqt.config import splits_for
-    from synqt.kv_cache import format_bytes, planned_cache
+    from synqt.kv_cache import format_bytes
 
-    lines = ["K/V cache per dataset (built once per node, shared by its trials; kv_cache / kv_cache_max_gb):"]
-    seen: set[str] = set()
+    lines = ["K/V cache per dataset (built once per node, shared by its trials; kv_cache / kv_cache_max_gb; "
+             "img (official): the benchmark's official split size, the data not being in place):"]
+    seen: set[tuple[str, str]] = set()
+    stages = {t.stage for t in trials}
     for t in trials:
-        if t.dataset in seen:
+        if (t.dataset, t.stage) in seen:
             continue
-        seen.add(t.dataset)
+        seen.add((t.dataset, t.stage))
         cfg = t.config
         train_split, eval_split = splits_for(cfg)
-        (n_train, train_assumed), (n_eval, eval_assumed) = count_train_images(cfg), count_eval_images(cfg)
-        plan = planned_cache(cfg, n_train, n_eval)
-        sizes = (f"{train_split} {_img_count(n_train, train_assumed)} {format_bytes(plan['train_bytes'])}"
-                 f"{'' if plan['train_cached'] else ' (live)'}, {eval_split} {_img_count(n_eval, eval_assumed)} "
+        (n_train, train_source), (n_eval, eval_source) = count_train_images(cfg), count_eval_images(cfg)
+        plan = _planned_cache(cfg, n_train, n_eval)
+        sizes = (f"{train_split} {_img_count(n_train, train_source)} {format_bytes(plan['train_bytes'])}"
+                 f"{'' if plan['train_cached'] else ' (live)'}, {eval_split} {_img_count(n_eval, eval_source)} "
                  f"{format_bytes(plan['eval_bytes'])}{'' if plan['eval_cached'] else ' (live)'}")
         state = f"cached ({cfg.kv_cache_dtype})" if plan["active"] else f"live: {plan['reason']}"
-        lines.append(f"  {t.dataset:<24} {state}; {sizes}")
+        where = f"{t.dataset} ({t.stage})" if len(stages) > 1 else t.dataset
+        lines.append(f"  {where:<24} {state}; {sizes}")
     return lines
 
 
@@ -872,17 +1114,22 @@ def plan_dict(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) ->
     }
 
 
+def sweep_yaml_text(sweep: Sweep) -> str:
+    """The resolved sweep (every key, after overrides) as ``sweep.yaml`` holds it."""
+    return yaml.safe_dump(sweep.to_dict(), sort_keys=False)
+
+
 def write_plan(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) -> Path:
+    """Write ``sweep.yaml`` and ``plan.json`` (creating the sweep folder). Callers write only after every check
+    passed (``launcher.commands.write_sweep_files``, the SLURM array once its array job is queued)."""
     d = sweep.sweep_dir
     d.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(d / rundir.SWEEP, yaml.safe_dump(sweep.to_dict(), sort_keys=False))
+    atomic_write_text(d / rundir.SWEEP, sweep_yaml_text(sweep))
     return atomic_write_json(d / rundir.PLAN, plan_dict(sweep, trials, stage2_pending))
 
 
 def weights_lines(sweep: Sweep, trials: list[PlannedTrial]) -> list[str]:
     """Which backbone weights the trials will use: path + sha256, random, the demo backbone, or none."""
-    from synqt.fileio import sha256_file
-
     out: dict[str, list[str]] = {}
     for t in trials:
         ckpt = t.config.checkpoint
@@ -891,10 +1138,11 @@ def weights_lines(sweep: Sweep, trials: list[PlannedTrial]) -> list[str]:
         elif not ckpt and sweep.demo_assets:
             text = "the pre-trained demo backbone (demo_assets: created or reused when the sweep starts)"
         elif not ckpt:
-            text = ("NONE: key 'checkpoint' is not set, so the sweep will be refused; set "
+            text = ("NONE yet: key 'checkpoint' is not set; the sweep starts only once it is: set "
                     "checkpoint=/path/ViT-B_16.npz or checkpoint=random")
         elif Path(ckpt).is_file():
-            text = f"{Path(ckpt).absolute()} (sha256 {sha256_file(ckpt)})"
+            digest = rundir.weights_id(ckpt).removeprefix("sha256:")  # hashed once per file, not once per trial
+            text = f"{Path(ckpt).absolute()} (sha256 {digest})"
         else:
             text = f"{ckpt} (file not found: the sweep will be refused)"
         out.setdefault(text, []).append(t.dataset)
@@ -941,14 +1189,22 @@ def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
     bf16 = _bf16_line(sweep, trials)
     if bf16:
         lines.append(bf16)
-    lines.extend(kv_cache_lines(trials))
+    stage2 = stage2_stand_ins(sweep, trials)
+    lines.extend(kv_cache_lines(trials + stage2))
     imgs = estimated_images(sweep, trials)
+    both = ""
+    if stage2:  # a stage's K/V cache holds other splits than the other stage's: counted per stage, then added
+        imgs2 = estimated_images(sweep, stage2)
+        both = (f" (stage 1: {imgs['planned']:,}, stage 2: {imgs2['planned']:,}, its grid point not chosen yet: "
+                "counted with the first)")
+        imgs = {k: imgs[k] + imgs2[k] for k in ("planned", "packed", "unpacked")} | {
+            "assumed": imgs["assumed"] or imgs2["assumed"]}
     lines.append(
-        f"estimated images through the backbone: {imgs['planned']:,} as planned (packs share one image stream; a "
-        f"K/V-cached split passes once per dataset and node; deferred evaluation: one pass); live: "
-        f"{imgs['packed']:,} packed, {imgs['unpacked']:,} if every trial ran alone (epochs x train images + "
-        f"evaluations x eval images)"
-        + (f"; includes assumed split sizes (data not found: ~{DEFAULT_TRAIN_IMAGES} images each, marked above)"
-           if imgs["assumed"] else "")
+        f"estimated images through the backbone{', both stages' if stage2 else ''}: {imgs['planned']:,} as planned"
+        f"{both} (packs share one image stream; a K/V-cached split passes once per dataset and node; deferred "
+        f"evaluation: one pass); live: {imgs['packed']:,} packed, {imgs['unpacked']:,} if every trial ran alone "
+        f"(epochs x train images + evaluations x eval images)"
+        + (f"; includes assumed split sizes (data not found and no official size: ~{DEFAULT_TRAIN_IMAGES} images "
+           "each, marked above)" if imgs["assumed"] else "")
     )
     return "\n".join(lines)

@@ -456,13 +456,23 @@ def run_bench(overrides: Sequence[str] = (), *, steps: int = 3, modes: Sequence[
         raise ConfigError(f"--pack must be >= 1, got {pack}")
     if loader and not (data_root and dataset):
         raise ConfigError("--loader needs --data-root and --dataset")
+    if loader:  # checked now, not after minutes of model timings
+        from synqt.config import splits_for
+        from synqt.data import validate_dataset
+
+        validate_dataset(data_root, dataset, [splits_for(cfg)[0]], cfg.num_classes, layout=cfg.layout)
     device = _device(cfg)
     from synqt.precision import check_precision, describe
+    from synqt.threads import configure_threads
+
+    threads = configure_threads()
+    log(threads.line())
 
     bf16_line = describe(cfg.precision, device)  # shown in the table (format_table)
     check_precision(cfg.precision, device)  # a refused bf16 bench says why in its error, before any timing
     result: dict[str, Any] = {"hardware": hardware_info(device), "config": config_to_dict(cfg), "rows": []}
     result["hardware"]["bf16"] = bf16_line
+    result["hardware"]["threads_decided"] = threads.as_dict()
     if device.type == "cpu":  # as the trainers do; also keeps one model's page faults out of the next one's timing
         result["hardware"]["keep_freed_host_memory"] = keep_freed_host_memory(device)
     if not kv_cache or explicit_modes:  # kv_cache alone times only the cache figures

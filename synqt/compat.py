@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from synqt import rundir
-from synqt.config import RESULT_NEUTRAL_KEYS, TrialConfig, config_to_dict, saved_config_problem, yaml_load
+from synqt.config import (
+    RESULT_KEYS,
+    RESULT_NEUTRAL_KEYS,
+    TrialConfig,
+    config_to_dict,
+    saved_config_problem,
+    yaml_load,
+)
 from synqt.errors import ConfigError, ModelError
 from synqt.fileio import set_aside
 
@@ -44,9 +51,9 @@ def _fmt(value: Any) -> str:
     return "(absent)" if value is _MISSING else repr(value)
 
 
-def config_changes(old: Mapping[str, Any], new: TrialConfig | Mapping[str, Any],
-                   neutral: frozenset[str] = RESULT_NEUTRAL_KEYS) -> list[tuple[str, Any, Any]]:
-    """``[(key, old, new)]`` for every result-relevant key whose value differs, in declaration order.
+def config_changes(old: Mapping[str, Any], new: TrialConfig | Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``[(key, old, new)]`` for every result-relevant key (``RESULT_KEYS``, a trial's identity; a key no
+    longer declared counts too) whose value differs, in declaration order.
 
     ``old``: a resolved config mapping as saved in a run's ``config.yaml``. A key the old file lacks
     (one added to TrialConfig since) counts as unchanged when the new value is its default.
@@ -55,7 +62,7 @@ def config_changes(old: Mapping[str, Any], new: TrialConfig | Mapping[str, Any],
     defaults = config_to_dict(TrialConfig())
     out = []
     for key in [*new_d, *[k for k in old if k not in new_d]]:
-        if key in neutral:
+        if key in defaults and key not in RESULT_KEYS:  # RESULT_NEUTRAL_KEYS may change
             continue
         before, after = old.get(key, _MISSING), new_d.get(key, _MISSING)
         if before is _MISSING and after == defaults.get(key, _MISSING):

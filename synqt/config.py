@@ -43,7 +43,8 @@ MEMORY_MODES = ("keep", "kv_bf16", "recompute")  # synqt.model.MEMORY_MODES is t
 
 def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, scope: str = "pack",
         hparam: bool = False, tag: str | None = None, label: str | None = None, min: float | None = None,
-        max: float | None = None, choices: tuple[str, ...] | None = None, result: bool = True) -> Any:
+        max: float | None = None, choices: tuple[str, ...] | None = None, result: bool = True,
+        path: bool = False) -> Any:
     """Declare one TrialConfig key; every key list of the project is derived from these declarations.
 
     scope: "branch" (may differ between the trials of one pack: the engine gives each branch its own value)
@@ -52,11 +53,12 @@ def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MI
     the results table (default: the key). min / max: inclusive bounds; choices: the allowed strings.
     result: False for a key that cannot change a run's numbers (how often to log or checkpoint, the eval
     batch size, where decoded images are cached): the only keys a resume may change (synqt.compat).
+    path: a file or folder path (an override's ``~`` is refused: YAML's null or the shell's home folder?).
     """
     if scope not in ("branch", "pack"):
         raise ValueError(f"scope {scope!r}")
     meta = {"scope": scope, "hparam": hparam, "tag": tag, "label": label, "min": min, "max": max,
-            "choices": choices, "result": result}
+            "choices": choices, "result": result, "path": path}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -71,7 +73,7 @@ class TrialConfig:
 
     # data
     dataset: str = setting("")
-    data_root: str = setting("")
+    data_root: str = setting("", path=True)
     group: str | None = setting(None, scope="branch", choices=VTAB_GROUPS)
     layout: str = setting("auto", choices=("auto", "vtab_json", "vtab_txt", "fgvc_json"))
     num_classes: int | None = setting(None, min=1)
@@ -79,11 +81,11 @@ class TrialConfig:
     interpolation: str = setting("bicubic", choices=("bicubic", "bilinear", "nearest", "lanczos"))
     mean: list[float] = setting(factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = setting(factory=lambda: list(IMAGENET_STD))
-    cache_dir: str | None = setting(None, result=False)
+    cache_dir: str | None = setting(None, result=False, path=True)
     # model
     backbone: str = setting("vit_base_patch16_224")
     backbone_kwargs: dict[str, Any] = setting(factory=dict)
-    checkpoint: str | None = setting(None)
+    checkpoint: str | None = setting(None, path=True)
     drop_path_rate: float = setting(0.1, tag="dpr", min=0, max=1.0)
     backbone_drop_path: bool = setting(True)
     token_nums: int = setting(1, scope="branch", hparam=True, tag="T", label="T", min=1)
@@ -120,7 +122,7 @@ class TrialConfig:
     # execution
     trainer: str = setting("accelerate", choices=("accelerate", "deepspeed"))
     num_devices: int = setting(1, min=1)
-    deepspeed_config: str | None = setting(None)
+    deepspeed_config: str | None = setting(None, path=True)
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
 
     def __post_init__(self) -> None:
@@ -141,6 +143,10 @@ PACK_KEYS: tuple[str, ...] = tuple(k for k, f in _FIELDS.items() if f.metadata["
 HPARAM_KEYS: tuple[str, ...] = tuple(k for k, f in _FIELDS.items() if f.metadata["hparam"])
 # keys that cannot change a run's numbers: the only ones a resume may change (synqt.compat)
 RESULT_NEUTRAL_KEYS: frozenset[str] = frozenset(k for k, f in _FIELDS.items() if not f.metadata["result"])
+# Every key that can change a run's result: a trial's identity. The ONE list that the resume check
+# (synqt.compat.config_changes), the duplicate rule (synqt.rundir.trial_identity) and the table's rows
+# (launcher.aggregate) compare; the backbone checkpoint is compared by content (synqt.rundir).
+RESULT_KEYS: tuple[str, ...] = tuple(k for k in CONFIG_KEYS if k not in RESULT_NEUTRAL_KEYS)
 TAGS: dict[str, str] = {k: f.metadata["tag"] or k.replace("_", "") for k, f in _FIELDS.items()}
 LABELS: dict[str, str] = {k: f.metadata["label"] or k for k, f in _FIELDS.items()}
 CHOICES: dict[str, tuple[str, ...]] = {k: f.metadata["choices"] for k, f in _FIELDS.items() if f.metadata["choices"]}
@@ -160,6 +166,7 @@ class Schema:
     choices: Mapping[str, tuple[str, ...]]
     mins: Mapping[str, float]
     maxs: Mapping[str, float]
+    paths: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, dc: type) -> Schema:
@@ -169,7 +176,8 @@ class Schema:
         return cls(dc.__name__, tuple(fields), {k: hints[k] for k in fields},
                    {k: m["choices"] for k, m in meta.items() if m.get("choices")},
                    {k: m["min"] for k, m in meta.items() if m.get("min") is not None},
-                   {k: m["max"] for k, m in meta.items() if m.get("max") is not None})
+                   {k: m["max"] for k, m in meta.items() if m.get("max") is not None},
+                   frozenset(k for k, m in meta.items() if m.get("path")))
 
     def check(self, key: str, value: Any, source: str) -> Any:
         """``value`` coerced to the declared type of ``key`` and checked; ConfigError otherwise."""
@@ -457,23 +465,55 @@ def split_override(text: str, source: str = OVERRIDE_SOURCE) -> tuple[str, str]:
     return key, raw
 
 
-def parse_override_value(key: str, raw: str, source: str = OVERRIDE_SOURCE) -> Any:
-    """Parse an override's text as a YAML scalar or flow list/mapping.
+_NULL_TEXT = ("", "None", "none", "null")
+_YAML_MARKUP = (yaml.AnchorToken, yaml.AliasToken, yaml.TagToken)
 
-    String-typed keys keep the raw text (so ``precision=no`` and ``dataset=2024`` stay strings);
-    ``null``/``None``/empty text means null for the Optional ones.
+
+def parse_override_value(key: str, raw: str, source: str = OVERRIDE_SOURCE, schema: Schema | None = None) -> Any:
+    """An override's value: the ONE parser of ``key=value`` text (``synqt train``, ``synqt sweep``, ``synqt eval``).
+
+    ``schema``: the keys ``key`` belongs to (default TrialConfig's; ``launcher.sweep.SWEEP`` for a sweep key).
+    A text key (type ``str``, e.g. ``data_root``, ``storage_path``, ``name``, ``precision``) keeps the text as
+    typed (surrounding blanks dropped): ``/data/run #2``, ``yes``, ``1e3``, ``null`` stay those strings. Other
+    values are a YAML 1.2 scalar or flow list/mapping. ``None``/``none``/``null`` or empty text is null for an
+    Optional key, and so is ``~`` except for a path key. Raises ConfigError naming the key where YAML would
+    change the text: a path key's ``~`` (YAML's null, or the shell's home folder?), a list or mapping for a text
+    key, a ``#`` comment that YAML would drop, or a YAML anchor, alias or tag.
     """
+    schema = schema or TRIAL
+    where = f"{source} {key}={raw}"
+    text = raw.strip()
     top = key.partition(".")[0]
-    if "." not in key and top in _TYPES:
-        base, optional = _optional(_TYPES[top])
-        stripped = raw.strip()
-        if optional and stripped in ("", "None", "none", "null", "~"):
+    if "." not in key and top in schema.types:
+        tp = schema.types[top]
+        optional = typing.get_origin(tp) in (types.UnionType, typing.Union) and type(None) in typing.get_args(tp)
+        kinds = [a for a in typing.get_args(tp) if a is not type(None)] if optional else [tp]
+        is_path = top in schema.paths
+        if text == "~" and is_path:
+            raise ConfigError(f"{where}: key '{top}' is a path and '~' is ambiguous (YAML's null, or your home "
+                              "folder?): write null to unset it, or the full path")
+        if optional and (text in _NULL_TEXT or text == "~"):
             return None
-        if base is str:
-            return stripped
-    if not raw.strip():
+        if kinds == [str]:
+            if text[:1] in ("[", "{"):
+                raise ConfigError(f"{where}: key '{top}' takes one text value ({_expected(top, schema)}); "
+                                  f"{text!r} reads as a YAML {'list' if text[0] == '[' else 'mapping'}")
+            return text
+    if not text:
         return None
-    return yaml_load(raw, f"{source} {key}={raw}")
+    try:
+        tokens = list(yaml.scan(text, Loader=_StrictLoader))
+    except yaml.YAMLError:
+        tokens = []  # yaml_load below raises with the position
+    markup = [t for t in tokens if isinstance(t, _YAML_MARKUP)]
+    if markup:
+        raise ConfigError(f"{where}: key '{key}': YAML anchors, aliases and tags (&, *, !) are not override values; "
+                          f"quote the text if it is one")
+    ends = [t.end_mark.index for t in tokens if not isinstance(t, yaml.StreamEndToken)]
+    if tokens and text[max(ends, default=0):].strip():
+        raise ConfigError(f"{where}: key '{key}': YAML would read {text[max(ends, default=0):].strip()!r} as a "
+                          f"comment and drop it; quote the value")
+    return yaml_load(text, where)
 
 
 def _apply_mapping(values: dict, data: Mapping[str, Any], source: str, origin: dict[str, str]) -> None:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from synqt import registry, splitcheck
 from synqt.errors import DataError
 from synqt.fileio import atomic_write, human_bytes
 from synqt.imagemodes import HOW, RESCALED, to_rgb
@@ -48,8 +49,8 @@ log = logging.getLogger(__name__)
 
 LAYOUTS = ("vtab_json", "vtab_txt", "fgvc_json")
 SPLITS = ("train800", "val200", "train800val200", "test")
-# VTAB-1k's fixed splits and their sizes (by the benchmark's definition); test's size varies by task.
-VTAB1K_SPLIT_SIZES: dict[str, int] = {"train800": 800, "val200": 200, "train800val200": 1000}
+# VTAB-1k's fixed splits and their sizes (by the benchmark's definition); test's size varies by task (the registry)
+VTAB1K_SPLIT_SIZES = registry.VTAB1K_SPLIT_SIZES
 FGVC_SPLITS = ("train", "val", "test")
 # Project split name -> the FGVC list files that make it up.
 FGVC_SPLIT_MAP: dict[str, tuple[str, ...]] = {
@@ -307,6 +308,22 @@ def _resolve_paths(base: Path, entries: Sequence[Entry], split: str, notes: list
     if notes:
         log.info("split %s: %d listed path(s) found under another spelling, first: %s", split, len(notes), notes[0])
     return out
+
+
+def official_split_size(dataset: str, split: str) -> int | None:
+    """Images in ``split`` of the registry task ``dataset`` is (or is an alias of), by the benchmark's official
+    list files (configs/datasets.yaml): VTAB-1k 800 / 200 / 1000 for train800 / val200 / train800val200 and each
+    task's own test size; FGVC VPT's train / val / test lists (train800val200 = train + val, ``FGVC_SPLIT_MAP``).
+    None for a dataset or split the registry has no number for (e.g. the synthetic demo tasks)."""
+    info = registry.lookup(dataset)
+    if info is None:
+        return None
+    if info.benchmark == "vtab1k":
+        return VTAB1K_SPLIT_SIZES.get(split, info.split_sizes.get(split))
+    parts = FGVC_SPLIT_MAP.get(split, ()) if info.benchmark == "fgvc" else ()
+    if parts and all(part in info.split_sizes for part in parts):
+        return sum(info.split_sizes[part] for part in parts)
+    return None
 
 
 def read_split(data_root: str | Path, dataset: str, split: str, layout: str = "auto") -> SplitList:
@@ -727,12 +744,43 @@ def _check_splits(ds_dir: Path, layout: str) -> list[str]:
     return out
 
 
+def split_leaks(data_root: str | Path, dataset: str, layout: str = "auto", *, content: bool = True,
+                splits: dict[str, SplitList] | None = None) -> splitcheck.LeakReport:
+    """Duplicates within a split and overlap between splits of one dataset (``synqt.splitcheck.find_leaks``).
+
+    Reads every split the folder has (train800, val200, train800val200, test, derived ones included; FGVC
+    train, val, test) unless ``splits`` gives them already; a split whose list cannot be read is left out
+    (``validate_dataset`` / ``check_datasets`` report it). ``content``: also compare decoded pixels, with the
+    hashes cached under ``default_cache_dir()``. Decodes in ``_workers()`` threads.
+    """
+    if splits is None:
+        ds_dir = _dataset_dir(data_root, dataset)
+        lay = _resolve_layout(ds_dir, layout)
+        splits = {}
+        for name in _check_splits(ds_dir, lay):
+            try:
+                splits[name] = read_split(data_root, dataset, name, lay)
+            except DataError:
+                continue
+    else:
+        ds_dir = _dataset_dir(data_root, dataset)
+    key = hashlib.sha256(os.path.realpath(ds_dir).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", dataset)
+    return splitcheck.find_leaks(
+        dataset, {s: list(zip(sl.sources, sl.paths, strict=True)) for s, sl in splits.items()}, content=content,
+        cache_dir=default_cache_dir(), cache_name=f"{name}-{key}", workers=_workers(), folder=ds_dir)
+
+
 @dataclass
 class DataCheck:
-    """The report of ``check_datasets``: its text lines and the number of problems found."""
+    """The report of ``check_datasets``: its text lines, the number of problems and of split-leak findings.
+
+    Leaks are warnings (``ok`` stays True) unless the check ran with ``strict``: then they count as problems.
+    """
 
     lines: list[str]
     problems: int
+    leaks: int = 0
 
     @property
     def text(self) -> str:
@@ -744,8 +792,13 @@ class DataCheck:
 
 
 def check_datasets(root: str | Path, names: Sequence[str] | None = None, layout: str = "auto",
-                   decode: bool = False) -> DataCheck:
-    """`synqt data check`: counts and problems per dataset and split (the CLI prints the report)."""
+                   decode: bool = False, *, content: bool = True, strict: bool = False) -> DataCheck:
+    """`synqt data check`: counts and problems per dataset and split (the CLI prints the report).
+
+    Also split leaks (``split_leaks``: duplicates within a split, overlap between splits that must be disjoint),
+    by file and, with ``content``, by decoded pixels (an undecodable image is then a problem too); ``strict``
+    counts each leak finding as a problem.
+    """
     lines: list[str] = []
     say = lines.append
     root_p = Path(root).expanduser().absolute()
@@ -758,8 +811,10 @@ def check_datasets(root: str | Path, names: Sequence[str] | None = None, layout:
         say(f"error: no dataset folders under {root_p}")
         return DataCheck(lines, 1)
     total = 0
+    leaks = 0
     for name in names:
         problems: list[str] = []
+        read: dict[str, SplitList] = {}
         try:
             ds_dir = _dataset_dir(root_p, name)
             lay = _resolve_layout(ds_dir, layout)
@@ -791,6 +846,7 @@ def check_datasets(root: str | Path, names: Sequence[str] | None = None, layout:
                 problems.append(f"{split}: {e}")
                 say(f"  {split:<15} unreadable list")
                 continue
+            read[split] = sl
             missing, bad_labels, unreadable = [], [], []
             modes: dict[str, int] = {}
             rescaled: dict[str, list[str]] = {}
@@ -828,9 +884,31 @@ def check_datasets(root: str | Path, names: Sequence[str] | None = None, layout:
                     problems.append(f"{split}: {kind}: {item}")
                 if len(items) > 10:
                     problems.append(f"{split}: {kind}: ... and {len(items) - 10} more")
+        found_leaks = 0
+        if read:
+            rep = split_leaks(root_p, name, lay, content=content, splits=read)
+            how = (f"by file and by pixels: {rep.hashed} image files in {rep.seconds:.1f} s ({rep.from_cache} "
+                   "hashes from the pixel-hash cache)" if content else "by file only (--paths-only)")
+            say(f"  split leaks checked {how}")
+            if not decode:  # with --decode the loop above reported them already
+                problems += [f"unreadable: {u}" for u in rep.unreadable[:10]]
+                if len(rep.unreadable) > 10:
+                    problems.append(f"unreadable: ... and {len(rep.unreadable) - 10} more")
+            for line in rep.lines():
+                say(f"  {line}" if line.startswith(" ") else f"  {'PROBLEM' if strict else 'LEAK'} {line}")
+            found_leaks = len(rep.findings)
         for pr in problems:
             say(f"  PROBLEM {pr}")
-        say(f"  {'OK' if not problems else f'{len(problems)} problem(s)'}")
-        total += len(problems)
-    say(f"{'all OK' if total == 0 else f'{total} problem(s) found'}")
-    return DataCheck(lines, total)
+        n = len(problems) + (found_leaks if strict else 0)
+        warned = 0 if strict else found_leaks
+        parts = [f"{n} problem(s)"] * bool(n) + [f"{warned} split leak(s)"] * bool(warned)
+        say(f"  {', '.join(parts) or 'OK'}")
+        total += n
+        leaks += found_leaks
+    if total:
+        say(f"{total} problem(s) found")
+    elif leaks:
+        say(f"{leaks} split leak(s) found (LEAK lines; --strict makes them errors)")
+    else:
+        say("all OK")
+    return DataCheck(lines, total, leaks)

@@ -30,17 +30,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synqt.kv_cache import GIB, KVCache, compute_kv, format_bytes, geometry
+from synqt.kv_cache import GIB, KVCache, _hold_in_memory, compute_kv, format_bytes, geometry
 from synqt.model import PackedSynQT, build_backbone, new_branch
 from synqt.schedule import adamw
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> float:
-    """Mean seconds of ``fn`` over ``repeats`` calls after one warm-up call."""
+def _timed(fn: Callable[[], Any], repeats: int, device: torch.device | None = None) -> float:
+    """Mean seconds of ``fn`` over ``repeats`` calls after one warm-up call.
+
+    On CUDA the device is synchronised before the clock starts and before it stops: kernels run
+    asynchronously, so without it the time would be that of launching them, not of running them.
+    """
+    sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (
+        lambda: None)
     fn()
+    sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
+    sync()
     return (time.perf_counter() - t0) / repeats
 
 
@@ -86,7 +94,7 @@ def bench_kv_cache(cfg: Any, *, steps: int = 3, n_train: int = 1000, n_test: int
         def fwd() -> None:
             with amp():
                 backbone.forward_features(x)
-        out["forward_s_per_image"] = _timed(fwd, steps) / B
+        out["forward_s_per_image"] = _timed(fwd, steps, device) / B
 
     log("bench kv: cache build ...")
     with tempfile.TemporaryDirectory(prefix="synqt-kv-bench-") as tmp:
@@ -103,10 +111,18 @@ def bench_kv_cache(cfg: Any, *, steps: int = 3, n_train: int = 1000, n_test: int
 
         log("bench kv: full (live) train step ...")
         model.train()
-        out["full_step_s_per_image"] = _timed(lambda: train_step(images=x), steps) / B
+        out["full_step_s_per_image"] = _timed(lambda: train_step(images=x), steps, device) / B
         log("bench kv: cached train step ...")
         out["cached_step_s_per_image"] = _timed(
-            lambda: train_step(kv=cache.batch(rng.permutation(B))), max(steps, 5)) / B
+            lambda: train_step(kv=cache.batch(rng.permutation(B))), max(steps, 5), device) / B
+        # kv_cache=memory: the array held in process memory (on a GPU: on the device when it fits), as a trial
+        # holds it; on a GPU this step has no host-to-device copy, unlike the memory-mapped one above
+        held, where = _hold_in_memory(np.load(path, mmap_mode="r"), dtype, device)
+        mem = KVCache(held, dtype, device, where, None, "bench")
+        log(f"bench kv: cached train step, cache in {where} memory ...")
+        out["memory_cached_step_s_per_image"] = _timed(
+            lambda: train_step(kv=mem.batch(rng.permutation(B))), max(steps, 5), device) / B
+        out["memory_cache_where"] = where
         cache.array = None  # drop the memory map before the folder goes
     log("bench kv: evaluation passes (1 and 5 branches) ...")
     model.eval()
@@ -115,8 +131,8 @@ def bench_kv_cache(cfg: Any, *, steps: int = 3, n_train: int = 1000, n_test: int
         def eval_pass(branches: list) -> None:
             with amp():
                 model.forward_branches(branches, x)
-        out["eval_x1_s_per_image"] = _timed(lambda: eval_pass([branch]), steps) / B
-        out["eval_x5_s_per_image"] = _timed(lambda: eval_pass(five), steps) / B
+        out["eval_x1_s_per_image"] = _timed(lambda: eval_pass([branch]), steps, device) / B
+        out["eval_x5_s_per_image"] = _timed(lambda: eval_pass(five), steps, device) / B
     f = out["forward_s_per_image"]
     evals = epochs // eval_every
     today = epochs * n_train * out["full_step_s_per_image"] + evals * n_test * out["eval_x1_s_per_image"]
@@ -143,7 +159,8 @@ def format_kv(r: dict[str, Any]) -> str:
         f"{format_bytes(t['cache_bytes'])} for {t['n_train']} images",
         f"  per image: no-grad forward {ms(r['forward_s_per_image'])}, full train step "
         f"{ms(r['full_step_s_per_image'])}, cached train step {ms(r['cached_step_s_per_image'])} "
-        f"({r['cached_vs_full_step']:.1f}x faster), cache build {ms(r['build_s_per_image'])} "
+        f"({r['cached_vs_full_step']:.1f}x faster; from {r.get('memory_cache_where', 'host')} memory "
+        f"{ms(r.get('memory_cached_step_s_per_image', float('nan')))}), cache build {ms(r['build_s_per_image'])} "
         f"({r['build_images_per_s']:.1f} img/s), eval 1 branch {ms(r['eval_x1_s_per_image'])}, "
         f"eval 5 branches {ms(r['eval_x5_s_per_image'])}",
         f"  paper trial ({t['epochs']} epochs x {t['n_train']} train, {t['evaluations']} evaluations x {t['n_test']} "

@@ -238,10 +238,11 @@ def validate(files: dict[str, Path], identity: dict[str, Any], geom: Geometry) -
 # computing
 
 
-def compute_kv(frozen: Any, images: np.ndarray, mean: Sequence[float], std: Sequence[float], out: np.ndarray, *,
-               dtype: str, device: torch.device, batch_size: int,
-               autocast: Callable[[], AbstractContextManager] | None = None) -> None:
-    """Fill ``out[n, L, 2, H, N, d]`` with the eval-mode image stream's per-block K/V of ``images`` (uint8 NHWC)."""
+def _kv_batches(frozen: Any, images: np.ndarray, mean: Sequence[float], std: Sequence[float], *, dtype: str,
+                device: torch.device, batch_size: int,
+                autocast: Callable[[], AbstractContextManager] | None) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, kv)`` per batch of ``images``: the eval-mode image stream's K/V as ``[L, 2, B, H, N, d]`` in
+    the storage dtype, on ``device``. The one place a cache's values are computed."""
     from synqt.data import to_tensor_batch
 
     was_training = frozen.training
@@ -252,12 +253,39 @@ def compute_kv(frozen: Any, images: np.ndarray, mean: Sequence[float], std: Sequ
             x = to_tensor_batch(images[start:stop], mean, std).to(device)
             with torch.no_grad(), (autocast() if autocast is not None else nullcontext()):
                 blocks = [kv.to(STORAGE_DTYPES[dtype]) for kv in frozen.kv_block_stream(x)]
-            kv = torch.stack(blocks).permute(2, 0, 1, 3, 4, 5).contiguous().cpu()  # [B, L, 2, H, N, d]
-            if dtype == "bf16":
-                kv = kv.view(torch.int16)
-            out[start:stop] = kv.numpy()
+            yield start, stop, torch.stack(blocks)
     finally:
         frozen.train(was_training)
+
+
+def compute_kv(frozen: Any, images: np.ndarray, mean: Sequence[float], std: Sequence[float], out: np.ndarray, *,
+               dtype: str, device: torch.device, batch_size: int,
+               autocast: Callable[[], AbstractContextManager] | None = None) -> None:
+    """Fill ``out[n, L, 2, H, N, d]`` with the eval-mode image stream's per-block K/V of ``images`` (uint8 NHWC)."""
+    for start, stop, kv in _kv_batches(frozen, images, mean, std, dtype=dtype, device=device, batch_size=batch_size,
+                                       autocast=autocast):
+        kv = kv.permute(2, 0, 1, 3, 4, 5).contiguous().cpu()  # [B, L, 2, H, N, d]
+        if dtype == "bf16":
+            kv = kv.view(torch.int16)
+        out[start:stop] = kv.numpy()
+
+
+def compute_held(frozen: Any, images: np.ndarray, mean: Sequence[float], std: Sequence[float], geom: Geometry, *,
+                 dtype: str, device: torch.device, batch_size: int,
+                 autocast: Callable[[], AbstractContextManager] | None = None) -> tuple[torch.Tensor, str]:
+    """``kv_cache=memory`` without a node file: the K/V computed straight into the ``[L, 2, n, H, N, d]`` tensor the
+    trial reads, where it will be held (``_hold_in_memory``'s rule): on a GPU in device memory when it fits (no
+    host round trip, no transposing copy), else in pinned host memory; on a CPU in process memory."""
+    n = len(images)
+    shape = (geom.depth, 2, n, geom.heads, geom.tokens, geom.head_dim)
+    nbytes = int(np.prod(shape)) * (2 if dtype == "bf16" else 4)
+    where = "host" if device.type != "cuda" else ("device" if fits_on_device(nbytes, device) else "pinned")
+    held = torch.empty(shape, dtype=STORAGE_DTYPES[dtype], device=device if where == "device" else "cpu",
+                       pin_memory=where == "pinned")
+    for start, stop, kv in _kv_batches(frozen, images, mean, std, dtype=dtype, device=device, batch_size=batch_size,
+                                       autocast=autocast):
+        held[:, :, start:stop].copy_(kv)
+    return held, where
 
 
 def _build(files: dict[str, Path], identity: dict[str, Any], geom: Geometry,
@@ -308,17 +336,24 @@ class KVCache:
     def __len__(self) -> int:
         return int(self.array.shape[2] if isinstance(self.array, torch.Tensor) else self.array.shape[0])
 
-    def _rows(self, idx: np.ndarray) -> torch.Tensor:
+    def _rows(self, idx: np.ndarray, pin: bool = False) -> torch.Tensor:
         """Images ``idx`` as one contiguous ``[L, 2, B, H, N, d]`` tensor (each block's K and V contiguous, so the
-        attention's batched matmuls read them without another copy)."""
+        attention's batched matmuls read them without another copy); ``pin``: gathered straight into pinned
+        host memory (the source of an asynchronous copy to the GPU)."""
         if isinstance(self.array, torch.Tensor):  # held as [L, 2, n, H, N, d] (_hold_in_memory)
-            return self.array.index_select(2, torch.as_tensor(idx, device=self.array.device))
+            where = torch.as_tensor(idx, device=self.array.device)
+            if not pin:
+                return self.array.index_select(2, where)
+            shape = self.array.shape
+            out = torch.empty((shape[0], shape[1], len(where), *shape[3:]), dtype=self.array.dtype, pin_memory=True)
+            return torch.index_select(self.array, 2, where, out=out)
         shape = self.array.shape
         out = np.empty((shape[1], shape[2], len(idx), *shape[3:]), dtype=self.array.dtype)
         for j, i in enumerate(np.asarray(idx)):  # one read of each image's rows, written in place
             out[:, :, j] = self.array[i]
         rows = torch.from_numpy(out)
-        return rows.view(torch.bfloat16) if self.dtype == "bf16" else rows
+        rows = rows.view(torch.bfloat16) if self.dtype == "bf16" else rows
+        return rows.pin_memory() if pin else rows
 
     def _to_device(self, rows: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
         return rows if rows.device == self.device else rows.to(self.device, non_blocking=non_blocking)
@@ -335,7 +370,7 @@ class KVCache:
             out = self._to_device(self._rows(idx))
         self._ahead = None
         if self._stream is not None and next_idx is not None:
-            rows = self._rows(np.asarray(next_idx)).pin_memory()
+            rows = self._rows(np.asarray(next_idx), pin=True)
             with torch.cuda.stream(self._stream):
                 ahead = rows.to(self.device, non_blocking=True)
                 event = torch.cuda.Event()
@@ -353,10 +388,16 @@ def _hold_in_memory(arr: np.ndarray, dtype: str, device: torch.device) -> tuple[
         tensor = tensor.view(torch.bfloat16)
     if device.type != "cuda":
         return tensor, "host"
-    free, _ = torch.cuda.mem_get_info(device)
-    if tensor.numel() * tensor.element_size() < free // 2:
+    if fits_on_device(tensor.numel() * tensor.element_size(), device):
         return tensor.to(device), "device"
     return tensor.pin_memory(), "pinned"
+
+
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """May a ``kv_cache=memory`` cache of ``nbytes`` live on CUDA ``device``? When it takes less than half the
+    device's free memory (the rest is the trial's); else it is held in pinned host memory."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes < free // 2
 
 
 @dataclass
@@ -414,10 +455,10 @@ def _open(frozen: Any, request: CacheRequest, identity: dict, geom: Geometry, *,
     if mode == "memory":
         if validate(files, identity, geom) is None:
             arr = np.load(files["data"], mmap_mode="r")
+            held, where = _hold_in_memory(arr, dtype, device)
         else:  # compute in process; a memory cache writes nothing to disk
-            arr = np.empty((identity["n_images"], *geom.shape), dtype=_NUMPY_OF[dtype])
-            compute(arr)
-        held, where = _hold_in_memory(arr, dtype, device)
+            held, where = compute_held(frozen, request.images, mean, std, geom, dtype=dtype, device=device,
+                                       batch_size=batch_size, autocast=autocast)
         return KVCache(held, dtype, device, where, None, identity["split"]), ""
     problem = validate(files, identity, geom)
     if problem is not None:
@@ -492,5 +533,5 @@ def feed(cache: KVCache | None, live: Callable[[np.ndarray], torch.Tensor],
 
 
 __all__ = ["planned_cache", "STREAM_CODE_VERSION", "Geometry", "geometry", "estimate_bytes", "format_bytes",
-           "cache_identity", "identity_key", "cache_files", "validate", "compute_kv", "KVCache", "CacheRequest",
-           "open_kv_cache", "open_trial_caches", "feed", "weights_digest"]
+           "cache_identity", "identity_key", "cache_files", "validate", "compute_kv", "compute_held", "KVCache",
+           "CacheRequest", "open_kv_cache", "open_trial_caches", "feed", "weights_digest"]

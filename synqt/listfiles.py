@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -189,6 +190,15 @@ def _candidates(rel: str) -> list[str]:
 def needs_resolution(rel: str) -> bool:
     """Only entries with a backslash or a non-ASCII character can have another spelling on disk."""
     return "\\" in rel or not rel.isascii()
+
+
+def same_file(path: str | Path) -> str:
+    """One spelling per file, to tell whether two listed entries name the same file: ``os.path.realpath``.
+
+    Applied to what ``resolve_listed`` returned: ``./a.png`` and ``a.png``, ``x/../a.png``, an absolute path
+    into the dataset folder and a symbolic link to the file all give the same string (also for a missing file).
+    """
+    return os.path.realpath(path)
 
 
 def resolve_listed(base: Path, rel: str) -> tuple[Path, str | None]:

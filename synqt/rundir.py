@@ -20,6 +20,7 @@ torch or ray.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from synqt.config import RESULT_KEYS, TrialConfig, config_to_dict
 from synqt.errors import SynQTError
-from synqt.fileio import atomic_write_json, set_aside
+from synqt.fileio import atomic_write_json, set_aside, sha256_file
 
 log = logging.getLogger("synqt.rundir")
 
@@ -76,6 +78,50 @@ def point_key(hparams: Mapping[str, Any] | None) -> str:
     """Canonical JSON of a hyperparameter point (seed keys dropped): runs with one key are seeds of one point."""
     clean = {k: v for k, v in (hparams or {}).items() if k not in SEED_KEYS}
     return json.dumps(clean, sort_keys=True, default=str)
+
+
+@functools.cache
+def _default_config() -> dict[str, Any]:
+    return config_to_dict(TrialConfig())
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)  # once per file version (path, size, modification time) per process
+
+
+def weights_id(checkpoint: Any, sha256: str | None = None) -> Any:
+    """The backbone weights a run used, by content: ``sha256:<hex>`` (from its provenance, else the file's
+    hash, computed once per file per process), ``random``, None (no checkpoint), or the path text when the
+    file is gone and the run recorded no hash."""
+    if sha256:
+        return f"sha256:{sha256}"
+    if checkpoint is None or str(checkpoint).strip().lower() == "random":
+        return None if checkpoint is None else "random"
+    path = Path(str(checkpoint)).expanduser()
+    try:
+        st = path.stat()
+    except OSError:
+        return str(checkpoint)
+    if not path.is_file():
+        return str(checkpoint)
+    return f"sha256:{_file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)}"
+
+
+def trial_identity(config: Mapping[str, Any], checkpoint_sha256: str | None = None) -> dict[str, Any]:
+    """A trial's identity: every key of ``synqt.config.RESULT_KEYS`` (the keys the resume check compares)
+    from a resolved config (a key the config lacks: its default); seeds as their effective values, the
+    paper protocol's stage as "final" (it ignores stage), and the checkpoint by content (``weights_id``).
+    Two runs with equal identities are copies of the same trial; runs that differ are different trials."""
+    defaults = _default_config()
+    ident = {k: config.get(k, defaults[k]) for k in RESULT_KEYS}
+    for k in ("data_seed", "init_seed"):
+        if ident[k] is None:
+            ident[k] = ident["seed"]
+    if ident["protocol"] == "paper":
+        ident["stage"] = "final"
+    ident["checkpoint"] = weights_id(ident["checkpoint"], checkpoint_sha256)
+    return ident
 
 
 def read_json(path: str | Path) -> tuple[Any, str | None]:
@@ -199,14 +245,28 @@ class RunRecord:
         except OSError:
             return 0.0
 
-    def identity(self) -> tuple[str, str, str, str, str] | None:
-        """(dataset, protocol, stage, hparams, seed) of a done or failed run: two runs with one identity are
-        copies of the same trial."""
+    def config_identity(self) -> dict[str, Any] | None:
+        """``trial_identity`` of the run's recorded config (metrics.json ``config``, the checkpoint hash from
+        its provenance); None for a run that recorded no config."""
+        m = self.metrics or {}
+        if not isinstance(m.get("config"), Mapping):
+            return None
+        if "_identity" not in self.__dict__:
+            sha = (m.get("provenance") or {}).get("backbone_checkpoint_sha256")
+            self.__dict__["_identity"] = trial_identity(m["config"], sha if isinstance(sha, str) else None)
+        return self.__dict__["_identity"]
+
+    def identity(self) -> str | None:
+        """The trial a done or failed run belongs to (``trial_identity`` of its config, hparams and stage):
+        two runs with one identity are copies of the same trial. A metrics.json without a config (written
+        by hand or by an old version) falls back to (dataset, protocol, stage, hparams, seed)."""
         m = self.metrics
         if m is None:
             return None
-        return (str(m.get("dataset")), str(m.get("protocol")), str(m.get("stage")), point_key(m.get("hparams")),
-                json.dumps(m.get("seed")))
+        legacy = [str(m.get("dataset")), str(m.get("protocol")), str(m.get("stage")), point_key(m.get("hparams")),
+                  json.dumps(m.get("seed"))]
+        config = self.config_identity()
+        return json.dumps(legacy if config is None else [legacy, config], sort_keys=True, default=str)
 
 
 def _timestamp(value: Any) -> float | None:
@@ -297,12 +357,13 @@ def scan_runs(root: str | Path) -> tuple[dict[str, Any] | None, list[RunRecord]]
 def resolve_duplicates(records: Iterable[RunRecord]) -> list[tuple[RunRecord, RunRecord]]:
     """Mark every copy of the same trial but one as superseded; return (superseded, kept) pairs.
 
-    Rule (docs/aggregate.md): among done/failed records with the same (dataset, protocol, stage, hparams,
-    seed), the one finished most recently counts (metrics.json ``finished_at``, else the file's modification
-    time); equal times: the path that sorts last. A re-run therefore replaces a stale copy, and an exact copy
-    (same content) changes nothing. Each superseded copy is logged once with both paths.
+    Rule (docs/aggregate.md): among done/failed records of the same trial (``RunRecord.identity``: every key
+    that can change a result, the checkpoint by content), the one finished most recently counts (metrics.json
+    ``finished_at``, else the file's modification time); equal times: the path that sorts last. A re-run
+    therefore replaces a stale copy, and an exact copy (same content) changes nothing. Each superseded copy is
+    logged once with both paths.
     """
-    groups: dict[tuple, list[RunRecord]] = {}
+    groups: dict[str, list[RunRecord]] = {}
     for rec in records:
         key = rec.identity() if rec.state in ("done", "failed") else None
         if key is not None:
@@ -328,7 +389,9 @@ def counting(records: Iterable[RunRecord]) -> list[RunRecord]:
 
 __all__ = [
     "CONFIG", "METRICS", "PROGRESS", "RESUME", "DS_CHECKPOINT", "TRAINABLE", "TRAINABLE_INFO", "EVAL_METRICS",
-    "PLAN", "SWEEP", "RUNS", "SKIP_DIRS", "METRIC_KEYS", "SEED_KEYS", "point_key", "STATES", "RunRecord", "read_json",
+    "PLAN", "SWEEP", "RUNS", "SKIP_DIRS", "METRIC_KEYS", "SEED_KEYS", "point_key",
+    "trial_identity", "weights_id", "STATES", "RunRecord", "read_json",
     "read_metrics", "is_done", "set_aside_broken_state", "write_metrics", "write_progress", "clear_progress",
-    "read_plan", "read_run", "find_run_dirs", "scan_runs", "resolve_duplicates", "counting",
+    "read_plan", "read_run",
+    "find_run_dirs", "scan_runs", "resolve_duplicates", "counting",
 ]

@@ -83,7 +83,7 @@ def test_paper_sweep_with_missing_failed_grid_and_fgvc(paper_sweep, tmp_path):
     res = aggregate(sweep, out_dir=out)
     on_disk = json.loads((out / "results.json").read_text())
     assert set(on_disk) == {"datasets", "groups", "mean_of_groups", "mean_of_tasks", "protocol", "incomplete",
-                            "labels", "expected_datasets", "mean_fgvc", "runs", "best_of_test"}
+                            "labels", "expected_datasets", "mean_fgvc", "runs", "best_of_test", "configurations"}
     assert on_disk == {k: v for k, v in res.items() if k != "files"}
     ds = on_disk["datasets"]
 

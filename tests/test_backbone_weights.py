@@ -110,7 +110,7 @@ def test_dry_run_says_which_weights(tmp_path, assets):
 
     assert f"backbone weights: {Path(ckpt).absolute()} (sha256 {digest})" in text(f"checkpoint={ckpt}")
     assert "backbone weights: random initialisation (checkpoint=random)" in text("checkpoint=random")
-    assert "backbone weights: NONE: key 'checkpoint' is not set, so the sweep will be refused" in text()
+    assert "backbone weights: NONE yet: key 'checkpoint' is not set" in text()
     demo = sw.load_sweep(str(REPO / "configs" / "sweeps" / "demo.yaml"), [f"storage_path={tmp_path}"])
     assert "backbone weights: the pre-trained demo backbone" in sw.dry_run_text(demo, sw.plan_trials(demo))
 

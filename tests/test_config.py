@@ -247,8 +247,11 @@ def test_bools_are_strict(tmp_path):
 def test_null_for_optional_fields_only():
     cfg = load_config([], ["checkpoint=/w/vit.npz", "data_seed=7"])
     assert cfg.checkpoint == "/w/vit.npz" and effective_seeds(cfg) == (7, 42)
-    for null in ("None", "null", "~"):
+    for null in ("None", "null"):
         assert apply_overrides(cfg, [f"checkpoint={null}", f"data_seed={null}"]).checkpoint is None
+    assert apply_overrides(cfg, ["data_seed=~"]).data_seed is None
+    with pytest.raises(ConfigError, match="'checkpoint' is a path and '~' is ambiguous"):
+        apply_overrides(cfg, ["checkpoint=~"])  # YAML's null, or the home folder (issue 20)
     assert apply_overrides(cfg, ["data_seed=None"]).data_seed is None
     assert load_config([], ["group=None"]).group is None
     with pytest.raises(ConfigError, match="'epochs'.*cannot be null"):

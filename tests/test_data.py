@@ -447,11 +447,15 @@ def test_check_main_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     out = capsys.readouterr().out
     assert "missing file" in out and str(missing) in out
 
-    # undecodable file: found only with --decode
+    # undecodable file: found whenever images are decoded (the split-leak pixel hash, on by default, or
+    # --decode), not with --paths-only alone
     bad = root / "toyf" / "images" / POOL[SPLIT_IDX["test"][0]][0]
     bad.write_bytes(b"garbage")
-    assert _check(root, ["toyf"]) == 0
+    assert _check(root, ["toyf", "--paths-only"]) == 0
     capsys.readouterr()
+    assert _check(root, ["toyf"]) == 2
+    out = capsys.readouterr().out
+    assert "unreadable" in out and str(bad) in out
     assert _check(root, ["toyf"], decode=True) == 2
     out = capsys.readouterr().out
     assert "unreadable" in out and str(bad) in out

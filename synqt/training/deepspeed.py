@@ -140,12 +140,20 @@ def _avoid_jit_ops() -> None:
         compatible[SHM_OP] = False
 
 
-def _device(cfg: TrialConfig) -> torch.device:
+def _check_device(cfg: TrialConfig) -> None:
+    """The device and precision checks a rank makes, without touching a device (``run_local`` makes them in
+    the launching process, so bad input is refused there, before any run directory exists)."""
     if cfg.precision == "fp16":
         raise ConfigError("precision=fp16 is not offered with trainer=deepspeed (it would need DeepSpeed's loss "
                           "scaling on an fp16 copy of the branch); use precision=bf16 or precision=no")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible (use device=auto or cpu)")
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        check_precision(cfg.precision, "cpu")
+
+
+def _device(cfg: TrialConfig) -> torch.device:
+    _check_device(cfg)
     if cfg.device == "cpu" or not torch.cuda.is_available():
         check_precision(cfg.precision, "cpu")  # bf16 only where it is native (synqt/precision.py)
         return torch.device("cpu")
@@ -227,8 +235,16 @@ def deepspeed_config(cfg: TrialConfig, world_size: int) -> dict[str, Any]:
     return out
 
 
+def collective_device() -> torch.device:
+    """Where the default process group's collectives need their tensors: the current CUDA device under nccl
+    (NCCL reduces device memory only; a CPU tensor is refused), else the CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_reduce(values: list[float], op: Any = None, device: torch.device | None = None) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device or "cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device or collective_device())
     dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t.tolist()
 
@@ -477,7 +493,7 @@ class _Worker:
                     # mean over the global batch, as in the single-device engine
                     engine.backward(ce * (world * gas / len(batch_idx)))
                     engine.step()  # optimizer step only at the accumulation boundary
-                (total,) = _all_reduce([local])
+                (total,) = _all_reduce([local], device=self.device)
                 if not math.isfinite(total):
                     raise FloatingPointError(f"non-finite training loss ({total}) at epoch {epoch + 1}, "
                                              f"step {self.step}")
@@ -506,7 +522,7 @@ class _Worker:
         correct, total = count_correct(self.model, branches or [self.branch], batches, inputs, self.eval_labels,
                                        device=self.device, autocast=self._autocast)
         self.engine.train()
-        *correct, total = _all_reduce([*correct, total])
+        *correct, total = _all_reduce([*correct, total], device=self.device)
         return [100.0 * c / max(total, 1) for c in correct]
 
     def _snapshot(self, epoch: int) -> None:
@@ -543,7 +559,7 @@ class _Worker:
             else:
                 self._evaluate_now(epoch)
         peak, peak_kind = device_peak_memory(self.device)
-        self.peak = int(_all_reduce([peak], dist.ReduceOp.MAX)[0])
+        self.peak = int(_all_reduce([peak], dist.ReduceOp.MAX, self.device)[0])
         if self.writer is not None:
             self.writer.add_scalar("train/epoch", epoch, self.step)
             self.writer.add_scalar("perf/images_per_s", self.images_per_s, self.step)
@@ -715,13 +731,15 @@ def _spawn_entry(rank: int, world: int, port: int, cfg: dict, run_dir: str, thre
     os._exit(0)
 
 
-def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, retries: int = 1) -> dict:
+def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, retries: int = 1,
+              report: Callable[[dict], None] | None = None) -> dict:
     """Run one DeepSpeed trial on this machine with ``nprocs`` processes (gloo on CPU, nccl on GPUs).
 
     The Ray-free path for tests and single-node use; returns rank 0's metrics (also in metrics.json).
     A worker process that dies (killed, out of memory) is retried up to ``retries`` times from the
     trial's last DeepSpeed checkpoint, as Ray's FailureConfig does for a trial in a sweep; a finished
-    trial (metrics.json ok) is not rerun.
+    trial (metrics.json ok) is not rerun. ``report``: ``train_worker``'s per-epoch callback in every process (a
+    module-level function: the spawned processes unpickle it by name).
     """
     import torch.multiprocessing as mp
 
@@ -731,11 +749,22 @@ def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, ret
     if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < nprocs:
         raise ConfigError(f"run_local: nprocs={nprocs} but only {torch.cuda.device_count()} CUDA device(s)")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // nprocs)
+    # the ranks' checks, made here first: a refusal inside a spawned rank would surface as a worker's
+    # traceback (exit 1) and leave the run directory behind; rank 0 creates the run directory
+    _check_device(cfg)
+    check_same_run(cfg, run_dir)
+    if not rundir.is_done(run_dir):
+        from synqt.data import validate_dataset
+
+        if not cfg.dataset or not cfg.data_root:
+            raise ConfigError("dataset and data_root must be set (e.g. --dataset cifar --data-root /data/vtab-1k)")
+        validate_dataset(cfg.data_root, cfg.dataset, list(splits_for(cfg)), cfg.num_classes, layout=cfg.layout)
+    from synqt.threads import choose_threads
+
+    threads = max(1, choose_threads().threads // nprocs)  # the process's CPUs (synqt.threads), shared by the ranks
     for attempt in range(retries + 1):
         try:
-            mp.spawn(_spawn_entry, args=(nprocs, _free_port(), config_to_dict(cfg), str(run_dir), threads),
+            mp.spawn(_spawn_entry, args=(nprocs, _free_port(), config_to_dict(cfg), str(run_dir), threads, report),
                      nprocs=nprocs, join=True)
             break
         except mp.ProcessExitedException as err:  # a crashed process, not a Python error of the trial

@@ -79,7 +79,7 @@ class TrialRecipe:
 
     def __init__(self, cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, resume: bool = True,
                  backbone: torch.nn.Module | None = None, report: Callable[[dict], None] | None = None,
-                 hparams: Sequence[dict] | None = None) -> None:
+                 hparams: Sequence[dict] | None = None, cpus: float | None = None) -> None:
         if not cfgs or len(cfgs) != len(run_dirs):
             raise ConfigError(
                 f"a pack needs one run directory per config (got {len(cfgs)} configs, {len(run_dirs)} dirs)")
@@ -97,11 +97,19 @@ class TrialRecipe:
             for i, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True))
         ]
         self.start_time = time.time()
+        self.cpus = cpus  # the CPUs Ray assigned (None elsewhere): synqt.threads decides the thread count
+        self.threads = None
         self.train_split, self.eval_split = splits_for(self.cfg)
         self.train_list = self.eval_list = self.image_size = self.images_per_s = None
+        # wall seconds by phase (metrics.json "timings_s"): what a trial's time goes to, e.g. on a GPU where the
+        # cached steps are cheap and decoding, the cache build and evaluation weigh (scripts/gpu_check.sh)
+        self.timings = {"decode_s": 0.0, "kv_cache_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
+        from synqt.threads import configure_threads
+
+        self.threads = configure_threads(self.cpus)
         self.device = self._device()
         self.accelerator = self._accelerator()
         self.device = self.accelerator.device
@@ -161,8 +169,10 @@ class TrialRecipe:
         size = cfg.image_size or int(self._backbone.patch_embed.img_size[0])
         self.image_size = size
         load = dict(interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
+        t0 = time.perf_counter()
         self.train_images, self.train_labels = load_images(self.train_list, size, **load)
         self.eval_images, self.eval_labels = load_images(self.eval_list, size, **load)
+        self.timings["decode_s"] += time.perf_counter() - t0
         self.mean, self.std = list(cfg.mean), list(cfg.std)
 
     def _setup_model(self) -> None:
@@ -182,19 +192,22 @@ class TrialRecipe:
             modules.append(module)
             if self.resume:
                 self._load_resume(branch)
-            branch.status = "running"
-            save_config(branch.cfg, branch.run_dir / rundir.CONFIG)
+            branch.status = "starting"
         self.model = PackedSynQT(self._backbone, modules, drop_path_rate=cfg.drop_path_rate,
                                  backbone_drop_path=cfg.backbone_drop_path, memory_mode=cfg.memory_mode)
         self.model.to(self.device)
         self.model.image_generator = torch.Generator(device=self.device)
-        prepared = self.accelerator.prepare(*[b.optimizer for b in self.active])
+        starting = [b for b in self.branches if b.status == "starting"]
+        prepared = self.accelerator.prepare(*[b.optimizer for b in starting])
         prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
-        for branch, opt in zip(self.active, prepared, strict=True):
+        for branch, opt in zip(starting, prepared, strict=True):
             branch.optimizer = opt
-        for branch in self.active:
-            branch.writer = open_writer(branch.run_dir, branch.step)
         self._setup_kv_cache()
+        # the run directories' first write, once every check of setup passed: a refused trial leaves none behind
+        for branch in starting:
+            branch.status = "running"
+            save_config(branch.cfg, branch.run_dir / rundir.CONFIG)
+            branch.writer = open_writer(branch.run_dir, branch.step)
 
     def _setup_kv_cache(self) -> None:
         """Open (building once per node) the K/V caches of the train and eval splits, or say once why not."""
@@ -205,8 +218,10 @@ class TrialRecipe:
                                         interpolation=self.cfg.interpolation))
                     for name, images, split in (("train", self.train_images, self.train_list),
                                                 ("eval", self.eval_images, self.eval_list))]
+        t0 = time.perf_counter()
         caches = open_trial_caches(self.model, self.cfg, requests, device=self.device, mean=self.mean, std=self.std,
                                    autocast=self.accelerator.autocast)
+        self.timings["kv_cache_s"] += time.perf_counter() - t0
         self.train_kv, self.eval_kv = caches.get("train"), caches.get("eval")
 
     @property
@@ -319,7 +334,8 @@ class TrialRecipe:
         images_seen, train_seconds = 0, 0.0
         total_steps = cfg.epochs * self.steps_per_epoch
         progress.emit(progress.TrainStart(tuple(b.run_name for b in self.active), cfg.epochs, self.steps_per_epoch,
-                                          start_epoch * self.steps_per_epoch))
+                                          start_epoch * self.steps_per_epoch,
+                                          self.threads.line() if self.threads is not None else ""))
         for epoch in range(start_epoch, cfg.epochs):
             # branches ahead of the others (resumed from a later checkpoint) sit this epoch out
             training = [b for b in self.active if b.epochs_done <= epoch]
@@ -387,6 +403,7 @@ class TrialRecipe:
                     break
             epoch_s = time.perf_counter() - t0
             train_seconds += epoch_s
+            self.timings["train_s"] += epoch_s
             self.images_per_s = images_seen / max(train_seconds, 1e-9)
             for b in training:
                 b.epochs_done = epoch + 1
@@ -398,6 +415,7 @@ class TrialRecipe:
 
     def _after_epoch(self, epoch: int, trained: list[_Branch]) -> None:
         trained = [b for b in trained if b.status == "running"]
+        t0 = time.perf_counter()
         if trained and should_eval(self.cfg, epoch):
             if self.deferred and epoch < self.cfg.epochs:
                 for b in trained:
@@ -412,6 +430,7 @@ class TrialRecipe:
                     # every scalar of a run shares one x-axis, the optimizer step (train/epoch maps it to epochs)
                     b.writer.add_scalar(f"eval/{self.eval_split}_acc", acc, b.step)
                     progress.emit(progress.Eval(b.run_name, epoch, b.cfg.epochs, self.eval_split, acc))
+        self.timings["eval_s"] += time.perf_counter() - t0
         peak, peak_kind = device_peak_memory(self.device)
         for b in trained:
             b.writer.add_scalar("train/epoch", epoch, b.step)
@@ -472,9 +491,12 @@ class TrialRecipe:
         peak, peak_kind = device_peak_memory(self.device)
         identity = self._backbone.synqt_identity if hasattr(self, "_backbone") else {}
         data = RunData(self.train_split, self.eval_split, self.start_time, self.train_list, self.eval_list,
-                       self.image_size, self.images_per_s)
-        return trial_metrics(b, data, peak=peak, peak_kind=peak_kind, identity=identity,
-                             packed_with=len(self.branches))
+                       self.image_size, self.images_per_s,
+                       self.threads.as_dict() if self.threads is not None else None)
+        metrics = trial_metrics(b, data, peak=peak, peak_kind=peak_kind, identity=identity,
+                                packed_with=len(self.branches))
+        metrics["timings_s"] = {k: round(v, 4) for k, v in self.timings.items()}
+        return metrics
 
     def _finish(self, b: _Branch) -> None:
         try:
@@ -529,9 +551,11 @@ class TrialRecipe:
 
 def train_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, resume: bool = True,
                backbone: torch.nn.Module | None = None, report: Callable[[dict], None] | None = None,
-               hparams: Sequence[dict] | None = None) -> list[dict]:
-    """Train a pack (k >= 1) of trials; returns each branch's metrics dict (also in its metrics.json)."""
-    recipe = TrialRecipe(cfgs, run_dirs, resume=resume, backbone=backbone, report=report, hparams=hparams)
+               hparams: Sequence[dict] | None = None, cpus: float | None = None) -> list[dict]:
+    """Train a pack (k >= 1) of trials; returns each branch's metrics dict (also in its metrics.json).
+    ``cpus``: the CPUs Ray assigned to the trial (``synqt.threads``)."""
+    recipe = TrialRecipe(cfgs, run_dirs, resume=resume, backbone=backbone, report=report, hparams=hparams,
+                         cpus=cpus)
     try:
         recipe.setup()
         recipe.train()
@@ -561,8 +585,10 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
     """Score a trainable-only checkpoint (or an official full state dict) on one split."""
     from synqt.checkpoint import read_state_dict, read_trainable
     from synqt.data import dataset_num_classes, load_images, read_split, to_tensor_batch, validate_dataset
+    from synqt.threads import configure_threads
 
     validate_dataset(cfg.data_root, cfg.dataset, [split], cfg.num_classes, layout=cfg.layout)
+    threads = configure_threads()
     if official:
         state = read_state_dict(weights)
         num_classes = int(state["head.weight"].shape[0])
@@ -597,7 +623,7 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
     acc = 100.0 * correct / max(len(labels), 1)
     result = {"dataset": cfg.dataset, "split": split, "acc": acc, "images": int(len(labels)),
               "weights": str(weights), "official": official, "test_acc" if split == "test" else "val_acc": acc,
-              "warnings": warnings}
+              "warnings": warnings, "threads": threads.as_dict()}
     out_path = Path(out) if out else Path(weights).parent / rundir.EVAL_METRICS
     atomic_write_json(out_path if out_path.suffix == ".json" else out_path / rundir.EVAL_METRICS, result)
     return result
