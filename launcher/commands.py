@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -24,6 +25,7 @@ from launcher.sweep import (
     plan_dict,
     plan_trials,
     prepare_demo_assets,
+    sweep_yaml_text,
     validate,
     write_plan,
 )
@@ -35,14 +37,25 @@ def _stage2_pending(sweep: Sweep, stage: str) -> bool:
     return sweep.protocol == "vtab" and stage == "search"
 
 
-def dry_run_plan(sweep_file: str, overrides: list[str], *, as_json: bool = False) -> str:
-    """The plan of `synqt sweep FILE --dry-run` as text (or JSON); starts nothing, writes nothing."""
+def dry_run_plan(sweep_file: str, overrides: list[str], *, as_json: bool = False,
+                 sequential: bool = False) -> tuple[str, str | None]:
+    """(the plan of `synqt sweep FILE --dry-run` as text or JSON, why the sweep would be refused or None);
+    starts nothing, writes nothing. What is not set yet (data_root, checkpoint) is no refusal: a plan is
+    previewed before the data and weights are in place (``validate(preview=True)``)."""
+    from synqt.errors import SynQTError
+
     sweep = load_sweep(sweep_file, overrides)
     trials = plan_trials(sweep)
+    try:
+        validate(sweep, trials, in_process=sequential, preview=True)
+        refused = None
+    except SynQTError as err:
+        refused = str(err)
     if as_json:
         stage = trials[0].stage if trials else "final"
-        return json.dumps(plan_dict(sweep, trials, _stage2_pending(sweep, stage)), indent=2, default=str)
-    return dry_run_text(sweep, trials)
+        d = plan_dict(sweep, trials, _stage2_pending(sweep, stage)) | {"refused": refused}
+        return json.dumps(d, indent=2, default=str), refused
+    return dry_run_text(sweep, trials), refused
 
 
 def run_sweep_command(
@@ -64,11 +77,17 @@ def run_sweep_command(
         raise ConfigError(f"{sweep.source}: asha needs Ray Tune's scheduler; --sequential runs every trial to its "
                           "end (remove the asha section or run without --sequential)")
     if dry_run:
-        print(dry_run_plan(sweep_file, overrides, as_json=as_json))
-        return 0
+        text, refused = dry_run_plan(sweep_file, overrides, as_json=as_json, sequential=sequential)
+        print(text, flush=True)
+        if refused is not None:  # the plan is shown, and the exit status says the sweep would not start
+            import sys
+
+            print(f"synqt sweep: --dry-run: this sweep would be refused: {refused}", file=sys.stderr, flush=True)
+            return Exit.BAD_INPUT
+        return Exit.OK
     prepare_demo_assets(sweep)
     trials = plan_trials(sweep)
-    validate(sweep, trials)
+    validate(sweep, trials, in_process=sequential)  # data (both stages' splits), checkpoint, device: reads only
     plan_file = sweep.sweep_dir / rundir.PLAN
     if not resume and sweep.sweep_dir.exists() and any(sweep.sweep_dir.iterdir()):
         raise ConfigError(
@@ -77,32 +96,82 @@ def run_sweep_command(
         )
     if resume and not plan_file.is_file():
         raise ConfigError(f"--resume: no sweep at {sweep.sweep_dir} (missing {plan_file})")
-    if resume:  # keep unchanged trials, move changed ones aside, say so (launcher/resume.py)
-        from launcher.resume import reconcile
 
-        reconcile(sweep, trials, trials[0].stage if trials else "final")
-    if not (resume and _same_plan(plan_file, trials)):
-        write_plan(sweep, trials, _stage2_pending(sweep, trials[0].stage if trials else "final"))
-    write_planned_experiment(sweep.sweep_dir, trials)  # TensorBoard's HParams columns while the sweep runs
+    if resume and _same_plan(sweep, trials) and _all_done(sweep.sweep_dir):
+        # this very plan has run to its end: nothing to run, no Ray cluster (or process) to start, nothing rewritten
+        from launcher.stages import finish_sweep
+
+        print(f"synqt sweep: every planned trial in {sweep.sweep_dir} has finished; nothing to run "
+              "(aggregating only)", flush=True)
+        return Exit.OK if finish_sweep(sweep, [], time.time()).get("ok") else Exit.FAILED_RUNS
+
+    def first_write() -> None:
+        """Called by the backend once its own checks passed (Ray: the cluster has the resources; both: every
+        checkpoint fits its backbone)."""
+        write_sweep_files(sweep, trials, resume=resume)
+
     with watch(sweep.sweep_dir) if watch is not None else contextlib.nullcontext():
         if sequential:
             from launcher.stages import run_sequential
 
-            result = run_sequential(sweep, trials)
+            result = run_sequential(sweep, trials, before_trials=first_write)
         else:
             from launcher.ray_backend import run_sweep
 
-            result = run_sweep(sweep, trials, address=address, resume=resume)
+            result = run_sweep(sweep, trials, address=address, resume=resume, before_trials=first_write)
     return Exit.OK if result.get("ok") else Exit.FAILED_RUNS
 
 
-def _same_plan(plan_file: Path, trials: list[PlannedTrial]) -> bool:
-    """On --resume keep plan.json when stage 1 is unchanged (it may already list stage 2)."""
-    old, _ = rundir.read_json(plan_file)
-    if not isinstance(old, dict):
+def _all_done(sweep_dir: Path) -> bool:
+    """Every trial plan.json lists has an ok metrics.json and no later stage is still to be planned."""
+    plan, records = rundir.scan_runs(sweep_dir)
+    planned = [r for r in records if r.plan]
+    return bool(plan and planned and not plan.get("stage2_pending") and all(r.state == "done" for r in planned))
+
+
+def write_sweep_files(sweep: Sweep, trials: list[PlannedTrial], *, resume: bool) -> None:
+    """The sweep folder's FIRST WRITE: everything before it only reads, so a refused command leaves nothing.
+
+    Called once every check has passed (the plan, its data and checkpoint, and the backend's own: Ray's
+    cluster resources). On ``--resume``: trials whose config changed are moved aside (``launcher.resume``),
+    and ``sweep.yaml`` / ``plan.json`` are rewritten to what this command runs, the earlier copies kept
+    under ``<storage_path>/<name>.superseded/`` when they differ. Then TensorBoard's planned HParams experiment.
+    """
+    stage = trials[0].stage if trials else "final"
+    if resume:  # keep unchanged trials, move changed ones aside, say so (launcher/resume.py)
+        from launcher.resume import reconcile
+
+        reconcile(sweep, trials, stage)
+    if not (resume and _same_plan(sweep, trials)):
+        if resume:
+            from launcher.resume import supersede_sweep_files
+
+            moved = supersede_sweep_files(sweep)
+            if moved is not None:
+                print(f"synqt sweep: resume with a changed sweep: {rundir.SWEEP} and {rundir.PLAN} rewritten to "
+                      f"what runs now; the earlier ones moved to {moved}", flush=True)
+        write_plan(sweep, trials, _stage2_pending(sweep, stage))
+    write_planned_experiment(sweep.sweep_dir, trials)  # TensorBoard's HParams columns while the sweep runs
+
+
+def _same_plan(sweep: Sweep, trials: list[PlannedTrial]) -> bool:
+    """On --resume keep plan.json (it may already list stage 2) when neither the sweep's resolved keys
+    (sweep.yaml) nor its stage-1 trials changed."""
+    old, _ = rundir.read_json(sweep.sweep_dir / rundir.PLAN)
+    if not isinstance(old, dict) or sweep_yaml_text(sweep) != _read_text(sweep.sweep_dir / rundir.SWEEP):
         return False
-    names = [t.get("run_name") for t in old.get("trials", []) if isinstance(t, dict)]
-    return names[: len(trials)] == [t.run_name for t in trials]
+    new = plan_dict(sweep, trials, False)
+    old_trials = [t for t in old.get("trials", []) if isinstance(t, dict)]
+    same_trials = json.loads(json.dumps(new["trials"], default=str)) == old_trials[: len(trials)]
+    return same_trials and all(old.get(k) == json.loads(json.dumps(new[k], default=str))
+                               for k in new if k not in ("trials", "stage2_pending"))
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def run_demo(out: str | Path, overrides: list[str] | None = None,

@@ -6,8 +6,10 @@ A source is
 - a CSV with columns ``dataset`` and ``accuracy`` (and optionally ``method``: one source per method),
   e.g. another sweep's ``results.csv``;
 - a CSV in the paper layout: a ``method`` column and one column per task, named as in the paper tables
-  (``CIFAR-100``, ``Caltech101``, ..., ``sNORB-Elev``) or by dataset name, one row per method; group and
-  Mean columns are ignored (recomputed). A published table is typed in this way.
+  (``CIFAR-100``, ``Caltech101``, ..., ``sNORB-Elev``), as NOAH / VPT write them (``Cifar100``, ``sNORB-Ele``,
+  ``Clevr/count``) or by dataset name, one row per method; group, Mean and parameter columns are ignored
+  (recomputed). A published table is typed in this way. Headings and the long layout's own column names are
+  read in any case; the spellings are the registry's titles and aliases (configs/datasets.yaml).
 
 The first source is the baseline; every other source gets a difference column (other − baseline, in
 accuracy points). Means (per VTAB group and over all tasks) are taken over the tasks every source has,
@@ -51,14 +53,29 @@ def _from_results(name: str, origin: str, results: Mapping[str, Any], metric: st
 
 
 def _task_of_column(column: str) -> str | None:
-    """The task a wide table's column names: a dataset name or a paper-table title (``CIFAR-100``)."""
-    from launcher.report import FGVC_TITLES, VTAB_TITLES
+    """The task a published table's heading (or row) names: a dataset name, a paper title (``CIFAR-100``) or
+    a spelling NOAH / VPT / SynQT tables use (``Cifar100``, ``sNORB-Ele``, ``Clevr/count``): the registry's
+    titles and aliases (configs/datasets.yaml), any case, punctuation and spaces ignored."""
+    from synqt.registry import from_heading
 
-    titles = {t.lower(): n for n, t in {**VTAB_TITLES, **FGVC_TITLES}.items()}
-    key = column.strip()
-    if key in VTAB_TITLES or key in FGVC_TITLES:
-        return key
-    return titles.get(key.lower())
+    info = from_heading(str(column))
+    return info.name if info is not None else None
+
+
+# Columns of a paper-layout table that are not tasks: group means, means, parameter counts (recomputed or not
+# compared); matched on the heading's letters and digits, any case ("Mean", "Natural (7)", "Params (M)").
+IGNORED_PREFIXES = ("natural", "specialized", "structured", "mean", "average", "avg", "param", "tunedparam",
+                    "trainableparam", "group")
+LONG_COLUMNS = ("method", "dataset", "accuracy", "group", "kind", "best_of_test", "best_of_test_selected_on_test")
+LAYOUTS_TEXT = ("either the long layout (columns dataset and accuracy, optionally method and group: one row per "
+                "task) or the paper layout (a method column and one column per task, headed by dataset names or "
+                "the paper tables' titles: CIFAR-100, Caltech101, ..., sNORB-Elev, as NOAH / VPT / SynQT write "
+                "them; one row per method)")
+
+
+def _ignored_column(column: str) -> bool:
+    key = "".join(ch for ch in column.lower() if ch.isalnum())
+    return key.startswith(IGNORED_PREFIXES)
 
 
 MISSING_CELLS = ("", "–", "-", "—")
@@ -89,11 +106,15 @@ def _from_wide(path: Path, frame: Any) -> list[Source]:
 
     tasks = {c: _task_of_column(str(c)) for c in frame.columns if c != "method"}
     known = {c: t for c, t in tasks.items() if t is not None}
-    ignored = [str(c) for c, t in tasks.items() if t is None and str(c).lower() not in
-               ("natural", "specialized", "structured", "mean", "mean of groups", "mean of tasks")]
+    ignored = [str(c) for c, t in tasks.items() if t is None and not _ignored_column(str(c))]
     if not known or ignored:
-        raise SynQTError(f"{path}: a wide table needs a 'method' column and task columns (dataset names or "
-                         f"titles like CIFAR-100); unknown columns: {', '.join(ignored) or '(no task column)'}")
+        raise SynQTError(f"{path}: a paper-layout table needs a 'method' column and task columns (dataset names or "
+                         f"titles like CIFAR-100, Cifar100, sNORB-Ele); unknown columns: "
+                         f"{', '.join(ignored) or '(no task column)'}")
+    twice = {t for t in known.values() if list(known.values()).count(t) > 1}
+    if twice:
+        cols = [str(c) for c, t in known.items() if t in twice]
+        raise SynQTError(f"{path}: columns {', '.join(cols)} name the same task ({', '.join(sorted(twice))}); keep one")
     out = []
     for index, row in frame.iterrows():
         src = Source(str(row["method"]), str(path))
@@ -112,14 +133,18 @@ def _from_csv(path: Path, metric: str) -> list[Source]:
         frame = pd.read_csv(path)
     except (OSError, ValueError) as err:
         raise SynQTError(f"{path}: not a readable CSV ({err})") from err
+    # the layout's own columns in any case and spacing ("Method", " Dataset")
+    frame = frame.rename(columns={c: str(c).strip().lower() for c in frame.columns
+                                  if str(c).strip().lower() in LONG_COLUMNS})
     if "dataset" not in frame.columns and "method" in frame.columns:
         return _from_wide(path, frame)
     column = metric if metric in frame.columns else ("accuracy" if metric == "accuracy" else None)
     if metric == "best_of_test" and "best_of_test_selected_on_test" in frame.columns:
         column = "best_of_test_selected_on_test"
     if "dataset" not in frame.columns or column is None or column not in frame.columns:
-        raise SynQTError(f"{path}: expected columns 'dataset' and '{metric}' (optional 'method', 'group'); "
-                         f"found {', '.join(map(str, frame.columns))}")
+        raise SynQTError(f"{path}: expected columns 'dataset' and '{metric}' (optional 'method', 'group') or a "
+                         f"paper-layout table; found {', '.join(map(str, frame.columns))}. A published table is "
+                         f"{LAYOUTS_TEXT}")
     if "kind" in frame.columns:  # an older results.csv: task rows and mean rows
         frame = frame[frame["kind"] == "task"]
     methods = frame["method"].astype(str) if "method" in frame.columns else None
@@ -128,7 +153,7 @@ def _from_csv(path: Path, metric: str) -> list[Source]:
         part = frame if method is None else frame[methods == method]
         src = Source(method or path.stem, str(path))
         for index, row in part.iterrows():
-            task = str(row["dataset"])
+            task = _task_of_column(str(row["dataset"])) or str(row["dataset"])  # Cifar100 -> cifar; own tasks kept
             if "group" in part.columns and isinstance(row["group"], str):
                 src.groups[task] = row["group"]
             value = _cell_value(path, index, f"dataset {task}", column, row[column])
@@ -165,6 +190,8 @@ def load_source(spec: str, metric: str = "accuracy") -> list[Source]:
         srcs = _from_csv(path, metric)
         if name and len(srcs) == 1:
             srcs[0].name = name
+    elif not path.exists():
+        raise SynQTError(f"{spec}: file or folder not found (expected a sweep folder, a results.json or a .csv file)")
     else:
         raise SynQTError(f"{spec}: not a sweep folder, a results.json or a .csv file")
     return srcs

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +135,10 @@ def pack_trainable(
         if hook is not None:
             hook(payload)
 
+    # the CPUs Ray gave this trial decide its thread count (synqt.threads; torch would take every core)
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     results = run_pack(
-        cfgs, run_dirs, resume=True, backbone=backbone, report=report, hparams=pack.get("hparams")
+        cfgs, run_dirs, resume=True, backbone=backbone, report=report, hparams=pack.get("hparams"), cpus=cpus
     )
     tune.report(_final_report(results))
 
@@ -435,22 +438,27 @@ def _experiment(storage: Path, stage: str, ids: list[str], resume: bool) -> tupl
 
 
 def run_sweep(
-    sweep: Sweep, plan: list[PlannedTrial], *, address: str | None = None, resume: bool = False
+    sweep: Sweep, plan: list[PlannedTrial], *, address: str | None = None, resume: bool = False,
+    before_trials: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run every stage of a planned, validated sweep on Ray, then aggregate. Returns {"ok", "failed", ...}.
 
     vtab protocol: stage 1 (`plan`), then the best val200 grid point per dataset is retrained with every
-    seed (stage 2), in one call; --resume restores whichever stage's Tuner exists.
+    seed (stage 2), in one call; --resume restores whichever stage's Tuner exists. ``before_trials()`` runs
+    once the cluster is known to fit the request and before any trial (the sweep folder's first write).
     """
     t0 = time.time()
     started = _start_ray(address)
     try:  # a request no node can satisfy would pend forever: refuse it, with both numbers, before any trial
         check_fits(sweep.resources, _alive_nodes(), ray.cluster_resources())
-    except Exception:
+        # each checkpoint read once, now: one that does not fit its backbone is refused before the first write
+        refs: dict[str, Any] = shared_backbones(plan)
+        if before_trials is not None:
+            before_trials()
+    except BaseException:
         if started:
             ray.shutdown()
         raise
-    refs: dict[str, Any] = {}
 
     def run_stage(stage: str, trials: list[PlannedTrial]) -> list[tuple[str, str]]:
         refs.update(shared_backbones(trials, refs))

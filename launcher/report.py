@@ -27,20 +27,6 @@ from synqt.rundir import point_key as hparams_key
 
 GROUPS: tuple[str, ...] = ("Natural", "Specialized", "Structured")
 
-# Column titles of the paper tables (the names NOAH / SynQT tables use).
-VTAB_TITLES: dict[str, str] = {
-    "cifar": "CIFAR-100", "caltech101": "Caltech101", "dtd": "DTD", "oxford_flowers102": "Flowers102",
-    "oxford_iiit_pet": "Pets", "svhn": "SVHN", "sun397": "Sun397", "patch_camelyon": "Camelyon",
-    "eurosat": "EuroSAT", "resisc45": "Resisc45", "diabetic_retinopathy": "Retinopathy",
-    "clevr_count": "Clevr-Count", "clevr_dist": "Clevr-Dist", "dmlab": "DMLab", "kitti": "KITTI-Dist",
-    "dsprites_loc": "dSpr-Loc", "dsprites_ori": "dSpr-Ori", "smallnorb_azi": "sNORB-Azim",
-    "smallnorb_ele": "sNORB-Elev",
-}  # fmt: skip
-FGVC_TITLES: dict[str, str] = {
-    "cub": "CUB-200-2011", "nabirds": "NABirds", "oxford_flowers": "Oxford Flowers",
-    "stanford_dogs": "Stanford Dogs", "stanford_cars": "Stanford Cars",
-}  # fmt: skip
-
 # Abbreviations used in hyperparameter cells and defined in results.md.
 ABBREVIATIONS: dict[str, tuple[str, str]] = {
     "token_nums": ("T", "query tokens per block"),
@@ -349,7 +335,10 @@ def _vtab_group(name: str) -> str | None:
 
 
 def _title(name: str) -> str:
-    return VTAB_TITLES.get(name) or FGVC_TITLES.get(name) or name
+    """The paper tables' column title (CIFAR-100, sNORB-Elev): configs/datasets.yaml through the registry."""
+    from synqt import registry
+
+    return registry.title(name)
 
 
 def table_rows(results: Mapping[str, Any], method: str, bench: str) -> list[tuple[str, list[str]]]:

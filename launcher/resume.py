@@ -74,6 +74,23 @@ def _move_aside(sweep: Sweep, run_dir: Path) -> Path:
     return dest
 
 
+def supersede_sweep_files(sweep: Sweep) -> Path | None:
+    """Move the sweep folder's ``sweep.yaml`` and ``plan.json`` to ``<name>.superseded/sweep-files.<n>/``
+    before a resume with a changed sweep rewrites them; returns that folder, or None when neither existed."""
+    present = [sweep.sweep_dir / f for f in (rundir.SWEEP, rundir.PLAN) if (sweep.sweep_dir / f).is_file()]
+    if not present:
+        return None
+    root = superseded_dir(sweep)
+    n = 1
+    while (root / f"sweep-files.{n}").exists():
+        n += 1
+    dest = root / f"sweep-files.{n}"
+    dest.mkdir(parents=True)
+    for f in present:
+        shutil.move(str(f), str(dest / f.name))
+    return dest
+
+
 def _content_changes(run_dir: Path, t: PlannedTrial) -> str:
     """What differs between a run's recorded identity and the planned trial's beyond the config text
     (``synqt.rundir.trial_identity``: the backbone weights by content, e.g. another file under the same path);
@@ -128,4 +145,4 @@ def pack_id(run_names: Sequence[str], cfgs: Sequence[Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-__all__ = ["Reconciled", "pack_id", "reconcile", "superseded_dir"]
+__all__ = ["Reconciled", "pack_id", "reconcile", "supersede_sweep_files", "superseded_dir"]

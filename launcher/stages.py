@@ -194,14 +194,16 @@ def finish_sweep(sweep: Sweep, failures: Failures, started: float) -> dict[str, 
     return {"ok": not failures, "failed": failures, "results": results, "sweep_dir": str(sweep.sweep_dir)}
 
 
-def run_sequential(sweep: Sweep, plan: list[PlannedTrial]) -> dict[str, Any]:
+def run_sequential(sweep: Sweep, plan: list[PlannedTrial],
+                   before_trials: Callable[[], None] | None = None) -> dict[str, Any]:
     """Every pack of every stage, one after another in this process (no Ray); then aggregate.
 
     Same packs, run dirs, resume rule (finished trials are skipped, interrupted ones resume) and
     results as the Ray backend; a frozen backbone loaded from a checkpoint is built once per
     (backbone, kwargs, checkpoint) and shared, as the Ray backend shares it through the object store.
     A pack that raises is retried ``retries`` times (resuming from its epoch checkpoint, as a Tune retry
-    does), then recorded as failed, and the next pack runs.
+    does), then recorded as failed, and the next pack runs. ``before_trials()`` runs once every
+    checkpoint has been read, before any trial.
     """
     import torch
 
@@ -244,6 +246,10 @@ def run_sequential(sweep: Sweep, plan: list[PlannedTrial]) -> dict[str, Any]:
                                    if not rundir.is_done(t.run_dir(sweep))]
         return raised + unfinished(sweep, trials, skip={name for name, _ in raised})
 
+    for t in plan:  # each checkpoint read now: one that does not fit its backbone is refused before any write
+        shared_backbone(t.config)
+    if before_trials is not None:
+        before_trials()  # the sweep folder's first write (launcher.commands.write_sweep_files)
     failures = drive_stages(sweep, plan, run_stage)
     return finish_sweep(sweep, failures, started)
 

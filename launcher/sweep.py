@@ -791,6 +791,11 @@ def prepare_demo_assets(sweep: Sweep) -> None:
     """demo_assets: create (or reuse) the cached synthetic data + pre-trained backbone; fill missing paths."""
     if not sweep.demo_assets or (sweep.data_root and sweep.checkpoint):
         return
+    # a path given but wrong is refused now, not after minutes of building the assets it would not use
+    if sweep.checkpoint and not is_random(sweep.checkpoint) and not Path(sweep.checkpoint).is_file():
+        raise ConfigError(f"{sweep.source}: backbone checkpoint {sweep.checkpoint} (key 'checkpoint') does not exist")
+    if sweep.data_root and not Path(sweep.data_root).is_dir():
+        raise DataError(f"{sweep.source}: data_root {sweep.data_root} does not exist or is not a folder")
     from synqt.pretrain import ensure_demo_assets
 
     data_root, ckpt = ensure_demo_assets()
@@ -798,12 +803,38 @@ def prepare_demo_assets(sweep: Sweep) -> None:
     sweep.checkpoint = sweep.checkpoint or str(Path(ckpt).absolute())
 
 
-def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
-    """Refuse a sweep before any Ray resource: data folders + list files, checkpoint, resources, precision."""
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def validate(sweep: Sweep, trials: list[PlannedTrial], *, in_process: bool = False, preview: bool = False,
+             check_gpus: bool = True) -> None:
+    """Refuse a sweep before any Ray resource and before its first write: checkpoint file, data folders + list
+    files (also stage 2's), device and precision against the GPUs the trials will get (``in_process``: the
+    trials run in this process, ``--sequential``, and see this machine's GPUs). Raises ConfigError /
+    DataError naming the key, file or dataset.
+
+    ``preview`` (``--dry-run``): what is not set yet (data_root, checkpoint) is not refused, what is set and
+    wrong is; without data_root a dataset name that is no known task but close to one is refused (a typo).
+    ``check_gpus=False``: the trials' GPUs are not known here (a SLURM array: its sbatch arguments give them)."""
     from synqt.ckptfile import check_file
     from synqt.config import splits_for
     from synqt.data import validate_dataset
 
+    # Ray hides every GPU from a trial that asked for none; in this process (--sequential) the trials see this
+    # machine's GPUs
+    no_gpu = not _has_cuda() if in_process else sweep.resources["gpus"] == 0
+    if no_gpu and check_gpus:
+        where = "this machine has no CUDA GPU" if in_process else "resources.gpus is 0, so no trial gets one"
+        for t in trials:
+            for key, value in (("device", "cuda"), ("precision", "fp16")):
+                if getattr(t.config, key) == value:
+                    raise ConfigError(
+                        f"{sweep.source}: dataset {t.dataset!r}: {key}={value} needs a GPU, but {where}; "
+                        + ("" if in_process else "set resources.gpus (e.g. resources.gpus=1) or ")
+                        + ("device=auto" if key == "device" else "precision=bf16 or precision=no"))
     if _trial_device(sweep) == "cpu" and any(t.config.precision == "bf16" for t in trials):
         from synqt.precision import check_precision
 
@@ -812,9 +843,25 @@ def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
     seen: set[tuple] = set()
     checked: set[str] = set()
     folders: dict[tuple[str, str, str], str] = {}  # (data_root, dataset folder, layout) -> the sweep's name
-    for t in trials:
-        cfg = t.config
+    for t, cfg in _with_stage2(sweep, trials):
+        where = f"{sweep.source}: dataset {t.dataset!r}"
+        # the files first (checkpoint), then the data: a missing file is named before the data it would read
+        if cfg.checkpoint or not preview:
+            require_backbone_weights(cfg.checkpoint, where)
+        if cfg.checkpoint and not is_random(cfg.checkpoint) and cfg.checkpoint not in checked:
+            if not Path(cfg.checkpoint).is_file():
+                raise ConfigError(
+                    f"{sweep.source}: backbone checkpoint {cfg.checkpoint} (key 'checkpoint', "
+                    f"dataset {t.dataset!r}) does not exist"
+                )
+            check_file(Path(cfg.checkpoint))  # a cut-off download or an HTML page: refused before Ray
+            checked.add(cfg.checkpoint)
         if not cfg.data_root:
+            if preview:  # the data may not be in place yet; a name that is no task but close to one is a typo
+                if hint := registry.did_you_mean(t.dataset):
+                    raise DataError(f"{where}: {t.dataset!r} is not a known task{hint}, and no data_root is "
+                                    "set to find it as a folder of your own")
+                continue
             raise ConfigError(
                 f"{sweep.source}: no data_root for dataset {t.dataset!r} (set data_root=... "
                 "in the sweep file or on the command line)"
@@ -834,17 +881,8 @@ def validate(sweep: Sweep, trials: list[PlannedTrial]) -> None:
             except DataError as err:
                 raise DataError(f"dataset {t.dataset!r} ({folder}): {err}") from None
         folders.setdefault((cfg.data_root, cfg.dataset, cfg.layout), t.dataset)
-        where = f"{sweep.source}: dataset {t.dataset!r}"
-        require_backbone_weights(cfg.checkpoint, where)
-        if not is_random(cfg.checkpoint) and cfg.checkpoint not in checked:
-            if not Path(cfg.checkpoint).is_file():
-                raise ConfigError(
-                    f"{sweep.source}: backbone checkpoint {cfg.checkpoint} (key 'checkpoint', "
-                    f"dataset {t.dataset!r}) does not exist"
-                )
-            check_file(Path(cfg.checkpoint))  # a cut-off download or an HTML page: refused before Ray
-            checked.add(cfg.checkpoint)
-    check_split_leaks(sweep, folders)
+    if not preview:  # --dry-run decodes nothing: `synqt data check` runs the leak check on its own
+        check_split_leaks(sweep, folders)
 
 
 def check_split_leaks(sweep: Sweep, folders: dict[tuple[str, str, str], str]) -> None:
@@ -869,41 +907,76 @@ def check_split_leaks(sweep: Sweep, folders: dict[tuple[str, str, str], str]) ->
         raise DataError("strict: split leaks found (see `synqt data check`): " + " | ".join(leaky))
 
 
-def _split_size(cfg: Any, split: str) -> tuple[int, bool]:
-    """(images, assumed) in one split of a trial's dataset: from its list file; else VTAB-1k's fixed size
-    for a VTAB-1k task's train800 / val200 / train800val200; else DEFAULT_TRAIN_IMAGES, assumed."""
-    from synqt.data import VTAB1K_SPLIT_SIZES
+def _with_stage2(sweep: Sweep, trials: list[PlannedTrial]) -> list[tuple[PlannedTrial, Any]]:
+    """(trial, config) pairs to validate: each trial, and for a vtab stage-1 trial also the config its dataset's
+    stage 2 will have (train800val200 + test): a missing test list must refuse the sweep now, not after
+    stage 1 has run."""
+    out = [(t, t.config) for t in trials]
+    if sweep.protocol == "vtab":
+        out += [(t, dataclasses.replace(t.config, stage="final")) for t in trials if t.stage == "search"]
+    return out
+
+
+def _split_size(cfg: Any, split: str) -> tuple[int, str]:
+    """(images, source) in one split of a trial's dataset. source: ``list`` (its list file was read),
+    ``official`` (the data is not in place: the benchmark's official size from the registry,
+    ``synqt.data.official_split_size``) or ``assumed`` (neither: DEFAULT_TRAIN_IMAGES)."""
+    from synqt.data import official_split_size
 
     if cfg.data_root:
         try:
             from synqt.data import read_split
 
-            return len(read_split(cfg.data_root, cfg.dataset, split, cfg.layout)), False
+            return len(read_split(cfg.data_root, cfg.dataset, split, cfg.layout)), "list"
         except Exception:  # noqa: BLE001 - a dry run also works before the data is in place
             pass
-    info = registry.lookup(cfg.dataset)
-    if (info is not None and info.benchmark == "vtab1k" and cfg.layout != "fgvc_json"
-            and split in VTAB1K_SPLIT_SIZES):
-        return VTAB1K_SPLIT_SIZES[split], False
-    return DEFAULT_TRAIN_IMAGES, True
+    n = official_split_size(cfg.dataset, split)
+    return (n, "official") if n is not None else (DEFAULT_TRAIN_IMAGES, "assumed")
 
 
-def count_train_images(cfg: Any) -> tuple[int, bool]:
-    """(images, assumed) of the trial's training split."""
+def count_train_images(cfg: Any) -> tuple[int, str]:
+    """(images, source) of the trial's training split (see ``_split_size``)."""
     from synqt.config import splits_for
 
     return _split_size(cfg, splits_for(cfg)[0])
 
 
-def count_eval_images(cfg: Any) -> tuple[int, bool]:
-    """(images, assumed) of the trial's evaluation split."""
+def count_eval_images(cfg: Any) -> tuple[int, str]:
+    """(images, source) of the trial's evaluation split (see ``_split_size``)."""
     from synqt.config import splits_for
 
     return _split_size(cfg, splits_for(cfg)[1])
 
 
-def _img_count(n: int, assumed: bool) -> str:
-    return f"~{n} img (assumed: data not found)" if assumed else f"{n} img"
+def _img_count(n: int, source: str) -> str:
+    return {"list": f"{n} img", "official": f"{n} img (official)",
+            "assumed": f"~{n} img (assumed: data not found)"}[source]
+
+
+def stage2_stand_ins(sweep: Sweep, trials: list[PlannedTrial]) -> list[PlannedTrial]:
+    """The vtab protocol's stage-2 trials as the dry run counts them before stage 1 chose: each dataset's first
+    grid point with every seed (the grid point changes no split, and the image count only through epochs or
+    eval_every set in the grid). Empty for the paper protocol or a plan that is stage 2 already."""
+    if sweep.protocol != "vtab" or not trials or trials[0].stage != "search":
+        return []
+    first = grid_points(sweep)[0]
+    return plan_trials(sweep, "final", best={d: dict(first) for d in sweep.datasets})
+
+
+_planned: dict[str, dict[str, Any]] = {}
+
+
+def _planned_cache(cfg: Any, n_train: int, n_eval: int) -> dict[str, Any]:
+    """``synqt.kv_cache.planned_cache`` once per configuration that differs in more than its seeds (it builds
+    the backbone on the meta device: a stage 2 of 19 tasks x 5 seeds called it 95 times)."""
+    from synqt.config import config_to_dict
+    from synqt.kv_cache import planned_cache
+
+    key = json.dumps([{k: v for k, v in config_to_dict(cfg).items() if k not in rundir.SEED_KEYS}, n_train, n_eval],
+                     sort_keys=True, default=str)
+    if key not in _planned:
+        _planned[key] = planned_cache(cfg, n_train, n_eval)
+    return _planned[key]
 
 
 def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]:
@@ -918,7 +991,6 @@ def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]
     - ``packed``: the same packs with every split live and every evaluation periodic.
     - ``unpacked``: every trial alone, live and periodic (epochs x train images + evaluations x eval images).
     """
-    from synqt.kv_cache import planned_cache
 
     assumed = False
     built: set[tuple[str, str, str]] = set()  # (dataset, split, cache-relevant config) built once per node
@@ -930,10 +1002,10 @@ def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]
         nonlocal assumed
         key = pack_key(cfg)
         if key not in per_config:
-            (n_eval, eval_assumed), (n_train, train_assumed) = count_eval_images(cfg), count_train_images(cfg)
-            assumed = assumed or eval_assumed or train_assumed
+            (n_eval, eval_source), (n_train, train_source) = count_eval_images(cfg), count_train_images(cfg)
+            assumed = assumed or "assumed" in (eval_source, train_source)
             evals = math.ceil(cfg.epochs / max(1, cfg.eval_every)) if cfg.protocol == "paper" else 1
-            plan = planned_cache(cfg, n_train, n_eval)
+            plan = _planned_cache(cfg, n_train, n_eval)
             eval_passes = 1 if (cfg.protocol == "paper" and cfg.deferred_eval) else evals
             identity = json.dumps([cfg.backbone, dict(cfg.backbone_kwargs), cfg.checkpoint, cfg.image_size,
                                    cfg.kv_cache_dtype, cfg.precision], sort_keys=True, default=str)
@@ -979,23 +1051,26 @@ def _bf16_line(sweep: Sweep, trials: list[PlannedTrial]) -> str | None:
 def kv_cache_lines(trials: list[PlannedTrial]) -> list[str]:
     """Per dataset: the K/V cache its trials share on a node (size per split), or why they run live."""
     from synqt.config import splits_for
-    from synqt.kv_cache import format_bytes, planned_cache
+    from synqt.kv_cache import format_bytes
 
-    lines = ["K/V cache per dataset (built once per node, shared by its trials; kv_cache / kv_cache_max_gb):"]
-    seen: set[str] = set()
+    lines = ["K/V cache per dataset (built once per node, shared by its trials; kv_cache / kv_cache_max_gb; "
+             "img (official): the benchmark's official split size, the data not being in place):"]
+    seen: set[tuple[str, str]] = set()
+    stages = {t.stage for t in trials}
     for t in trials:
-        if t.dataset in seen:
+        if (t.dataset, t.stage) in seen:
             continue
-        seen.add(t.dataset)
+        seen.add((t.dataset, t.stage))
         cfg = t.config
         train_split, eval_split = splits_for(cfg)
-        (n_train, train_assumed), (n_eval, eval_assumed) = count_train_images(cfg), count_eval_images(cfg)
-        plan = planned_cache(cfg, n_train, n_eval)
-        sizes = (f"{train_split} {_img_count(n_train, train_assumed)} {format_bytes(plan['train_bytes'])}"
-                 f"{'' if plan['train_cached'] else ' (live)'}, {eval_split} {_img_count(n_eval, eval_assumed)} "
+        (n_train, train_source), (n_eval, eval_source) = count_train_images(cfg), count_eval_images(cfg)
+        plan = _planned_cache(cfg, n_train, n_eval)
+        sizes = (f"{train_split} {_img_count(n_train, train_source)} {format_bytes(plan['train_bytes'])}"
+                 f"{'' if plan['train_cached'] else ' (live)'}, {eval_split} {_img_count(n_eval, eval_source)} "
                  f"{format_bytes(plan['eval_bytes'])}{'' if plan['eval_cached'] else ' (live)'}")
         state = f"cached ({cfg.kv_cache_dtype})" if plan["active"] else f"live: {plan['reason']}"
-        lines.append(f"  {t.dataset:<24} {state}; {sizes}")
+        where = f"{t.dataset} ({t.stage})" if len(stages) > 1 else t.dataset
+        lines.append(f"  {where:<24} {state}; {sizes}")
     return lines
 
 
@@ -1014,10 +1089,17 @@ def plan_dict(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) ->
     }
 
 
+def sweep_yaml_text(sweep: Sweep) -> str:
+    """The resolved sweep (every key, after overrides) as ``sweep.yaml`` holds it."""
+    return yaml.safe_dump(sweep.to_dict(), sort_keys=False)
+
+
 def write_plan(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) -> Path:
+    """Write ``sweep.yaml`` and ``plan.json`` (creating the sweep folder). Callers write only after every check
+    passed (``launcher.commands.write_sweep_files``, the SLURM array once its array job is queued)."""
     d = sweep.sweep_dir
     d.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(d / rundir.SWEEP, yaml.safe_dump(sweep.to_dict(), sort_keys=False))
+    atomic_write_text(d / rundir.SWEEP, sweep_yaml_text(sweep))
     return atomic_write_json(d / rundir.PLAN, plan_dict(sweep, trials, stage2_pending))
 
 
@@ -1031,7 +1113,7 @@ def weights_lines(sweep: Sweep, trials: list[PlannedTrial]) -> list[str]:
         elif not ckpt and sweep.demo_assets:
             text = "the pre-trained demo backbone (demo_assets: created or reused when the sweep starts)"
         elif not ckpt:
-            text = ("NONE: key 'checkpoint' is not set, so the sweep will be refused; set "
+            text = ("NONE yet: key 'checkpoint' is not set; the sweep starts only once it is: set "
                     "checkpoint=/path/ViT-B_16.npz or checkpoint=random")
         elif Path(ckpt).is_file():
             digest = rundir.weights_id(ckpt).removeprefix("sha256:")  # hashed once per file, not once per trial
@@ -1082,14 +1164,22 @@ def dry_run_text(sweep: Sweep, trials: list[PlannedTrial]) -> str:
     bf16 = _bf16_line(sweep, trials)
     if bf16:
         lines.append(bf16)
-    lines.extend(kv_cache_lines(trials))
+    stage2 = stage2_stand_ins(sweep, trials)
+    lines.extend(kv_cache_lines(trials + stage2))
     imgs = estimated_images(sweep, trials)
+    both = ""
+    if stage2:  # a stage's K/V cache holds other splits than the other stage's: counted per stage, then added
+        imgs2 = estimated_images(sweep, stage2)
+        both = (f" (stage 1: {imgs['planned']:,}, stage 2: {imgs2['planned']:,}, its grid point not chosen yet: "
+                "counted with the first)")
+        imgs = {k: imgs[k] + imgs2[k] for k in ("planned", "packed", "unpacked")} | {
+            "assumed": imgs["assumed"] or imgs2["assumed"]}
     lines.append(
-        f"estimated images through the backbone: {imgs['planned']:,} as planned (packs share one image stream; a "
-        f"K/V-cached split passes once per dataset and node; deferred evaluation: one pass); live: "
-        f"{imgs['packed']:,} packed, {imgs['unpacked']:,} if every trial ran alone (epochs x train images + "
-        f"evaluations x eval images)"
-        + (f"; includes assumed split sizes (data not found: ~{DEFAULT_TRAIN_IMAGES} images each, marked above)"
-           if imgs["assumed"] else "")
+        f"estimated images through the backbone{', both stages' if stage2 else ''}: {imgs['planned']:,} as planned"
+        f"{both} (packs share one image stream; a K/V-cached split passes once per dataset and node; deferred "
+        f"evaluation: one pass); live: {imgs['packed']:,} packed, {imgs['unpacked']:,} if every trial ran alone "
+        f"(epochs x train images + evaluations x eval images)"
+        + (f"; includes assumed split sizes (data not found and no official size: ~{DEFAULT_TRAIN_IMAGES} images "
+           "each, marked above)" if imgs["assumed"] else "")
     )
     return "\n".join(lines)

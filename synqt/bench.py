@@ -439,7 +439,8 @@ def run_bench(overrides: Sequence[str] = (), *, steps: int = 3, modes: Sequence[
               baselines: bool = True, kv_cache: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """`synqt bench`: the figures as a dict (``format_table`` renders them); ``overrides`` are TrialConfig
     ``key=value``; ``modes`` the memory modes to time (default: all); ``pack`` > 0 also times a pack of that
-    size against as many separate trials; ``loader`` the data loader with and without its cache; ``kv_cache``
+    size against as many separate trials; ``loader`` the data loader with and without its cache
+    (alone unless ``modes`` is given, like ``kv_cache``); ``kv_cache``
     the K/V cache figures (``synqt.kv_bench``; alone unless ``modes`` is given)."""
     from synqt.config import config_to_dict
 
@@ -456,16 +457,26 @@ def run_bench(overrides: Sequence[str] = (), *, steps: int = 3, modes: Sequence[
         raise ConfigError(f"--pack must be >= 1, got {pack}")
     if loader and not (data_root and dataset):
         raise ConfigError("--loader needs --data-root and --dataset")
+    if loader:  # checked now, not after minutes of model timings
+        from synqt.config import splits_for
+        from synqt.data import validate_dataset
+
+        validate_dataset(data_root, dataset, [splits_for(cfg)[0]], cfg.num_classes, layout=cfg.layout)
     device = _device(cfg)
     from synqt.precision import check_precision, describe
+    from synqt.threads import configure_threads
+
+    threads = configure_threads()
+    log(threads.line())
 
     bf16_line = describe(cfg.precision, device)  # shown in the table (format_table)
     check_precision(cfg.precision, device)  # a refused bf16 bench says why in its error, before any timing
     result: dict[str, Any] = {"hardware": hardware_info(device), "config": config_to_dict(cfg), "rows": []}
     result["hardware"]["bf16"] = bf16_line
+    result["hardware"]["threads_decided"] = threads.as_dict()
     if device.type == "cpu":  # as the trainers do; also keeps one model's page faults out of the next one's timing
         result["hardware"]["keep_freed_host_memory"] = keep_freed_host_memory(device)
-    if not kv_cache or explicit_modes:  # kv_cache alone times only the cache figures
+    if not (kv_cache or loader) or explicit_modes:  # --kv-cache / --loader alone time only what they name
         result.update(bench_models(cfg, modes, steps=steps, baselines=baselines, log=log))
     else:
         result["geometry"] = _geometry(cfg)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from synqt import splitcheck
+from synqt import registry, splitcheck
 from synqt.errors import DataError
 from synqt.fileio import atomic_write
 from synqt.imagemodes import HOW, RESCALED, to_rgb
@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 
 LAYOUTS = ("vtab_json", "vtab_txt", "fgvc_json")
 SPLITS = ("train800", "val200", "train800val200", "test")
-# VTAB-1k's fixed splits and their sizes (by the benchmark's definition); test's size varies by task.
-VTAB1K_SPLIT_SIZES: dict[str, int] = {"train800": 800, "val200": 200, "train800val200": 1000}
+# VTAB-1k's fixed splits and their sizes (by the benchmark's definition); test's size varies by task (the registry)
+VTAB1K_SPLIT_SIZES = registry.VTAB1K_SPLIT_SIZES
 FGVC_SPLITS = ("train", "val", "test")
 # Project split name -> the FGVC list files that make it up.
 FGVC_SPLIT_MAP: dict[str, tuple[str, ...]] = {
@@ -306,6 +306,22 @@ def _resolve_paths(base: Path, entries: Sequence[Entry], split: str, notes: list
     if notes:
         log.info("split %s: %d listed path(s) found under another spelling, first: %s", split, len(notes), notes[0])
     return out
+
+
+def official_split_size(dataset: str, split: str) -> int | None:
+    """Images in ``split`` of the registry task ``dataset`` is (or is an alias of), by the benchmark's official
+    list files (configs/datasets.yaml): VTAB-1k 800 / 200 / 1000 for train800 / val200 / train800val200 and each
+    task's own test size; FGVC VPT's train / val / test lists (train800val200 = train + val, ``FGVC_SPLIT_MAP``).
+    None for a dataset or split the registry has no number for (e.g. the synthetic demo tasks)."""
+    info = registry.lookup(dataset)
+    if info is None:
+        return None
+    if info.benchmark == "vtab1k":
+        return VTAB1K_SPLIT_SIZES.get(split, info.split_sizes.get(split))
+    parts = FGVC_SPLIT_MAP.get(split, ()) if info.benchmark == "fgvc" else ()
+    if parts and all(part in info.split_sizes for part in parts):
+        return sum(info.split_sizes[part] for part in parts)
+    return None
 
 
 def read_split(data_root: str | Path, dataset: str, split: str, layout: str = "auto") -> SplitList:

@@ -99,6 +99,11 @@ def pretrain_backbone(out_path: str | Path, *, seconds: float = 60, max_steps: i
     out_path = Path(out_path)
     if seconds <= 0 and max_steps is None:
         raise ModelError(f"pretrain_backbone({out_path}): need seconds > 0 or max_steps, got seconds={seconds}")
+    from synqt.threads import configure_threads
+
+    threads = configure_threads()  # the demo's pre-training ran 664 s on a busy 2-core machine with every core
+    if verbose:
+        print(f"[pretrain] {threads.line()}", flush=True)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     size = DEMO_BACKBONE_KWARGS["img_size"]

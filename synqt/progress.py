@@ -29,6 +29,7 @@ class TrainStart:
     epochs: int
     steps_per_epoch: int
     done_steps: int
+    threads: str = ""  # synqt.threads.ThreadChoice.line(): the count and why, the run's first line
 
     @property
     def total_steps(self) -> int:
@@ -118,7 +119,8 @@ def describe(event: Event) -> str:
         accs = {k: getattr(event, k) for k in ("val_acc", "test_acc", "best_of_test") if getattr(event, k) is not None}
         return f"{event.run_name}: {event.status} {accs} ({event.run_dir})"
     if isinstance(event, TrainStart):
-        return f"{', '.join(event.run_names)}: {event.epochs} epochs of {event.steps_per_epoch} steps"
+        return (f"{', '.join(event.run_names)}: {event.epochs} epochs of {event.steps_per_epoch} steps"
+                + (f"; {event.threads}" if event.threads else ""))
     return f"step {event.step}/{event.total_steps}"
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ BENCHMARKS = ("vtab1k", "fgvc")
 BENCHMARK_DIRS = {"vtab1k": "vtab", "fgvc": "fgvc"}
 _BENCHMARK_NAMES = {"vtab1k": "vtab1k", "vtab-1k": "vtab1k", "vtab": "vtab1k", "fgvc": "fgvc"}
 REGISTRY_FILE = "datasets.yaml"
+# VTAB-1k's fixed splits and their sizes, the same for every task by the benchmark's definition; each task's
+# test size is in configs/datasets.yaml (``DatasetInfo.split_sizes``).
+VTAB1K_SPLIT_SIZES: dict[str, int] = {"train800": 800, "val200": 200, "train800val200": 1000}
 
 # The shipped configs live inside the package (synqt/configs, found through importlib.resources) so that a
 # wheel install finds them; the repository root links configs -> synqt/configs.
@@ -49,6 +53,9 @@ class DatasetInfo:
     num_classes: int | None
     aliases: tuple[str, ...] = ()
     config_path: Path | None = None  # configs/<vtab|fgvc>/<name>.yaml (None for the demo tasks)
+    title: str | None = None  # the paper tables' column title (CIFAR-100, sNORB-Elev, ...)
+    # images per official list file: VTAB-1k {"test": n} (plus VTAB1K_SPLIT_SIZES), FGVC {"train", "val", "test"}
+    split_sizes: Mapping[str, int] = field(default_factory=dict)
 
 
 def _norm(name: str) -> str:
@@ -73,22 +80,61 @@ def _read_yaml(path: Path) -> Any:
     return _cache[key]
 
 
-def _order_and_aliases() -> dict[str, dict[str, tuple[str, ...]]]:
-    """{benchmark: {task: aliases}} from configs/datasets.yaml (empty when the file is absent)."""
+@dataclass(frozen=True)
+class _Entry:
+    """One task's line of configs/datasets.yaml."""
+
+    aliases: tuple[str, ...] = ()
+    title: str | None = None
+    sizes: Mapping[str, int] = field(default_factory=dict)
+
+
+_ENTRY_KEYS = ("title", "sizes", "aliases")
+
+
+def _entry(path: Path, bench: str, task: str, value: Any) -> _Entry:
+    where = f"{path}: {bench}.{task}"
+    if value is None or isinstance(value, list):  # the short form: a list of aliases
+        return _Entry(tuple(str(a) for a in (value or [])))
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a list of aliases or a mapping with keys {', '.join(_ENTRY_KEYS)}")
+    for k in value:
+        if k not in _ENTRY_KEYS:
+            raise ConfigError(f"{where}: unknown key {k!r}; allowed keys: {', '.join(_ENTRY_KEYS)}")
+    sizes = value.get("sizes") or {}
+    if not isinstance(sizes, dict) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                              for n in sizes.values()):
+        raise ConfigError(f"{where}.sizes: expected a mapping list file -> image count > 0, got {sizes!r}")
+    title = value.get("title")
+    if title is not None and not isinstance(title, str):
+        raise ConfigError(f"{where}.title: expected a string, got {title!r}")
+    aliases = value.get("aliases") or []
+    if not isinstance(aliases, list):
+        raise ConfigError(f"{where}.aliases: expected a list, got {aliases!r}")
+    return _Entry(tuple(str(a) for a in aliases), title, {str(k): int(n) for k, n in sizes.items()})
+
+
+def _entries() -> dict[str, dict[str, _Entry]]:
+    """{benchmark: {task: entry}} from configs/datasets.yaml (empty when the file is absent)."""
     path = config_dir() / REGISTRY_FILE
     data = _read_yaml(path) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping benchmark -> {{task: [aliases]}}")
-    out: dict[str, dict[str, tuple[str, ...]]] = {}
+        raise ConfigError(f"{path}: expected a mapping benchmark -> {{task: {{title, sizes, aliases}}}}")
+    out: dict[str, dict[str, _Entry]] = {}
     for bench, tasks in data.items():
         if bench not in BENCHMARKS or not isinstance(tasks, dict):
             raise ConfigError(f"{path}: key {bench!r} must be one of {', '.join(BENCHMARKS)} holding "
-                              "a mapping task -> list of aliases")
-        out[bench] = {str(t): tuple(str(a) for a in (al or [])) for t, al in tasks.items()}
+                              "a mapping task -> {title, sizes, aliases} (or a list of aliases)")
+        out[bench] = {str(t): _entry(path, bench, str(t), v) for t, v in tasks.items()}
     return out
 
 
-def _info(bench: str, name: str, aliases: tuple[str, ...]) -> DatasetInfo | None:
+def _order_and_aliases() -> dict[str, dict[str, tuple[str, ...]]]:
+    """{benchmark: {task: aliases}} from configs/datasets.yaml."""
+    return {bench: {t: e.aliases for t, e in tasks.items()} for bench, tasks in _entries().items()}
+
+
+def _info(bench: str, name: str, aliases: tuple[str, ...] | None = None) -> DatasetInfo | None:
     path = config_dir() / BENCHMARK_DIRS[bench] / f"{name}.yaml"
     if not path.is_file():
         return None
@@ -97,8 +143,10 @@ def _info(bench: str, name: str, aliases: tuple[str, ...]) -> DatasetInfo | None
     classes = data.get("num_classes") if isinstance(data, dict) else None
     if isinstance(group, str):
         group = {g.lower(): g for g in VTAB_GROUPS}.get(group.lower(), group)
+    entry = _entries().get(bench, {}).get(name, _Entry())
     return DatasetInfo(name, bench, group if isinstance(group, str) else None,
-                       classes if isinstance(classes, int) else None, aliases, path)
+                       classes if isinstance(classes, int) else None,
+                       entry.aliases if aliases is None else aliases, path, entry.title, dict(entry.sizes))
 
 
 def datasets(benchmark: str | None = None, group: str | None = None) -> list[DatasetInfo]:
@@ -197,11 +245,42 @@ def did_you_mean(name: str) -> str:
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
+def _heading_key(text: str) -> str:
+    return "".join(ch for ch in str(text).lower() if ch.isalnum())
+
+
+def from_heading(text: str) -> DatasetInfo | None:
+    """The task a published table names by ``text``: its name, title or an alias, ignoring case and every
+    character that is not a letter or digit (``Cifar100``, ``CIFAR-100``, ``Clevr/count``, ``sNORB-Ele``,
+    ``dSpr-Loc``, ``Patch Camelyon``); None when no task matches."""
+    key = _heading_key(text)
+    if not key:
+        return None
+    for bench in BENCHMARKS:
+        for info in datasets(bench):
+            if key in {_heading_key(n) for n in (info.name, info.title or "", *info.aliases) if n}:
+                return info
+    for d in demo_tasks():
+        if key == _heading_key(d.name):
+            return d
+    return None
+
+
+def title(name: str) -> str:
+    """The paper tables' column title of the task named ``name`` (CIFAR-100 for cifar); ``name`` itself for
+    anything else (an alias is reported under its task's name before it is titled)."""
+    for bench in BENCHMARKS:
+        info = _info(bench, name) if name and "/" not in name and not name.startswith(".") else None
+        if info is not None and info.title:
+            return info.title
+    return name
+
+
 def dataset_config_path(name: str) -> Path | None:
     """The shipped config of the task ``name`` is (or is an alias of), or None."""
     info = lookup(name)
     return info.config_path if info is not None else None
 
 
-__all__ = ["VTAB_GROUPS", "BENCHMARKS", "DatasetInfo", "config_dir", "datasets", "list_datasets", "demo_tasks",
-           "lookup", "canonical", "did_you_mean", "dataset_config_path"]
+__all__ = ["VTAB_GROUPS", "BENCHMARKS", "VTAB1K_SPLIT_SIZES", "DatasetInfo", "config_dir", "datasets", "list_datasets",
+           "demo_tasks", "lookup", "canonical", "did_you_mean", "from_heading", "title", "dataset_config_path"]

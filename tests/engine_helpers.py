@@ -28,17 +28,20 @@ N_TRAIN, N_VAL, N_TEST = 48, 16, 32  # train800val200 = 64 images = 4 steps of 1
 @contextlib.contextmanager
 def quiet_single_thread() -> Iterator[None]:
     """One intra-op thread and plain log lines (module-scoped fixtures cannot use monkeypatch)."""
-    before_threads, before_env = torch.get_num_threads(), os.environ.get("SYNQT_NO_PROGRESS")
-    os.environ["SYNQT_NO_PROGRESS"] = "1"
+    before_threads = torch.get_num_threads()
+    before_env = {k: os.environ.get(k) for k in ("SYNQT_NO_PROGRESS", "OMP_NUM_THREADS")}
+    # OMP_NUM_THREADS too: the trainers set torch's thread count from it (synqt.threads)
+    os.environ.update(SYNQT_NO_PROGRESS="1", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(before_threads)
-        if before_env is None:
-            os.environ.pop("SYNQT_NO_PROGRESS", None)
-        else:
-            os.environ["SYNQT_NO_PROGRESS"] = before_env
+        for key, value in before_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(autouse=True)

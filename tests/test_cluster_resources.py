@@ -70,6 +70,12 @@ def test_gpus_on_a_cluster_without_gpus_is_refused_before_any_trial(assets, tmp_
     assert "resources.gpus" in proc.stderr or "gpus=1" in proc.stderr
     assert "0 GPU in total" in proc.stderr and "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("metrics.json"))  # refused before any trial started
+    # ... and before the sweep folder's first write (issue 21 item 2: d5b98fd left plan.json and sweep.yaml,
+    # and the corrected command was then refused: "sweep folder already exists")
+    assert not (tmp_path / "ci").exists(), sorted(str(p) for p in (tmp_path / "ci").rglob("*"))
+    fixed = subprocess.run([*_sweep_args(assets, tmp_path), "--sequential"], cwd=REPO, env=_env(),
+                           capture_output=True, text=True, timeout=240)
+    assert fixed.returncode == 0, fixed.stdout[-2000:] + fixed.stderr[-2000:]
 
 
 @pytest.mark.slow

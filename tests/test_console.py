@@ -78,7 +78,9 @@ def test_train_off_a_terminal_prints_epoch_eval_and_final_lines(tiny, tmp_path):
     assert lines[-1] == (f"done in {lines[-1].split('done in ')[1].split(':')[0]}: final test accuracy "
                          f"{m['test_acc']:.2f}%, best of test {m['best_of_test']:.2f}% (selected on test); "
                          f"run dir {run}")
-    assert len(lines) == EPOCHS + len(m["eval_history"]) + 1  # nothing else on stdout: no step lines, no dicts
+    # the first line: the thread count and why (synqt.threads; issue 21 item 3), as metrics.json records it
+    assert lines[0].startswith(f"threads: {m['provenance']['threads']['threads']} (")
+    assert len(lines) == 1 + EPOCHS + len(m["eval_history"]) + 1  # nothing else on stdout: no step lines, no dicts
     assert "Traceback" not in proc.stderr and "{" not in proc.stdout
 
 

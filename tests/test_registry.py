@@ -49,7 +49,8 @@ def test_every_alias_names_one_task_and_no_alias_is_another_tasks_name():
     names = {t for tasks in SHIPPED.values() for t in tasks}
     seen: dict[str, str] = {}
     for tasks in SHIPPED.values():
-        for task, aliases in tasks.items():
+        for task, entry in tasks.items():
+            aliases = entry.get("aliases") if isinstance(entry, dict) else entry  # {title, sizes, aliases} or a list
             for alias in aliases or []:
                 key = alias.lower().replace("-", "_")
                 assert key not in names, alias

@@ -383,7 +383,7 @@ def test_cost_figure_has_every_ok_final_run(grid_sweep):
     xs = sorted(x for line in ax_p.lines for x in line.get_xdata())
     assert len(xs) == n_ok
     assert max(xs) == pytest.approx(exp["params"]["cub"] / 1e6)
-    assert "cuda_max_allocated" in ax_m.get_xlabel()
+    assert "peak CUDA memory allocated by torch" in ax_m.get_xlabel()  # what cuda_max_allocated measured
 
 
 # ----------------------------------------------------------------------------- compare
@@ -440,6 +440,62 @@ def test_compare_needs_two_sources_and_a_readable_csv(grid_sweep, tmp_path, caps
     assert main(["compare", str(sweep), str(bad)]) == 2
     assert "expected columns 'dataset' and 'accuracy'" in capsys.readouterr().err
 
+
+
+# NOAH's VTAB-1k row as its README prints it (ViT-B/16; headings and numbers typed from the NOAH table), and the
+# spellings of VPT's table; the task each names (issue 21 item 5).
+NOAH_HEADINGS = ["Cifar100", "Caltech101", "DTD", "Flower102", "Pets", "SVHN", "Sun397", "Camelyon", "EuroSAT",
+                 "Resisc45", "Retinopathy", "Clevr-Count", "Clevr-Dist", "DMLab", "KITTI-Dist", "dSpr-Loc", "dSpr-Ori",
+                 "sNORB-Azim", "sNORB-Ele"]
+NOAH_ROW = [69.6, 92.7, 70.2, 99.1, 90.4, 86.1, 53.7, 84.4, 95.4, 83.9, 75.8, 82.8, 68.9, 49.9, 81.7, 81.8, 48.3,
+            32.8, 44.2]
+VPT_HEADINGS = {"CIFAR-100": "cifar", "Patch Camelyon": "patch_camelyon", "Clevr/count": "clevr_count",
+                "Clevr/distance": "clevr_dist", "KITTI/distance": "kitti", "dSprites/location": "dsprites_loc",
+                "dSprites/orientation": "dsprites_ori", "SmallNORB/azimuth": "smallnorb_azi",
+                "SmallNORB/elevation": "smallnorb_ele", "Flowers102": "oxford_flowers102"}
+
+
+def test_compare_reads_the_spellings_published_tables_use(grid_sweep, tmp_path, capsys):
+    """d5b98fd refused a `Method` header (with a message that did not mention the paper layout) and NOAH's
+    `sNORB-Ele`."""
+    sweep, _ = grid_sweep
+    noah = tmp_path / "noah.csv"
+    noah.write_text("Method," + ",".join(NOAH_HEADINGS) + ",Mean,Params (M)\n"
+                    "NOAH," + ",".join(map(str, NOAH_ROW)) + ",75.5,0.43\n")
+    assert main(["compare", f"mine={sweep}", str(noah), "--out", str(tmp_path / "c")]) == 0, capsys.readouterr().err
+    frame = pd.read_csv(tmp_path / "c.csv").set_index("name")
+    assert [frame.loc[t, "NOAH"] for t in VTAB] == NOAH_ROW  # VTAB: the 19 tasks in table order
+    vpt = tmp_path / "vpt.csv"
+    vpt.write_text("method," + ",".join(VPT_HEADINGS) + "\nVPT," + ",".join(str(i) for i in range(len(VPT_HEADINGS)))
+                   + "\n")
+    assert main(["compare", f"mine={sweep}", str(vpt), "--out", str(tmp_path / "v")]) == 0, capsys.readouterr().err
+    frame = pd.read_csv(tmp_path / "v.csv").set_index("name")
+    assert {task: frame.loc[task, "VPT"] for task in VPT_HEADINGS.values()} == {
+        task: float(i) for i, task in enumerate(VPT_HEADINGS.values())}
+    # the long layout in other case, rows in published spellings
+    long = tmp_path / "long.csv"
+    long.write_text("Method,Dataset,Accuracy\nNOAH,sNORB-Ele,44.2\nNOAH,Cifar100,69.6\n")
+    assert main(["compare", f"mine={sweep}", str(long), "--out", str(tmp_path / "l")]) == 0, capsys.readouterr().err
+    frame = pd.read_csv(tmp_path / "l.csv").set_index("name")
+    assert frame.loc["smallnorb_ele", "NOAH"] == 44.2 and frame.loc["cifar", "NOAH"] == 69.6
+    # neither layout: the message says what both look like
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Model,Acc\nA,1\n")
+    assert main(["compare", str(sweep), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "paper layout" in err and "method column and one column per task" in err
+
+
+def test_every_spelling_names_one_task():
+    """A title or alias that two tasks share (after case and punctuation are dropped) would compare the wrong rows."""
+    from synqt import registry
+
+    seen: dict[str, str] = {}
+    for info in registry.datasets():
+        for spelling in (info.name, info.title, *info.aliases):
+            key = "".join(ch for ch in spelling.lower() if ch.isalnum())
+            assert seen.setdefault(key, info.name) == info.name, (spelling, seen[key], info.name)
+            assert registry.from_heading(spelling).name == info.name
 
 
 @pytest.mark.parametrize("text, where", [

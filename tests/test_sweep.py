@@ -330,22 +330,90 @@ def test_vtab_dry_run_shows_both_stages(tmp_path):
     assert js["stage2_pending"] is True and len(js["trials"]) == 76
 
 
-def test_dry_run_without_data_uses_vtab1k_split_sizes_and_labels_assumptions(tmp_path):
-    """No data_root: VTAB-1k's fixed splits are 800 / 200 / 1000 by the benchmark's definition; test's size is
-    unknown, so it is marked assumed, and so is the totals line."""
-    out = _synqt("sweep", "configs/sweeps/vtab1k_search.yaml", f"storage_path={tmp_path}", "--dry-run")
-    assert out.returncode == 0, out.stderr
-    cifar = next(line for line in out.stdout.splitlines() if line.lstrip().startswith("cifar ") and "img" in line)
-    assert "train800 800 img" in cifar and "val200 200 img" in cifar and "assumed" not in cifar
-    assert "assumed" not in out.stdout  # stage 1 uses only VTAB-1k's fixed splits
-    out = _synqt("sweep", "vtab1k", f"storage_path={tmp_path}", "datasets=[cifar,cub]", "--dry-run")
+# Published test-set sizes (VTAB-1k: the VTAB test splits, Zhai et al. 2019, as used by VPT / NOAH / SynQT;
+# FGVC: VPT's dataset table, train / val / test), typed here from the papers (issue 21 item 4).
+VTAB1K_TEST = {
+    "caltech101": 6084, "cifar": 10000, "dtd": 1880, "oxford_flowers102": 6149, "oxford_iiit_pet": 3669,
+    "svhn": 26032, "sun397": 21750, "patch_camelyon": 32768, "eurosat": 5400, "resisc45": 6300,
+    "diabetic_retinopathy": 42670, "clevr_count": 15000, "clevr_dist": 15000, "dmlab": 22735, "kitti": 711,
+    "dsprites_loc": 73728, "dsprites_ori": 73728, "smallnorb_azi": 12150, "smallnorb_ele": 12150,
+}  # fmt: skip
+FGVC_TRAIN_VAL_TEST = {
+    "cub": (5394, 600, 5794), "nabirds": (21536, 2393, 24633), "oxford_flowers": (1020, 1020, 6149),
+    "stanford_dogs": (10800, 1200, 8580), "stanford_cars": (7329, 815, 8041),
+}  # fmt: skip
+
+
+def test_the_registry_knows_each_tasks_official_split_sizes():
+    from synqt.data import official_split_size
+
+    for task, n in VTAB1K_TEST.items():
+        assert official_split_size(task, "test") == n, task
+        assert [official_split_size(task, s) for s in ("train800", "val200", "train800val200")] == [800, 200, 1000]
+    for task, (train, val, test) in FGVC_TRAIN_VAL_TEST.items():
+        assert official_split_size(task, "train800") == train, task
+        assert official_split_size(task, "val200") == val, task
+        assert official_split_size(task, "train800val200") == train + val, task
+        assert official_split_size(task, "test") == test, task
+    assert official_split_size("pets", "test") == 3669  # an alias folder has its task's sizes
+    assert official_split_size("my_own_data", "test") is None
+
+
+def _img_line(lines: list[str], task: str) -> str:
+    return next(line for line in lines if line.lstrip().startswith(f"{task} ") and "img" in line)
+
+
+def test_dry_run_without_data_uses_the_official_split_sizes(tmp_path):
+    """No data_root: d5b98fd estimated every test set and every FGVC split at ~1000 images (and showed a 6.76 GiB
+    cached test set for cifar, whose 10,000 test images run live)."""
+    out = _synqt("sweep", "vtab1k", f"storage_path={tmp_path}", "datasets=[cifar,kitti,dsprites_loc,cub]",
+                 "--dry-run")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    cifar = next(line for line in lines if line.lstrip().startswith("cifar ") and "img" in line)
-    assert "train800val200 1000 img" in cifar and "test ~1000 img (assumed: data not found)" in cifar
-    cub = next(line for line in lines if line.lstrip().startswith("cub ") and "img" in line)
-    assert "train800val200 ~1000 img (assumed: data not found)" in cub  # FGVC: no fixed size
-    assert "includes assumed split sizes" in next(line for line in lines if line.startswith("estimated images"))
+    for task in ("cifar", "kitti", "dsprites_loc"):
+        line = _img_line(lines, task)
+        assert "train800val200 1000 img" in line and f"test {VTAB1K_TEST[task]} img" in line, line
+    assert "(live)" in _img_line(lines, "dsprites_loc").split("test")[1]  # 73,728 images: over kv_cache_max_gb
+    train, val, test = FGVC_TRAIN_VAL_TEST["cub"]
+    cub = _img_line(lines, "cub")
+    assert f"train800val200 {train + val} img" in cub and f"test {test} img" in cub, cub
+    assert "assumed" not in out.stdout
+    # the live count from the published sizes: 50 epochs x train800val200 + 5 evaluations x test, per task
+    live = sum(50 * 1000 + 5 * VTAB1K_TEST[t] for t in ("cifar", "kitti", "dsprites_loc"))
+    live += 50 * (train + val) + 5 * test
+    assert f"{live:,} if every trial ran alone" in out.stdout
+
+
+def test_vtab_dry_run_counts_both_stages(tmp_path):
+    """d5b98fd counted stage 1 only (train800 / val200) and did not say so."""
+    out = _synqt("sweep", "vtab1k_search", f"storage_path={tmp_path}", "datasets=[kitti,dtd]", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    # stage 1: 4 grid points x (50 epochs x 800 + one val200 evaluation); stage 2: 5 seeds x (50 x 1000 + one test)
+    stage1 = sum(4 * (50 * 800 + 200) for _ in ("kitti", "dtd"))
+    stage2 = sum(5 * (50 * 1000 + VTAB1K_TEST[t]) for t in ("kitti", "dtd"))
+    line = next(x for x in out.stdout.splitlines() if x.startswith("estimated images"))
+    assert "both stages" in line and f"{stage1 + stage2:,} if every trial ran alone" in line, line
+    assert "stage 1:" in line and "stage 2:" in line
+    lines = out.stdout.splitlines()
+    assert f"test {VTAB1K_TEST['kitti']} img" in _img_line(lines, "kitti (final)")
+    assert "train800 800 img" in _img_line(lines, "kitti (search)")
+
+
+def test_dry_run_of_a_plan_that_would_be_refused_exits_2(tmp_path, bench_root):
+    """d5b98fd flagged a misspelled dataset ('<- not a known task') and exited 0."""
+    out = _synqt("sweep", "vtab1k", f"storage_path={tmp_path}", "datasets=[cifr]", "--dry-run")
+    assert out.returncode == 2 and "did you mean 'cifar'" in out.stderr and "Traceback" not in out.stderr
+    assert "trials per dataset" in out.stdout  # the plan is still shown
+    # with a data_root: a folder that is not there; a checkpoint that is not there
+    ov = [f"storage_path={tmp_path}", f"data_root={bench_root / 'data'}"]
+    out = _synqt("sweep", str(CI), *ov, "datasets=[syn_count,syn_nope]", "--dry-run")
+    assert out.returncode == 2 and "syn_nope" in out.stderr
+    out = _synqt("sweep", str(CI), *ov, "datasets=[syn_count]", f"checkpoint={tmp_path}/none.npz", "--dry-run",
+                 "--json")
+    assert out.returncode == 2 and "none.npz" in json.loads(out.stdout)["refused"]
+    # what is not set yet is a preview, not a refusal (the README's dry runs): no data_root, no checkpoint
+    assert _synqt("sweep", "vtab1k", f"storage_path={tmp_path}", "datasets=[cifar]", "--dry-run").returncode == 0
+    assert not (tmp_path / "ci").exists() and not (tmp_path / "vtab1k").exists()
 
 
 def test_alias_and_its_task_in_one_sweep_refused(tmp_path):
@@ -497,10 +565,11 @@ def test_dry_run_counts_images_through_the_backbone_with_the_kv_cache_and_deferr
 
 
 def test_a_misspelled_dataset_is_pointed_at_its_known_name(tmp_path):
-    """'cifarr' is no registered task or alias: the dry run marks it, and the real start, whose data folder is
-    missing, names the close registered task; a registered name gets no hint."""
+    """'cifarr' is no registered task or alias: the dry run marks it and exits 2 (the sweep would be refused: issue
+    21 item 4), and the real start, whose data folder is missing, names the close registered task; a registered
+    name gets no hint."""
     out = _synqt("sweep", "vtab1k", "datasets=[cifarr,dtd]", f"storage_path={tmp_path}", "--dry-run")
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 2 and "did you mean 'cifar'" in out.stderr, out.stderr
     lines = out.stdout.splitlines()
     assert "not a known task (did you mean 'cifar'?)" in next(x for x in lines if x.lstrip().startswith("cifarr "))
     assert "did you mean" not in next(x for x in lines if x.lstrip().startswith("dtd "))

@@ -86,6 +86,15 @@ def test_sequential_resume_with_a_changed_key_reruns_changed_trials_as_new_ones(
         assert len(moved) == 1 and json.loads(moved[0].read_text()) == old[name]
         assert str(moved[0].parent) in proc.stdout
     assert "2 changed" in proc.stdout
+    # the sweep's files describe what ran (issue 21 item 2: d5b98fd kept epochs 1 in both); the earlier ones kept
+    import yaml
+
+    assert {t["epochs"] for t in json.loads((sweep / "plan.json").read_text())["trials"]} == {2}
+    assert yaml.safe_load((sweep / "sweep.yaml").read_text())["trial"]["epochs"] == 2
+    history = tmp_path / "ci.superseded" / "sweep-files.1"
+    assert {t["epochs"] for t in json.loads((history / "plan.json").read_text())["trials"]} == {1}
+    assert yaml.safe_load((history / "sweep.yaml").read_text())["trial"]["epochs"] == 1
+    assert str(history) in proc.stdout
 
 
 def test_sequential_resume_with_only_result_neutral_changes_reruns_nothing(assets, tmp_path):
@@ -128,3 +137,6 @@ def test_ray_resume_with_an_added_grid_point_runs_it_in_its_own_trial(assets, tm
     assert {k: after[k] for k in before} == before
     assert "no metrics.json was written" not in proc.stdout + proc.stderr
     assert "1 new" in proc.stdout
+    # each Ray trial took its thread count from the CPUs Ray assigned it (resources.cpus 1; issue 21 item 3)
+    assert {(m["provenance"]["threads"]["source"], m["provenance"]["threads"]["threads"])
+            for m in (_metrics(sweep, n) for n in (A, B, C))} == {("ray", 1)}

@@ -31,12 +31,14 @@ def trainer_for(cfg: TrialConfig) -> str:
 
 def run_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, resume: bool = True,
              backbone: torch.nn.Module | None = None, report: Callable[[dict], None] | None = None,
-             hparams: Sequence[dict] | None = None, retries: int = 1) -> list[dict[str, Any]]:
+             hparams: Sequence[dict] | None = None, retries: int = 1,
+             cpus: float | None = None) -> list[dict[str, Any]]:
     """Train a pack of k >= 1 trials (run directories finished earlier are skipped; interrupted ones resume
     when ``resume``); returns each trial's metrics (also in its metrics.json).
 
     A DeepSpeed trial (``trainer_for`` says so) is a pack of one, run on this machine with ``num_devices``
     processes; ``retries`` is how often a crashed process is restarted from its last checkpoint there.
+    ``cpus``: the CPUs Ray assigned to this trial, for its thread count (``synqt.threads``; None elsewhere).
     """
     from synqt.ckptfile import require_backbone_weights
 
@@ -50,7 +52,7 @@ def run_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, res
         return [run_local(cfgs[0], run_dirs[0], nprocs=cfgs[0].num_devices, retries=retries)]
     from synqt.training.pack import train_pack
 
-    return train_pack(cfgs, run_dirs, resume=resume, backbone=backbone, report=report, hparams=hparams)
+    return train_pack(cfgs, run_dirs, resume=resume, backbone=backbone, report=report, hparams=hparams, cpus=cpus)
 
 
 def run_trial(cfg: TrialConfig, run_dir: str | Path, *, resume: bool = True,

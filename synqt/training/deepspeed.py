@@ -139,12 +139,20 @@ def _avoid_jit_ops() -> None:
         compatible[SHM_OP] = False
 
 
-def _device(cfg: TrialConfig) -> torch.device:
+def _check_device(cfg: TrialConfig) -> None:
+    """The device and precision checks a rank makes, without touching a device (``run_local`` makes them in
+    the launching process, so bad input is refused there, before any run directory exists)."""
     if cfg.precision == "fp16":
         raise ConfigError("precision=fp16 is not offered with trainer=deepspeed (it would need DeepSpeed's loss "
                           "scaling on an fp16 copy of the branch); use precision=bf16 or precision=no")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible (use device=auto or cpu)")
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        check_precision(cfg.precision, "cpu")
+
+
+def _device(cfg: TrialConfig) -> torch.device:
+    _check_device(cfg)
     if cfg.device == "cpu" or not torch.cuda.is_available():
         check_precision(cfg.precision, "cpu")  # bf16 only where it is native (synqt/precision.py)
         return torch.device("cpu")
@@ -699,8 +707,19 @@ def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, ret
     if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < nprocs:
         raise ConfigError(f"run_local: nprocs={nprocs} but only {torch.cuda.device_count()} CUDA device(s)")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // nprocs)
+    # the ranks' checks, made here first: a refusal inside a spawned rank would surface as a worker's
+    # traceback (exit 1) and leave the run directory behind; rank 0 creates the run directory
+    _check_device(cfg)
+    check_same_run(cfg, run_dir)
+    if not rundir.is_done(run_dir):
+        from synqt.data import validate_dataset
+
+        if not cfg.dataset or not cfg.data_root:
+            raise ConfigError("dataset and data_root must be set (e.g. --dataset cifar --data-root /data/vtab-1k)")
+        validate_dataset(cfg.data_root, cfg.dataset, list(splits_for(cfg)), cfg.num_classes, layout=cfg.layout)
+    from synqt.threads import choose_threads
+
+    threads = max(1, choose_threads().threads // nprocs)  # the process's CPUs (synqt.threads), shared by the ranks
     for attempt in range(retries + 1):
         try:
             mp.spawn(_spawn_entry, args=(nprocs, _free_port(), config_to_dict(cfg), str(run_dir), threads, report),

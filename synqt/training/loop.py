@@ -85,6 +85,7 @@ class RunData:
     eval_list: Any = None
     image_size: int | None = None
     images_per_s: float | None = None
+    threads: dict[str, Any] | None = None  # synqt.threads.ThreadChoice.as_dict(): how many, and why
 
 
 def summary(run: TrialOutcome, eval_split: str) -> dict[str, Any]:
@@ -150,6 +151,7 @@ def trial_metrics(run: TrialOutcome, data: RunData, *, peak: int | None, peak_ki
             # in one process): which node of a multi-node sweep ran it, and that a retry resumed
             "host": socket.gethostname(),
             "resumed_after_epoch": run.resumed_after_epoch,
+            "threads": data.threads,  # torch's intra-op threads and how they were decided (synqt.threads)
         },
         "status": "ok" if run.status == "ok" else "failed",
         "error": run.error,

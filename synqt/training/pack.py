@@ -78,7 +78,7 @@ class TrialRecipe:
 
     def __init__(self, cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, resume: bool = True,
                  backbone: torch.nn.Module | None = None, report: Callable[[dict], None] | None = None,
-                 hparams: Sequence[dict] | None = None) -> None:
+                 hparams: Sequence[dict] | None = None, cpus: float | None = None) -> None:
         if not cfgs or len(cfgs) != len(run_dirs):
             raise ConfigError(
                 f"a pack needs one run directory per config (got {len(cfgs)} configs, {len(run_dirs)} dirs)")
@@ -96,6 +96,8 @@ class TrialRecipe:
             for i, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True))
         ]
         self.start_time = time.time()
+        self.cpus = cpus  # the CPUs Ray assigned (None elsewhere): synqt.threads decides the thread count
+        self.threads = None
         self.train_split, self.eval_split = splits_for(self.cfg)
         self.train_list = self.eval_list = self.image_size = self.images_per_s = None
         # wall seconds by phase (metrics.json "timings_s"): what a trial's time goes to, e.g. on a GPU where the
@@ -104,6 +106,9 @@ class TrialRecipe:
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
+        from synqt.threads import configure_threads
+
+        self.threads = configure_threads(self.cpus)
         self.device = self._device()
         self.accelerator = self._accelerator()
         self.device = self.accelerator.device
@@ -185,21 +190,24 @@ class TrialRecipe:
             modules.append(module)
             if self.resume:
                 self._load_resume(branch)
-            branch.status = "running"
-            save_config(branch.cfg, branch.run_dir / rundir.CONFIG)
+            branch.status = "starting"
         self.model = PackedSynQT(self._backbone, modules, drop_path_rate=cfg.drop_path_rate,
                                  backbone_drop_path=cfg.backbone_drop_path, memory_mode=cfg.memory_mode)
         self.model.to(self.device)
         self.model.image_generator = torch.Generator(device=self.device)
-        prepared = self.accelerator.prepare(*[b.optimizer for b in self.active])
+        starting = [b for b in self.branches if b.status == "starting"]
+        prepared = self.accelerator.prepare(*[b.optimizer for b in starting])
         prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
-        for branch, opt in zip(self.active, prepared, strict=True):
+        for branch, opt in zip(starting, prepared, strict=True):
             branch.optimizer = opt
+        self._setup_kv_cache()
+        # the run directories' first write, once every check of setup passed: a refused trial leaves none behind
         from torch.utils.tensorboard import SummaryWriter
 
-        for branch in self.active:
+        for branch in starting:
+            branch.status = "running"
+            save_config(branch.cfg, branch.run_dir / rundir.CONFIG)
             branch.writer = SummaryWriter(log_dir=str(branch.run_dir))
-        self._setup_kv_cache()
 
     def _setup_kv_cache(self) -> None:
         """Open (building once per node) the K/V caches of the train and eval splits, or say once why not."""
@@ -290,7 +298,8 @@ class TrialRecipe:
         images_seen, train_seconds = 0, 0.0
         total_steps = cfg.epochs * self.steps_per_epoch
         progress.emit(progress.TrainStart(tuple(b.run_name for b in self.active), cfg.epochs, self.steps_per_epoch,
-                                          start_epoch * self.steps_per_epoch))
+                                          start_epoch * self.steps_per_epoch,
+                                          self.threads.line() if self.threads is not None else ""))
         for epoch in range(start_epoch, cfg.epochs):
             # branches ahead of the others (resumed from a later checkpoint) sit this epoch out
             training = [b for b in self.active if b.epochs_done <= epoch]
@@ -446,7 +455,8 @@ class TrialRecipe:
         peak, peak_kind = device_peak_memory(self.device)
         identity = self._backbone.synqt_identity if hasattr(self, "_backbone") else {}
         data = RunData(self.train_split, self.eval_split, self.start_time, self.train_list, self.eval_list,
-                       self.image_size, self.images_per_s)
+                       self.image_size, self.images_per_s,
+                       self.threads.as_dict() if self.threads is not None else None)
         metrics = trial_metrics(b, data, peak=peak, peak_kind=peak_kind, identity=identity,
                                 packed_with=len(self.branches))
         metrics["timings_s"] = {k: round(v, 4) for k, v in self.timings.items()}
@@ -495,9 +505,11 @@ class TrialRecipe:
 
 def train_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, resume: bool = True,
                backbone: torch.nn.Module | None = None, report: Callable[[dict], None] | None = None,
-               hparams: Sequence[dict] | None = None) -> list[dict]:
-    """Train a pack (k >= 1) of trials; returns each branch's metrics dict (also in its metrics.json)."""
-    recipe = TrialRecipe(cfgs, run_dirs, resume=resume, backbone=backbone, report=report, hparams=hparams)
+               hparams: Sequence[dict] | None = None, cpus: float | None = None) -> list[dict]:
+    """Train a pack (k >= 1) of trials; returns each branch's metrics dict (also in its metrics.json).
+    ``cpus``: the CPUs Ray assigned to the trial (``synqt.threads``)."""
+    recipe = TrialRecipe(cfgs, run_dirs, resume=resume, backbone=backbone, report=report, hparams=hparams,
+                         cpus=cpus)
     try:
         recipe.setup()
         recipe.train()
@@ -520,8 +532,10 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
     """Score a trainable-only checkpoint (or an official full state dict) on one split."""
     from synqt.checkpoint import read_state_dict, read_trainable
     from synqt.data import dataset_num_classes, load_images, read_split, to_tensor_batch, validate_dataset
+    from synqt.threads import configure_threads
 
     validate_dataset(cfg.data_root, cfg.dataset, [split], cfg.num_classes, layout=cfg.layout)
+    threads = configure_threads()
     if official:
         state = read_state_dict(weights)
         num_classes = int(state["head.weight"].shape[0])
@@ -544,6 +558,12 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
         recorded.update({k: header.get("extra", {}).get(k) for k in ("dataset", "image_size")})
     warnings = check_weights_fit(str(weights), recorded, dataset=cfg.dataset, num_classes=data_classes,
                                  image_size=size)
+    from synqt.config import training_overlap
+
+    overlap = None if official else training_overlap(cfg, split)  # official weights: their training is unknown
+    if overlap:
+        log.warning("%s", overlap)
+        warnings.append(overlap)
     split_list = read_split(cfg.data_root, cfg.dataset, split, layout=cfg.layout)
     images, labels = load_images(split_list, size, interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
     model.eval()
@@ -556,7 +576,7 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
     acc = 100.0 * correct / max(len(labels), 1)
     result = {"dataset": cfg.dataset, "split": split, "acc": acc, "images": int(len(labels)),
               "weights": str(weights), "official": official, "test_acc" if split == "test" else "val_acc": acc,
-              "warnings": warnings}
+              "warnings": warnings, "threads": threads.as_dict()}
     out_path = Path(out) if out else Path(weights).parent / rundir.EVAL_METRICS
     atomic_write_json(out_path if out_path.suffix == ".json" else out_path / rundir.EVAL_METRICS, result)
     return result
