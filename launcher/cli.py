@@ -17,9 +17,9 @@ from launcher.console import Exit
 EPILOG = """examples:
   synqt demo                                   # synthetic benchmark + tiny ViT, whole pipeline on CPU
   synqt train --dataset cifar --data-root /data/vtab-1k --checkpoint ViT-B_16.npz --out runs/cifar
-  synqt train --dataset NAME --data-root D --out RUN backbone=vit_tiny_patch16_224 \\
+  synqt train --dataset NAME --data-root D --out RUN checkpoint=random backbone=vit_tiny_patch16_224 \\
       backbone_kwargs.img_size=32 backbone_kwargs.patch_size=4 epochs=5 warmup_epochs=1
-  synqt sweep configs/sweeps/vtab1k.yaml data_root=/data/vtab-1k storage_path=/shared/runs
+  synqt sweep configs/sweeps/vtab1k.yaml data_root=/data/vtab-1k checkpoint=/w/ViT-B_16.npz storage_path=/shared/runs
   synqt sweep configs/sweeps/vtab1k.yaml --dry-run
   synqt aggregate /shared/runs/vtab1k
   synqt compare /shared/runs/vtab1k /shared/runs/vtab1k_T4
@@ -75,7 +75,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
   synqt train --dataset cifar --data-root /data/vtab-1k --checkpoint ViT-B_16.npz --out runs/cifar
-  synqt train --dataset dtd --data-root D --out RUN protocol=vtab stage=search lr=5e-4
+  synqt train --dataset dtd --data-root D --checkpoint ViT-B_16.npz --out RUN protocol=vtab stage=search lr=5e-4
   synqt train --config my.yaml --out RUN --resume
 keys: every TrialConfig key (see README, "Configuration keys") as key=value; nested dict keys with dots
 (backbone_kwargs.img_size=32).""",
@@ -215,7 +215,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
   synqt sweep configs/sweeps/demo.yaml
   synqt sweep configs/sweeps/vtab1k.yaml data_root=/data/vtab-1k checkpoint=/w/ViT-B_16.npz storage_path=/shared/runs
   synqt sweep configs/sweeps/vtab1k_search.yaml --dry-run
-  synqt sweep configs/sweeps/vtab1k.yaml storage_path=/shared/runs --resume
+  synqt sweep configs/sweeps/vtab1k.yaml data_root=/data/vtab-1k checkpoint=/w/ViT-B_16.npz storage_path=/shared/runs \\
+      --resume                                  # the same overrides as the first run, plus --resume
   synqt sweep configs/sweeps/demo.yaml storage_path=/tmp/seq --sequential     # no Ray: one pack after another
   ray job submit --address http://HEAD:8265 --working-dir . -- synqt sweep configs/sweeps/vtab1k.yaml
 overrides: sweep keys (datasets, grid.lr, seeds, resources.gpus, max_concurrent, pack, storage_path,
@@ -408,7 +409,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration")
     p.add_argument("--modes", default=None, help="comma list of memory modes (default: all)")
     p.add_argument("--pack", type=int, default=0, help="also time a pack of N against N separate trials")
-    p.add_argument("--loader", action="store_true", help="time the data loader with and without the cache")
+    p.add_argument("--loader", action="store_true",
+                   help="time the data loader with and without the cache (alone unless --modes is given)")
     p.add_argument("--data-root")
     p.add_argument("--dataset")
     p.add_argument("--kv-cache", action="store_true",
@@ -537,8 +539,9 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
         help="SLURM helpers (the scripts in slurm/ stay the source of truth)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
-  synqt slurm array configs/sweeps/vtab1k.yaml storage_path=/shared/runs data_root=/data/vtab-1k
-  synqt slurm array configs/sweeps/vtab1k.yaml --print     # show the sbatch lines only
+  synqt slurm array configs/sweeps/vtab1k.yaml storage_path=/shared/runs data_root=/data/vtab-1k \\
+      checkpoint=/w/ViT-B_16.npz
+  synqt slurm array configs/sweeps/vtab1k.yaml --print     # show the sbatch lines only (no data or weights needed)
   synqt slurm task configs/sweeps/vtab1k.yaml 17 storage_path=...  # what array index 17 runs""",
     )
     slurm_sub = p.add_subparsers(dest="slurm_cmd", required=True)
@@ -548,21 +551,26 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
         help="submit slurm/vtab_array.sh over a sweep's plan + a dependent aggregate job",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
-  synqt slurm array configs/sweeps/vtab1k.yaml storage_path=/shared/runs data_root=/data/vtab-1k
-  synqt slurm array configs/sweeps/vtab1k.yaml --print --concurrency 16 --sbatch-args '--gpus=1'""",
+  synqt slurm array configs/sweeps/vtab1k.yaml storage_path=/shared/runs data_root=/data/vtab-1k \\
+      checkpoint=/w/ViT-B_16.npz --concurrency 16 --sbatch-args "--gpus=1"
+  synqt slurm array configs/sweeps/vtab1k.yaml --print --concurrency 16 --sbatch-args '--gpus=1'
+the aggregate job after the array gets --sbatch-args without resource requests (--gpus*, --gres, -c, --mem, ...).""",
     )
     a.add_argument("sweep_file")
     a.add_argument("overrides", nargs="*")
     a.add_argument("--print", action="store_true", help="print the sbatch commands instead of running them")
     a.add_argument("--concurrency", type=int, default=None, help="array %% limit (default: sweep max_concurrent)")
-    a.add_argument("--sbatch-args", default="", help="extra sbatch arguments, e.g. '--partition=gpu'")
+    a.add_argument("--sbatch-args", default="",
+                   help="extra sbatch arguments of the array job, e.g. '--partition=gpu --gpus=1' (the aggregate "
+                        "job gets them without resource requests)")
     a.set_defaults(func=_cmd_slurm_array)
     t = slurm_sub.add_parser(
         "task",
         parents=[_common()],
         help="run trial INDEX of a sweep's plan (used by slurm/vtab_array.sh)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  synqt slurm task configs/sweeps/vtab1k.yaml 17 storage_path=/shared/runs",
+        epilog="examples:\n  synqt slurm task configs/sweeps/vtab1k.yaml 17 storage_path=/shared/runs "
+               "data_root=/data/vtab-1k checkpoint=/w/ViT-B_16.npz",
     )
     t.add_argument("sweep_file")
     t.add_argument("index", type=int)
@@ -629,6 +637,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value is itself a command line (`--sbatch-args "--gpus=1"`): argparse takes a lone value that starts
+# with '-' for an option and stops with "expected one argument", so such a value is attached as `--opt=value`.
+RAW_VALUE_OPTIONS = ("--sbatch-args",)
+
+
+def _join_raw_values(argv: Sequence[str]) -> list[str]:
+    out, words = [], list(argv)
+    i = 0
+    while i < len(words):
+        if words[i] in RAW_VALUE_OPTIONS and i + 1 < len(words):
+            out.append(f"{words[i]}={words[i + 1]}")
+            i += 2
+            continue
+        out.append(words[i])
+        i += 1
+    return out
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse with ``key=value`` overrides accepted anywhere, also after flags.
 
@@ -637,7 +663,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     ``key=value`` are appended, in order, to the subcommand's overrides. Anything else is an error.
     (``parse_intermixed_args`` would do this too, but argparse refuses it on a parser with subcommands.)
     """
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_join_raw_values(sys.argv[1:] if argv is None else argv))
     if extra:
         rest = getattr(args, "_rest", "overrides" if hasattr(args, "overrides") else None)
         # overrides must look like key=value; a list of names (`data check ROOT NAME ...`) takes any word

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -100,6 +101,14 @@ def run_sweep_command(
     if resume and not plan_file.is_file():
         raise ConfigError(f"--resume: no sweep at {sweep.sweep_dir} (missing {plan_file})")
 
+    if resume and _same_plan(sweep, trials) and _all_done(sweep.sweep_dir):
+        # this very plan has run to its end: nothing to run, no Ray cluster (or process) to start, nothing rewritten
+        from launcher.stages import finish_sweep
+
+        print(f"synqt sweep: every planned trial in {sweep.sweep_dir} has finished; nothing to run "
+              "(aggregating only)", flush=True)
+        return Exit.OK if finish_sweep(sweep, [], time.time()).get("ok") else Exit.FAILED_RUNS
+
     def first_write() -> None:
         """Called by the backend once its own checks passed (Ray: the cluster has the resources; both: every
         checkpoint fits its backbone)."""
@@ -115,6 +124,13 @@ def run_sweep_command(
 
             result = run_sweep(sweep, trials, address=address, resume=resume, before_trials=first_write)
     return Exit.OK if result.get("ok") else Exit.FAILED_RUNS
+
+
+def _all_done(sweep_dir: Path) -> bool:
+    """Every trial plan.json lists has an ok metrics.json and no later stage is still to be planned."""
+    plan, records = rundir.scan_runs(sweep_dir)
+    planned = [r for r in records if r.plan]
+    return bool(plan and planned and not plan.get("stage2_pending") and all(r.state == "done" for r in planned))
 
 
 def write_sweep_files(sweep: Sweep, trials: list[PlannedTrial], *, resume: bool) -> None:

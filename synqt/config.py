@@ -645,6 +645,25 @@ def splits_for(cfg: TrialConfig) -> tuple[str, str]:
     return "train800", "val200"
 
 
+# VTAB-1k's splits: train800val200 is train800 + val200 (synqt.data derives the two from it when absent)
+_SPLIT_PARTS = {"train800val200": {"train800", "val200"}, "train800": {"train800"}, "val200": {"val200"},
+                "test": {"test"}}
+
+
+def training_overlap(cfg: TrialConfig, split: str) -> str | None:
+    """A warning when scoring ``split`` would score images the run with ``cfg`` trained on (else None).
+
+    The paper protocol (and vtab's final stage) trains on train800val200, so its val200 and train800 accuracies
+    are training accuracies; a search-stage run trained on train800.
+    """
+    train, _ = splits_for(cfg)
+    if not _SPLIT_PARTS.get(split, {split}) & _SPLIT_PARTS.get(train, {train}):
+        return None
+    how = f"protocol={cfg.protocol}" + (f", stage={cfg.stage}" if cfg.protocol == "vtab" else "")
+    return (f"split {split} holds images this run trained on ({how} trains on {train}): its accuracy is a "
+            f"training accuracy, not a held-out one" + ("; score test for the result" if split != "test" else ""))
+
+
 def effective_seeds(cfg: TrialConfig) -> tuple[int, int]:
     """(data_seed, init_seed), each falling back to ``seed``."""
     data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed

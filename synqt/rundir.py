@@ -223,6 +223,7 @@ class RunRecord:
     epoch: int | None = None  # running: last finished epoch (progress.json)
     epochs: int | None = None  # running: planned epochs
     updated: float | None = None  # running: unix time progress.json was written
+    started: float | None = None  # running: unix time the current process started it (progress.json)
     superseded_by: Path | None = None  # set by resolve_duplicates on the copy that does not count
     plan: dict[str, Any] = field(default_factory=dict)  # the plan.json entry, when the run was planned
 
@@ -316,6 +317,9 @@ def read_run(run_dir: str | Path, plan: Mapping[str, Any] | None = None) -> RunR
             rec.epoch = progress.get("epoch") if isinstance(progress.get("epoch"), int) else None
             rec.epochs = progress.get("epochs") if isinstance(progress.get("epochs"), int) else None
             rec.updated = _timestamp(progress.get("updated"))
+            wall = progress.get("wall_time_s")
+            if rec.updated is not None and isinstance(wall, int | float) and not isinstance(wall, bool):
+                rec.started = rec.updated - float(wall)
         return rec
     return RunRecord(d, "pending", plan=plan)
 

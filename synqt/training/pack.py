@@ -611,6 +611,12 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
         recorded.update({k: header.get("extra", {}).get(k) for k in ("dataset", "image_size")})
     warnings = check_weights_fit(str(weights), recorded, dataset=cfg.dataset, num_classes=data_classes,
                                  image_size=size)
+    from synqt.config import training_overlap
+
+    overlap = None if official else training_overlap(cfg, split)  # official weights: their training is unknown
+    if overlap:
+        log.warning("%s", overlap)
+        warnings.append(overlap)
     split_list = read_split(cfg.data_root, cfg.dataset, split, layout=cfg.layout)
     images, labels = load_images(split_list, size, interpolation=cfg.interpolation, cache_dir=cfg.cache_dir)
     model.eval()
