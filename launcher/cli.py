@@ -16,9 +16,9 @@ from launcher.console import Exit
 EPILOG = """examples:
   synqt demo                                   # synthetic benchmark + tiny ViT, whole pipeline on CPU
   synqt train --dataset cifar --data-root /data/vtab-1k --checkpoint ViT-B_16.npz --out runs/cifar
-  synqt train --dataset NAME --data-root D --out RUN backbone=vit_tiny_patch16_224 \\
+  synqt train --dataset NAME --data-root D --out RUN checkpoint=random backbone=vit_tiny_patch16_224 \\
       backbone_kwargs.img_size=32 backbone_kwargs.patch_size=4 epochs=5 warmup_epochs=1
-  synqt sweep configs/sweeps/vtab1k.yaml data_root=/data/vtab-1k storage_path=/shared/runs
+  synqt sweep configs/sweeps/vtab1k.yaml data_root=/data/vtab-1k checkpoint=/w/ViT-B_16.npz storage_path=/shared/runs
   synqt sweep configs/sweeps/vtab1k.yaml --dry-run
   synqt aggregate /shared/runs/vtab1k
   synqt compare /shared/runs/vtab1k /shared/runs/vtab1k_T4
@@ -31,8 +31,10 @@ EPILOG = """examples:
 EXIT_CODES = """exit codes (every subcommand):
   0    everything asked for finished and is ok
   1    an unexpected error (a bug; the traceback is shown)
-  2    bad input: command line, config, data or file (nothing was started)
+  2    bad input: command line, config, data or file, or an output folder that takes no file
+       (read-only, full, no permission): nothing was started
   3    finished, but with failed or missing runs (train, sweep, aggregate; status: some trial failed)
+       or a write failed mid-run (the file, free space and key are named; the run is marked failed)
   4    status only: trials still running or pending, none failed
   130  interrupted (Ctrl-C, SIGTERM from kill/scancel/preemption, SLURM's USR1): last epoch checkpoints kept
   141  the reader of the output went away (e.g. `| head`); ended quietly"""
@@ -72,7 +74,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
   synqt train --dataset cifar --data-root /data/vtab-1k --checkpoint ViT-B_16.npz --out runs/cifar
-  synqt train --dataset dtd --data-root D --out RUN protocol=vtab stage=search lr=5e-4
+  synqt train --dataset dtd --data-root D --checkpoint ViT-B_16.npz --out RUN protocol=vtab stage=search lr=5e-4
   synqt train --config my.yaml --out RUN --resume
 keys: every TrialConfig key (see README, "Configuration keys") as key=value; nested dict keys with dots
 (backbone_kwargs.img_size=32).""",
@@ -125,6 +127,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from synqt import ownership
     from synqt.compat import check_same_run
     from synqt.rundir import read_metrics
+    from synqt.training import check_outputs
 
     ownership.check_free(args.out, "run")  # another process training this run directory: refuse before reading it
     previous = read_metrics(args.out)
@@ -135,6 +138,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"synqt train: {args.out} already finished ({', '.join(f'{k}={v:.2f}' for k, v in acc.items())}); "
               "nothing to train", file=sys.stderr)
         return Exit.OK
+    check_outputs([cfg], [args.out], "--out")  # before data, backbone or device: --out must take files
     printer = TrainPrinter(quiet=args.quiet > 0)
     try:
         # one live owner per run directory (synqt/ownership.py), held until this process ends, also on SIGTERM
@@ -189,6 +193,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(configs, _trial_overrides(args))
     if not args.official:  # an official state dict holds the backbone too
         _require_files([("checkpoint", cfg.checkpoint)])
+    from synqt.fileio import check_writable
+
+    if args.out:  # a folder, or a .json file name in one
+        check_writable(Path(args.out).parent if args.out.endswith(".json") else args.out, "--out")
+    else:
+        check_writable(Path(args.weights).parent, "--out (default: the folder of --weights)")
     result = evaluate_checkpoint(cfg, args.weights, split=args.split, official=args.official, out=args.out)
     from synqt.threads import ThreadChoice
 
@@ -207,7 +217,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
   synqt sweep configs/sweeps/demo.yaml
   synqt sweep configs/sweeps/vtab1k.yaml data_root=/data/vtab-1k checkpoint=/w/ViT-B_16.npz storage_path=/shared/runs
   synqt sweep configs/sweeps/vtab1k_search.yaml --dry-run
-  synqt sweep configs/sweeps/vtab1k.yaml storage_path=/shared/runs --resume
+  synqt sweep configs/sweeps/vtab1k.yaml data_root=/data/vtab-1k checkpoint=/w/ViT-B_16.npz storage_path=/shared/runs \\
+      --resume                                  # the same overrides as the first run, plus --resume
   synqt sweep configs/sweeps/demo.yaml storage_path=/tmp/seq --sequential     # no Ray: one pack after another
   ray job submit --address http://HEAD:8265 --working-dir . -- synqt sweep configs/sweeps/vtab1k.yaml
 overrides: sweep keys (datasets, grid.lr, seeds, resources.gpus, max_concurrent, pack, storage_path,
@@ -267,7 +278,9 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
 
     from launcher.aggregate import aggregate
     from launcher.report import summary_text
+    from synqt.fileio import check_writable
 
+    check_writable(args.out or args.run_dir, "--out" if args.out else "--out (default: the run directory)")
     results = aggregate(args.run_dir, out_dir=args.out)
     if args.quiet < 2:
         print(summary_text(results))
@@ -304,6 +317,12 @@ e.g. CIFAR-100,Caltech101,...); NAME=SOURCE names its column.""",
 def _cmd_compare(args: argparse.Namespace) -> int:
     from launcher.compare import compare_main
 
+    if args.out:
+        from pathlib import Path
+
+        from synqt.fileio import check_writable
+
+        check_writable(Path(args.out).absolute().parent, "--out")
     return compare_main(args.sources, metric=args.metric, out=args.out)
 
 
@@ -392,7 +411,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration")
     p.add_argument("--modes", default=None, help="comma list of memory modes (default: all)")
     p.add_argument("--pack", type=int, default=0, help="also time a pack of N against N separate trials")
-    p.add_argument("--loader", action="store_true", help="time the data loader with and without the cache")
+    p.add_argument("--loader", action="store_true",
+                   help="time the data loader with and without the cache (alone unless --modes is given)")
     p.add_argument("--data-root")
     p.add_argument("--dataset")
     p.add_argument("--kv-cache", action="store_true",
@@ -410,6 +430,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from synqt.bench import format_table, run_bench
     from synqt.fileio import atomic_write_json
 
+    if args.json:  # before minutes of timing: the figures must have somewhere to go
+        from pathlib import Path
+
+        from synqt.fileio import check_writable
+
+        check_writable(Path(args.json).absolute().parent, "--json")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
     result = run_bench(args.overrides, steps=args.steps, modes=modes, pack=args.pack, loader=args.loader,
                        data_root=args.data_root, dataset=args.dataset, baselines=not args.no_baselines,
@@ -467,8 +493,10 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_synthetic(args: argparse.Namespace) -> int:
+    from synqt.fileio import check_writable
     from synqt.synthetic import write_benchmark
 
+    check_writable(args.root, "root")
     root = write_benchmark(args.root, image_size=args.image_size)
     print(f"synthetic benchmark written to {root}")
     return 0
@@ -513,8 +541,9 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
         help="SLURM helpers (the scripts in slurm/ stay the source of truth)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
-  synqt slurm array configs/sweeps/vtab1k.yaml storage_path=/shared/runs data_root=/data/vtab-1k
-  synqt slurm array configs/sweeps/vtab1k.yaml --print     # show the sbatch lines only
+  synqt slurm array configs/sweeps/vtab1k.yaml storage_path=/shared/runs data_root=/data/vtab-1k \\
+      checkpoint=/w/ViT-B_16.npz
+  synqt slurm array configs/sweeps/vtab1k.yaml --print     # show the sbatch lines only (no data or weights needed)
   synqt slurm task configs/sweeps/vtab1k.yaml 17 storage_path=...  # what array index 17 runs""",
     )
     slurm_sub = p.add_subparsers(dest="slurm_cmd", required=True)
@@ -524,21 +553,26 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
         help="submit slurm/vtab_array.sh over a sweep's plan + a dependent aggregate job",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
-  synqt slurm array configs/sweeps/vtab1k.yaml storage_path=/shared/runs data_root=/data/vtab-1k
-  synqt slurm array configs/sweeps/vtab1k.yaml --print --concurrency 16 --sbatch-args '--gpus=1'""",
+  synqt slurm array configs/sweeps/vtab1k.yaml storage_path=/shared/runs data_root=/data/vtab-1k \\
+      checkpoint=/w/ViT-B_16.npz --concurrency 16 --sbatch-args "--gpus=1"
+  synqt slurm array configs/sweeps/vtab1k.yaml --print --concurrency 16 --sbatch-args '--gpus=1'
+the aggregate job after the array gets --sbatch-args without resource requests (--gpus*, --gres, -c, --mem, ...).""",
     )
     a.add_argument("sweep_file")
     a.add_argument("overrides", nargs="*")
     a.add_argument("--print", action="store_true", help="print the sbatch commands instead of running them")
     a.add_argument("--concurrency", type=int, default=None, help="array %% limit (default: sweep max_concurrent)")
-    a.add_argument("--sbatch-args", default="", help="extra sbatch arguments, e.g. '--partition=gpu'")
+    a.add_argument("--sbatch-args", default="",
+                   help="extra sbatch arguments of the array job, e.g. '--partition=gpu --gpus=1' (the aggregate "
+                        "job gets them without resource requests)")
     a.set_defaults(func=_cmd_slurm_array)
     t = slurm_sub.add_parser(
         "task",
         parents=[_common()],
         help="run trial INDEX of a sweep's plan (used by slurm/vtab_array.sh)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  synqt slurm task configs/sweeps/vtab1k.yaml 17 storage_path=/shared/runs",
+        epilog="examples:\n  synqt slurm task configs/sweeps/vtab1k.yaml 17 storage_path=/shared/runs "
+               "data_root=/data/vtab-1k checkpoint=/w/ViT-B_16.npz",
     )
     t.add_argument("sweep_file")
     t.add_argument("index", type=int)
@@ -605,6 +639,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value is itself a command line (`--sbatch-args "--gpus=1"`): argparse takes a lone value that starts
+# with '-' for an option and stops with "expected one argument", so such a value is attached as `--opt=value`.
+RAW_VALUE_OPTIONS = ("--sbatch-args",)
+
+
+def _join_raw_values(argv: Sequence[str]) -> list[str]:
+    out, words = [], list(argv)
+    i = 0
+    while i < len(words):
+        if words[i] in RAW_VALUE_OPTIONS and i + 1 < len(words):
+            out.append(f"{words[i]}={words[i + 1]}")
+            i += 2
+            continue
+        out.append(words[i])
+        i += 1
+    return out
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse with ``key=value`` overrides accepted anywhere, also after flags.
 
@@ -613,7 +665,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     ``key=value`` are appended, in order, to the subcommand's overrides. Anything else is an error.
     (``parse_intermixed_args`` would do this too, but argparse refuses it on a parser with subcommands.)
     """
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_join_raw_values(sys.argv[1:] if argv is None else argv))
     if extra:
         rest = getattr(args, "_rest", "overrides" if hasattr(args, "overrides") else None)
         # overrides must look like key=value; a list of names (`data check ROOT NAME ...`) takes any word
@@ -644,12 +696,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     restore_logging = configure_logging(args.verbose - args.quiet)
     from launcher.console import resume_command, sigterm_as_interrupt
     from synqt.errors import SynQTError
+    from synqt.fileio import WriteFailed
 
     try:
         with sigterm_as_interrupt():  # scancel / preemption / kill: as Ctrl-C (exit 130, resume line)
             code = int(args.func(args) or 0)
         sys.stdout.flush()
         return code
+    except WriteFailed as err:  # storage failed mid-run: the file, free space, key; the run is marked failed
+        print(f"synqt {args.command}: error: {err}", file=sys.stderr)
+        return Exit.FAILED_RUNS
     except SynQTError as err:
         print(f"synqt {args.command}: error: {err}", file=sys.stderr)
         return Exit.BAD_INPUT

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -19,11 +20,13 @@ from launcher.sweep import (
     SWEEP_DIR,
     PlannedTrial,
     Sweep,
+    check_storage,
     dry_run_text,
     load_sweep,
     plan_dict,
     plan_trials,
     prepare_demo_assets,
+    set_aside_broken_plan,
     sweep_yaml_text,
     validate,
     write_plan,
@@ -93,8 +96,10 @@ def run_sweep_command(
             print(f"synqt sweep: --dry-run: this sweep would be refused: {refused}", file=sys.stderr, flush=True)
             return Exit.BAD_INPUT
         return Exit.OK
+    check_storage(sweep)  # before demo assets, data, backbone or Ray: storage_path must take files
     prepare_demo_assets(sweep)
     trials = plan_trials(sweep)
+    check_storage(sweep, trials)  # ... and the trials' cache folders (said once when unwritable)
     validate(sweep, trials, in_process=sequential)  # data (both stages' splits), checkpoint, device: reads only
     plan_file = sweep.sweep_dir / rundir.PLAN
     if not resume and sweep.sweep_dir.exists() and any(not p.name.startswith((ownership.CLAIM, f".{ownership.CLAIM}"))
@@ -105,6 +110,14 @@ def run_sweep_command(
         )
     if resume and not plan_file.is_file():
         raise ConfigError(f"--resume: no sweep at {sweep.sweep_dir} (missing {plan_file})")
+
+    if resume and _same_plan(sweep, trials) and _all_done(sweep.sweep_dir):
+        # this very plan has run to its end: nothing to run, no Ray cluster (or process) to start, nothing rewritten
+        from launcher.stages import finish_sweep
+
+        print(f"synqt sweep: every planned trial in {sweep.sweep_dir} has finished; nothing to run "
+              "(aggregating only)", flush=True)
+        return Exit.OK if finish_sweep(sweep, [], time.time()).get("ok") else Exit.FAILED_RUNS
 
     # one live owner per sweep folder (synqt/ownership.py): checked above before anything started; the claim is
     # taken with the folder's first write (after the backend's own checks, so a refused command leaves no
@@ -130,6 +143,13 @@ def run_sweep_command(
     return Exit.OK if result.get("ok") else Exit.FAILED_RUNS
 
 
+def _all_done(sweep_dir: Path) -> bool:
+    """Every trial plan.json lists has an ok metrics.json and no later stage is still to be planned."""
+    plan, records = rundir.scan_runs(sweep_dir)
+    planned = [r for r in records if r.plan]
+    return bool(plan and planned and not plan.get("stage2_pending") and all(r.state == "done" for r in planned))
+
+
 def write_sweep_files(sweep: Sweep, trials: list[PlannedTrial], *, resume: bool) -> None:
     """The sweep folder's FIRST WRITE: everything before it only reads, so a refused command leaves nothing.
 
@@ -141,6 +161,8 @@ def write_sweep_files(sweep: Sweep, trials: list[PlannedTrial], *, resume: bool)
     stage = trials[0].stage if trials else "final"
     if resume:  # keep unchanged trials, move changed ones aside, say so (launcher/resume.py)
         from launcher.resume import reconcile
+
+        set_aside_broken_plan(sweep)  # a cut plan.json: moved aside, named once, written again below
 
         reconcile(sweep, trials, stage)
     if not (resume and _same_plan(sweep, trials)):
@@ -181,6 +203,9 @@ def run_demo(out: str | Path, overrides: list[str] | None = None,
     from synqt.pretrain import ensure_demo_assets
 
     out = Path(out).absolute()
+    from synqt.fileio import check_writable
+
+    check_writable(out, "--out")  # before the demo's data and backbone are made
     print(
         "synqt demo: preparing the synthetic benchmark and the pre-trained demo backbone (cached) ...",
         flush=True,

@@ -123,6 +123,24 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+# Two of Ray's log records that mislead a synqt user, dropped by filters on the loggers that emit them (Python
+# logging's own mechanism: Ray's handlers are left alone, so every other Ray message still shows):
+# - Ray >= 2.60, at WARNING, whenever `ray.init()` starts a local cluster with RAY_AUTH_MODE unset (our in-process
+#   sweep cluster, every time): "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled
+#   ..." -- shown again with -v;
+# - Tune on Ctrl-C / SIGUSR1: "Experiment has been interrupted, but the most recent state was saved.\nResume
+#   experiment with: Tuner.restore(path=...)" -- a Python API call; the CLI prints the `synqt ... --resume` line
+#   instead -- shown again only with -vv (everything).
+RAY_NOTICES = {  # logger -> (start of the message, the lowest verbosity that shows it)
+    "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray", 1),
+    "ray.tune.tune": ("Experiment has been interrupted, but the most recent state was saved", 2),
+}
+
+
+def _notice_filter(prefix: str) -> Callable[[logging.LogRecord], bool]:
+    return lambda record: not str(record.msg).startswith(prefix)
+
+
 def configure_logging(verbosity: int, stream: TextIO | None = None) -> Callable[[], None]:
     """Levels for this process: ours (``synqt``, ``launcher``) and everyone else's (Ray, torch, ...).
 
@@ -149,6 +167,11 @@ def configure_logging(verbosity: int, stream: TextIO | None = None) -> Callable[
     for name in ("synqt", "launcher"):
         logging.getLogger(name).setLevel(ours)
     logging.captureWarnings(verbosity >= 1)
+    notice_filters = []
+    for name, (prefix, shown_from) in RAY_NOTICES.items():
+        if verbosity < shown_from:
+            notice_filters.append((logging.getLogger(name), _notice_filter(prefix)))
+            notice_filters[-1][0].addFilter(notice_filters[-1][1])
     _verbosity = verbosity
 
     def restore() -> None:
@@ -158,6 +181,8 @@ def configure_logging(verbosity: int, stream: TextIO | None = None) -> Callable[
         for name, level in saved[1].items():
             logging.getLogger(name).setLevel(level)
         logging.captureWarnings(False)
+        for logger, notice_filter in notice_filters:
+            logger.removeFilter(notice_filter)
         _verbosity = saved[2]
 
     return restore

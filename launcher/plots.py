@@ -7,7 +7,7 @@
 - ``curves.{png,pdf}``: learning curves per task: accuracy of the periodic evaluations against the epoch,
   mean ± std over the seeds of the chosen point.
 - ``cost.{png,pdf}``: every ok final run's test accuracy against its trainable parameters and its peak
-  memory.
+  memory (what was measured in the axis label: the process's peak RSS on CPU); both axes start at zero.
 
 Inputs: the results dict of ``launcher.aggregate.build_results`` and the parsed metrics.json files.
 """
@@ -197,6 +197,11 @@ def curves_figure(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]])
     return fig
 
 
+# what metrics.json's peak_memory_kind measured (synqt.training.loop.device_peak_memory), as an axis label
+MEMORY_KINDS = {"cpu_max_rss": "peak process RSS (whole trial process)",
+                "cuda_max_allocated": "peak CUDA memory allocated by torch"}
+
+
 def cost_figure(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> Any:
     """Test accuracy of every ok final run against trainable parameters and against peak memory."""
     ds = results["datasets"]
@@ -219,13 +224,16 @@ def cost_figure(results: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -
             if chosen:
                 ax.annotate(r["dataset"], (x, r["test_acc"]), xytext=(4, 2), textcoords="offset points", fontsize=6)
     ax_p.set_xlabel("trainable parameters (millions)")
-    ax_m.set_xlabel(f"peak memory (MiB, {', '.join(kinds) or 'unknown kind'})")
+    ax_m.set_xlabel(f"{' / '.join(MEMORY_KINDS.get(k, k) for k in kinds) or 'peak memory'} (MiB)")
     from matplotlib.ticker import MaxNLocator
 
     for ax in (ax_p, ax_m):
         ax.ticklabel_format(axis="x", useOffset=False)
         ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.margins(x=0.18, y=0.08)  # room for the task labels
+        # from zero: runs that differ by 0.3 % in parameters or memory must not look far apart
+        right = max((x for line in ax.get_lines() for x in line.get_xdata()), default=0.0)
+        ax.set_xlim(0, right * 1.3 if right > 0 else 1.0)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     from matplotlib.lines import Line2D

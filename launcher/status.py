@@ -30,8 +30,36 @@ def _trial(root: Path, rec: rundir.RunRecord, planned: bool) -> dict[str, Any]:
         "epoch": rec.epoch, "epochs": rec.epochs or (rec.plan.get("epochs") if isinstance(rec.plan.get("epochs"), int)
                                                      else None),
         "wall_time_s": m.get("wall_time_s"), "epochs_done": m.get("epochs_done"), "updated": rec.updated,
+        "started": rec.started, "finished_at": rec.finished_at if rec.metrics else None,
         "superseded_by": rec.superseded_by,
     }
+
+
+def _throughput(trials: list[dict[str, Any]], now: float) -> tuple[int, float]:
+    """(trial-epochs completed, seconds during which any trial ran): the sweep's own throughput so far.
+
+    Each finished trial ran over [finished_at - wall_time_s, finished_at], a running one since progress.json's
+    start (until its last update when stale); the union of these intervals is the sweep's busy time (a pause
+    between a kill and a --resume is not in it; packed branches share their pack's interval and each counts its
+    epochs). Unlike seconds per trial-epoch divided by the trials running at this instant, the rate does not
+    jump when a pack ends or the next one starts.
+    """
+    spans, epochs = [], 0
+    for t in trials:
+        if t["state"] in ("done", "failed") and isinstance(t.get("wall_time_s"), int | float) and t.get("finished_at"):
+            spans.append((float(t["finished_at"]) - float(t["wall_time_s"]), float(t["finished_at"])))
+            epochs += t["epochs_done"] if isinstance(t.get("epochs_done"), int) else 0
+        elif t["state"] == "running" and t.get("started") is not None:
+            end = float(t["updated"]) if t.get("stale") else now  # a stale one (its process died?) ran until then
+            spans.append((float(t["started"]), max(end, float(t["started"]))))
+            epochs += t["epoch"] if isinstance(t.get("epoch"), int) else 0
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        start = max(start, end)
+        if stop > start:
+            busy += stop - start
+            end = stop
+    return epochs, busy
 
 
 def collect_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
@@ -90,7 +118,9 @@ def collect_status(run_dir: str | Path, now: float | None = None) -> dict[str, A
 
     per_epoch = finished_time / finished_epochs if finished_epochs else None
     parallel = max(1, counts["running"])
-    eta = per_epoch * remaining / parallel if per_epoch is not None else None
+    done_epochs, busy_s = _throughput(trials, now)
+    rate = done_epochs / busy_s if done_epochs and busy_s > 0 else None
+    eta = remaining / rate if rate is not None and finished_epochs else (0.0 if not remaining else None)
     return {
         "run_dir": str(root),
         "plan": plan is not None,
@@ -107,6 +137,9 @@ def collect_status(run_dir: str | Path, now: float | None = None) -> dict[str, A
         "remaining_epochs": remaining,
         "unknown_epoch_trials": unknown_epochs,
         "parallel": parallel,
+        "completed_epochs": done_epochs,
+        "busy_s": busy_s,
+        "epochs_per_s": rate,
         "eta_s": eta,
         "now": now,
         "owner": _owner(root),
@@ -183,18 +216,22 @@ def status_text(run_dir: str | Path, st: Mapping[str, Any] | None = None) -> str
     if st["superseded"]:
         lines.append("duplicates (not counted: the same trial finished later elsewhere):")
         lines += [f"  {t['dir']} -> counted: {t['superseded_by']}" for t in st["superseded"]]
-    if st["eta_s"] is None:
-        lines.append("estimated time left: unknown (no finished trial yet)")
-    else:
-        how = (
-            f"{st['seconds_per_trial_epoch']:.1f} s per finished trial-epoch x {st['remaining_epochs']} "
-            f"remaining epochs / {st['parallel']} running"
-        )
-        if st["stage2_pending"] and st["stage2_epochs"] is not None:
-            how += (
-                f"; the {st['stage2_pending']} unplanned final trials counted at {st['stage2_epochs']} epochs"
-            )
-        if st["unknown_epoch_trials"]:
-            how += f"; {st['unknown_epoch_trials']} trial(s) of unknown length not counted"
-        lines.append(f"estimated time left: ~{format_duration(st['eta_s'])} (estimate: {how})")
+    lines.append(time_left_line(st))
     return "\n".join(lines)
+
+
+def time_left_line(st: Mapping[str, Any]) -> str:
+    """`estimated time left: ...` of a ``collect_status`` result; says so when nothing runs."""
+    c = st["counts"]
+    if not c["running"] and not c["pending"] and not st["stage2_pending"]:
+        return "nothing running or pending: no time left to estimate"
+    idle = "" if c["running"] else "nothing running now (resume the sweep to continue); "
+    if st["eta_s"] is None:
+        return f"estimated time left: {idle}unknown (no finished trial yet)"
+    how = f"{st['completed_epochs']} trial-epochs done in {format_duration(st['busy_s'])} of sweep time, " \
+          f"{st['remaining_epochs']} remaining"
+    if st["stage2_pending"] and st["stage2_epochs"] is not None:
+        how += f"; the {st['stage2_pending']} unplanned final trials counted at {st['stage2_epochs']} epochs"
+    if st["unknown_epoch_trials"]:
+        how += f"; {st['unknown_epoch_trials']} trial(s) of unknown length not counted"
+    return f"estimated time left: {idle}~{format_duration(st['eta_s'])} at the sweep's throughput so far ({how})"

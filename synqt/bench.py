@@ -439,7 +439,8 @@ def run_bench(overrides: Sequence[str] = (), *, steps: int = 3, modes: Sequence[
               baselines: bool = True, kv_cache: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """`synqt bench`: the figures as a dict (``format_table`` renders them); ``overrides`` are TrialConfig
     ``key=value``; ``modes`` the memory modes to time (default: all); ``pack`` > 0 also times a pack of that
-    size against as many separate trials; ``loader`` the data loader with and without its cache; ``kv_cache``
+    size against as many separate trials; ``loader`` the data loader with and without its cache
+    (alone unless ``modes`` is given, like ``kv_cache``); ``kv_cache``
     the K/V cache figures (``synqt.kv_bench``; alone unless ``modes`` is given)."""
     from synqt.config import config_to_dict
 
@@ -475,7 +476,7 @@ def run_bench(overrides: Sequence[str] = (), *, steps: int = 3, modes: Sequence[
     result["hardware"]["threads_decided"] = threads.as_dict()
     if device.type == "cpu":  # as the trainers do; also keeps one model's page faults out of the next one's timing
         result["hardware"]["keep_freed_host_memory"] = keep_freed_host_memory(device)
-    if not kv_cache or explicit_modes:  # kv_cache alone times only the cache figures
+    if not (kv_cache or loader) or explicit_modes:  # --kv-cache / --loader alone time only what they name
         result.update(bench_models(cfg, modes, steps=steps, baselines=baselines, log=log))
     else:
         result["geometry"] = _geometry(cfg)

@@ -370,3 +370,41 @@ def test_sigterm_to_a_two_process_train_stops_every_rank(ds_assets: tuple[Path, 
     assert f"interrupted: resume with: synqt {' '.join(args)} --resume" in out, out
     assert not alive, alive
     assert (run_dir / "ds_checkpoint").is_dir() and not (run_dir / "metrics.json").exists()
+
+def _stop_after_epoch_3(payload: dict) -> None:
+    """train_worker's report on every rank (module level: spawned processes unpickle it by name)."""
+    if payload["epoch"] >= 3:
+        raise RuntimeError(f"simulated stop after epoch {payload['epoch']}")
+
+
+@pytest.mark.slow
+def test_resumed_deepspeed_trial_logs_each_step_once(tiny_assets: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Checkpoints every 2 epochs; both ranks stop after epoch 3, whose steps 9-12 were logged after the
+    epoch-2 checkpoint; the resumed trial logs them again. TensorBoard's own reader must see one point per
+    step for every tag (the resumed writer purges from its resume step), HParams session included."""
+    import math
+
+    import torch.multiprocessing as mp
+    from engine_helpers import N_TRAIN, N_VAL, event_accumulator
+    from torch.multiprocessing.spawn import ProcessException
+
+    from synqt.config import config_to_dict
+    from synqt.training.deepspeed import _free_port, _spawn_entry
+
+    cfg, run = _tiny(tiny_assets, checkpoint_every=2, deferred_eval=False), tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(ProcessException):
+        mp.spawn(_spawn_entry, args=(2, _free_port(), config_to_dict(cfg), str(run), 1, _stop_after_epoch_3),
+                 nprocs=2, join=True)
+    metrics = run_local(cfg, run, nprocs=2)
+    assert metrics["status"] == "ok" and metrics["provenance"]["resumed_after_epoch"] == 2
+    per_epoch = math.ceil((N_TRAIN + N_VAL) / cfg.batch_size)  # paper protocol: train800val200
+    events = event_accumulator(run)
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert steps["train/loss"] == steps["train/lr"] == list(range(1, cfg.epochs * per_epoch + 1))
+    ends = [e * per_epoch for e in range(1, cfg.epochs + 1)]
+    assert steps["train/epoch"] == steps["eval/test_acc"] == ends  # eval_every=1
+    for tag, got in steps.items():
+        assert len(got) == len(set(got)), f"{tag}: {got}"
+    sessions = [t for t in events.Tags()["tensors"] if t.endswith("session_start_info")]
+    assert sessions and all(len(events.Tensors(t)) == 1 for t in sessions)
