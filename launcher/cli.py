@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from collections.abc import Sequence
 
@@ -32,10 +31,12 @@ EPILOG = """examples:
 EXIT_CODES = """exit codes (every subcommand):
   0    everything asked for finished and is ok
   1    an unexpected error (a bug; the traceback is shown)
-  2    bad input: command line, config, data or file (nothing was started)
+  2    bad input: command line, config, data or file, or an output folder that takes no file
+       (read-only, full, no permission): nothing was started
   3    finished, but with failed or missing runs (train, sweep, aggregate; status: some trial failed)
+       or a write failed mid-run (the file, free space and key are named; the run is marked failed)
   4    status only: trials still running or pending, none failed
-  130  interrupted (Ctrl-C)
+  130  interrupted (Ctrl-C, SIGTERM from kill/scancel/preemption, SLURM's USR1): last epoch checkpoints kept
   141  the reader of the output went away (e.g. `| head`); ended quietly"""
 
 
@@ -123,9 +124,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _require_files([("--checkpoint", args.checkpoint), *(("--config", c) for c in args.config)])
     cfg = load_config(args.config, _trial_overrides(args))
     _require_files([("checkpoint", cfg.checkpoint)])  # also when set in a config file or as checkpoint=...
+    from synqt import ownership
     from synqt.compat import check_same_run
     from synqt.rundir import read_metrics
+    from synqt.training import check_outputs
 
+    ownership.check_free(args.out, "run")  # another process training this run directory: refuse before reading it
     previous = read_metrics(args.out)
     if args.resume or (previous and previous.get("status") == "ok"):
         check_same_run(cfg, args.out)  # a resume continues exactly the same run, or stops naming each change
@@ -134,9 +138,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"synqt train: {args.out} already finished ({', '.join(f'{k}={v:.2f}' for k, v in acc.items())}); "
               "nothing to train", file=sys.stderr)
         return Exit.OK
+    check_outputs([cfg], [args.out], "--out")  # before data, backbone or device: --out must take files
     printer = TrainPrinter(quiet=args.quiet > 0)
     try:
-        with progress.listening(printer):
+        # one live owner per run directory (synqt/ownership.py), held until this process ends, also on SIGTERM
+        with ownership.Claim(args.out, "run"), progress.listening(printer):
             metrics = run_trial(cfg, args.out, resume=args.resume)
     finally:
         printer.close()
@@ -187,6 +193,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(configs, _trial_overrides(args))
     if not args.official:  # an official state dict holds the backbone too
         _require_files([("checkpoint", cfg.checkpoint)])
+    from synqt.fileio import check_writable
+
+    if args.out:  # a folder, or a .json file name in one
+        check_writable(Path(args.out).parent if args.out.endswith(".json") else args.out, "--out")
+    else:
+        check_writable(Path(args.weights).parent, "--out (default: the folder of --weights)")
     result = evaluate_checkpoint(cfg, args.weights, split=args.split, official=args.official, out=args.out)
     from synqt.threads import ThreadChoice
 
@@ -266,7 +278,9 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
 
     from launcher.aggregate import aggregate
     from launcher.report import summary_text
+    from synqt.fileio import check_writable
 
+    check_writable(args.out or args.run_dir, "--out" if args.out else "--out (default: the run directory)")
     results = aggregate(args.run_dir, out_dir=args.out)
     if args.quiet < 2:
         print(summary_text(results))
@@ -303,6 +317,12 @@ e.g. CIFAR-100,Caltech101,...); NAME=SOURCE names its column.""",
 def _cmd_compare(args: argparse.Namespace) -> int:
     from launcher.compare import compare_main
 
+    if args.out:
+        from pathlib import Path
+
+        from synqt.fileio import check_writable
+
+        check_writable(Path(args.out).absolute().parent, "--out")
     return compare_main(args.sources, metric=args.metric, out=args.out)
 
 
@@ -410,6 +430,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from synqt.bench import format_table, run_bench
     from synqt.fileio import atomic_write_json
 
+    if args.json:  # before minutes of timing: the figures must have somewhere to go
+        from pathlib import Path
+
+        from synqt.fileio import check_writable
+
+        check_writable(Path(args.json).absolute().parent, "--json")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
     result = run_bench(args.overrides, steps=args.steps, modes=modes, pack=args.pack, loader=args.loader,
                        data_root=args.data_root, dataset=args.dataset, baselines=not args.no_baselines,
@@ -467,8 +493,10 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_synthetic(args: argparse.Namespace) -> int:
+    from synqt.fileio import check_writable
     from synqt.synthetic import write_benchmark
 
+    check_writable(args.root, "root")
     root = write_benchmark(args.root, image_size=args.image_size)
     print(f"synthetic benchmark written to {root}")
     return 0
@@ -666,24 +694,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     restore_logging = configure_logging(args.verbose - args.quiet)
+    from launcher.console import resume_command, sigterm_as_interrupt
     from synqt.errors import SynQTError
+    from synqt.fileio import WriteFailed
 
     try:
-        code = int(args.func(args) or 0)
+        with sigterm_as_interrupt():  # scancel / preemption / kill: as Ctrl-C (exit 130, resume line)
+            code = int(args.func(args) or 0)
         sys.stdout.flush()
         return code
+    except WriteFailed as err:  # storage failed mid-run: the file, free space, key; the run is marked failed
+        print(f"synqt {args.command}: error: {err}", file=sys.stderr)
+        return Exit.FAILED_RUNS
     except SynQTError as err:
         print(f"synqt {args.command}: error: {err}", file=sys.stderr)
         return Exit.BAD_INPUT
     except BrokenPipeError:
         return _stdout_gone()
-    except KeyboardInterrupt as err:  # Ctrl+C, or launcher.stages.SweepInterrupted (SIGINT / SIGUSR1 in a sweep)
-        print(f"\nsynqt {args.command}: {str(err) or 'interrupted'}", file=sys.stderr)
-        if args.command in ("sweep", "demo"):
-            words = list(sys.argv[1:] if argv is None else argv)
-            if args.command == "sweep" and "--resume" not in words:
-                words.append("--resume")  # `synqt demo` continues its sweep by itself
-            print(f"interrupted: resume with: synqt {shlex.join(words)}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as err:  # Ctrl+C, SIGTERM (console.Terminated), launcher.stages.SweepInterrupted
+        command = args.command + (f" {args.slurm_cmd}" if args.command == "slurm" else "")
+        print(f"\nsynqt {command}: {str(err) or 'interrupted'}", file=sys.stderr)
+        again = resume_command(command, list(sys.argv[1:] if argv is None else argv))
+        if again:  # demo and slurm task continue by themselves; sweep and train need --resume
+            print(f"interrupted: resume with: {again}", file=sys.stderr, flush=True)
         return Exit.INTERRUPTED
     finally:
         restore_logging()

@@ -20,16 +20,18 @@ from launcher.sweep import (
     SWEEP_DIR,
     PlannedTrial,
     Sweep,
+    check_storage,
     dry_run_text,
     load_sweep,
     plan_dict,
     plan_trials,
     prepare_demo_assets,
+    set_aside_broken_plan,
     sweep_yaml_text,
     validate,
     write_plan,
 )
-from synqt import rundir
+from synqt import ownership, rundir
 from synqt.errors import ConfigError
 
 
@@ -53,7 +55,12 @@ def dry_run_plan(sweep_file: str, overrides: list[str], *, as_json: bool = False
         refused = str(err)
     if as_json:
         stage = trials[0].stage if trials else "final"
-        d = plan_dict(sweep, trials, _stage2_pending(sweep, stage)) | {"refused": refused}
+        try:  # slurm/vtab.sh refuses a second copy of a running sweep with "owner" before it starts Ray; a dry
+            ownership.check_free(sweep.sweep_dir, "sweep")  # run itself is a reader: never refused for it
+            owner = None
+        except ownership.Refused as err:
+            owner = str(err)
+        d = plan_dict(sweep, trials, _stage2_pending(sweep, stage)) | {"refused": refused, "owner": owner}
         return json.dumps(d, indent=2, default=str), refused
     return dry_run_text(sweep, trials), refused
 
@@ -73,6 +80,10 @@ def run_sweep_command(
     ``dry_run``). ``watch(sweep_dir)`` is held open while the trials run (the CLI's finished-trial lines).
     Returns an exit code of ``launcher.console.Exit``: OK, or FAILED_RUNS when a trial failed or is missing."""
     sweep = load_sweep(sweep_file, overrides)
+    # a sweep folder has one live owner (synqt/ownership.py): a copy of this sweep still running (a resubmitted
+    # or requeued job, a second `synqt demo`) refuses this one first, before anything is prepared, written or started
+    if not dry_run:
+        ownership.check_free(sweep.sweep_dir, "sweep")
     if sequential and sweep.asha:
         raise ConfigError(f"{sweep.source}: asha needs Ray Tune's scheduler; --sequential runs every trial to its "
                           "end (remove the asha section or run without --sequential)")
@@ -85,11 +96,14 @@ def run_sweep_command(
             print(f"synqt sweep: --dry-run: this sweep would be refused: {refused}", file=sys.stderr, flush=True)
             return Exit.BAD_INPUT
         return Exit.OK
+    check_storage(sweep)  # before demo assets, data, backbone or Ray: storage_path must take files
     prepare_demo_assets(sweep)
     trials = plan_trials(sweep)
+    check_storage(sweep, trials)  # ... and the trials' cache folders (said once when unwritable)
     validate(sweep, trials, in_process=sequential)  # data (both stages' splits), checkpoint, device: reads only
     plan_file = sweep.sweep_dir / rundir.PLAN
-    if not resume and sweep.sweep_dir.exists() and any(sweep.sweep_dir.iterdir()):
+    if not resume and sweep.sweep_dir.exists() and any(not p.name.startswith((ownership.CLAIM, f".{ownership.CLAIM}"))
+                                                       for p in sweep.sweep_dir.iterdir()):
         raise ConfigError(
             f"sweep folder {sweep.sweep_dir} already exists (plan: {plan_file}); continue it with "
             f"`synqt sweep {sweep_file} ... --resume`, or choose another storage_path/name"
@@ -105,20 +119,27 @@ def run_sweep_command(
               "(aggregating only)", flush=True)
         return Exit.OK if finish_sweep(sweep, [], time.time()).get("ok") else Exit.FAILED_RUNS
 
-    def first_write() -> None:
-        """Called by the backend once its own checks passed (Ray: the cluster has the resources; both: every
-        checkpoint fits its backbone)."""
-        write_sweep_files(sweep, trials, resume=resume)
+    # one live owner per sweep folder (synqt/ownership.py): checked above before anything started; the claim is
+    # taken with the folder's first write (after the backend's own checks, so a refused command leaves no
+    # folder) and held until this process ends (also on Ctrl-C / SIGTERM). The trials run under it (their
+    # retries too) and take no claim of their own.
+    with contextlib.ExitStack() as owned:
 
-    with watch(sweep.sweep_dir) if watch is not None else contextlib.nullcontext():
-        if sequential:
-            from launcher.stages import run_sequential
+        def first_write() -> None:
+            """Called by the backend once its own checks passed (Ray: the cluster has the resources; both: every
+            checkpoint fits its backbone)."""
+            owned.enter_context(ownership.Claim(sweep.sweep_dir, "sweep"))
+            write_sweep_files(sweep, trials, resume=resume)
 
-            result = run_sequential(sweep, trials, before_trials=first_write)
-        else:
-            from launcher.ray_backend import run_sweep
+        with watch(sweep.sweep_dir) if watch is not None else contextlib.nullcontext():
+            if sequential:
+                from launcher.stages import run_sequential
 
-            result = run_sweep(sweep, trials, address=address, resume=resume, before_trials=first_write)
+                result = run_sequential(sweep, trials, before_trials=first_write)
+            else:
+                from launcher.ray_backend import run_sweep
+
+                result = run_sweep(sweep, trials, address=address, resume=resume, before_trials=first_write)
     return Exit.OK if result.get("ok") else Exit.FAILED_RUNS
 
 
@@ -140,6 +161,8 @@ def write_sweep_files(sweep: Sweep, trials: list[PlannedTrial], *, resume: bool)
     stage = trials[0].stage if trials else "final"
     if resume:  # keep unchanged trials, move changed ones aside, say so (launcher/resume.py)
         from launcher.resume import reconcile
+
+        set_aside_broken_plan(sweep)  # a cut plan.json: moved aside, named once, written again below
 
         reconcile(sweep, trials, stage)
     if not (resume and _same_plan(sweep, trials)):
@@ -201,6 +224,9 @@ def run_demo(out: str | Path, overrides: list[str] | None = None,
     from synqt.pretrain import ensure_demo_assets
 
     out = Path(out).absolute()
+    from synqt.fileio import check_writable
+
+    check_writable(out, "--out")  # before the demo's data and backbone are made
     print(
         "synqt demo: preparing the synthetic benchmark and the pre-trained demo backbone (cached) ...",
         flush=True,
@@ -213,6 +239,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None,
         *list(overrides or []),
     ]
     sweep = load_sweep(SWEEP_DIR / "demo.yaml", ov)
+    ownership.check_free(sweep.sweep_dir, "sweep")  # a demo still running there refuses this one (exit 2)
     resume = (sweep.sweep_dir / rundir.PLAN).is_file()
     if resume:
         print(f"synqt demo: continuing the demo sweep already at {sweep.sweep_dir}")

@@ -13,13 +13,16 @@ CLI only, turns them into output:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
+import shlex
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -34,8 +37,49 @@ class Exit(enum.IntEnum):
     BAD_INPUT = 2  # bad command line, config, data or file: nothing was started (argparse uses 2 too)
     FAILED_RUNS = 3  # finished, but with failed or missing runs (train, sweep, aggregate, status)
     NOT_FINISHED = 4  # status only: trials still running or pending, none failed
-    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), also SIGTERM and SLURM's SIGUSR1: stopped, checkpoints kept
     BROKEN_PIPE = 141  # the reader of stdout went away (`| head`): ended quietly (128 + SIGPIPE)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``scancel``, SLURM preemption) while a subcommand runs: handled as Ctrl-C is (stop,
+    keep the last epoch checkpoints, exit 130, say how to resume). A KeyboardInterrupt, so no trainer records
+    the run as failed."""
+
+    def __str__(self) -> str:
+        return "interrupted (SIGTERM received)"
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the body runs (main thread only), SIGTERM raises ``Terminated`` where the program is, as SIGINT
+    raises KeyboardInterrupt; a sweep's stages install their own handler on top (launcher.stages)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum: int, _frame: Any) -> None:
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# subcommand -> whether its resume command adds --resume (it continues the same work; None: nothing to resume)
+RESUMABLE = {"sweep": True, "train": True, "demo": False, "slurm task": False}
+
+
+def resume_command(command: str, words: list[str]) -> str | None:
+    """The command line that continues an interrupted ``command`` (``synqt ...``), or None when there is none."""
+    if command not in RESUMABLE:
+        return None
+    words = list(words)
+    if RESUMABLE[command] and "--resume" not in words:
+        words.append("--resume")
+    return f"synqt {shlex.join(words)}"
 
 
 def status_exit(st: Mapping[str, Any]) -> int:

@@ -15,7 +15,9 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -246,6 +248,9 @@ def _start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     # and stay in each trial's metrics.json and Ray's session logs.
     verbose = verbosity() >= 1
     quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    # ray.init replaces the SIGTERM handler with sys.exit (SystemExit inside Tune's loop: Aborted, exit 134);
+    # the CLI's handler (SIGTERM acts as Ctrl-C: stop, keep checkpoints, exit 130) is put back
+    on_term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if address:
         ray.init(address=address, **quiet)
     else:
@@ -253,6 +258,8 @@ def _start_ray(address: str | None, num_cpus: int | None = None) -> bool:
         # os.cpu_count() is every core of the node
         extra = {"num_cpus": num_cpus} if num_cpus else {}
         ray.init(include_dashboard=False, runtime_env=env, **quiet, **extra)
+    if on_term is not None:
+        signal.signal(signal.SIGTERM, on_term)
     return True
 
 

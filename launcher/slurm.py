@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from synqt import rundir
+from synqt import ownership, rundir
 from synqt.errors import ConfigError, SynQTError
 from synqt.resources import package_path
 
@@ -30,7 +30,7 @@ SCRIPTS = {"vtab": SWEEP_SCRIPT, "vtab_array": ARRAY_SCRIPT}
 def _plan(sweep_file: str, overrides: list[str], *, prepare: bool, preview: bool = False) -> tuple[Any, list[Any]]:
     """The sweep and its stage-1 plan, exactly as `synqt sweep FILE --dry-run` computes it (``preview``: a
     missing checkpoint is not an error, as in the dry run)."""
-    from launcher.sweep import load_sweep, plan_trials, prepare_demo_assets
+    from launcher.sweep import check_storage, load_sweep, plan_trials, prepare_demo_assets
 
     sweep = load_sweep(sweep_file, overrides)
     if sweep.protocol != "paper":
@@ -38,7 +38,8 @@ def _plan(sweep_file: str, overrides: list[str], *, prepare: bool, preview: bool
             f"{sweep_file}: protocol={sweep.protocol!r}; the SLURM array runs the paper protocol only "
             f"(its stage 2 depends on stage-1 results): use `sbatch slurm/vtab.sh {sweep_file} ...`"
         )
-    if prepare:
+    if prepare:  # an array task: its run directory must take files before demo assets, data or backbone
+        check_storage(sweep)
         prepare_demo_assets(sweep)
     trials = plan_trials(sweep)
     # before sbatch (and in each task): a missing checkpoint would fail every array task; a demo_assets
@@ -139,6 +140,11 @@ def submit_array(
     from launcher.sweep import validate
 
     sweep, trials = _plan(sweep_file, overrides, prepare=False, preview=print_only)
+    ownership.check_free(sweep.sweep_dir, "sweep")  # a sweep or array tasks still running there: refuse (exit 2)
+    if not print_only:  # the tasks and the aggregate job write under storage_path: refused before sbatch
+        from launcher.sweep import check_storage
+
+        check_storage(sweep)
     missing = [k for k in ("data_root", "checkpoint") if not all(getattr(t.config, k) for t in trials)]
     # a preview needs neither data nor weights (it names what is unset); given ones are checked as a submission does.
     # A demo sweep's data and weights are made by its first task.
@@ -181,7 +187,7 @@ def submit_array(
 
 def run_array_task(sweep_file: str, index: int, overrides: list[str]) -> int:
     """Run trial `index` of the plan with the single-trial engine (resuming from its run dir)."""
-    from launcher.sweep import write_plan
+    from launcher.sweep import set_aside_broken_plan, write_plan
     from synqt.training import run_trial
 
     sweep, trials = _plan(sweep_file, overrides, prepare=True)
@@ -190,12 +196,16 @@ def run_array_task(sweep_file: str, index: int, overrides: list[str]) -> int:
             f"{sweep_file}: trial index {index} out of range; the plan has {len(trials)} trial(s) "
             f"(0..{len(trials) - 1})"
         )
+    set_aside_broken_plan(sweep)  # a cut plan.json: moved aside, named, written again
     if not (sweep.sweep_dir / rundir.PLAN).is_file():
         write_plan(sweep, trials, False)  # atomic: concurrent tasks write the same content
     trial = trials[index]
     run_dir = trial.run_dir(sweep)
     print(f"[synqt slurm task] {index}/{len(trials)}: {trial.run_name} -> {run_dir}", flush=True)
-    metrics = run_trial(trial.config, run_dir, resume=True)
+    # one live owner per run directory: a second copy of this task (resubmitted while the first runs) stops here;
+    # a requeued task (same job, next restart) or one whose process has ended is taken over (synqt/ownership.py)
+    with ownership.Claim(run_dir, "run"):
+        metrics = run_trial(trial.config, run_dir, resume=True)
     status = metrics.get("status")
     print(f"[synqt slurm task] {trial.run_name}: {status}", flush=True)
     from launcher.console import Exit, final_line
@@ -224,6 +234,7 @@ def write_script(dest: str | Path, name: str = "vtab", *, force: bool = False) -
         raise ConfigError(f"{out} exists; choose another path or pass --force to overwrite it")
     if not out.parent.is_dir():
         raise ConfigError(f"folder {out.parent} does not exist; create it or choose another path")
-    out.write_bytes(src.read_bytes())
-    out.chmod(0o755)
-    return out
+    from synqt.fileio import atomic_write_bytes, check_writable
+
+    check_writable(out.parent, "the script's destination")
+    return atomic_write_bytes(out, src.read_bytes(), mode=0o755)

@@ -34,11 +34,12 @@ from synqt.ckptfile import is_random
 from synqt.fileio import atomic_write_json
 
 Failures = list[tuple[str, str]]
-INTERRUPT_SIGNALS = ("SIGINT", "SIGUSR1")  # Ctrl+C; SLURM's time-limit warning (slurm/vtab.sh forwards it as SIGINT)
+# Ctrl+C; SLURM's time-limit warning (slurm/vtab.sh forwards it as SIGINT); scancel, preemption and `kill`
+INTERRUPT_SIGNALS = ("SIGINT", "SIGUSR1", "SIGTERM")
 
 
 class SweepInterrupted(KeyboardInterrupt):
-    """The sweep was stopped (SIGINT / SIGUSR1) before a stage's trials all ended; no later stage started.
+    """The sweep was stopped (SIGINT / SIGUSR1 / SIGTERM) before a stage's trials all ended; no later stage started.
 
     A KeyboardInterrupt, so the engine's ``except Exception`` failure path does not record the
     interrupted trials as failed: their epoch checkpoints (resume.pt) stay, and ``--resume`` continues them.
@@ -55,13 +56,21 @@ class SweepInterrupted(KeyboardInterrupt):
 
 
 class InterruptGuard:
-    """SIGINT / SIGUSR1 while stages are driven (see ``interrupt_handlers``)."""
+    """SIGINT / SIGUSR1 / SIGTERM while stages are driven (see ``interrupt_handlers``)."""
 
     def __init__(self, sigs: list[int], wakeup_read: int | None) -> None:
         self.sigs, self._read, self.received = sigs, wakeup_read, ""
         self.stage: str | None = None  # the stage being run, named in the interruption
 
-    def handler(self, signum: int, _frame: Any) -> None:
+    def handler(self, signum: int, frame: Any) -> None:
+        if signum == getattr(signal, "SIGTERM", None):
+            # inside Tuner.fit() Tune handles SIGINT (and SIGUSR1) itself but not SIGTERM: hand SIGTERM to Tune's
+            # SIGINT handler, so it stops the trials and saves the experiment as on Ctrl-C (after_stage then
+            # raises, naming SIGTERM); Ray's own SIGTERM handler would sys.exit inside Tune's loop (exit 134)
+            current = signal.getsignal(signal.SIGINT)
+            if callable(current) and current != self.handler and current is not signal.default_int_handler:
+                current(signal.SIGINT, frame)
+                return
         raise SweepInterrupted(f"{signal.Signals(signum).name} received", stage=self.stage)
 
     def install(self) -> None:
@@ -85,7 +94,7 @@ class InterruptGuard:
 
 @contextlib.contextmanager
 def interrupt_handlers() -> Iterator[InterruptGuard]:
-    """While stages are driven, SIGINT and SIGUSR1 stop the sweep with ``SweepInterrupted``.
+    """While stages are driven, SIGINT, SIGUSR1 and SIGTERM stop the sweep with ``SweepInterrupted``.
 
     Outside Ray Tune our handler raises at once. Inside ``Tuner.fit()`` Tune's own handlers take both
     signals: Tune stops its trials, saves the experiment and returns normally, with every trial marked

@@ -142,7 +142,20 @@ def collect_status(run_dir: str | Path, now: float | None = None) -> dict[str, A
         "epochs_per_s": rate,
         "eta_s": eta,
         "now": now,
+        "owner": _owner(root),
     }
+
+
+def _owner(root: Path) -> dict[str, Any] | None:
+    """The process that owns the sweep folder (synqt/ownership.py): its description and whether it still runs."""
+    from synqt import ownership
+
+    owner = ownership.read_owner(root)
+    if owner is None:
+        return None
+    gone = owner.gone_because()
+    return {"pid": owner.pid, "host": owner.host, "started": owner.started, "describe": owner.describe(),
+            "live": gone is None, "gone_because": gone}
 
 
 def format_duration(seconds: float) -> str:
@@ -167,6 +180,11 @@ def status_text(run_dir: str | Path, st: Mapping[str, Any] | None = None) -> str
         lines.append(
             "no plan.json: trials inferred from the metrics.json/progress.json found; pending ones unknown"
         )
+    owner = st.get("owner")
+    if owner:
+        lines.append(f"being run by {owner['describe']}" if owner["live"] else
+                     f"last run by {owner['describe']}; that owner is gone ({owner['gone_because']}): the next "
+                     "--resume takes over")
     lines.append(
         f"trials: {st['total']} | done {c['done']} | failed {c['failed']} | running {c['running']} "
         f"| pending {c['pending']}" + (f" | broken {c['broken']}" if c["broken"] else "")

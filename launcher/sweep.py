@@ -787,6 +787,31 @@ def packs_of(trials: list[PlannedTrial]) -> list[list[PlannedTrial]]:
 # validation, plan.json, dry run
 
 
+def check_storage(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> None:
+    """Before data, backbone or cluster: the sweep folder (``storage_path``/``name``) must take a new file
+    (``synqt.fileio.check_writable``; a folder not made yet is not made here: its nearest existing parent is
+    probed), and the trials' cache folders are checked (an unwritable one is said once)."""
+    from synqt.fileio import check_writable
+    from synqt.training import check_outputs
+
+    check_writable(sweep.sweep_dir, "storage_path")
+    if trials:
+        check_outputs([t.config for t in trials], [])
+
+
+def set_aside_broken_plan(sweep: Sweep) -> bool:
+    """The broken-file rule for ``plan.json`` of a sweep being continued: an empty, cut or malformed plan is
+    moved aside (``synqt.fileio.set_aside``), named once, and written again from the sweep file. True if moved."""
+    from synqt.errors import SynQTError
+    from synqt.fileio import set_aside
+
+    try:
+        rundir.read_plan(sweep.sweep_dir)
+    except SynQTError as err:
+        return set_aside(sweep.sweep_dir / rundir.PLAN, str(err), "it is written again from the sweep file") is not None
+    return False
+
+
 def prepare_demo_assets(sweep: Sweep) -> None:
     """demo_assets: create (or reuse) the cached synthetic data + pre-trained backbone; fill missing paths."""
     if not sweep.demo_assets or (sweep.data_root and sweep.checkpoint):

@@ -33,7 +33,7 @@ from synqt.ckptfile import (  # noqa: F401 - RANDOM, is_random, require_backbone
     state_dict_geometry,
 )
 from synqt.errors import ModelError
-from synqt.fileio import atomic_write, sha256_file
+from synqt.fileio import atomic_write_safetensors, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -386,8 +386,6 @@ def _branch_of(model_or_branch: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
 def save_trainable(model: nn.Module, path: str | Path, *, backbone_identity: Mapping[str, Any] | None = None,
                    extra: Mapping[str, Any] | None = None) -> Path:
     """Write the query branch, head norm and classifier (~10 MB for ViT-B in fp32), atomically."""
-    from safetensors.torch import save_file
-
     branch, identity = _branch_of(model)
     identity = dict(backbone_identity or identity)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in branch.state_dict().items()}
@@ -399,7 +397,7 @@ def save_trainable(model: nn.Module, path: str | Path, *, backbone_identity: Map
                               "num_classes": branch.num_classes, "token_nums": branch.token_nums}),
         "extra": json.dumps(dict(extra or {}), default=str),
     }
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    return atomic_write_safetensors(path, tensors, header)
 
 
 def read_trainable(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -25,8 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from synqt import rundir
-from synqt.config import RESULT_KEYS, RESULT_NEUTRAL_KEYS, TrialConfig, config_to_dict, yaml_load
+from synqt.config import (
+    RESULT_KEYS,
+    RESULT_NEUTRAL_KEYS,
+    TrialConfig,
+    config_to_dict,
+    saved_config_problem,
+    yaml_load,
+)
 from synqt.errors import ConfigError, ModelError
+from synqt.fileio import set_aside
 
 log = logging.getLogger("synqt.compat")
 
@@ -69,12 +77,25 @@ def format_changes(changes: list[tuple[str, Any, Any]]) -> str:
 
 
 def saved_config(run_dir: str | Path) -> dict[str, Any] | None:
-    """The resolved config a run directory was started with (``config.yaml``, else metrics.json's copy)."""
+    """The resolved config a run directory was started with (``config.yaml``, else metrics.json's copy).
+
+    A broken config.yaml (empty, cut short, not YAML, not a mapping) follows the broken-file rule
+    (``synqt.fileio.set_aside``): moved aside and named once; the trainer writes it again from the run's config.
+    """
     run_dir = Path(run_dir)
     path = run_dir / rundir.CONFIG
     if path.is_file():
-        data = yaml_load(path.read_text(), str(path))
-        if isinstance(data, dict):
+        try:
+            text = path.read_text()
+            problem = saved_config_problem(text)
+            data = yaml_load(text, str(path)) if problem is None else None
+            if problem is None and not isinstance(data, dict):
+                problem = f"holds a {type(data).__name__}, not a mapping of keys"
+        except (UnicodeDecodeError, ConfigError) as err:
+            problem, data = str(err), None
+        if problem is not None:
+            set_aside(path, problem, "it is written again from this run's config (the run's other files are kept)")
+        elif isinstance(data, dict):
             return data
     metrics = rundir.read_metrics(run_dir)
     cfg = metrics.get("config") if isinstance(metrics, dict) else None

@@ -601,10 +601,24 @@ def dump_config(cfg: TrialConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
+SAVED_CONFIG_HEADER = "# Resolved synqt TrialConfig: every key, after defaults, base, dataset, files and overrides.\n"
+# The last line of a saved config: a config.yaml that starts with the header but lacks it was cut short (a
+# half-copied file still parses as YAML, with keys missing). Files written before this line existed lack both.
+SAVED_CONFIG_END = "# end of the resolved config\n"
+
+
 def save_config(cfg: TrialConfig, path: str | Path) -> Path:
     """Write the resolved config atomically; ``load_config([path], base=False)`` gives it back."""
-    header = "# Resolved synqt TrialConfig: every key, after defaults, base, dataset, files and overrides.\n"
-    return atomic_write_text(path, header + dump_config(cfg))
+    return atomic_write_text(path, SAVED_CONFIG_HEADER + dump_config(cfg) + SAVED_CONFIG_END)
+
+
+def saved_config_problem(text: str) -> str | None:
+    """None when ``text`` (a run's config.yaml) is a complete saved config; else what is wrong with it."""
+    if not text.strip():
+        return "an empty file"
+    if text.startswith(SAVED_CONFIG_HEADER) and not text.endswith(SAVED_CONFIG_END):
+        return f"cut short ({len(text.encode())} bytes, no closing line {SAVED_CONFIG_END.strip()!r})"
+    return None
 
 
 def apply_overrides(cfg: TrialConfig, overrides: Iterable[str], source: str = OVERRIDE_SOURCE) -> TrialConfig:

@@ -18,11 +18,13 @@ that a sweep's many trials on one dataset decode each image only once per node.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Sequence
@@ -36,7 +38,7 @@ from PIL import Image
 
 from synqt import registry, splitcheck
 from synqt.errors import DataError
-from synqt.fileio import atomic_write
+from synqt.fileio import atomic_write, human_bytes
 from synqt.imagemodes import HOW, RESCALED, to_rgb
 from synqt.listfiles import INVISIBLE, read_list_text, resolve_listed, show_path
 
@@ -643,11 +645,6 @@ def load_images(
         out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
         _decode_into(out, split.paths, image_size, resample)
         return out, labels
-    if images.shape != (n, image_size, image_size, 3) or not np.array_equal(cached_labels, labels):
-        raise DataError(
-            f"cache file {files['images']} does not match split {split.dataset}/{split.split} "
-            f"(shape {images.shape}, expected {(n, image_size, image_size, 3)}); delete it to rebuild"
-        )
     return images, labels
 
 
@@ -658,16 +655,51 @@ def _open_cache(split: SplitList, image_size: int, interpolation: str, resample:
 
     shared = cache_is_shared()
     files = cache_paths(split, image_size, interpolation, cdir)
-    if not files["images"].is_file():
+    got = _read_cache_entry(split, image_size, files)
+    if not isinstance(got, tuple):
         if not cdir.is_dir():
             cdir.mkdir(parents=True, exist_ok=True)
             if shared:
                 cdir.chmod(0o2775)
         lock = FileLock(str(files["lock"]), mode=0o664) if shared else FileLock(str(files["lock"]))
         with lock:
-            if not files["images"].is_file():
+            got = _read_cache_entry(split, image_size, files)  # another process may have built it meanwhile
+            if not isinstance(got, tuple):
+                if got is not None:  # the broken-file rule: moved aside (kept for a look), named, rebuilt
+                    from synqt.fileio import set_aside
+
+                    for name in ("images", "labels"):
+                        set_aside(files[name], got, "the decoded-image cache entry is rebuilt")
+                need = len(split.paths) * image_size * image_size * 3
+                free = shutil.disk_usage(cdir).free
+                if free < need + (64 << 20):  # a memory map written past a full disk dies of SIGBUS: refuse first
+                    raise OSError(errno.ENOSPC, f"{human_bytes(need)} needed, {human_bytes(free)} free", str(cdir))
                 _build_cache(split, image_size, resample, files)
-    return np.load(files["images"], mmap_mode="r"), np.load(files["labels"]), files
+            got = _read_cache_entry(split, image_size, files)
+            if not isinstance(got, tuple):
+                raise DataError(f"decoded-image cache entry {files['images']} was just built but {got}")
+    return got[0], got[1], files
+
+
+def _read_cache_entry(split: SplitList, image_size: int,
+                      files: dict[str, Path]) -> tuple[np.ndarray, np.ndarray] | str | None:
+    """(images, labels) of a complete cache entry; None when absent; else why it is broken (empty, cut short,
+    not an .npy, another shape or other labels than the split's). OSError (permissions) passes through."""
+    if not files["images"].is_file():
+        return None
+    try:
+        images = np.load(files["images"], mmap_mode="r")
+        labels = np.load(files["labels"])
+    except FileNotFoundError:
+        return f"{files['labels'].name} is missing"
+    except (ValueError, EOFError) as err:  # numpy's words for an empty, cut or foreign file
+        return f"not a complete .npy pair ({err})"
+    want = (len(split.paths), image_size, image_size, 3)
+    if images.shape != want or images.dtype != np.uint8:
+        return f"it holds {images.shape} {images.dtype}, expected {want} uint8"
+    if not np.array_equal(labels, np.asarray(split.labels, dtype=np.int64)):
+        return f"its labels ({files['labels'].name}) differ from the split's"
+    return images, labels
 
 
 def to_tensor_batch(images_uint8: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -33,7 +33,7 @@ from typing import Any
 
 from synqt.config import RESULT_KEYS, TrialConfig, config_to_dict
 from synqt.errors import SynQTError
-from synqt.fileio import atomic_write_json, sha256_file
+from synqt.fileio import atomic_write_json, set_aside, sha256_file
 
 log = logging.getLogger("synqt.rundir")
 
@@ -126,13 +126,17 @@ def trial_identity(config: Mapping[str, Any], checkpoint_sha256: str | None = No
 
 def read_json(path: str | Path) -> tuple[Any, str | None]:
     """(parsed JSON, None) or (None, a reason naming the file) when absent or unreadable."""
+    from synqt.fileio import read_json_file
+
     path = Path(path)
     try:
-        return json.loads(path.read_text()), None
+        return read_json_file(path), None
     except FileNotFoundError:
         return None, f"{path} does not exist"
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        return None, f"{path} is not readable JSON ({err})"
+    except ValueError as err:
+        return None, str(err)
+    except OSError as err:
+        return None, f"{path} is not readable ({err})"
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, Any] | None:
@@ -161,6 +165,29 @@ def write_progress(run_dir: str | Path, epoch: int, epochs: int, started: float)
 
 def clear_progress(run_dir: str | Path) -> None:
     (Path(run_dir) / PROGRESS).unlink(missing_ok=True)
+
+
+def set_aside_broken_state(run_dir: str | Path) -> list[Path]:
+    """Before a trainer (re)starts a run: apply the broken-file rule (``synqt.fileio.set_aside``) to its
+    metrics.json and progress.json. A file that is empty, cut or not a JSON object is moved aside to
+    ``<name>.broken-<time>`` and named once; the run is then trained (metrics.json) or its progress
+    rewritten after the next epoch (progress.json), as if the file were absent. Returns the moved files.
+    (Readers -- ``read_run``, ``synqt status``, ``synqt aggregate`` -- never move anything: they name it.)
+    """
+    moved = []
+    for name, then in ((METRICS, "the run is trained (again) and writes a new one"),
+                       (PROGRESS, "it is rewritten after the next epoch")):
+        path = Path(run_dir) / name
+        if not path.exists():
+            continue
+        data, err = read_json(path)
+        if err is None and not isinstance(data, dict):
+            err = f"{path}: expected a JSON object, got {type(data).__name__}"
+        if err is not None:
+            dest = set_aside(path, err, then)
+            if dest is not None:
+                moved.append(dest)
+    return moved
 
 
 def read_plan(sweep_dir: str | Path) -> dict[str, Any] | None:
@@ -284,8 +311,8 @@ def read_run(run_dir: str | Path, plan: Mapping[str, Any] | None = None) -> RunR
         return RunRecord(d, "failed", metrics=metrics, error=str(metrics.get("error") or "unknown error"),
                          plan=plan)
     if (d / PROGRESS).exists():
-        progress, _ = read_json(d / PROGRESS)
-        rec = RunRecord(d, "running", plan=plan)
+        progress, err = read_json(d / PROGRESS)
+        rec = RunRecord(d, "running", plan=plan, error=err)  # a broken progress.json: named, epoch unknown
         if isinstance(progress, dict):
             rec.epoch = progress.get("epoch") if isinstance(progress.get("epoch"), int) else None
             rec.epochs = progress.get("epochs") if isinstance(progress.get("epochs"), int) else None
@@ -368,6 +395,7 @@ __all__ = [
     "CONFIG", "METRICS", "PROGRESS", "RESUME", "DS_CHECKPOINT", "TRAINABLE", "TRAINABLE_INFO", "EVAL_METRICS",
     "PLAN", "SWEEP", "RUNS", "SKIP_DIRS", "METRIC_KEYS", "SEED_KEYS", "point_key",
     "trial_identity", "weights_id", "STATES", "RunRecord", "read_json",
-    "read_metrics", "is_done", "write_metrics", "write_progress", "clear_progress", "read_plan", "read_run",
+    "read_metrics", "is_done", "set_aside_broken_state", "write_metrics", "write_progress", "clear_progress",
+    "read_plan", "read_run",
     "find_run_dirs", "scan_runs", "resolve_duplicates", "counting",
 ]

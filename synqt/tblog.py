@@ -19,6 +19,7 @@ No TensorFlow is needed.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -181,17 +182,35 @@ def write_experiment(log_dir: str | Path, sessions: Iterable[Mapping[str, HParam
 
     Earlier experiment files of ``log_dir`` are replaced (TensorBoard uses the first experiment it finds).
     """
-    log_dir = Path(log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    for old in log_dir.glob("events.out.tfevents.*.experiment"):
-        old.unlink()
+    import shutil
+    import tempfile
+
     from torch.utils.tensorboard.writer import FileWriter
 
-    fw = FileWriter(str(log_dir), filename_suffix=".experiment")
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    old = list(log_dir.glob("events.out.tfevents.*.experiment"))
+    # written in a hidden folder beside it, then renamed in: a full disk never leaves half an experiment
+    # in place of the previous one (synqt.fileio's rule for every file of a sweep folder)
+    tmp = Path(tempfile.mkdtemp(prefix=".experiment.", dir=log_dir))
     try:
-        fw.add_summary(experiment_summary(list(sessions), list(metric_tags)), 0)
+        fw = FileWriter(str(tmp), filename_suffix=".experiment")
+        try:
+            fw.add_summary(experiment_summary(list(sessions), list(metric_tags)), 0)
+        finally:
+            fw.close()
+        new = [path.name for path in tmp.iterdir()]
+        for name in new:
+            os.replace(tmp / name, log_dir / name)
+    except OSError as err:
+        from synqt.fileio import as_write_failed
+
+        raise (as_write_failed(err, log_dir) or err) from err
     finally:
-        fw.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    for path in old:
+        if path.name not in new:
+            path.unlink(missing_ok=True)
     return log_dir
 
 

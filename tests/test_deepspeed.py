@@ -325,3 +325,86 @@ def test_deferred_evaluation_survives_a_resume(tiny_assets: tuple[Path, Path, Pa
     metrics = run_local(cfg, run, nprocs=2)
     assert metrics["provenance"]["resumed_after_epoch"] == 2
     _same_as_periodic(metrics, run, periodic_tiny)
+
+
+def test_sigterm_to_a_two_process_train_stops_every_rank(ds_assets: tuple[Path, Path], tmp_path: Path) -> None:
+    """Issue 19: `synqt train trainer=deepspeed num_devices=2` sent SIGTERM (kill / scancel of the parent only)
+    exits 130 with the resume command, stops both ranks (none trains on), and keeps the epoch checkpoint."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    root, ckpt = ds_assets
+    run_dir = tmp_path / "run"
+    repo = Path(__file__).resolve().parents[1]
+    args = ["train", "--config", "configs/demo.yaml", "--dataset", "syn_colour_shape", "--data-root", str(root),
+            "--checkpoint", str(ckpt), "--out", str(run_dir), "protocol=paper", "epochs=30", "warmup_epochs=1",
+            "eval_every=100", "batch_size=32", "eval_batch_size=64", "trainer=deepspeed", "num_devices=2",
+            "device=cpu", f"cache_dir={tmp_path / 'cache'}"]
+    log = tmp_path / "train.log"
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], stdout=open(log, "w"), cwd=repo,
+                            stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ranks: list[psutil.Process] = []
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "progress.json").is_file():  # written after the epoch-1 checkpoint
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.2)
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+        assert len([r for r in ranks if "spawn" in " ".join(r.cmdline())]) == 2
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        _, alive = psutil.wait_procs(ranks, timeout=10)
+    finally:
+        proc.kill()
+        for r in ranks:  # never leave a rank training on after the test
+            with contextlib.suppress(psutil.Error):
+                r.kill()
+    out = log.read_text()
+    assert proc.returncode == 130, out
+    assert f"interrupted: resume with: synqt {' '.join(args)} --resume" in out, out
+    assert not alive, alive
+    assert (run_dir / "ds_checkpoint").is_dir() and not (run_dir / "metrics.json").exists()
+
+def _stop_after_epoch_3(payload: dict) -> None:
+    """train_worker's report on every rank (module level: spawned processes unpickle it by name)."""
+    if payload["epoch"] >= 3:
+        raise RuntimeError(f"simulated stop after epoch {payload['epoch']}")
+
+
+@pytest.mark.slow
+def test_resumed_deepspeed_trial_logs_each_step_once(tiny_assets: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Checkpoints every 2 epochs; both ranks stop after epoch 3, whose steps 9-12 were logged after the
+    epoch-2 checkpoint; the resumed trial logs them again. TensorBoard's own reader must see one point per
+    step for every tag (the resumed writer purges from its resume step), HParams session included."""
+    import math
+
+    import torch.multiprocessing as mp
+    from engine_helpers import N_TRAIN, N_VAL, event_accumulator
+    from torch.multiprocessing.spawn import ProcessException
+
+    from synqt.config import config_to_dict
+    from synqt.training.deepspeed import _free_port, _spawn_entry
+
+    cfg, run = _tiny(tiny_assets, checkpoint_every=2, deferred_eval=False), tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(ProcessException):
+        mp.spawn(_spawn_entry, args=(2, _free_port(), config_to_dict(cfg), str(run), 1, _stop_after_epoch_3),
+                 nprocs=2, join=True)
+    metrics = run_local(cfg, run, nprocs=2)
+    assert metrics["status"] == "ok" and metrics["provenance"]["resumed_after_epoch"] == 2
+    per_epoch = math.ceil((N_TRAIN + N_VAL) / cfg.batch_size)  # paper protocol: train800val200
+    events = event_accumulator(run)
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert steps["train/loss"] == steps["train/lr"] == list(range(1, cfg.epochs * per_epoch + 1))
+    ends = [e * per_epoch for e in range(1, cfg.epochs + 1)]
+    assert steps["train/epoch"] == steps["eval/test_acc"] == ends  # eval_every=1
+    for tag, got in steps.items():
+        assert len(got) == len(set(got)), f"{tag}: {got}"
+    sessions = [t for t in events.Tags()["tensors"] if t.endswith("session_start_info")]
+    assert sessions and all(len(events.Tensors(t)) == 1 for t in sessions)

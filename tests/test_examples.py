@@ -384,6 +384,14 @@ NOT_RUN: dict[str, str] = {
     "synqt compare A B ... [--metric best_of_test] [--out OUT]": _SYNOPSIS,
     "synqt compare A B ...": _SYNOPSIS,
     "synqt ... --help": _SYNOPSIS,
+    "synqt train --out": _MENTION,
+    "synqt sweep --resume": _MENTION,
+    "synqt compare --out": _MENTION,
+    "synqt bench --json": _MENTION,
+    "synqt train --out same": _SYNOPSIS,
+    "synqt train --out <sweep>/runs/<run>": _SYNOPSIS,
+    "synqt data synthetic ROOT": _SYNOPSIS,
+    "synqt slurm script DEST": _SYNOPSIS,
     "synqt sweep --dry-run": _MENTION,
     "synqt sweep --sequential": _MENTION,
     "synqt data check --decode": _MENTION,
@@ -532,13 +540,12 @@ def world(demo_assets, tmp_path_factory) -> World:
     npz = tmp / "weights" / "ViT-B_16.npz"
     npz.parent.mkdir()
     np.savez(npz, **{"Transformer/encoder_norm/scale": np.ones(4, np.float32)})  # a real npz (dry runs sniff it)
-    demo_out = tmp / "demo-out"
-    sweep = demo_out / "demo"
     cwd = tmp / "cwd"
     cwd.mkdir()
     for name in ("configs", "slurm", "scripts"):
         (cwd / name).symlink_to(REPO / name)
-    (cwd / "synqt-demo").symlink_to(demo_out, target_is_directory=True)  # `synqt demo`'s default --out
+    demo_out = cwd / "synqt-demo"  # `synqt demo`'s default --out: the second demo continues the first one's sweep
+    sweep = demo_out / "demo"
     (tmp / "report").mkdir()
     run = tmp / "run"
     csv = write_published_csv(tmp / "published.csv", ["syn_colour_shape", "syn_texture", "syn_blobs", "syn_lesion",

@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -116,3 +117,65 @@ def test_sigint_stops_sequential_sweep(demo_assets, tmp_path: Path) -> None:
     assert f"interrupted: resume with: synqt sweep {shlex.join(args)} --resume" in err
     assert not list((sweep_dir / "runs").glob("final-*"))
     kept_checkpoints(sweep_dir, checkpointed)
+
+
+def test_sigterm_stops_ray_sweep_and_duplicate_is_refused(demo_assets, tmp_path: Path) -> None:
+    """Issue 19: while a real Ray `synqt sweep` runs, the same sweep with --resume (a resubmitted or requeued
+    job) refuses with exit 2 naming the running process, before Ray starts; `synqt status` still reads the
+    folder; then SIGTERM (scancel, preemption, `kill`) stops the sweep as SIGINT does: exit 130, the resume
+    command, epoch checkpoints kept, no native abort, and the claim released so that the resubmission runs."""
+    data_root, ckpt = demo_assets
+    args = [str(CI_SWEEP), f"storage_path={tmp_path}", f"data_root={data_root}", f"checkpoint={ckpt}",
+            f"epochs={EPOCHS}"]
+    sweep_dir = tmp_path / "ci"
+    log = tmp_path / "first.log"
+    proc = start_sweep(args, log)
+    try:
+        deadline = time.time() + 600
+        while not (sweep_dir / "plan.json").is_file():  # the claim is taken before plan.json is written
+            assert proc.poll() is None, log.read_text() + proc.stderr.read()
+            assert time.time() < deadline, log.read_text()
+            time.sleep(0.2)
+        env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+        dup = subprocess.run([*SYNQT, "sweep", *args, "--resume"], cwd=REPO, capture_output=True, text=True,
+                             timeout=180, env=env)
+        assert dup.returncode == 2, dup.stdout + dup.stderr
+        assert f"being run by pid {proc.pid} on host {socket.gethostname()} since " in dup.stderr, dup.stderr
+        assert "(started by " in dup.stderr and "Traceback" not in dup.stderr
+        assert "Ray" not in dup.stdout  # refused before Ray was started (no stage line)
+        status = subprocess.run([*SYNQT, "status", str(sweep_dir)], cwd=REPO, capture_output=True, text=True,
+                                timeout=300, env=env)
+        assert status.returncode == 4, status.stdout + status.stderr  # a reader is never refused: still running
+
+        checkpointed = signal_at_first_checkpoint(proc, sweep_dir, signal.SIGTERM, log)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # a failed assertion above: never leave the sweep running
+            proc.kill()
+    out = log.read_text()
+    assert proc.returncode == 130, out + err
+    assert "Aborted" not in err and "Traceback" not in err and "Fatal Python error" not in err, err
+    assert "(SIGTERM received)" in err, err
+    assert f"interrupted: resume with: synqt sweep {shlex.join(args)} --resume" in err, err
+    kept_checkpoints(sweep_dir, checkpointed)
+    assert not (sweep_dir / "owner.json").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
+def test_sigterm_stops_sequential_sweep(demo_assets, tmp_path: Path, sig: int) -> None:
+    """SIGTERM to `synqt sweep --sequential` (no Ray: the stage guard raises at once), as SIGINT above."""
+    data_root, ckpt = demo_assets
+    args = [str(CI_SWEEP), "protocol=vtab", f"storage_path={tmp_path}", f"data_root={data_root}",
+            f"checkpoint={ckpt}", f"epochs={EPOCHS}", "--sequential"]
+    sweep_dir = tmp_path / "ci"
+    log = tmp_path / "first.log"
+    proc = start_sweep(args, log)
+    checkpointed = signal_at_first_checkpoint(proc, sweep_dir, sig, log)
+    _, err = proc.communicate(timeout=300)
+    out = log.read_text()
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err
+    assert "interrupted in stage search (SIGTERM received)" in err
+    assert f"interrupted: resume with: synqt sweep {shlex.join(args)} --resume" in err
+    kept_checkpoints(sweep_dir, checkpointed)
+    assert not (sweep_dir / "owner.json").exists()

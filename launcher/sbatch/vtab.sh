@@ -237,6 +237,14 @@ PLAN_JSON=$("${SYNQT[@]}" sweep "$SWEEP" "$@" --dry-run --json) || die "synqt sw
 SWEEP_DIR=$(printf '%s' "$PLAN_JSON" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("sweep_dir",""))') \
     || die "cannot read sweep_dir from synqt sweep --dry-run --json"
 STORAGE_HINT=$SWEEP_DIR
+# one live owner per sweep folder (docs/hpc.md): a copy of this sweep still running elsewhere refuses this job
+# before it starts Ray; a copy that ended, or an earlier run of this requeued job, is taken over by synqt sweep
+OWNER=$(printf '%s' "$PLAN_JSON" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("owner") or "")') \
+    || die "cannot read owner from synqt sweep --dry-run --json"
+if [[ -n "$OWNER" ]]; then
+    log "refused: $OWNER"
+    exit 2
+fi
 RESUME=()
 has_resume=0
 for a in "$@"; do [[ "$a" == "--resume" ]] && has_resume=1; done

@@ -11,11 +11,14 @@ task, ``synqt train``) call only this module, except Ray Train, which runs
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from synqt.errors import ConfigError
+
+log = logging.getLogger("synqt.training")
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +30,32 @@ def trainer_for(cfg: TrialConfig) -> str:
     """"deepspeed" when the trial spreads over several processes (trainer deepspeed, num_devices > 1), else
     "pack" (the single-process trainer, also for trainer=deepspeed with one device)."""
     return "deepspeed" if cfg.trainer == "deepspeed" and cfg.num_devices > 1 else "pack"
+
+
+_CACHE_SAID: set[Path] = set()
+
+
+def check_outputs(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], key: str | None = None) -> None:
+    """Before data, backbone or device are touched: each run directory must take a new file
+    (``synqt.fileio.check_writable``: ``NotWritable`` naming ``key`` -- the option or config key that chose
+    it, else the key recorded for the folder -- the folder and the reason). The cache folder (``cache_dir``;
+    decoded images and K/V caches) is checked too; caches are optional, so an unwritable one is said once
+    (per folder and process) and the trial reads only entries already built there and decodes the rest live.
+    """
+    from synqt.data import default_cache_dir
+    from synqt.fileio import NotWritable, check_writable, folder_key
+
+    for d in run_dirs:
+        check_writable(d, key or folder_key(d) or "the run directory")
+    for c in cfgs:
+        cdir = Path(c.cache_dir).expanduser().absolute() if c.cache_dir else default_cache_dir().absolute()
+        if cdir in _CACHE_SAID:
+            continue
+        try:
+            check_writable(cdir, "cache_dir" if c.cache_dir else "cache_dir (default: SYNQT_CACHE_DIR or <tmp>)")
+        except NotWritable as err:
+            _CACHE_SAID.add(cdir)
+            log.warning("%s; caches already built there are read, the rest is decoded live each time", err)
 
 
 def run_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, resume: bool = True,
@@ -44,6 +73,7 @@ def run_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, res
 
     for c in cfgs:  # before any run directory, device or data: a missing checkpoint is a config error
         require_backbone_weights(c.checkpoint, f"dataset {c.dataset!r}")
+    check_outputs(cfgs, run_dirs)  # ... and a folder that takes no file a storage error (synqt.fileio)
     if cfgs and trainer_for(cfgs[0]) == "deepspeed":
         if len(cfgs) != 1:
             raise ConfigError(f"a DeepSpeed trial is never packed (got a pack of {len(cfgs)})")
@@ -71,4 +101,4 @@ def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "
     return evaluate(cfg, weights, split=split, official=official, out=out)
 
 
-__all__ = ["trainer_for", "run_pack", "run_trial", "evaluate_checkpoint"]
+__all__ = ["trainer_for", "check_outputs", "run_pack", "run_trial", "evaluate_checkpoint"]

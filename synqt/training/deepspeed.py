@@ -33,7 +33,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ from synqt.training.loop import (
     device_peak_memory,
     epoch_order,
     memory_tag,
+    open_writer,
     run_hparams,
     should_eval,
     summary,
@@ -254,6 +255,28 @@ def _all_gather_str(text: str, device: torch.device) -> list[str]:
     return [str(s) for s in out]
 
 
+def ds_checkpoint_problem(ckpt_dir: Path) -> str | None:
+    """None when ``ckpt_dir`` (DeepSpeed's ``save_checkpoint`` folder) holds a complete checkpoint: ``latest``
+    names a tag folder whose model and optimizer files are complete ``torch.save`` zips (checked as backbone
+    files are, ``synqt.ckptfile.sniff``); else what is broken."""
+    from synqt.fileio import torch_file_problem
+
+    try:
+        tag = (ckpt_dir / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        return f"its 'latest' file is unreadable ({err})"
+    if not tag or "/" in tag or not (ckpt_dir / tag).is_dir():
+        return f"its 'latest' file names {tag!r}, which is not a checkpoint folder there"
+    files = sorted((ckpt_dir / tag).glob("*.pt"))
+    if not any(f.name.endswith("model_states.pt") for f in files):
+        return f"{tag}/ holds no model states file"
+    for f in files:
+        problem = torch_file_problem(f)
+        if problem is not None:
+            return f"{tag}/{f.name} is {problem}"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- the worker
 
 
@@ -338,9 +361,7 @@ class _Worker:
         self._initialize()
         if self.is_main:
             save_config(cfg, self.run_dir / rundir.CONFIG)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(self.run_dir))
+            self.writer = open_writer(self.run_dir, self.step)
 
     def _setup_kv_cache(self) -> None:
         """The node's K/V caches of both splits (rank 0 builds first; the others then map the same files)."""
@@ -389,6 +410,15 @@ class _Worker:
 
     def _load_resume(self) -> None:
         if not (self.ckpt_dir / "latest").is_file():
+            return
+        problem = ds_checkpoint_problem(self.ckpt_dir)  # the same files, so the same answer, on every rank
+        if problem is not None:
+            dist.barrier()  # every rank has looked before rank 0 moves the folder
+            if self.is_main:
+                from synqt.fileio import set_aside
+
+                set_aside(self.ckpt_dir, problem, f"{self.run_dir.name} restarts from epoch 0")
+            dist.barrier()
             return
         path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
         if path is None or not client:
@@ -584,7 +614,10 @@ class _Worker:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as err:  # a full or read-only disk: the events already written stay readable
+                log.warning("%s: TensorBoard events could not be flushed: %s", self.run_dir.name, err)
             self.writer = None
 
 
@@ -626,12 +659,18 @@ def train_worker(cfg: TrialConfig | dict, run_dir: str | Path, *, report: Callab
     run_dir = Path(run_dir)
     device = _device(cfg)
     _init_distributed(device)
+    if dist.get_rank() == 0:
+        rundir.set_aside_broken_state(run_dir)  # a cut metrics.json / progress.json: named, moved aside
+    dist.barrier()
     done = rundir.read_metrics(run_dir)
     check_same_run(cfg, run_dir)  # a resume continues exactly the same run, or stops naming each change
     if rundir.is_done(run_dir):
         log.info("%s already finished; skipping", run_dir.name)
         return done if dist.get_rank() == 0 else None
     if dist.get_rank() == 0:
+        from synqt.fileio import check_writable, folder_key
+
+        check_writable(run_dir, folder_key(run_dir) or "the run directory")
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     worker = _Worker(cfg, run_dir, report, backbone_state)
@@ -639,8 +678,11 @@ def train_worker(cfg: TrialConfig | dict, run_dir: str | Path, *, report: Callab
         worker.setup(device)
         worker.train()
     except Exception as err:
+        from synqt.fileio import as_write_failed
+
         worker.status = "failed"
-        worker.error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
+        storage = as_write_failed(err, run_dir)  # the file, free space and key: no traceback needed
+        worker.error = str(storage) if storage else f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
         if worker.is_main:  # a readable failure; the DeepSpeed checkpoint stays for a retry
             with contextlib.suppress(Exception):
                 rundir.write_metrics(run_dir, build_metrics(worker))
@@ -689,6 +731,19 @@ def _spawn_entry(rank: int, world: int, port: int, cfg: dict, run_dir: str, thre
     os._exit(0)
 
 
+def _stop_ranks(processes: Sequence[Any], grace_s: float = 30.0) -> None:
+    """SIGTERM every rank still alive, wait up to ``grace_s`` for them, then SIGKILL what is left."""
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in processes:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, retries: int = 1,
               report: Callable[[dict], None] | None = None) -> dict:
     """Run one DeepSpeed trial on this machine with ``nprocs`` processes (gloo on CPU, nccl on GPUs).
@@ -722,8 +777,18 @@ def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, ret
     threads = max(1, choose_threads().threads // nprocs)  # the process's CPUs (synqt.threads), shared by the ranks
     for attempt in range(retries + 1):
         try:
-            mp.spawn(_spawn_entry, args=(nprocs, _free_port(), config_to_dict(cfg), str(run_dir), threads, report),
-                     nprocs=nprocs, join=True)
+            context = mp.start_processes(_spawn_entry, nprocs=nprocs, join=False, start_method="spawn",
+                                         args=(nprocs, _free_port(), config_to_dict(cfg), str(run_dir), threads,
+                                               report))
+            try:
+                while not context.join():
+                    pass
+            except KeyboardInterrupt:
+                # Ctrl-C or SIGTERM reached this process only (kill, scancel of the parent): stop the ranks too,
+                # or they would train on, and the interpreter would wait for them at exit; the last epoch's
+                # DeepSpeed checkpoint stays for --resume
+                _stop_ranks(context.processes)
+                raise
             break
         except mp.ProcessExitedException as err:  # a crashed process, not a Python error of the trial
             if attempt == retries:

@@ -162,6 +162,21 @@ def trial_metrics(run: TrialOutcome, data: RunData, *, peak: int | None, peak_ki
     }
 
 
+def open_writer(run_dir: str | Path, resume_step: int) -> Any:
+    """The run's TensorBoard ``SummaryWriter``; a run directory that already holds event files (an earlier
+    attempt, killed or failed) gets ``purge_step=resume_step + 1``.
+
+    ``resume_step``: the optimizer step this process continues from (0: from the start). Every point of an
+    earlier attempt at a later step (logged after the checkpoint it resumes from, so logged again now) is
+    dropped by TensorBoard's reader (``EventAccumulator`` purges on the writer's SessionLog START), for every
+    scalar, text and HParams summary: one point per step, and the curve never jumps back.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    earlier = any(Path(run_dir).glob("events.out.tfevents.*"))
+    return SummaryWriter(log_dir=str(run_dir), purge_step=int(resume_step) + 1 if earlier else None)
+
+
 def write_hparams(writer: Any, cfg: TrialConfig, hparams: dict, metrics: dict, extra: dict | None = None,
                   step: int = 0) -> None:
     """The run's hyperparameters (session) and final metrics for TensorBoard's HParams view; see synqt.tblog."""

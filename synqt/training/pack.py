@@ -31,7 +31,7 @@ from synqt.checkpoint import load_official_state_dict, load_trainable, save_trai
 from synqt.compat import BACKBONE_IDENTITY_KEYS, check_same_run, check_weights_fit
 from synqt.config import PACK_KEYS, TrialConfig, effective_seeds, pack_key, save_config, splits_for
 from synqt.errors import ConfigError
-from synqt.fileio import atomic_write, atomic_write_json
+from synqt.fileio import as_write_failed, atomic_write_json, atomic_write_torch
 from synqt.memory import keep_freed_host_memory
 from synqt.model import PackedSynQT, QueryBranch, SynQT, count_trainable
 from synqt.precision import check_precision
@@ -46,6 +46,7 @@ from synqt.training.loop import (
     emit_end,
     epoch_order,
     memory_tag,
+    open_writer,
     run_hparams,
     should_eval,
     summary,
@@ -114,6 +115,7 @@ class TrialRecipe:
         self.device = self.accelerator.device
         keep_freed_host_memory(self.device)  # on CPU: no page faults for every step's activations
         for branch in self.branches:
+            rundir.set_aside_broken_state(branch.run_dir)  # a cut metrics.json / progress.json: named, moved aside
             finished = rundir.is_done(branch.run_dir)
             if self.resume or finished:  # continue exactly the same run, or stop naming what changed
                 check_same_run(branch.cfg, branch.run_dir)
@@ -202,12 +204,10 @@ class TrialRecipe:
             branch.optimizer = opt
         self._setup_kv_cache()
         # the run directories' first write, once every check of setup passed: a refused trial leaves none behind
-        from torch.utils.tensorboard import SummaryWriter
-
         for branch in starting:
             branch.status = "running"
             save_config(branch.cfg, branch.run_dir / rundir.CONFIG)
-            branch.writer = SummaryWriter(log_dir=str(branch.run_dir))
+            branch.writer = open_writer(branch.run_dir, branch.step)
 
     def _setup_kv_cache(self) -> None:
         """Open (building once per node) the K/V caches of the train and eval splits, or say once why not."""
@@ -229,11 +229,47 @@ class TrialRecipe:
         return [b for b in self.branches if b.status == "running"]
 
     # --------------------------------------------------------------------------------------------- checkpoints
-    def _load_resume(self, branch: _Branch) -> None:
+    def _read_resume(self, branch: _Branch) -> dict | None:
+        """The branch's resume state, or None (absent, or broken: the broken-file rule, said once).
+
+        resume.pt is checked as backbone files are (``synqt.ckptfile.sniff``: empty, cut-off zip, CRC) and
+        must load with every key; each deferred-evaluation snapshot it lists must be a complete safetensors
+        file. A broken one is moved aside (``synqt.fileio.set_aside``) and the run restarts from epoch 0.
+        """
+        from synqt.ckptfile import sniff
+        from synqt.fileio import set_aside, torch_file_problem
+        from synqt.training.snapshots import snapshot_path
+
         path = branch.run_dir / rundir.RESUME
         if not path.is_file():
+            return None
+        problem = torch_file_problem(path)
+        state = None
+        if problem is None:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                for key in ("branch", "optimizer", "step", "epochs_done", "eval_history", "generator"):
+                    state[key]  # noqa: B018 - every key a resume needs
+            except Exception as err:  # noqa: BLE001 - any unreadable content is the same fault
+                problem = f"not a resume state ({type(err).__name__}: {err})"
+        if problem is None:
+            for epoch, _ in state.get("pending_evals", []):
+                snap = snapshot_path(branch.run_dir, int(epoch))
+                kind, what = sniff(snap) if snap.is_file() else ("bad", "missing")
+                if kind != "safetensors":
+                    problem = f"the epoch-{epoch} evaluation snapshot it lists, {snap.name}, is {what}"
+                    set_aside(snap, what, "the run restarts from epoch 0")
+                    break
+        if problem is not None:
+            set_aside(path, problem, f"{branch.run_name} restarts from epoch 0")
+            return None
+        return state
+
+    def _load_resume(self, branch: _Branch) -> None:
+        path = branch.run_dir / rundir.RESUME
+        state = self._read_resume(branch)
+        if state is None:
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
         fits = state.get("fits") or {}
         if "num_classes" not in fits and "head.classifier.weight" in state["branch"]:  # older resume.pt
             fits = {**fits, "num_classes": int(state["branch"]["head.classifier.weight"].shape[0])}
@@ -265,7 +301,7 @@ class TrialRecipe:
                                   if k in BACKBONE_IDENTITY_KEYS}},
             "pending_evals": branch.pending_evals,
         }
-        atomic_write(branch.run_dir / rundir.RESUME, lambda tmp: torch.save(state, tmp))
+        atomic_write_torch(branch.run_dir / rundir.RESUME, state)
 
     # ----------------------------------------------------------------------------------------------- training
     def _batch(self, images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,6 +499,13 @@ class TrialRecipe:
         return metrics
 
     def _finish(self, b: _Branch) -> None:
+        try:
+            self._write_outputs(b)
+        except BaseException:
+            b.status = "running"  # not finished: train_pack marks it failed (where the folder still takes it)
+            raise
+
+    def _write_outputs(self, b: _Branch) -> None:
         b.status = "ok"
         identity = self._backbone.synqt_identity
         extra = {"dataset": b.cfg.dataset, "run_name": b.run_name, "num_classes": self.num_classes,
@@ -493,7 +536,10 @@ class TrialRecipe:
     def cleanup(self) -> None:
         for b in self.branches:
             if b.writer is not None:
-                b.writer.close()
+                try:
+                    b.writer.close()
+                except OSError as err:  # a full or read-only disk: the events already written stay readable
+                    log.warning("%s: TensorBoard events could not be flushed: %s", b.run_name, err)
                 b.writer = None
 
     def results(self) -> list[dict]:
@@ -515,12 +561,19 @@ def train_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, r
         recipe.train()
     except Exception as err:
         # leave a readable failure behind for every unfinished branch, keep resume.pt, then let the caller retry
-        message = f"{type(err).__name__}: {err}"
+        storage = as_write_failed(err, recipe.branches[0].run_dir)  # the file, free space and key: no traceback
+        message = str(storage) if storage else f"{type(err).__name__}: {err}\n" + traceback.format_exc(limit=5)
         for b in recipe.branches:
             if b.status == "running":
                 b.status = "failed"
-                b.error = message + "\n" + traceback.format_exc(limit=5)
-                rundir.write_metrics(b.run_dir, recipe._metrics(b))
+                b.error = message
+                try:
+                    rundir.write_metrics(b.run_dir, recipe._metrics(b))
+                except OSError as again:  # the folder takes no small write either: say so, keep the first error
+                    log.error("%s: could not mark the run failed in %s either: %s", b.run_name,
+                              b.run_dir / rundir.METRICS, again)
+        if storage is not None and storage is not err:
+            raise storage from err
         raise
     finally:
         recipe.cleanup()

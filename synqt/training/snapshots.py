@@ -22,7 +22,7 @@ from torch import nn
 
 from synqt import rundir
 from synqt.errors import ConfigError
-from synqt.fileio import atomic_write
+from synqt.fileio import atomic_write_safetensors
 from synqt.model import QueryBranch
 
 
@@ -37,10 +37,8 @@ def snapshot_path(run_dir: str | Path, epoch: int) -> Path:
 
 def save_snapshot(module: nn.Module, run_dir: str | Path, epoch: int) -> None:
     """Write ``module``'s weights (CPU copies) as the snapshot of ``epoch``, atomically."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    atomic_write(snapshot_path(run_dir, epoch), lambda tmp: save_file(state, str(tmp)))
+    atomic_write_safetensors(snapshot_path(run_dir, epoch), state)
 
 
 def load_snapshots(run_dir: str | Path, epochs: Iterable[int], make_branch: Callable[[], QueryBranch],
