@@ -69,9 +69,11 @@ def test_bf16_emulated_when_asked_for_explicitly(assets, tmp_path):
     assert metrics["status"] == "ok" and metrics["hparams"]["precision"] == "bf16"
 
 
-def test_dry_run_says_bf16_trials_would_be_refused_on_this_cpu(tmp_path):
+def test_dry_run_says_bf16_trials_would_be_refused_on_this_cpu_and_exits_2(tmp_path):
     proc = _synqt("sweep", str(CI), f"storage_path={tmp_path}", "precision=bf16", "--dry-run", env=AVX2)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the plan is printed, and a plan that would be refused exits 2 (issue 21: a dry run never says 0 for it)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "would be refused" in proc.stderr and "precision=bf16" in proc.stderr
     line = next((x for x in proc.stdout.splitlines() if x.startswith("bf16:")), "")
     assert "NOT native" in line and "AVX2" in line and "refused" in line
 
