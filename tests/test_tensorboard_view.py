@@ -219,15 +219,19 @@ def test_hparams_view_shows_what_varied_with_the_final_metrics(sweep, board):
 
 def test_resume_with_v_shows_rays_own_output(sweep):
     """Last in this module (it re-aggregates the sweep): `--resume -v` lets Ray's output through, and the
-    finished trials are counted, not listed or rerun."""
+    finished trials are counted, not listed or rerun. The resume adds a grid point, so it has trials to run (a
+    resume of a fully finished sweep aggregates without starting Ray: tests/test_polish.py)."""
     sweep_dir, first = sweep
     before = {n: m["wall_time_s"] for n, m in _metrics(sweep_dir).items()}
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([*first.args, "--resume", "-v"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
+    added = 0.003
+    proc = subprocess.run([*first.args, f"grid.lr=[{','.join(map(str, [*LRS, added]))}]", "--resume", "-v"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"synqt sweep: {len(before)} trial(s) already finished" in proc.stdout
-    assert not any(x.startswith("done   ") for x in proc.stdout.splitlines())
+    done = [x for x in proc.stdout.splitlines() if x.startswith("done   ")]
+    assert len(done) == len(TASKS) * len(SEEDS) and all(f"lr{added}" in x for x in done), done  # only the new
     assert "Configuration for experiment" in proc.stdout  # Tune's header, hidden without -v
-    assert {n: m["wall_time_s"] for n, m in _metrics(sweep_dir).items()} == before  # nothing was retrained
+    after = _metrics(sweep_dir)
+    assert {n: m["wall_time_s"] for n, m in after.items() if n in before} == before  # nothing was retrained
