@@ -113,6 +113,17 @@ def kill_ray_on(node: NetNode) -> list[str]:
     return killed
 
 
+def has_raylet(node: NetNode) -> bool:
+    """Whether a raylet process runs in the node's namespace."""
+    for pid in node.pids():
+        try:
+            if b"raylet" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def leftovers(cluster: SlurmCluster) -> list[str]:
     """Command lines of processes other than the SLURM daemons still running on any node."""
     out = []
@@ -227,8 +238,15 @@ def test_worker_node_lost_mid_sweep(cluster: SlurmCluster, ci_assets: list[str],
     job = r.stdout.strip()
     workers = {n.name: n for n in cluster.nodes[1:]}  # sqn1 is the head (it runs the driver)
 
-    victim = wait_for(lambda: snapshot(sweep_dir) and running_checkpointed(sweep_dir, set(workers)),
-                      "a finished run and a checkpointed run on a worker node", (cluster, job), tmp_path)
+    def checkpointed_on_a_live_worker() -> dict[str, str]:
+        # the victim's node must show its raylet: a run's progress.json can name a worker whose Ray is still
+        # coming up or being restarted (CI once killed a node holding only `ray start`, and nothing was lost)
+        running = running_checkpointed(sweep_dir, set(workers))
+        return {r: h for r, h in running.items() if has_raylet(workers[h])}
+
+    victim = wait_for(lambda: snapshot(sweep_dir) and checkpointed_on_a_live_worker(),
+                      "a finished run and a checkpointed run on a worker node with its raylet", (cluster, job),
+                      tmp_path)
     run_name, host = sorted(victim.items())[0]
     done_before = snapshot(sweep_dir)
     killed = kill_ray_on(workers[host])
