@@ -101,22 +101,26 @@ def test_sigusr1_stops_stage1_and_resumes(demo_assets, tmp_path: Path) -> None:
     assert len(list((sweep_dir / "runs").glob("final-*/metrics.json"))) == 4  # 2 datasets x 2 seeds
 
 
-def test_sigint_stops_sequential_sweep(demo_assets, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_sequential_sweep(demo_assets, tmp_path: Path, sig: int) -> None:
+    """Ctrl-C and SIGTERM (scancel, preemption, `kill`) to `synqt sweep --sequential` (no Ray: the stage guard
+    raises at once): exit 130, the resume command, epoch checkpoints kept, the claim released."""
     data_root, ckpt = demo_assets
     args = [str(CI_SWEEP), "protocol=vtab", f"storage_path={tmp_path}", f"data_root={data_root}",
             f"checkpoint={ckpt}", f"epochs={EPOCHS}", "--sequential"]
     sweep_dir = tmp_path / "ci"
     log = tmp_path / "first.log"
     proc = start_sweep(args, log)
-    checkpointed = signal_at_first_checkpoint(proc, sweep_dir, signal.SIGINT, log)
+    checkpointed = signal_at_first_checkpoint(proc, sweep_dir, sig, log)
     _, err = proc.communicate(timeout=300)
     out = log.read_text()
     assert proc.returncode == 130, out + err
     assert "Traceback" not in err
-    assert "interrupted in stage search (SIGINT received)" in err
+    assert f"interrupted in stage search ({signal.Signals(sig).name} received)" in err
     assert f"interrupted: resume with: synqt sweep {shlex.join(args)} --resume" in err
     assert not list((sweep_dir / "runs").glob("final-*"))
     kept_checkpoints(sweep_dir, checkpointed)
+    assert not (sweep_dir / "owner.json").exists()
 
 
 def test_sigterm_stops_ray_sweep_and_duplicate_is_refused(demo_assets, tmp_path: Path) -> None:
@@ -157,25 +161,5 @@ def test_sigterm_stops_ray_sweep_and_duplicate_is_refused(demo_assets, tmp_path:
     assert "Aborted" not in err and "Traceback" not in err and "Fatal Python error" not in err, err
     assert "(SIGTERM received)" in err, err
     assert f"interrupted: resume with: synqt sweep {shlex.join(args)} --resume" in err, err
-    kept_checkpoints(sweep_dir, checkpointed)
-    assert not (sweep_dir / "owner.json").exists()
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM])
-def test_sigterm_stops_sequential_sweep(demo_assets, tmp_path: Path, sig: int) -> None:
-    """SIGTERM to `synqt sweep --sequential` (no Ray: the stage guard raises at once), as SIGINT above."""
-    data_root, ckpt = demo_assets
-    args = [str(CI_SWEEP), "protocol=vtab", f"storage_path={tmp_path}", f"data_root={data_root}",
-            f"checkpoint={ckpt}", f"epochs={EPOCHS}", "--sequential"]
-    sweep_dir = tmp_path / "ci"
-    log = tmp_path / "first.log"
-    proc = start_sweep(args, log)
-    checkpointed = signal_at_first_checkpoint(proc, sweep_dir, sig, log)
-    _, err = proc.communicate(timeout=300)
-    out = log.read_text()
-    assert proc.returncode == 130, out + err
-    assert "Traceback" not in err
-    assert "interrupted in stage search (SIGTERM received)" in err
-    assert f"interrupted: resume with: synqt sweep {shlex.join(args)} --resume" in err
     kept_checkpoints(sweep_dir, checkpointed)
     assert not (sweep_dir / "owner.json").exists()
