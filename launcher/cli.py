@@ -53,7 +53,7 @@ def _common() -> argparse.ArgumentParser:
 
 def _strict() -> argparse.ArgumentParser:
     """--strict of `data check`, `sweep` and `slurm array` (a parent parser: declared once). For a sweep it sets
-    the sweep key ``strict`` (launcher.sweep.Sweep), so ``strict=true`` in the file or on the line is the same."""
+    the sweep key ``strict`` (launcher.plan.schema.Sweep), so ``strict=true`` in the file or on the line is the same."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--strict", action="store_true",
                    help="split leaks (an image twice in a split, test images in a training split, val200 images in "
@@ -106,8 +106,8 @@ def _require_files(given: Sequence[tuple[str, str | None]]) -> None:
     ``given``: (option or key, path); ``random`` (a random backbone on purpose) and unset values pass."""
     from pathlib import Path
 
-    from synqt.ckptfile import is_random
     from synqt.errors import ConfigError
+    from synqt.weights.identify import is_random
 
     for option, value in given:
         if value and not is_random(value) and not Path(value).is_file():
@@ -117,17 +117,17 @@ def _require_files(given: Sequence[tuple[str, str | None]]) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from launcher.console import TrainPrinter, final_line
-    from synqt import progress
     from synqt.config import load_config
+    from synqt.run import progress
     from synqt.training import run_trial
 
     _require_files([("--checkpoint", args.checkpoint), *(("--config", c) for c in args.config)])
     cfg = load_config(args.config, _trial_overrides(args))
     _require_files([("checkpoint", cfg.checkpoint)])  # also when set in a config file or as checkpoint=...
-    from synqt import ownership
-    from synqt.compat import check_same_run
-    from synqt.rundir import read_metrics
+    from synqt.run import ownership
+    from synqt.run.rundir import read_metrics
     from synqt.training import check_outputs
+    from synqt.weights.compat import check_same_run
 
     ownership.check_free(args.out, "run")  # another process training this run directory: refuse before reading it
     previous = read_metrics(args.out)
@@ -141,7 +141,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     check_outputs([cfg], [args.out], "--out")  # before data, backbone or device: --out must take files
     printer = TrainPrinter(quiet=args.quiet > 0)
     try:
-        # one live owner per run directory (synqt/ownership.py), held until this process ends, also on SIGTERM
+        # one live owner per run directory (synqt/run/ownership.py), held until this process ends, also on SIGTERM
         with ownership.Claim(args.out, "run"), progress.listening(printer):
             metrics = run_trial(cfg, args.out, resume=args.resume)
     finally:
@@ -179,8 +179,8 @@ Without --config, the config.yaml of the run the weights sit in (if any) is the 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from synqt import rundir
     from synqt.config import load_config
+    from synqt.run import rundir
     from synqt.training import evaluate_checkpoint
 
     _require_files([("--weights", args.weights), *(("--config", c) for c in args.config),
@@ -193,14 +193,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(configs, _trial_overrides(args))
     if not args.official:  # an official state dict holds the backbone too
         _require_files([("checkpoint", cfg.checkpoint)])
-    from synqt.fileio import check_writable
+    from synqt.storage import check_writable
 
     if args.out:  # a folder, or a .json file name in one
         check_writable(Path(args.out).parent if args.out.endswith(".json") else args.out, "--out")
     else:
         check_writable(Path(args.weights).parent, "--out (default: the folder of --weights)")
     result = evaluate_checkpoint(cfg, args.weights, split=args.split, official=args.official, out=args.out)
-    from synqt.threads import ThreadChoice
+    from synqt.training.threads import ThreadChoice
 
     print(f"synqt eval: {ThreadChoice(**result['threads']).line()}")
     print(f"{cfg.dataset} {args.split}: {result['acc']:.2f}% ({result['images']} images)")
@@ -247,8 +247,8 @@ def _sweep_console(args: argparse.Namespace):
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from launcher.commands import run_sweep_command
-    from synqt import progress
+    from launcher.run.commands import run_sweep_command
+    from synqt.run import progress
 
     listener, watch = _sweep_console(args)
     with progress.listening(listener):
@@ -276,9 +276,9 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
 def _cmd_aggregate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from launcher.aggregate import aggregate
-    from launcher.report import summary_text
-    from synqt.fileio import check_writable
+    from launcher.results.aggregate import aggregate
+    from launcher.results.report import summary_text
+    from synqt.storage import check_writable
 
     check_writable(args.out or args.run_dir, "--out" if args.out else "--out (default: the run directory)")
     results = aggregate(args.run_dir, out_dir=args.out)
@@ -315,12 +315,12 @@ e.g. CIFAR-100,Caltech101,...); NAME=SOURCE names its column.""",
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from launcher.compare import compare_main
+    from launcher.results.compare import compare_main
 
     if args.out:
         from pathlib import Path
 
-        from synqt.fileio import check_writable
+        from synqt.storage import check_writable
 
         check_writable(Path(args.out).absolute().parent, "--out")
     return compare_main(args.sources, metric=args.metric, out=args.out)
@@ -350,7 +350,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     import time
 
     from launcher.console import status_exit
-    from launcher.status import collect_status, status_text
+    from launcher.results.status import collect_status, status_text
     from synqt.errors import SynQTError
 
     while True:
@@ -387,8 +387,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from launcher.commands import run_demo
-    from synqt import progress
+    from launcher.run.commands import run_demo
+    from synqt.run import progress
 
     listener, watch = _sweep_console(args)
     with progress.listening(listener):
@@ -427,13 +427,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from synqt.bench import format_table, run_bench
-    from synqt.fileio import atomic_write_json
+    from synqt.storage import atomic_write_json
+    from synqt.tools.bench import format_table, run_bench
 
     if args.json:  # before minutes of timing: the figures must have somewhere to go
         from pathlib import Path
 
-        from synqt.fileio import check_writable
+        from synqt.storage import check_writable
 
         check_writable(Path(args.json).absolute().parent, "--json")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
@@ -484,7 +484,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from synqt.data import check_datasets
+    from synqt.data.check import check_datasets
 
     report = check_datasets(args.root, args.names, layout=args.layout, decode=args.decode,
                             content=not args.paths_only, strict=args.strict)
@@ -493,8 +493,8 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_synthetic(args: argparse.Namespace) -> int:
-    from synqt.fileio import check_writable
-    from synqt.synthetic import write_benchmark
+    from synqt.data.synthetic import write_benchmark
+    from synqt.storage import check_writable
 
     check_writable(args.root, "root")
     root = write_benchmark(args.root, image_size=args.image_size)
@@ -526,7 +526,7 @@ check passed, 3 when one failed.""",
 
 
 def _cmd_gpu_check(args: argparse.Namespace) -> int:
-    from launcher.gpu_check import format_summary, run_checks
+    from launcher.run.gpu_check import format_summary, run_checks
 
     only = [c.strip() for c in args.only.split(",") if c.strip()]
     result = run_checks(args.out, cpu=args.cpu, only=only, demo_assets=args.demo_assets,
@@ -595,14 +595,14 @@ the aggregate job after the array gets --sbatch-args without resource requests (
 
 
 def _cmd_slurm_array(args: argparse.Namespace) -> int:
-    from launcher.slurm import submit_array
+    from launcher.run.slurm import submit_array
 
     return submit_array(args.sweep_file, _sweep_overrides(args), print_only=args.print,
                         concurrency=args.concurrency, sbatch_args=args.sbatch_args)
 
 
 def _cmd_slurm_script(args: argparse.Namespace) -> int:
-    from launcher.slurm import write_script
+    from launcher.run.slurm import write_script
 
     path = write_script(args.dest, args.name, force=args.force)
     print(f"wrote {path}")
@@ -611,8 +611,8 @@ def _cmd_slurm_script(args: argparse.Namespace) -> int:
 
 def _cmd_slurm_task(args: argparse.Namespace) -> int:
     from launcher.console import TrainPrinter
-    from launcher.slurm import run_array_task
-    from synqt import progress
+    from launcher.run.slurm import run_array_task
+    from synqt.run import progress
 
     printer = TrainPrinter(quiet=args.quiet > 0)  # the array task's log gets the lines of `synqt train`
     try:
@@ -696,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     restore_logging = configure_logging(args.verbose - args.quiet)
     from launcher.console import resume_command, sigterm_as_interrupt
     from synqt.errors import SynQTError
-    from synqt.fileio import WriteFailed
+    from synqt.storage import WriteFailed
 
     try:
         with sigterm_as_interrupt():  # scancel / preemption / kill: as Ctrl-C (exit 130, resume line)
@@ -711,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Exit.BAD_INPUT
     except BrokenPipeError:
         return _stdout_gone()
-    except KeyboardInterrupt as err:  # Ctrl+C, SIGTERM (console.Terminated), launcher.stages.SweepInterrupted
+    except KeyboardInterrupt as err:  # Ctrl+C, SIGTERM (console.Terminated), launcher.run.stages.SweepInterrupted
         command = args.command + (f" {args.slurm_cmd}" if args.command == "slurm" else "")
         print(f"\nsynqt {command}: {str(err) or 'interrupted'}", file=sys.stderr)
         again = resume_command(command, list(sys.argv[1:] if argv is None else argv))

@@ -1,6 +1,6 @@
 """What `synqt` shows on the console: logging levels, progress lines or bar, sweep lines, exit codes.
 
-The library (``synqt/``) logs and emits progress events (``synqt.progress``); this module, used by the
+The library (``synqt/``) logs and emits progress events (``synqt.run.progress``); this module, used by the
 CLI only, turns them into output:
 
 - ``configure_logging(verbosity)``: ``-q`` / ``-v`` of every subcommand;
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from synqt import progress, rundir
+from synqt.run import progress, rundir
 
 
 class Exit(enum.IntEnum):
@@ -53,7 +53,7 @@ class Terminated(KeyboardInterrupt):
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """While the body runs (main thread only), SIGTERM raises ``Terminated`` where the program is, as SIGINT
-    raises KeyboardInterrupt; a sweep's stages install their own handler on top (launcher.stages)."""
+    raises KeyboardInterrupt; a sweep's stages install their own handler on top (launcher.run.stages)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -215,7 +215,7 @@ def duration(seconds: float) -> str:
 
 
 class TrainPrinter:
-    """Listener for ``synqt.progress`` events of ``synqt train`` (and, with ``-v``, of an in-process sweep).
+    """Listener for ``synqt.run.progress`` events of ``synqt train`` (and, with ``-v``, of an in-process sweep).
 
     Lines (stdout): ``epoch E/N  loss L  lr X  I img/s  left T`` per epoch, ``eval  epoch E/N  SPLIT
     accuracy A%`` per evaluation; a pack prefixes each line with the run name. ``quiet`` drops them
@@ -316,7 +316,7 @@ class SweepWatcher:
     One line per trial that finishes while watching (``done   NAME   test 52.34%   1.2 min`` or
     ``FAILED NAME: error``), then the count ``[done/total] done D · running R · pending P · failed F ·
     left ~T``. Trials already finished when the watch starts (``--resume``) are counted, not listed.
-    Reads plan.json, metrics.json and progress.json through ``launcher.status.collect_status``.
+    Reads plan.json, metrics.json and progress.json through ``launcher.results.status.collect_status``.
     """
 
     def __init__(self, sweep_dir: str | Path, out: TextIO | None = None, interval_s: float = 2.0) -> None:
@@ -349,7 +349,7 @@ class SweepWatcher:
             self._thread.join()
 
     def _trials(self) -> list[dict[str, Any]]:
-        from launcher.status import collect_status
+        from launcher.results.status import collect_status
 
         try:
             return collect_status(self.sweep_dir)["trials"]
@@ -364,7 +364,7 @@ class SweepWatcher:
                 return
 
     def poll(self) -> None:
-        from launcher.status import collect_status
+        from launcher.results.status import collect_status
 
         try:
             st = collect_status(self.sweep_dir)

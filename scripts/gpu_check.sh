@@ -4,7 +4,7 @@
 #   scripts/gpu_check.sh --cpu --no-install --out DIR      # the CPU variant (tests/test_gpu_check.py runs it)
 # Install step: a virtual environment (.gpu-venv) that sees the node's own packages (torch, timm, accelerate, ...),
 # the wheels built beforehand on a connected machine (DeepSpeed and what the node lacks), and this checkout
-# without dependencies. Then `synqt gpu-check` (launcher/gpu_check.py) runs the checks and prints the table.
+# without dependencies. Then `synqt gpu-check` (launcher/run/gpu_check.py) runs the checks and prints the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"

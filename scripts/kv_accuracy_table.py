@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from synqt.config import config_dir, load_config
-from synqt.pretrain import ensure_demo_assets
-from synqt.synthetic import DEMO_TASKS
+from synqt.data.synthetic import DEMO_TASKS
+from synqt.tools.pretrain import ensure_demo_assets
 from synqt.training import run_pack
 
 ROWS = {  # name -> (backbone_drop_path, kv_cache, branch dropout keys)

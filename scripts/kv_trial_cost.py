@@ -2,7 +2,7 @@
 
     python scripts/kv_trial_cost.py --out /tmp/kv-trial --backbone vit_small_patch16_224 --n-train 250 --n-test 250
 
-Synthetic 224-px images (synqt.synthetic, one task), random backbone weights, ``backbone_drop_path: false``,
+Synthetic 224-px images (synqt.data.synthetic, one task), random backbone weights, ``backbone_drop_path: false``,
 ``kv_cache: disk`` (bf16) in a fresh cache folder, deferred evaluation, 50 epochs, test every 10. Measured:
 the decoded images are cached first (decoding is not part of either figure); then one no-grad
 ``forward_features`` over the trial's train + test images (batch 64); then the whole trial (cache build,
@@ -31,8 +31,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from synqt.config import load_config
-    from synqt.data import load_images, read_split, to_tensor_batch
-    from synqt.synthetic import write_benchmark
+    from synqt.data.images import load_images, to_tensor_batch
+    from synqt.data.splits import read_split
+    from synqt.data.synthetic import write_benchmark
     from synqt.training import run_trial
     from synqt.training.build import frozen_backbone
 

@@ -2,7 +2,7 @@
 
 Writes one synthetic task in the vtab_json layout (``train800val200.json`` with 1,000 entries, train800 / val200
 derived; ``test.json`` with 10,000), PNGs of ``--size`` px whose content compresses like a photo (a smooth random
-field plus sensor-like noise, about 100 KB each at 224 px), then times ``synqt.data.check_datasets`` on it:
+field plus sensor-like noise, about 100 KB each at 224 px), then times ``synqt.data.check.check_datasets`` on it:
 
 - ``--paths-only``: lists, files and leaks by file (no image decoded);
 - pixel hash, cold: every image decoded and hashed (the default of ``synqt data check`` and the sweep pre-flight),
@@ -75,17 +75,17 @@ def main() -> None:
     print(f"task: {len(files)} PNGs of {args.size} px, {mb:.0f} MB ({mb * 1e3 / len(files):.0f} KB each), "
           f"ready in {time.perf_counter() - t0:.0f} s; {len(os.sched_getaffinity(0))} cores")
 
-    from synqt import data, splitcheck
+    from synqt.data import check, images, leaks, splits
 
     cache = root / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     os.environ["SYNQT_CACHE_DIR"] = str(cache)
     out: dict[str, float] = {"images": len(files), "size_px": args.size, "megabytes": round(mb),
-                             "cores": len(os.sched_getaffinity(0)), "threads": data._workers()}
+                             "cores": len(os.sched_getaffinity(0)), "threads": images.workers()}
 
     def timed(label: str, **kw) -> None:
         t, cpu = time.perf_counter(), time.process_time()
-        rep = data.check_datasets(root / "data", ["vtabsize"], **kw)
+        rep = check.check_datasets(root / "data", ["vtabsize"], **kw)
         out[label] = round(time.perf_counter() - t, 2)
         out[label.replace("_s", "_cpu_s")] = round(time.process_time() - cpu, 2)
         assert rep.ok and rep.leaks == 0, rep.text
@@ -96,9 +96,9 @@ def main() -> None:
     timed("pixel_hash_cold_s")
     timed("pixel_hash_warm_s")
     # one thread, no cache: the same decode + hash work without the pool
-    sl = {s: data.read_split(root / "data", "vtabsize", s) for s in ("train800", "val200", "train800val200", "test")}
+    sl = {s: splits.read_split(root / "data", "vtabsize", s) for s in ("train800", "val200", "train800val200", "test")}
     t = time.perf_counter()
-    splitcheck.find_leaks("vtabsize", {s: list(zip(x.sources, x.paths, strict=True)) for s, x in sl.items()},
+    leaks.find_leaks("vtabsize", {s: list(zip(x.sources, x.paths, strict=True)) for s, x in sl.items()},
                           workers=1, cache_dir=None)
     out["pixel_hash_cold_1_thread_s"] = round(time.perf_counter() - t, 2)
     print(f"{'pixel_hash_cold_1_thread_s':<28} {out['pixel_hash_cold_1_thread_s']:7.2f} s")

@@ -1,8 +1,21 @@
 """SynQT: a learnable query branch reads a frozen ViT's keys/values (Zhang et al., ECCV 2024).
 
-This package is the method and one trial (torch, timm, accelerate). It never imports ray.
+This package is the method and one trial (torch, timm, accelerate). It never imports ray or launcher/.
 The public names are loaded lazily so that light tools (`synqt data check`, config loading,
 spawned data workers) do not pay for importing torch and timm.
+
+Rooms (each folder's ``__init__`` says what lives there and what it may import):
+  data/      dataset folders, list files, images, the registry of dataset facts, synthetic tasks
+  weights/   checkpoint files: what a file is, loading and key maps, trainable files, what fits what
+  model/     the query branch, the frozen stream, memory modes, precision
+  run/       the run-directory contract, ownership, TensorBoard, progress events, provenance
+  training/  ``run_pack`` / ``run_trial``: the trainers, the K/V cache, the schedule, thread counts
+  tools/     bench, K/V bench, the demo backbone's pre-training
+
+Top-level modules are the base the rooms stand on; what each may import:
+  errors.py, version.py       may import: nothing
+  resources.py, storage.py    may import: synqt.errors
+  config.py                   may import: synqt.data, synqt.errors, synqt.storage
 """
 
 from __future__ import annotations
@@ -11,15 +24,15 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "SynQT": "synqt.model",
-    "QueryBranch": "synqt.model",
-    "PackedSynQT": "synqt.model",
-    "build_model": "synqt.model",
-    "build_backbone": "synqt.model",
-    "load_official_state_dict": "synqt.checkpoint",
-    "to_official_state_dict": "synqt.checkpoint",
-    "save_trainable": "synqt.checkpoint",
-    "load_trainable": "synqt.checkpoint",
+    "SynQT": "synqt.model.stream",
+    "QueryBranch": "synqt.model.branch",
+    "PackedSynQT": "synqt.model.stream",
+    "build_model": "synqt.model.stream",
+    "build_backbone": "synqt.model.stream",
+    "load_official_state_dict": "synqt.weights.checkpoint",
+    "to_official_state_dict": "synqt.weights.checkpoint",
+    "save_trainable": "synqt.weights.checkpoint",
+    "load_trainable": "synqt.weights.checkpoint",
 }
 
 __all__ = list(_EXPORTS)

@@ -25,11 +25,10 @@ from typing import Any
 
 import yaml
 
-from synqt.errors import ConfigError
-from synqt.fileio import atomic_write_text
-
 # Dataset facts live in the registry; re-exported here for the config's users.
-from synqt.registry import CONFIG_DIR, VTAB_GROUPS, config_dir, dataset_config_path, list_datasets  # noqa: F401
+from synqt.data.registry import CONFIG_DIR, VTAB_GROUPS, config_dir, dataset_config_path, list_datasets  # noqa: F401
+from synqt.errors import ConfigError
+from synqt.storage import atomic_write_text
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,7 +37,7 @@ OVERRIDE_SOURCE = "command line override"
 
 
 
-MEMORY_MODES = ("keep", "kv_bf16", "recompute")  # synqt.model.MEMORY_MODES is this tuple
+MEMORY_MODES = ("keep", "kv_bf16", "recompute")  # synqt.model.stream uses this tuple
 
 
 def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, scope: str = "pack",
@@ -52,7 +51,7 @@ def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MI
     run's ``hparams``. tag: short name in run names (default: the name without underscores). label: name in
     the results table (default: the key). min / max: inclusive bounds; choices: the allowed strings.
     result: False for a key that cannot change a run's numbers (how often to log or checkpoint, the eval
-    batch size, where decoded images are cached): the only keys a resume may change (synqt.compat).
+    batch size, where decoded images are cached): the only keys a resume may change (synqt.weights.compat).
     path: a file or folder path (an override's ``~`` is refused: YAML's null or the shell's home folder?).
     """
     if scope not in ("branch", "pack"):
@@ -96,7 +95,7 @@ class TrialConfig:
     branch_dropout: float = setting(0.1, scope="branch", hparam=True, tag="bdrop", min=0, max=1.0)
     branch_attn_dropout: float = setting(0.1, scope="branch", hparam=True, tag="badrop", min=0, max=1.0)
     head_drop_path: float = setting(0.3, scope="branch", hparam=True, tag="hdp", min=0, max=1.0)
-    # frozen-stream K/V cache (synqt.kv_cache) and deferred test evaluation
+    # frozen-stream K/V cache (synqt.training.kv_cache) and deferred test evaluation
     kv_cache: str = setting("auto", choices=("off", "memory", "disk", "auto"))
     kv_cache_dtype: str = setting("bf16", choices=("bf16", "fp32"))
     kv_cache_max_gb: float = setting(32.0, min=0)
@@ -141,11 +140,11 @@ _TYPES: dict[str, Any] = typing.get_type_hints(TrialConfig)
 BRANCH_KEYS: frozenset[str] = frozenset(k for k, f in _FIELDS.items() if f.metadata["scope"] == "branch")
 PACK_KEYS: tuple[str, ...] = tuple(k for k, f in _FIELDS.items() if f.metadata["scope"] == "pack")
 HPARAM_KEYS: tuple[str, ...] = tuple(k for k, f in _FIELDS.items() if f.metadata["hparam"])
-# keys that cannot change a run's numbers: the only ones a resume may change (synqt.compat)
+# keys that cannot change a run's numbers: the only ones a resume may change (synqt.weights.compat)
 RESULT_NEUTRAL_KEYS: frozenset[str] = frozenset(k for k, f in _FIELDS.items() if not f.metadata["result"])
 # Every key that can change a run's result: a trial's identity. The ONE list that the resume check
-# (synqt.compat.config_changes), the duplicate rule (synqt.rundir.trial_identity) and the table's rows
-# (launcher.aggregate) compare; the backbone checkpoint is compared by content (synqt.rundir).
+# (synqt.weights.compat.config_changes), the duplicate rule (synqt.run.rundir.trial_identity) and the table's rows
+# (launcher.results.aggregate) compare; the backbone checkpoint is compared by content (synqt.run.rundir).
 RESULT_KEYS: tuple[str, ...] = tuple(k for k in CONFIG_KEYS if k not in RESULT_NEUTRAL_KEYS)
 TAGS: dict[str, str] = {k: f.metadata["tag"] or k.replace("_", "") for k, f in _FIELDS.items()}
 LABELS: dict[str, str] = {k: f.metadata["label"] or k for k, f in _FIELDS.items()}
@@ -156,7 +155,7 @@ _MAX: dict[str, float] = {k: f.metadata["max"] for k, f in _FIELDS.items() if f.
 
 @dataclass(frozen=True)
 class Schema:
-    """The declared keys of a config dataclass (TrialConfig, launcher.sweep.Sweep): types from its annotations,
+    """The declared keys of a config dataclass (TrialConfig, launcher.plan.schema.Sweep): types from its annotations,
     choices and bounds from its ``setting(...)`` declarations. ``check`` is the one typed value check of the
     project (coercion, null, choices, bounds; errors name the source, key, value and what was expected)."""
 
@@ -472,7 +471,7 @@ _YAML_MARKUP = (yaml.AnchorToken, yaml.AliasToken, yaml.TagToken)
 def parse_override_value(key: str, raw: str, source: str = OVERRIDE_SOURCE, schema: Schema | None = None) -> Any:
     """An override's value: the ONE parser of ``key=value`` text (``synqt train``, ``synqt sweep``, ``synqt eval``).
 
-    ``schema``: the keys ``key`` belongs to (default TrialConfig's; ``launcher.sweep.SWEEP`` for a sweep key).
+    ``schema``: the keys ``key`` belongs to (default TrialConfig's; ``launcher.plan.schema.SWEEP`` for a sweep key).
     A text key (type ``str``, e.g. ``data_root``, ``storage_path``, ``name``, ``precision``) keeps the text as
     typed (surrounding blanks dropped): ``/data/run #2``, ``yes``, ``1e3``, ``null`` stay those strings. Other
     values are a YAML 1.2 scalar or flow list/mapping. ``None``/``none``/``null`` or empty text is null for an

@@ -43,7 +43,7 @@ def demo_assets(synqt_cache_dir: Path) -> tuple[Path, Path]:
 
     Built once (about a minute of pre-training) and cached under ``synqt_cache_dir``.
     """
-    from synqt.pretrain import ensure_demo_assets
+    from synqt.tools.pretrain import ensure_demo_assets
 
     return ensure_demo_assets(synqt_cache_dir)
 

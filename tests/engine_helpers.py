@@ -30,7 +30,7 @@ def quiet_single_thread() -> Iterator[None]:
     """One intra-op thread and plain log lines (module-scoped fixtures cannot use monkeypatch)."""
     before_threads = torch.get_num_threads()
     before_env = {k: os.environ.get(k) for k in ("SYNQT_NO_PROGRESS", "OMP_NUM_THREADS")}
-    # OMP_NUM_THREADS too: the trainers set torch's thread count from it (synqt.threads)
+    # OMP_NUM_THREADS too: the trainers set torch's thread count from it (synqt.training.threads)
     os.environ.update(SYNQT_NO_PROGRESS="1", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     try:
@@ -60,7 +60,7 @@ def write_tiny_assets(root: Path) -> tuple[Path, Path]:
     import timm
     from safetensors.torch import save_file
 
-    from synqt.synthetic import write_benchmark
+    from synqt.data.synthetic import write_benchmark
 
     data_root = write_benchmark(root / "data", image_size=16, tasks=[TASK], n_train=N_TRAIN, n_val=N_VAL,
                                 n_test=N_TEST, seed=3)
@@ -105,7 +105,7 @@ def read_json(path: Path) -> dict:
 
 
 def trainable_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    from synqt.checkpoint import read_trainable
+    from synqt.weights.checkpoint import read_trainable
 
     tensors, _ = read_trainable(Path(run_dir) / "trainable.safetensors")
     return tensors

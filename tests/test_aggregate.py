@@ -1,4 +1,4 @@
-"""Aggregation of metrics.json files into the VTAB-1k table (launcher/aggregate.py).
+"""Aggregation of metrics.json files into the VTAB-1k table (launcher/results/aggregate.py).
 
 Every expected number is recomputed here from the values the test wrote, independently of the
 module's own arithmetic.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.aggregate import aggregate, choose_point, format_table, load_runs
+from launcher.results.aggregate import aggregate, choose_point, format_table, load_runs
 from synqt.errors import SynQTError
 
 METRIC_KEYS = (

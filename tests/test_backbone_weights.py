@@ -21,8 +21,11 @@ from engine_helpers import (  # noqa: F401 - _one_thread_no_progress is an autou
     write_tiny_assets,
 )
 
-from launcher import commands
-from launcher import sweep as sw
+from launcher.plan.checks import validate
+from launcher.plan.dryrun import dry_run_text
+from launcher.plan.schema import load_sweep
+from launcher.plan.trials import plan_trials
+from launcher.run import commands
 from synqt.errors import ConfigError, DataError
 from synqt.training import run_trial
 
@@ -105,28 +108,28 @@ def test_dry_run_says_which_weights(tmp_path, assets):
     digest = hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
 
     def text(*extra: str) -> str:
-        s = sw.load_sweep(str(VTAB), [*base, *extra])
-        return sw.dry_run_text(s, sw.plan_trials(s))
+        s = load_sweep(str(VTAB), [*base, *extra])
+        return dry_run_text(s, plan_trials(s))
 
     assert f"backbone weights: {Path(ckpt).absolute()} (sha256 {digest})" in text(f"checkpoint={ckpt}")
     assert "backbone weights: random initialisation (checkpoint=random)" in text("checkpoint=random")
     assert "backbone weights: NONE yet: key 'checkpoint' is not set" in text()
-    demo = sw.load_sweep(str(REPO / "configs" / "sweeps" / "demo.yaml"), [f"storage_path={tmp_path}"])
-    assert "backbone weights: the pre-trained demo backbone" in sw.dry_run_text(demo, sw.plan_trials(demo))
+    demo = load_sweep(str(REPO / "configs" / "sweeps" / "demo.yaml"), [f"storage_path={tmp_path}"])
+    assert "backbone weights: the pre-trained demo backbone" in dry_run_text(demo, plan_trials(demo))
 
 
 def test_random_sweep_passes_preflight_and_keeps_the_word(tmp_path, assets):
     data_root, _, _ = assets
-    s = sw.load_sweep(str(VTAB), [f"storage_path={tmp_path}", f"data_root={data_root}", f"datasets=[{TASK}]",
+    s = load_sweep(str(VTAB), [f"storage_path={tmp_path}", f"data_root={data_root}", f"datasets=[{TASK}]",
                                   "checkpoint=random"])
     assert s.checkpoint == "random"  # not turned into the path <cwd>/random
-    trials = sw.plan_trials(s)
+    trials = plan_trials(s)
     assert {t.config.checkpoint for t in trials} == {"random"}
-    sw.validate(s, trials)  # no error: random was asked for
+    validate(s, trials)  # no error: random was asked for
 
 
 def test_slurm_array_without_checkpoint_is_refused_before_sbatch(tmp_path, assets, capsys):
-    from launcher.slurm import submit_array
+    from launcher.run.slurm import submit_array
 
     data_root, ckpt, _ = assets
     ov = [f"storage_path={tmp_path}", f"data_root={data_root}", f"datasets=[{TASK}]"]
@@ -143,7 +146,7 @@ def test_slurm_array_without_checkpoint_is_refused_before_sbatch(tmp_path, asset
 
 def test_slurm_array_refuses_missing_data_or_weights_file_before_sbatch(tmp_path, assets):
     """`synqt slurm array` runs the sweep's own pre-flight: nothing is queued for a typo in a path."""
-    from launcher.slurm import submit_array
+    from launcher.run.slurm import submit_array
 
     data_root, ckpt, _ = assets
     ov = [f"storage_path={tmp_path}", f"datasets=[{TASK}]"]

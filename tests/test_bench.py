@@ -8,7 +8,7 @@ import pytest
 
 from launcher.cli import main
 from synqt.config import load_config
-from synqt.memory import estimate_trial_memory
+from synqt.model.memory import estimate_trial_memory
 
 TINY = ["backbone=vit_tiny_patch16_224", "backbone_kwargs.img_size=32", "backbone_kwargs.depth=2", "batch_size=4"]
 

@@ -15,9 +15,9 @@ from model_helpers import TINY, TINY_KW, VARIANTS, images, randomize_, set_scale
 from safetensors.torch import save_file
 
 import synqt
-from synqt.checkpoint import read_trainable
 from synqt.errors import ModelError
-from synqt.model import QueryBranch
+from synqt.model.branch import QueryBranch
+from synqt.weights.checkpoint import read_trainable
 
 C, L = TINY_KW["embed_dim"], TINY_KW["depth"]
 
@@ -155,7 +155,7 @@ def test_official_load_refuses_missing_key_naming_it(key: str) -> None:
         synqt.load_official_state_dict(_model(2), sd)
     assert key in str(info.value), (
         f"the error must name the missing key by its official name {key!r} (the name the user's file lacks); "
-        f"got: {info.value}. Fix in synqt/checkpoint.py _check_and_load: translate missing branch keys back "
+        f"got: {info.value}. Fix in synqt/weights/checkpoint.py _check_and_load: translate missing branch keys back "
         "with _translate(k, _TO_OFFICIAL) before reporting them"
     )
 
@@ -225,7 +225,7 @@ def test_npz_in_google_layout_loads_every_weight(tmp_path: Path, prefix: str) ->
     except ModelError as err:
         pytest.fail(
             f"npz with key prefix {prefix!r} (timm's loader accepts it) was refused: {err}. Bug in "
-            "synqt/checkpoint.py _load_npz: the block count takes k.split('/')[1] of the full key, which is "
+            "synqt/weights/checkpoint.py _load_npz: the block count takes k.split('/')[1] of the full key, which is "
             "'target' under 'opt/target/', so depth is always 1; fix: k[len(prefix):].split('/')[1]"
         )
     _assert_backbone_equals(model, vit)
@@ -407,7 +407,7 @@ def test_trainable_refused_on_backbone_without_its_checkpoint(tmp_path: Path) ->
     else:
         pytest.fail(
             "a branch saved on checkpoint a.safetensors was loaded onto a backbone built without a checkpoint. "
-            "Bug in synqt/checkpoint.py load_trainable: it compares checkpoint_sha256 only when both sides are "
+            "Bug in synqt/weights/checkpoint.py load_trainable: it compares checkpoint_sha256 only when both sides are "
             "set; fix: refuse when the saved header has a checkpoint_sha256 (or checkpoint name) and the "
             "model's differs, None included"
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from engine_helpers import TASK, tiny_sweep_overrides, write_tiny_assets
 
-from launcher.resources import check_fits, concurrency_cap
+from launcher.run.resources import check_fits, concurrency_cap
 from synqt.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,7 +104,7 @@ def test_local_ray_takes_the_cgroup_cpu_count(tmp_path):
         pytest.fail("needs a machine with at least 2 CPUs to tell the counts apart")
     cpuset = tmp_path / "cpuset.cpus"
     cpuset.write_text("0\n")  # this process's view: one CPU, id 0
-    code = ("import os, ray; from launcher.ray_backend import _start_ray; _start_ray(None); "
+    code = ("import os, ray; from launcher.run.ray_backend import _start_ray; _start_ray(None); "
             "print('CPUS', ray.cluster_resources()['CPU'], os.cpu_count()); ray.shutdown()")
     script = (f"mount --bind {cpuset} /sys/fs/cgroup/cpuset/cpuset.cpus && "
               f"{sys.executable} -c \"{code}\"")
@@ -123,8 +123,9 @@ def test_the_frozen_backbone_is_put_once_per_sweep(assets, tmp_path):
     import ray
     from safetensors.torch import load_file
 
-    from launcher.ray_backend import _payload, backbone_key, deepspeed_loop_config, shared_backbones
-    from launcher.sweep import load_sweep, plan_trials
+    from launcher.plan.schema import load_sweep
+    from launcher.plan.trials import plan_trials
+    from launcher.run.ray_backend import _payload, backbone_key, deepspeed_loop_config, shared_backbones
 
     sweep = load_sweep(CI, _sweep_args(assets, tmp_path, "grid.lr=[1e-3,2e-3]", "resources.devices=2")[5:])
     trials = plan_trials(sweep)

@@ -78,7 +78,7 @@ def test_train_off_a_terminal_prints_epoch_eval_and_final_lines(tiny, tmp_path):
     assert lines[-1] == (f"done in {lines[-1].split('done in ')[1].split(':')[0]}: final test accuracy "
                          f"{m['test_acc']:.2f}%, best of test {m['best_of_test']:.2f}% (selected on test); "
                          f"run dir {run}")
-    # the first line: the thread count and why (synqt.threads; issue 21 item 3), as metrics.json records it
+    # the first line: the thread count and why (synqt.training.threads; issue 21 item 3), as metrics.json records it
     assert lines[0].startswith(f"threads: {m['provenance']['threads']['threads']} (")
     assert len(lines) == 1 + EPOCHS + len(m["eval_history"]) + 1  # nothing else on stdout: no step lines, no dicts
     assert "Traceback" not in proc.stderr and "{" not in proc.stdout
@@ -154,7 +154,7 @@ def test_an_unknown_flag_or_bare_word_after_flags_is_still_refused(capsys):
 
 
 def test_data_check_takes_dataset_names_after_flags(tmp_path, capsys):
-    from synqt.synthetic import write_benchmark
+    from synqt.data.synthetic import write_benchmark
 
     root = write_benchmark(tmp_path / "data", tasks=["syn_count", "syn_blobs"], n_train=8, n_val=4, n_test=4)
     assert main(["data", "check", str(root), "--decode", "syn_blobs"]) == 0

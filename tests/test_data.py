@@ -13,16 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synqt.data import (
-    BUILD_LOG_NAME,
+from synqt.data.images import BUILD_LOG_NAME, cache_paths, default_cache_dir, load_images, to_tensor_batch
+from synqt.data.splits import (
     SplitList,
-    cache_paths,
     dataset_num_classes,
-    default_cache_dir,
     detect_layout,
-    load_images,
     read_split,
-    to_tensor_batch,
     validate_dataset,
 )
 from synqt.errors import DataError

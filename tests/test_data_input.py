@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synqt.data import decode_image, detect_layout, load_images, read_split, validate_dataset
+from synqt.data.images import decode_image, load_images
+from synqt.data.listfiles import show_path
+from synqt.data.splits import detect_layout, read_split, validate_dataset
 from synqt.errors import DataError
-from synqt.listfiles import show_path
 
 
 def check_main(root: Path, names: list[str], decode: bool = False) -> int:
@@ -284,7 +285,7 @@ def test_palette_with_and_without_transparency(tmp_path: Path) -> None:
 
 
 def test_hsv_in_memory_converts_by_colour_space() -> None:
-    from synqt.imagemodes import to_rgb
+    from synqt.data.imagemodes import to_rgb
 
     assert to_rgb(Image.new("HSV", (1, 1), (0, 255, 255)), "x").getpixel((0, 0)) == (255, 0, 0)
 
@@ -335,7 +336,7 @@ def test_split_missing_a_class_keeps_the_class_count(tmp_path: Path) -> None:
     (ds / "test.txt").write_text(_txt_lines(["c0/0.png", "c3/3.png"], [0, 3]))  # classes 1, 2 absent
     assert validate_dataset(tmp_path, "toy", ["train800", "test"], 4) == {"train800": 4, "test": 2}
     assert read_split(tmp_path, "toy", "test").labels == [0, 3]
-    from synqt.data import dataset_num_classes
+    from synqt.data.splits import dataset_num_classes
 
     assert dataset_num_classes(tmp_path, "toy") == 4
 

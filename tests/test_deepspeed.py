@@ -10,14 +10,14 @@ import torch
 
 from synqt.config import TrialConfig, load_config
 from synqt.errors import ConfigError
-from synqt.rundir import METRIC_KEYS
+from synqt.run.rundir import METRIC_KEYS
 from synqt.training.deepspeed import DEFAULT_DS_CONFIG, deepspeed_config, run_local, state_sha256
 
 
 @pytest.fixture(scope="session")
 def ds_assets() -> tuple[Path, Path]:
     """The cached synthetic benchmark + pre-trained tiny ViT (what conftest's demo_assets provides)."""
-    from synqt.pretrain import ensure_demo_assets
+    from synqt.tools.pretrain import ensure_demo_assets
 
     root, ckpt = ensure_demo_assets()
     return Path(root).absolute(), Path(ckpt).absolute()
@@ -75,9 +75,9 @@ def uninterrupted(ds_assets: tuple[Path, Path], tmp_path_factory: pytest.TempPat
 
 @pytest.mark.slow
 def test_two_process_cpu_trial(ds_assets: tuple[Path, Path], uninterrupted: tuple[Path, dict]) -> None:
-    from launcher.aggregate import aggregate
-    from synqt.checkpoint import read_trainable
-    from synqt.model import build_backbone, count_trainable, new_branch
+    from launcher.results.aggregate import aggregate
+    from synqt.model.stream import build_backbone, count_trainable, new_branch
+    from synqt.weights.checkpoint import read_trainable
 
     tmp_path, metrics = uninterrupted
     cfg = _cfg(ds_assets, tmp_path)
@@ -182,12 +182,12 @@ def test_killed_worker_is_retried_from_the_epoch_checkpoint(
 
 @pytest.mark.slow
 def test_ray_train_torchtrainer_workers(ds_assets: tuple[Path, Path], tmp_path: Path) -> None:
-    """launcher.ray_backend's worker function under a real TorchTrainer (Ray Train sets up gloo)."""
+    """launcher.run.ray_backend's worker function under a real TorchTrainer (Ray Train sets up gloo)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from launcher.ray_backend import _deepspeed_worker
+    from launcher.run.ray_backend import _deepspeed_worker
     from synqt.config import config_to_dict
 
     cfg = _cfg(ds_assets, tmp_path, "epochs=1")
@@ -218,7 +218,7 @@ def test_two_process_trial_from_the_kv_cache_equals_the_live_one(ds_assets: tupl
     builds = (tmp_path / "cache" / "kv" / "builds.log").read_text().splitlines()
     assert sorted(line.split("\t")[3] for line in builds) == ["test", "train800val200"]  # rank 0 built, once
     assert cached["eval_history"] == live["eval_history"]
-    from synqt.checkpoint import read_trainable
+    from synqt.weights.checkpoint import read_trainable
 
     a, _ = read_trainable(tmp_path / "live" / "trainable.safetensors")
     b, _ = read_trainable(tmp_path / "cached" / "trainable.safetensors")

@@ -38,7 +38,7 @@ from engine_helpers import (  # noqa: F401 - _one_thread_no_progress is an autou
 
 from synqt.config import config_dir, load_config
 from synqt.errors import ConfigError, DataError
-from synqt.fileio import sha256_file
+from synqt.storage import sha256_file
 from synqt.training import evaluate_checkpoint, run_trial
 
 # spelled out from docs/DESIGN.md (not imported from the engine), so a dropped key is caught
@@ -103,7 +103,7 @@ def test_run_writes_every_output_with_the_metrics_contract(paper_run, assets):
     hp = on_disk["hparams"]
     assert {k: hp[k] for k in ("lr", "weight_decay", "token_nums", "feat_scale", "attn_scale", "ffn_scale")} == {
         "lr": 1e-3, "weight_decay": 1e-2, "token_nums": 1, "feat_scale": 1.0, "attn_scale": 1.0, "ffn_scale": 1.0}
-    from synqt.model import expected_trainable
+    from synqt.model.stream import expected_trainable
 
     assert on_disk["trainable_params"] == expected_trainable(TINY_KW["embed_dim"], TINY_KW["depth"], 1, TASK_CLASSES)
     assert isinstance(on_disk["peak_memory_bytes"], int) and on_disk["peak_memory_bytes"] > 0
@@ -131,7 +131,7 @@ def test_run_writes_every_output_with_the_metrics_contract(paper_run, assets):
 def test_tensorboard_scalars_and_hparams_read_back(paper_run):
     from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-    from synqt.schedule import lr_at
+    from synqt.training.schedule import lr_at
 
     cfg, run_dir, metrics = paper_run
     acc = event_accumulator(run_dir)
@@ -179,7 +179,8 @@ def test_trainable_checkpoint_reproduces_the_reported_accuracy(paper_run, assets
     import numpy as np
 
     from synqt import build_model, load_trainable
-    from synqt.data import load_images, read_split, to_tensor_batch
+    from synqt.data.images import load_images, to_tensor_batch
+    from synqt.data.splits import read_split
 
     cfg, run_dir, metrics = paper_run
     data_root, ckpt, cache = assets
@@ -271,8 +272,8 @@ LEARN_TASK = "syn_colour_shape"  # 9 classes: shape x colour, with distractor do
 
 @pytest.fixture(scope="module")
 def demo_backbone():
-    """The cached pre-trained demo backbone (built once per machine by synqt.pretrain)."""
-    from synqt.pretrain import ensure_demo_assets
+    """The cached pre-trained demo backbone (built once per machine by synqt.tools.pretrain)."""
+    from synqt.tools.pretrain import ensure_demo_assets
 
     with quiet_single_thread():
         _, ckpt = ensure_demo_assets()
@@ -281,7 +282,7 @@ def demo_backbone():
 
 def test_short_run_on_a_synthetic_task_learns_well_above_chance(demo_backbone, tmp_path):
     """10 epochs over 200 images with the pre-trained demo backbone: val200 accuracy > 2x chance."""
-    from synqt.synthetic import DEMO_TASKS, write_benchmark
+    from synqt.data.synthetic import DEMO_TASKS, write_benchmark
 
     classes = DEMO_TASKS[LEARN_TASK][1]
     root = write_benchmark(tmp_path / "data", tasks=[LEARN_TASK], n_train=200, n_val=100, n_test=20)

@@ -290,7 +290,7 @@ NOT_RUN: dict[str, str] = {
     "python -m pytest -q tests/test_multinode.py": _SUITE + "; needs root and network namespaces",
     "python tests/slurm_harness.py --nodes 3": "starts SLURM daemons in network namespaces (root); what "
                                                "tests/test_multinode.py does",
-    "python -m synqt.pretrain [DIR]": "pre-trains the demo backbone (a minute); tests/conftest.py::demo_assets "
+    "python -m synqt.tools.pretrain [DIR]": "pre-trains the demo backbone (a minute); tests/conftest.py::demo_assets "
                                       "runs the same ensure_demo_assets",
     "OMP_NUM_THREADS=1 python scripts/kv_trial_cost.py --out /tmp/kv-trial --backbone vit_small_patch16_224 "
     "--n-train 1000 --n-test 1000": "a 50-epoch ViT-S/16 trial on 1,000 images: the measurement itself (minutes)",
@@ -484,7 +484,7 @@ def write_tiny_vtab(root: Path) -> Path:
     """Every VTAB-1k task of the registry in the vtab_json layout with its real class count: train800 holds one
     image per class, val200 and test four, all distinct (a dry run, `data check` and its split-leak check see the
     true geometry of a clean copy)."""
-    from synqt import registry
+    from synqt.data import registry
 
     rng = np.random.default_rng(0)
     for info in registry.datasets(benchmark="vtab1k"):
@@ -499,7 +499,7 @@ def write_tiny_vtab(root: Path) -> Path:
 
 def write_tiny_fgvc(root: Path) -> Path:
     """Every FGVC task in the fgvc_json layout (class ids: one train image each), four val and test images."""
-    from synqt import registry
+    from synqt.data import registry
 
     rng = np.random.default_rng(1)
     for info in registry.datasets(benchmark="fgvc"):
@@ -532,7 +532,7 @@ def world(demo_assets, tmp_path_factory) -> World:
     data_root, ckpt = demo_assets
     tmp = tmp_path_factory.mktemp("examples")
     vtab = write_tiny_vtab(tmp / "vtab-1k")
-    from synqt.synthetic import write_benchmark
+    from synqt.data.synthetic import write_benchmark
 
     small = write_benchmark(tmp / "small", tasks=["syn_blobs"], n_train=16, n_val=8, n_test=16)
     (vtab / "mytask").symlink_to(small / "syn_blobs")  # NAME: a dataset folder without a shipped config
@@ -707,7 +707,7 @@ def test_every_runnable_example_exits_as_documented(world, capsys):
 ])
 def test_the_aggregate_job_gets_the_sbatch_args_without_resource_requests(sbatch_args, kept):
     """Issue 21: `--sbatch-args "--gpus=1"` gave the one-CPU aggregate job a GPU too."""
-    from launcher.slurm import array_commands
+    from launcher.run.slurm import array_commands
 
     array, aggregate = array_commands("vtab1k", [], n_trials=3, sweep_dir="/s/vtab1k", concurrency=2,
                                       sbatch_args=sbatch_args)
@@ -740,8 +740,11 @@ SUBMITTED = sorted(t for t in NOT_RUN if _submitted_sweep(t) and "..." not in t.
 @pytest.mark.parametrize("text", SUBMITTED)
 def test_every_submitted_sweep_passes_its_preflight(text, world):
     """The sweep an sbatch / `ray job submit` example starts, planned and checked as the job would before any
-    resource (`launcher.sweep.validate`: data folders and lists, checkpoint file, split leaks), on the tiny data."""
-    from launcher.sweep import load_sweep, plan_trials, validate
+    resource (`launcher.plan.checks.validate`: data folders and lists, checkpoint file, split leaks), on the tiny
+    data."""
+    from launcher.plan.checks import validate
+    from launcher.plan.schema import load_sweep
+    from launcher.plan.trials import plan_trials
 
     argv = substitute(shlex.join(_submitted_sweep(text)), world.paths)
     old = Path.cwd()
@@ -763,9 +766,9 @@ def test_every_vitb_train_example_passes_its_preflight(text, world):
     resolved config, backbone weights given and a weights file (synqt.training.run_pack), the data folder and the
     lists of its splits (the trainer's setup)."""
     from launcher.cli import _trial_overrides, build_parser, parse_args
-    from synqt.ckptfile import check_file, require_backbone_weights
     from synqt.config import load_config, splits_for
-    from synqt.data import validate_dataset
+    from synqt.data.splits import validate_dataset
+    from synqt.weights.identify import check_file, require_backbone_weights
 
     args = parse_args(build_parser(), substitute(text, world.paths)[1:])
     cfg = load_config(args.config, _trial_overrides(args))

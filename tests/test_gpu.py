@@ -5,7 +5,7 @@ Marked ``gpu``: the normal run deselects them (tests/conftest.py). ``scripts/gpu
 minus the ``cuda_only`` ones (``-m "gpu and not cuda_only"``), inside the normal suite
 (tests/test_gpu_check.py), so they cannot rot between GPU runs.
 
-Environment (set by ``launcher.gpu_check``): ``SYNQT_CHECK_DEVICE`` (``cuda``, the default, or ``cpu``),
+Environment (set by ``launcher.run.gpu_check``): ``SYNQT_CHECK_DEVICE`` (``cuda``, the default, or ``cpu``),
 ``SYNQT_CHECK_SIZE`` (``full``: ViT-B/16 for the numerics and memory checks; ``small``: tiny ViTs),
 ``SYNQT_CHECK_FIGURES`` (a folder: each check writes ``<name>.json`` with its figures for the summary table).
 Run by hand on a machine without CUDA, ``pytest -m gpu`` fails every test naming the missing device.
@@ -46,12 +46,12 @@ WEIGHT_TOL = 1e-5  # issues 7 and 15: max abs difference of trainable weights
 # through every block, ~1e-2 (synqt's own bf16 K/V tolerance is 2e-2 on gradients, tests/test_memory.py).
 NUMERIC_TOL = {"no": {"logits": 5e-3, "grads": 5e-3}, "bf16": {"logits": 5e-2, "grads": 1e-1}}
 # docs/bench.md, "ViT-B/16, CPU": saved activations of one step at batch 64, 224 px, fp32, token_nums 1, counted
-# by synqt.memory.saved_activation_bytes on CPU (GiB)
+# by synqt.model.memory.saved_activation_bytes on CPU (GiB)
 CPU_SAVED_GIB = {"keep": 0.95471, "kv_bf16": 0.522, "recompute": 0.036}
 
 
 def record(name: str, **figures) -> None:
-    """Hand a check's figures to the summary table (launcher.gpu_check)."""
+    """Hand a check's figures to the summary table (launcher.run.gpu_check)."""
     if FIGURES:
         Path(FIGURES).mkdir(parents=True, exist_ok=True)
         (Path(FIGURES) / f"{name}.json").write_text(json.dumps(figures, indent=1, default=str))
@@ -108,8 +108,8 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_logits_and_gradients_match_the_cpu_fp32_result(device, precision):
     """SynQT's logits and every branch gradient on the device (fp32, or under bf16 autocast) against the same
     weights and images in fp32 on the CPU."""
-    from synqt.model import build_model
-    from synqt.precision import autocast_for, check_precision
+    from synqt.model.precision import autocast_for, check_precision
+    from synqt.model.stream import build_model
 
     check_precision(precision, device)
     if FULL:
@@ -152,12 +152,12 @@ def test_memory_cache_trial_equals_the_live_trial(assets, live, device, tmp_path
     """kv_cache=memory with fp32 storage: the cache on the device (CPU: host memory), or forced into pinned
     host memory with the next batch copied ahead on a side stream, ends with the live trial's weights
     (<= 1e-5) and evaluation history."""
-    import synqt.kv_cache
+    import synqt.training.kv_cache
 
     if place == "pinned":
-        monkeypatch.setattr(synqt.kv_cache, "fits_on_device", lambda nbytes, dev: False)
+        monkeypatch.setattr(synqt.training.kv_cache, "fits_on_device", lambda nbytes, dev: False)
     run = tmp_path / "run"
-    with caplog.at_level(logging.INFO, logger="synqt.kv_cache"):
+    with caplog.at_level(logging.INFO, logger="synqt.training.kv_cache"):
         metrics = _run(_cfg(assets, kv_cache="memory"), run)
     where = "host" if device.type == "cpu" else place
     held = [r.getMessage() for r in caplog.records if r.getMessage().startswith("K/V cache ")]
@@ -210,7 +210,7 @@ def test_deferred_evaluation_equals_periodic(assets, device, tmp_path):
 def test_peak_cuda_memory_per_memory_mode_beside_the_cpu_saved_activations(device):
     """torch.cuda.max_memory_allocated of one ViT-B/16 training step at batch 64 (224 px, fp32) per memory mode,
     beside the saved activations synqt bench counted on CPU (docs/bench.md)."""
-    from synqt.bench import bench_config, bench_models
+    from synqt.tools.bench import bench_config, bench_models
 
     cfg = bench_config(["backbone=vit_base_patch16_224", "batch_size=64", "device=cuda", "precision=no"])
     rows = {r["name"].split()[-1]: r for r in bench_models(cfg, list(CPU_SAVED_GIB), steps=1, baselines=False,
@@ -275,7 +275,7 @@ def test_deepspeed_trial_is_killed_and_resumes(assets, device, tmp_path, monkeyp
 def test_fp16_pack_keeps_one_loss_scaler_per_branch(assets, device, tmp_path):
     """precision=fp16 on CUDA: a pack of two trains, each branch with its own GradScaler; and driven by hand on
     the same model, an overflowing branch backs off only its own scale while its pack-mate steps as alone."""
-    from synqt.model import PackedSynQT, new_branch
+    from synqt.model.stream import PackedSynQT, new_branch
     from synqt.training import run_pack
     from synqt.training.build import frozen_backbone
     from synqt.training.loop import BranchScaler

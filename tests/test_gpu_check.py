@@ -103,8 +103,8 @@ def test_gpu_tests_fail_clearly_without_cuda():
 def test_the_sweep_checks_ray_blocker_blocks_an_installed_ray(tmp_path):
     """The sweep check's proof that nothing imports Ray holds only if the blocker works: with it, `import ray` of
     the Ray installed here fails and is recorded (also in a child process)."""
-    from launcher.gpu_check import RAY_ATTEMPTS
-    from launcher.gpu_check import _env as check_env
+    from launcher.run.gpu_check import RAY_ATTEMPTS
+    from launcher.run.gpu_check import _env as check_env
 
     env = check_env(tmp_path, "cpu", "small", block_ray=True)
     code = ("import subprocess, sys\n"
@@ -122,7 +122,7 @@ def test_the_sweep_checks_ray_blocker_blocks_an_installed_ray(tmp_path):
 def test_kv_bench_timing_waits_for_the_device(monkeypatch):
     """On CUDA every timed call is bracketed by torch.cuda.synchronize: kernels run asynchronously, so the clock
     would otherwise stop when they are launched, not when they have run (it did, before issue 22)."""
-    from synqt import kv_bench
+    from synqt.tools import kv_bench
 
     calls: list[str] = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(f"sync {device}"))
@@ -157,8 +157,8 @@ def test_memory_cache_computed_in_place_equals_the_node_file_layout(tiny_vit, dt
     trip); its bits equal the node file's array (compute_kv) moved to the held layout."""
     import numpy as np
 
-    from synqt.kv_cache import _NUMPY_OF, STORAGE_DTYPES, _hold_in_memory, compute_held, compute_kv, geometry
-    from synqt.model import PackedSynQT, new_branch
+    from synqt.model.stream import PackedSynQT, new_branch
+    from synqt.training.kv_cache import _NUMPY_OF, STORAGE_DTYPES, _hold_in_memory, compute_held, compute_kv, geometry
 
     backbone = tiny_vit()
     model = PackedSynQT(backbone, [new_branch(backbone, 3)], backbone_drop_path=False)

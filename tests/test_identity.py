@@ -47,7 +47,7 @@ def hand_runs(tmp_path_factory):
 
 
 def test_aggregate_shows_each_configuration_as_its_own_row(hand_runs, tmp_path):
-    from launcher.aggregate import aggregate
+    from launcher.results.aggregate import aggregate
 
     _, runs = hand_runs
     test_acc = {name: read_json(runs / name / "metrics.json")["test_acc"] for name in ("ckpt", "random", "nodrop")}
@@ -76,7 +76,7 @@ def test_aggregate_shows_each_configuration_as_its_own_row(hand_runs, tmp_path):
 
 
 def test_an_exact_copy_is_still_one_trial(hand_runs):
-    from launcher.aggregate import build_results
+    from launcher.results.aggregate import build_results
 
     root, runs = hand_runs
     both = root / "both"
@@ -90,7 +90,7 @@ def test_an_exact_copy_is_still_one_trial(hand_runs):
 
 
 def test_status_counts_each_configuration(hand_runs):
-    from launcher.status import collect_status, status_text
+    from launcher.results.status import collect_status, status_text
 
     _, runs = hand_runs
     st = collect_status(runs)
@@ -99,7 +99,7 @@ def test_status_counts_each_configuration(hand_runs):
 
 
 def test_compare_keeps_the_configurations_apart(hand_runs, tmp_path):
-    from launcher.compare import load_source
+    from launcher.results.compare import load_source
 
     _, runs = hand_runs
     (src,) = load_source(str(runs))
@@ -111,9 +111,9 @@ def test_compare_keeps_the_configurations_apart(hand_runs, tmp_path):
 def test_identity_is_every_result_key_and_the_checkpoint_by_content(tmp_path):
     """The identity compares exactly the keys the resume check compares; the checkpoint by content, so the same
     file under two paths is one trial and another file under one name is another."""
-    from synqt.compat import config_changes
     from synqt.config import CONFIG_KEYS, RESULT_KEYS, RESULT_NEUTRAL_KEYS, TrialConfig, config_to_dict
-    from synqt.rundir import trial_identity
+    from synqt.run.rundir import trial_identity
+    from synqt.weights.compat import config_changes
 
     a, b = tmp_path / "a.pth", tmp_path / "b.pth"
     a.write_bytes(b"weights-1")
@@ -155,7 +155,8 @@ def test_stage2_selection_never_takes_another_configurations_result(tmp_path):
     is not the planned trial's result: its dataset is held back instead of selected on it."""
     import yaml
 
-    from launcher import sweep as sw
+    from launcher.plan.schema import load_sweep
+    from launcher.plan.trials import plan_trials, select_best, stage1_unfinished
     from synqt.config import config_to_dict
 
     ckpt = tmp_path / "w.pth"
@@ -164,8 +165,8 @@ def test_stage2_selection_never_takes_another_configurations_result(tmp_path):
             "grid": {"lr": [1e-3, 1e-2]}, "storage_path": str(tmp_path), "checkpoint": str(ckpt),
             "data_root": str(tmp_path / "data")}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
-    s = sw.load_sweep(tmp_path / "s.yaml")
-    trials = sw.plan_trials(s, "search")
+    s = load_sweep(tmp_path / "s.yaml")
+    trials = plan_trials(s, "search")
     import hashlib
 
     sha = hashlib.sha256(b"weights").hexdigest()
@@ -177,8 +178,8 @@ def test_stage2_selection_never_takes_another_configurations_result(tmp_path):
             "dataset": t.dataset, "protocol": "vtab", "stage": "search", "seed": 42, "hparams": t.hparams,
             "status": "ok", "val_acc": 50.0 + i, "config": config_to_dict(t.config),
             "provenance": {"backbone_checkpoint_sha256": "0" * 64 if other else sha}}))
-    assert sw.stage1_unfinished(s, trials) == {"syn_blobs": ["search-syn_blobs-lr0.01-s42"]}
-    assert sw.select_best(s, trials) == {"syn_count": {"lr": 1e-2}}
+    assert stage1_unfinished(s, trials) == {"syn_blobs": ["search-syn_blobs-lr0.01-s42"]}
+    assert select_best(s, trials) == {"syn_count": {"lr": 1e-2}}
 
 
 def test_a_resumed_sweep_reruns_a_finished_trial_whose_weights_file_changed(tmp_path, capsys):
@@ -188,8 +189,9 @@ def test_a_resumed_sweep_reruns_a_finished_trial_whose_weights_file_changed(tmp_
 
     import yaml
 
-    from launcher import sweep as sw
-    from launcher.resume import reconcile
+    from launcher.plan.resume import reconcile
+    from launcher.plan.schema import load_sweep
+    from launcher.plan.trials import plan_trials
     from synqt.config import config_to_dict, save_config
 
     ckpt = tmp_path / "w.pth"
@@ -197,8 +199,8 @@ def test_a_resumed_sweep_reruns_a_finished_trial_whose_weights_file_changed(tmp_
     data = {"name": "r", "datasets": ["syn_count", "syn_blobs"], "seeds": [42], "storage_path": str(tmp_path),
             "checkpoint": str(ckpt), "data_root": str(tmp_path / "data")}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
-    s = sw.load_sweep(tmp_path / "s.yaml")
-    trials = sw.plan_trials(s)
+    s = load_sweep(tmp_path / "s.yaml")
+    trials = plan_trials(s)
     for t in trials:
         d = t.run_dir(s)
         d.mkdir(parents=True)

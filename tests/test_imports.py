@@ -1,16 +1,19 @@
 """House rules on imports, read from the source with ``ast`` (every import, also inside functions):
 no import cycle between the modules of synqt/ and launcher/; synqt/ never imports launcher/ or Ray;
-launcher/ray_backend.py is the only module importing Ray. The checker is also run on a small tree
-written here, with one breach of each rule, to show that it finds them."""
+launcher/run/ray_backend.py is the only module importing Ray; and each room imports only what its
+``__init__`` docstring allows (``May import: a, b`` for the folder; ``x.py, y.py  may import: ...`` in a
+package's docstring for its top-level modules; a module may always import its own folder). The checker
+is also run on a small tree written here, with one breach of each rule, to show that it finds them."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("synqt", "launcher")
-RAY_MODULE = "launcher.ray_backend"
+RAY_MODULE = "launcher.run.ray_backend"
 
 
 def module_files(root: Path) -> dict[str, Path]:
@@ -96,10 +99,63 @@ def find_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def _names(text: str) -> list[str]:
+    text = text.strip().rstrip(".")
+    return [] if text in ("", "nothing") else [n.strip() for n in text.split(",") if n.strip()]
+
+
+def allowed_imports(root: Path) -> dict[str, list[str]]:
+    """{room: the project modules / packages it may import}, read from the ``__init__`` docstrings: a folder
+    (``synqt.data``) from its own ``May import:`` paragraph, a top-level module (``synqt.config``) from its
+    package's ``name.py ... may import:`` line. ``ValueError`` naming the file when a folder states no rule."""
+    rules: dict[str, list[str]] = {}
+    for pkg in PACKAGES:
+        for init in sorted((root / pkg).rglob("__init__.py")):
+            doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+            folder = ".".join(init.parent.relative_to(root).parts)
+            if folder != pkg:
+                m = re.search(r"^May import:(.*?)(?:\n\s*\n|\Z)", doc, re.M | re.S)
+                if not m:
+                    raise ValueError(f"{init}: the docstring says no 'May import:' rule for {folder}")
+                rules[folder] = _names(m.group(1).replace("\n", " "))
+            for line in doc.splitlines():
+                m = re.match(r"\s*((?:\w+\.py,?\s*)+)\s+may import:(.*)$", line)
+                if m:
+                    for mod in re.findall(r"(\w+)\.py", m.group(1)):
+                        rules[f"{folder}.{mod}"] = _names(m.group(2))
+    return rules
+
+
+def room_of(module: str, rules: dict[str, list[str]]) -> str | None:
+    """The room (the longest rule key that is the module or a folder above it) a module belongs to."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in rules:
+            return ".".join(parts[:n])
+    return None
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def breaches(root: Path) -> list[str]:
-    """Every breach of the three rules, as readable lines (empty: the tree is clean)."""
+    """Every breach of the house rules, as readable lines (empty: the tree is clean)."""
     edges, raw = import_graph(root)
     found = [f"import cycle: {' <-> '.join(c)}" for c in find_cycles(edges)]
+    rules = allowed_imports(root)
+    for mod, targets in sorted(edges.items()):
+        room = room_of(mod, rules)
+        if mod in PACKAGES:
+            continue  # the package roots import nothing but lazily, by name (synqt.__getattr__)
+        if room is None:
+            found.append(f"{mod} belongs to no room with a stated rule")
+            continue
+        for t in sorted(targets):
+            if t in PACKAGES or _within(t, room):
+                continue
+            if not any(_within(t, ok) for ok in rules[room]):
+                found.append(f"{mod} imports {t} ({room} may import: {', '.join(rules[room]) or 'nothing'})")
     for mod, names in sorted(raw.items()):
         uses_ray = sorted({n for n in names if n == "ray" or n.startswith("ray.")})
         if mod.split(".")[0] == "synqt":
@@ -107,15 +163,20 @@ def breaches(root: Path) -> list[str]:
             found += [f"{mod} imports {n} (synqt/ never imports Ray)" for n in uses_ray]
         elif uses_ray and mod != RAY_MODULE:
             found.append(f"{mod} imports {uses_ray[0]} (only {RAY_MODULE} may)")
-    return found
+    return sorted(found)
 
 
 def test_project_imports_follow_the_house_rules():
     assert breaches(REPO) == []
+    rules = allowed_imports(REPO)
+    # every folder of both packages states its rule, and every module belongs to a room
+    folders = {".".join(p.parent.relative_to(REPO).parts) for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+    assert folders - set(PACKAGES) <= set(rules), folders - set(rules)
+    assert rules["synqt.errors"] == [] and "synqt.training" not in rules["launcher.results"]
     edges, raw = import_graph(REPO)
     # the graph really was read: known edges are present (also imports inside functions)
-    assert "synqt.rundir" in edges["launcher.aggregate"]
-    assert "launcher.ray_backend" in edges["launcher.commands"]  # imported inside run_sweep_command
+    assert "synqt.run.rundir" in edges["launcher.results.aggregate"]
+    assert "launcher.run.ray_backend" in edges["launcher.run.commands"]  # imported inside run_sweep_command
     assert any(n == "ray" for n in raw[RAY_MODULE])
 
 
@@ -126,18 +187,42 @@ def _write(root: Path, rel: str, text: str) -> None:
 
 
 def test_checker_finds_each_kind_of_breach(tmp_path):
-    for pkg in PACKAGES:
-        _write(tmp_path, f"{pkg}/__init__.py", "")
+    _write(tmp_path, "synqt/__init__.py",
+           '"""x\n\n  errors.py  may import: nothing\n  a.py, b.py, c.py  may import: synqt\n"""\n')
+    _write(tmp_path, "launcher/__init__.py", '"""x\n\n  cli.py  may import: synqt, launcher\n"""\n')
     _write(tmp_path, "synqt/a.py", "from synqt import b\n")
     _write(tmp_path, "synqt/b.py", "def f():\n    from . import a\n    return a\n")  # cycle, inside a function
-    _write(tmp_path, "synqt/c.py", "def g():\n    import ray.tune\n    from launcher.stages import x\n")
-    _write(tmp_path, "launcher/stages.py", "import ray\n")
-    _write(tmp_path, "launcher/ray_backend.py", "import ray\n")
+    _write(tmp_path, "synqt/c.py", "def g():\n    import ray.tune\n    from launcher.run.stages import x\n")
+    _write(tmp_path, "synqt/errors.py", "from synqt import c\n")  # errors may import nothing
+    _write(tmp_path, "synqt/data/__init__.py", '"""Data.\n\nMay import: synqt.errors\n"""\n')
+    _write(tmp_path, "synqt/data/splits.py", "from synqt.errors import E\nfrom synqt.data import leaks\n")  # allowed
+    _write(tmp_path, "synqt/data/leaks.py", "import synqt.model.branch\n")  # data may not import model
+    _write(tmp_path, "synqt/model/__init__.py", '"""Model.\n\nMay import: synqt.data,\nsynqt.errors\n"""\n')
+    _write(tmp_path, "synqt/data/images.py", "")
+    _write(tmp_path, "synqt/model/branch.py", "from synqt.data.images import load\n")  # allowed (a 2-line rule)
+    _write(tmp_path, "synqt/tools/__init__.py", '"""Tools without a rule."""\n')
+    _write(tmp_path, "launcher/run/__init__.py", '"""Run.\n\nMay import: synqt, launcher.plan\n"""\n')
+    _write(tmp_path, "launcher/run/stages.py", "import ray\n")
+    _write(tmp_path, "launcher/run/ray_backend.py", "import ray\nfrom launcher.results import status\n")
+    _write(tmp_path, "launcher/results/__init__.py", '"""Results.\n\nMay import: synqt.run\n"""\n')
+    _write(tmp_path, "launcher/results/status.py", "")
+    try:
+        breaches(tmp_path)
+    except ValueError as err:  # a folder without a stated rule is refused, naming its __init__
+        assert "synqt/tools/__init__.py" in str(err) and "May import" in str(err)
+    else:
+        raise AssertionError("a folder without a rule was accepted")
+    _write(tmp_path, "synqt/tools/__init__.py", '"""Tools.\n\nMay import: synqt\n"""\n')
     found = breaches(tmp_path)
     assert found == [
         "import cycle: synqt.a <-> synqt.b",
-        "launcher.stages imports ray (only launcher.ray_backend may)",
-        "synqt.c imports launcher.stages",
-        "synqt.c imports launcher.stages.x",
+        "launcher.run.ray_backend imports launcher.results (launcher.run may import: synqt, launcher.plan)",
+        "launcher.run.ray_backend imports launcher.results.status (launcher.run may import: synqt, launcher.plan)",
+        "launcher.run.stages imports ray (only launcher.run.ray_backend may)",
+        "synqt.c imports launcher.run.stages",
+        "synqt.c imports launcher.run.stages (synqt.c may import: synqt)",
+        "synqt.c imports launcher.run.stages.x",
         "synqt.c imports ray.tune (synqt/ never imports Ray)",
+        "synqt.data.leaks imports synqt.model.branch (synqt.data may import: synqt.errors)",
+        "synqt.errors imports synqt.c (synqt.errors may import: nothing)",
     ]

@@ -196,7 +196,7 @@ def test_corrupt_or_foreign_cache_is_rebuilt_not_read(assets, live, tmp_path, da
         manifest.write_text(json.dumps(meta))
     else:
         manifest.unlink()
-    caplog.set_level(logging.WARNING, logger="synqt.kv_cache")
+    caplog.set_level(logging.WARNING, logger="synqt.training.kv_cache")
     metrics = _run(cfg, tmp_path / "second")
     assert "rebuilding it" in caplog.text
     assert [b[3] for b in _builds(Path(cfg.cache_dir))].count("train800val200") == 2
@@ -225,7 +225,7 @@ def test_a_cache_written_under_another_torch_or_timm_is_rebuilt(assets, tmp_path
 def test_cache_over_budget_falls_back_to_live_with_one_message(assets, live, tmp_path, caplog):
     live_dir, live_metrics = live
     cfg = _cfg(assets, "cache-budget", kv_cache="disk", kv_cache_max_gb=1e-6)  # ~1 KiB: nothing fits
-    caplog.set_level(logging.INFO, logger="synqt.kv_cache")
+    caplog.set_level(logging.INFO, logger="synqt.training.kv_cache")
     metrics = _run(cfg, tmp_path / "run")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len([w for w in warnings if "kv_cache_max_gb=1e-06" in w]) == 2  # once per split, naming the budget
@@ -236,7 +236,7 @@ def test_cache_over_budget_falls_back_to_live_with_one_message(assets, live, tmp
 
 def test_auto_runs_live_with_stochastic_depth_and_says_why_once(assets, tmp_path, caplog):
     cfg = _cfg(assets, "cache-auto", kv_cache="auto", backbone_drop_path=True, epochs=1)
-    caplog.set_level(logging.INFO, logger="synqt.kv_cache")
+    caplog.set_level(logging.INFO, logger="synqt.training.kv_cache")
     assert _run(cfg, tmp_path / "run")["status"] == "ok"
     said = [r.getMessage() for r in caplog.records if "backbone_drop_path=true" in r.getMessage()]
     assert len(said) == 1 and "live" in said[0]
@@ -317,7 +317,7 @@ def test_gradient_accumulation_from_the_cache_equals_live(assets, tmp_path):
 def test_feed_names_the_next_steps_first_micro_batch_for_the_copy_ahead():
     """A pinned cache copies the next batch ahead on a side stream (GPU): the last micro-batch of a step
     must name the next step's first one, or nothing is ever prefetched with grad_accum_steps=1."""
-    from synqt.kv_cache import feed
+    from synqt.training.kv_cache import feed
 
     class Recorder:  # records the (batch, copy-ahead) pairs a trainer asks for
         calls: list = []
@@ -340,7 +340,7 @@ def test_a_packs_deferred_evaluation_passes_the_test_images_once_with_periodic_n
     """A pack of 2 branches (two lr), live image stream, 4 epochs, evaluated every epoch: deferred, both branches'
     4 snapshots share ONE pass of the test images through the frozen backbone (counted at the patch
     embedding), periodic needs one per evaluation epoch; both give the same eval_history for each branch."""
-    from synqt.model import _FrozenStream
+    from synqt.model.stream import _FrozenStream
 
     embedded: list[int] = []  # images per pass through the frozen stream in eval mode (evaluation)
     real = _FrozenStream._embed

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synqt.memory import model_tensors, peak_memory, saved_activation_bytes
-from synqt.model import PackedSynQT, SynQT, build_backbone, build_model, new_branch
+from synqt.model.memory import model_tensors, peak_memory, saved_activation_bytes
+from synqt.model.stream import PackedSynQT, SynQT, build_backbone, build_model, new_branch
 
 # tiny ViT with many tokens so that the K/V term dominates: N = (128/8)^2 + 1 = 257, C = 192, L = 2
 KW = {"img_size": 128, "patch_size": 8, "depth": 2}
@@ -134,7 +134,7 @@ def test_peak_memory_still_sees_growth_when_freed_memory_is_kept():
     would absorb a new allocation and hide it from RSS; peak_memory trims it first."""
     import sys
 
-    from synqt.memory import keep_freed_host_memory
+    from synqt.model.memory import keep_freed_host_memory
 
     kept = keep_freed_host_memory()
     assert kept or not sys.platform.startswith("linux"), "glibc refused mallopt"

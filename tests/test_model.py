@@ -14,7 +14,8 @@ from torch import nn
 
 import synqt
 from synqt.errors import ModelError
-from synqt.model import QueryBranch, expected_trainable
+from synqt.model.branch import QueryBranch
+from synqt.model.stream import expected_trainable
 
 ATOL = 1e-5
 

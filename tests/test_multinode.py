@@ -48,7 +48,7 @@ def cluster() -> SlurmCluster:
 
 @pytest.fixture(scope="module")
 def ci_assets() -> list[str]:
-    from synqt.pretrain import ensure_demo_assets
+    from synqt.tools.pretrain import ensure_demo_assets
 
     data_root, ckpt = ensure_demo_assets()
     return [f"data_root={Path(data_root).absolute()}", f"checkpoint={Path(ckpt).absolute()}"]

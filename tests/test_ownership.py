@@ -244,7 +244,7 @@ def test_sigterm_to_status_watch_is_an_interrupt(tmp_path: Path) -> None:
 def test_an_owner_whose_claim_was_taken_over_learns_it_at_its_next_renewal(tmp_path: Path, monkeypatch) -> None:
     """The renewal thread: a claim removed by hand is published again; a claim replaced by another process's
     (this owner was suspended past stale_after_s and taken over) ends the renewal and calls on_lost once."""
-    from synqt.ownership import Claim
+    from synqt.run.ownership import Claim
 
     monkeypatch.setenv("SYNQT_CLAIM_RENEW_S", "0.1")
     lost: list = []

@@ -83,7 +83,7 @@ def _cost_inputs(params: list[int], rss: list[int]) -> tuple[dict, list[dict]]:
 
 
 def test_cost_chart_axes_start_at_zero_and_say_what_memory_is():
-    from launcher.plots import cost_figure
+    from launcher.results.plots import cost_figure
 
     # the demo's case: 0.16870 M and 0.16930 M parameters (0.3 % apart), RSS 600 and 612 MiB
     results, runs = _cost_inputs([168_700, 169_300], [600 * 2**20, 612 * 2**20])
@@ -124,7 +124,7 @@ def _steady_sweep(root: Path, now: float, running: dict[str, int]) -> None:
 def test_time_left_is_stable_while_packs_start_and_end(tmp_path):
     """Issue 21: 7 -> 14 -> 4 -> 8 min during the demo. A sweep running 2 trials at 0.1 epoch/s each: 40 trial-epochs
     left at 0.2 epochs/s is 200 s, whether one or two trials are running at the instant of asking."""
-    from launcher.status import collect_status
+    from launcher.results.status import collect_status
 
     now = 1_700_000_000.0
     etas = []
@@ -138,7 +138,7 @@ def test_time_left_is_stable_while_packs_start_and_end(tmp_path):
 
 
 def test_status_says_nothing_is_running(tmp_path):
-    from launcher.status import collect_status, status_text
+    from launcher.results.status import collect_status, status_text
 
     now = 1_700_000_000.0
     _steady_sweep(tmp_path, now, {})
@@ -196,7 +196,7 @@ def test_config_tables_list_every_key_with_its_default(doc):
 
 
 def test_the_documented_cache_folder_is_the_default(monkeypatch):
-    from synqt.data import default_cache_dir
+    from synqt.data.images import default_cache_dir
 
     for var in ("SYNQT_CACHE_DIR", "SLURM_TMPDIR"):
         monkeypatch.delenv(var, raising=False)

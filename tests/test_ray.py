@@ -29,10 +29,10 @@ def assets(request, tmp_path_factory) -> tuple[Path, Path]:
         got = request.getfixturevalue("demo_assets")
         ckpt = Path(got[1] if isinstance(got, tuple | list) else got.checkpoint)
     except pytest.FixtureLookupError:
-        from synqt.pretrain import ensure_demo_assets
+        from synqt.tools.pretrain import ensure_demo_assets
 
         ckpt = Path(ensure_demo_assets()[1])
-    from synqt.synthetic import write_benchmark
+    from synqt.data.synthetic import write_benchmark
 
     root = tmp_path_factory.mktemp("tiny") / "data"
     write_benchmark(root, tasks=TASKS, n_train=64, n_val=32, n_test=48)
@@ -369,7 +369,7 @@ def test_multi_device_trial_runs_deepspeed_under_torchtrainer(assets, tmp_path):
     assert len(set(m["deepspeed"]["weights_sha256"]["branch"])) == 1
     # the workers' frozen backbone (from the driver's object-store copy) is bitwise the checkpoint's
     from synqt.config import load_config
-    from synqt.model import build_backbone
+    from synqt.model.stream import build_backbone
     from synqt.training.deepspeed import state_sha256
 
     cfg = load_config([str(sweep_dir / "runs" / name / "config.yaml")])
@@ -391,7 +391,7 @@ def test_multi_device_trial_runs_deepspeed_under_torchtrainer(assets, tmp_path):
 
 def test_sequential_sweep_gives_the_ray_sweeps_results(assets, tmp_path):
     """`synqt sweep --sequential` (no Ray) runs the same packs to the same numbers as the Ray backend."""
-    from synqt.checkpoint import read_trainable
+    from synqt.weights.checkpoint import read_trainable
 
     args = ["datasets=[syn_blobs]", "seeds=[42,44]", "pack=2"]
     ray_run = _sweep(_base(assets, tmp_path / "ray", *args))

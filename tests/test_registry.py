@@ -1,4 +1,4 @@
-"""The dataset registry (synqt/registry.py): shipped order, groups and classes, and the folder names other
+"""The dataset registry (synqt/data/registry.py): shipped order, groups and classes, and the folder names other
 releases use for the VTAB-1k tasks resolving to the task's recipe, group and class count."""
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher import sweep as sw
-from launcher.aggregate import aggregate, format_table
-from synqt import registry
+from launcher.plan.schema import load_sweep
+from launcher.plan.trials import plan_trials
+from launcher.results.aggregate import aggregate, format_table
 from synqt.config import load_config
-from synqt.rundir import METRIC_KEYS
+from synqt.data import registry
+from synqt.run.rundir import METRIC_KEYS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHIPPED = yaml.safe_load((CONFIGS / "datasets.yaml").read_text())
@@ -60,22 +61,22 @@ def test_every_alias_names_one_task_and_no_alias_is_another_tasks_name():
 
 @pytest.mark.parametrize("folder,task", sorted(KNOWN.items()))
 def test_alias_folder_trains_with_its_tasks_recipe(folder, task, caplog):
-    caplog.set_level(logging.WARNING, logger="synqt.registry")
+    caplog.set_level(logging.WARNING, logger="synqt.data.registry")
     registry._logged.clear()
     cfg = load_config([], [f"dataset={folder}"])
     r = recipe(task)
     assert cfg.dataset == folder  # the folder read stays the folder given
     assert (cfg.group, cfg.num_classes, cfg.token_nums) == (r["group"], r["num_classes"], r["token_nums"])
     assert (cfg.feat_scale, cfg.attn_scale, cfg.ffn_scale) == (r["feat_scale"], r["attn_scale"], r["ffn_scale"])
-    lines = [rec.getMessage() for rec in caplog.records if rec.name == "synqt.registry"]
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "synqt.data.registry"]
     assert len(lines) == (0 if folder == task else 1)
     if folder != task:
         assert repr(folder) in lines[0] and repr(task) in lines[0]
 
 
 def test_sweep_over_an_alias_folder_plans_the_tasks_recipe(tmp_path):
-    sweep = sw.load_sweep(CONFIGS / "sweeps" / "vtab1k.yaml", ["datasets=[pets]", f"storage_path={tmp_path}"])
-    (trial,) = sw.plan_trials(sweep)
+    sweep = load_sweep(CONFIGS / "sweeps" / "vtab1k.yaml", ["datasets=[pets]", f"storage_path={tmp_path}"])
+    (trial,) = plan_trials(sweep)
     r = recipe("oxford_iiit_pet")
     assert (trial.config.dataset, trial.config.group, trial.config.token_nums) == ("pets", "Natural", r["token_nums"])
 

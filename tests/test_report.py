@@ -1,4 +1,4 @@
-"""The outputs a paper needs (launcher/report.py, launcher/plots.py, launcher/compare.py) and provenance.
+"""The outputs a paper needs (launcher/results/: report.py, plots.py, compare.py) and provenance.
 
 Sweeps are written here as metrics.json files with chosen numbers; every expected value is computed in
 the test from those numbers, and every file is read back with its own reader (pandas for CSV, json,
@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from launcher.aggregate import aggregate
 from launcher.cli import main
+from launcher.results.aggregate import aggregate
 
 REPO = Path(__file__).resolve().parents[1]
 VTAB = {  # the 19 VTAB-1k tasks and their groups (spec section 6), in table order
@@ -320,8 +320,8 @@ def test_plots_are_300_dpi_png_and_pdf(grid_sweep, tmp_path):
 def test_accuracy_figure_dots_per_seed_no_error_bar_for_one_seed_labels_and_marks(grid_sweep):
     from matplotlib.container import ErrorbarContainer
 
-    from launcher.aggregate import build_results, load_runs
-    from launcher.plots import accuracy_figure
+    from launcher.results.aggregate import build_results, load_runs
+    from launcher.results.plots import accuracy_figure
 
     sweep, _ = grid_sweep
     res, runs = build_results(sweep), load_runs(sweep)[1]
@@ -340,8 +340,8 @@ def test_accuracy_figure_dots_per_seed_no_error_bar_for_one_seed_labels_and_mark
 
 
 def test_learning_curves_are_the_mean_over_seeds_with_a_band(grid_sweep):
-    from launcher.aggregate import build_results, load_runs
-    from launcher.plots import curves_figure
+    from launcher.results.aggregate import build_results, load_runs
+    from launcher.results.plots import curves_figure
 
     sweep, _ = grid_sweep
     fig = curves_figure(build_results(sweep), load_runs(sweep)[1])
@@ -355,8 +355,8 @@ def test_learning_curves_are_the_mean_over_seeds_with_a_band(grid_sweep):
 
 
 def test_vtab_curves_show_the_search_val200_curve_beside_the_single_test_point(tmp_path):
-    from launcher.aggregate import build_results, load_runs
-    from launcher.plots import curves_figure
+    from launcher.results.aggregate import build_results, load_runs
+    from launcher.results.plots import curves_figure
 
     for seed, (v1, v2, t) in {1: (50.0, 60.0, 70.0), 2: (54.0, 64.0, 72.0)}.items():
         write_run(tmp_path, f"search-s{seed}", dataset="dtd", group="Natural", protocol="vtab", stage="search",
@@ -373,8 +373,8 @@ def test_vtab_curves_show_the_search_val200_curve_beside_the_single_test_point(t
 
 
 def test_cost_figure_has_every_ok_final_run(grid_sweep):
-    from launcher.aggregate import build_results, load_runs
-    from launcher.plots import cost_figure
+    from launcher.results.aggregate import build_results, load_runs
+    from launcher.results.plots import cost_figure
 
     sweep, exp = grid_sweep
     fig = cost_figure(build_results(sweep), load_runs(sweep)[1])
@@ -488,7 +488,7 @@ def test_compare_reads_the_spellings_published_tables_use(grid_sweep, tmp_path, 
 
 def test_every_spelling_names_one_task():
     """A title or alias that two tasks share (after case and punctuation are dropped) would compare the wrong rows."""
-    from synqt import registry
+    from synqt.data import registry
 
     seen: dict[str, str] = {}
     for info in registry.datasets():
@@ -524,8 +524,8 @@ def test_split_provenance_names_the_image_format_and_flags_jpeg_vtab(tmp_path, c
     import numpy as np
     from PIL import Image
 
-    from synqt.data import read_split
-    from synqt.provenance import JPEG_VTAB_NOTE, split_provenance
+    from synqt.data.splits import read_split
+    from synqt.run.provenance import JPEG_VTAB_NOTE, split_provenance
 
     rng = np.random.default_rng(0)
     for ext, name in (("png", "png_copy"), ("jpg", "jpeg_copy")):
@@ -539,7 +539,7 @@ def test_split_provenance_names_the_image_format_and_flags_jpeg_vtab(tmp_path, c
             (tmp_path / name / f"{split}.json").write_text(json.dumps(entries))
     png = split_provenance(read_split(tmp_path, "png_copy", "test"))
     assert png["image_formats"] == {"PNG": 3} and png["layout"] == "vtab_json" and png["note"] is None
-    with caplog.at_level("WARNING", logger="synqt.provenance"):
+    with caplog.at_level("WARNING", logger="synqt.run.provenance"):
         jpeg = split_provenance(read_split(tmp_path, "jpeg_copy", "train800val200"))
     assert jpeg["image_formats"] == {"JPEG": 3} and jpeg["note"] == JPEG_VTAB_NOTE
     assert "NOAH" in jpeg["note"] and any("jpeg_copy/train800val200" in r.getMessage() for r in caplog.records)
@@ -550,7 +550,7 @@ def test_library_versions_include_pillow_ray_and_the_checkout_commit():
 
     import PIL
 
-    from synqt.provenance import library_versions
+    from synqt.run.provenance import library_versions
 
     v = library_versions()
     assert v["pillow"] == PIL.__version__
@@ -572,7 +572,7 @@ def test_shipped_files_live_in_the_packages_and_the_repo_root_links_to_them():
     assert (REPO / "configs").is_symlink() and (REPO / "slurm").is_symlink()
     assert (REPO / "configs").resolve() == (REPO / "synqt" / "configs").resolve()
     assert (REPO / "slurm").resolve() == (REPO / "launcher" / "sbatch").resolve()
-    from launcher.slurm import SWEEP_SCRIPT
+    from launcher.run.slurm import SWEEP_SCRIPT
     from synqt.config import config_dir
 
     assert config_dir().resolve() == (REPO / "synqt" / "configs").resolve()

@@ -23,7 +23,7 @@ from engine_helpers import (  # noqa: F401 - _one_thread_no_progress is an autou
 )
 
 from launcher.cli import main
-from synqt.fileio import sha256_file
+from synqt.storage import sha256_file
 from synqt.training import run_trial
 
 

@@ -1,4 +1,4 @@
-"""The run-directory contract (synqt/rundir.py) on run directories written by hand: states, the duplicate
+"""The run-directory contract (synqt/run/rundir.py) on run directories written by hand: states, the duplicate
 rule, and `synqt aggregate` and `synqt status` agreeing on what they read."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.aggregate import aggregate, format_table
-from launcher.status import collect_status, status_text
-from synqt import rundir
-from synqt.rundir import METRIC_KEYS
+from launcher.results.aggregate import aggregate, format_table
+from launcher.results.status import collect_status, status_text
+from synqt.run import rundir
+from synqt.run.rundir import METRIC_KEYS
 
 
 def metrics(dataset: str, seed: int, test_acc: float | None, *, status: str = "ok", finished_at: float | None = None,

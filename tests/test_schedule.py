@@ -7,7 +7,7 @@ import math
 import pytest
 
 from synqt.errors import ConfigError
-from synqt.schedule import lr_at
+from synqt.training.schedule import lr_at
 
 # The official recipe with 10 optimizer steps per epoch: 50 epochs, 10 of warm-up, 1e-3 -> 1e-6.
 OFFICIAL = dict(epochs=50, warmup_epochs=10, base_lr=1e-3, min_lr=1e-6)

@@ -105,7 +105,8 @@ def as_user(user: str, fn: Callable[..., Any], *args: Any, env: dict[str, str] |
 
 def _load(data_root: str, split: str, cache_dir: str | None) -> dict[str, Any]:
     """In the child: decode a split through the cache; the array's checksum and where it came from."""
-    from synqt.data import load_images, read_split
+    from synqt.data.images import load_images
+    from synqt.data.splits import read_split
 
     images, labels = load_images(read_split(data_root, TASK, split), 16, cache_dir=cache_dir)
     return {"sum": int(np.asarray(images, dtype=np.int64).sum()), "n": int(len(labels)),
@@ -113,7 +114,8 @@ def _load(data_root: str, split: str, cache_dir: str | None) -> dict[str, Any]:
 
 
 def _reference_sum(data_root: Path, split: str) -> int:
-    from synqt.data import load_images, read_split
+    from synqt.data.images import load_images
+    from synqt.data.splits import read_split
 
     images, _ = load_images(read_split(data_root, TASK, split), 16, use_cache=False)
     return int(images.astype(np.int64).sum())

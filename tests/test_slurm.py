@@ -40,7 +40,7 @@ def slurm() -> SlurmCluster:
 @pytest.fixture(scope="session")
 def ci_assets() -> list[str]:
     """data_root/checkpoint overrides for the cached synthetic benchmark + pre-trained tiny ViT."""
-    from synqt.pretrain import ensure_demo_assets
+    from synqt.tools.pretrain import ensure_demo_assets
 
     data_root, ckpt = ensure_demo_assets()
     return [f"data_root={Path(data_root).absolute()}", f"checkpoint={Path(ckpt).absolute()}"]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from launcher import commands
+from launcher.run import commands
 from synqt.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent

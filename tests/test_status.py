@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.status import collect_status, format_duration, status_text
+from launcher.results.status import collect_status, format_duration, status_text
 from synqt.errors import SynQTError
 
 

@@ -141,7 +141,7 @@ def _steps(run_dir: Path) -> dict[str, list[int]]:
 def test_a_trial_killed_mid_epoch_and_resumed_logs_each_step_once(reference, tmp_path):
     """Killed at step 6 (mid-epoch 2) after the epoch-1 checkpoint, resumed: steps 5-6 were logged by both
     processes; the reader must see one point per step for every tag, HParams session included."""
-    from synqt import progress
+    from synqt.run import progress
 
     cfg, _, ref_metrics = reference
     run = tmp_path / "run"
@@ -243,7 +243,7 @@ def test_a_broken_run_state_file_is_set_aside_and_the_run_resumes(reference, int
 @pytest.mark.parametrize("how", DAMAGE)
 @pytest.mark.parametrize("name", ["metrics.json", "progress.json"])
 def test_run_state_json_readers_name_each_damage(tmp_path, name, how):
-    from synqt import rundir
+    from synqt.run import rundir
 
     run = tmp_path / "run"
     run.mkdir()
@@ -259,8 +259,8 @@ def test_run_state_json_readers_name_each_damage(tmp_path, name, how):
 
 @pytest.mark.parametrize("how", DAMAGE)
 def test_config_yaml_reader_sets_a_damaged_one_aside(reference, tmp_path, how):
-    from synqt.compat import saved_config
     from synqt.config import save_config
+    from synqt.weights.compat import saved_config
 
     cfg, _, _ = reference
     run = tmp_path / "run"
@@ -291,8 +291,10 @@ def test_deepspeed_checkpoint_check_names_each_damage(tmp_path, how):
 
 @pytest.mark.parametrize("how", DAMAGE)
 def test_a_broken_plan_json_is_set_aside_and_rewritten(assets, tmp_path, how, caplog):
-    from launcher.sweep import load_sweep, plan_trials, set_aside_broken_plan, write_plan
-    from synqt import rundir
+    from launcher.plan.planfile import set_aside_broken_plan, write_plan
+    from launcher.plan.schema import load_sweep
+    from launcher.plan.trials import plan_trials
+    from synqt.run import rundir
 
     data_root, ckpt, _ = assets
     sweep = load_sweep("configs/sweeps/ci.yaml", tiny_sweep_overrides(data_root, ckpt, tmp_path / "s"))
@@ -306,7 +308,8 @@ def test_a_broken_plan_json_is_set_aside_and_rewritten(assets, tmp_path, how, ca
 
 @pytest.mark.parametrize("how", DAMAGE)
 def test_a_broken_decoded_image_cache_entry_is_set_aside_and_rebuilt(assets, tmp_path, how):
-    from synqt.data import cache_paths, load_images, read_split
+    from synqt.data.images import cache_paths, load_images
+    from synqt.data.splits import read_split
 
     data_root, _, _ = assets
     split = read_split(data_root, TASK, "test")
@@ -405,7 +408,7 @@ def test_every_output_option_on_a_read_only_mount_is_refused(read_only_dir, asse
 
 @needs_root
 def test_a_full_disk_keeps_the_good_file_and_names_file_space_and_key(small_disk):
-    from synqt.fileio import WriteFailed, atomic_write_bytes, atomic_write_json, check_writable
+    from synqt.storage import WriteFailed, atomic_write_bytes, atomic_write_json, check_writable
 
     run = small_disk / "run"
     check_writable(run, "--out")

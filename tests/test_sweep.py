@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher import commands
-from launcher import sweep as sw
+from launcher.plan.packing import auto_pack_size, estimate_memory, packs_of
+from launcher.plan.schema import MAX_AUTO_PACK, expand_datasets, load_sweep
+from launcher.plan.trials import grid_points, plan_trials, select_best, stage1_unfinished
+from launcher.run import commands
 from synqt.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +30,7 @@ def _write(tmp_path: Path, data: dict, name: str = "s.yaml") -> Path:
 @pytest.fixture(scope="module")
 def bench_root(tmp_path_factory) -> Path:
     """Two small synthetic tasks on disk (validation reads their list files) + a checkpoint file."""
-    from synqt.synthetic import write_benchmark
+    from synqt.data.synthetic import write_benchmark
 
     root = tmp_path_factory.mktemp("bench")
     write_benchmark(root / "data", tasks=["syn_count", "syn_blobs"], n_train=40, n_val=10, n_test=30)
@@ -41,7 +43,7 @@ def bench_root(tmp_path_factory) -> Path:
 
 
 def test_overrides_one_syntax_for_sweep_and_trial_keys(tmp_path):
-    s = sw.load_sweep(
+    s = load_sweep(
         CI,
         [
             f"storage_path={tmp_path}/x",
@@ -62,7 +64,7 @@ def test_overrides_one_syntax_for_sweep_and_trial_keys(tmp_path):
     # a dotted trial key merges into the file's backbone_kwargs instead of replacing them
     assert s.trial["backbone_kwargs"] == {"img_size": 48, "patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}
     assert s.sweep_dir == tmp_path / "x" / "ci2"
-    trials = sw.plan_trials(s)
+    trials = plan_trials(s)
     assert len(trials) == 2 * 4 * 1
     cfg = trials[0].config
     assert cfg.epochs == 5 and cfg.backbone_kwargs["img_size"] == 48 and cfg.seed == 42
@@ -90,32 +92,32 @@ def test_overrides_one_syntax_for_sweep_and_trial_keys(tmp_path):
 def test_bad_sweep_files_name_key_and_file(tmp_path, data, needle):
     path = _write(tmp_path, data)
     with pytest.raises(ConfigError) as err:
-        sw.plan_trials(sw.load_sweep(path))
+        plan_trials(load_sweep(path))
     assert needle in str(err.value)
     assert "s.yaml" in str(err.value)
 
 
 def test_unknown_key_lists_allowed_keys(tmp_path):
     with pytest.raises(ConfigError) as err:
-        sw.load_sweep(_write(tmp_path, {"name": "x", "datasets": ["dtd"], "seed": 3}))
+        load_sweep(_write(tmp_path, {"name": "x", "datasets": ["dtd"], "seed": 3}))
     assert "seeds" in str(err.value) and "storage_path" in str(err.value)
     with pytest.raises(ConfigError, match="command line: unknown key 'nonsense'"):
-        sw.load_sweep(CI, ["nonsense=3"])
+        load_sweep(CI, ["nonsense=3"])
     with pytest.raises(ConfigError, match="not key=value"):
-        sw.load_sweep(CI, ["epochs"])
+        load_sweep(CI, ["epochs"])
     with pytest.raises(ConfigError, match="does not exist"):
-        sw.load_sweep(tmp_path / "missing.yaml")
+        load_sweep(tmp_path / "missing.yaml")
 
 
 def test_group_expansion():
     def ds(entries):
-        return sw.expand_datasets(entries)
+        return expand_datasets(entries)
 
     assert len(ds(["vtab1k"])) == 19
     assert ds(["natural"]) == ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"]
     assert len(ds(["specialized"])) == 4 and len(ds(["structured"])) == 8
     assert len(ds(["fgvc"])) == 5
-    from synqt.synthetic import DEMO_TASKS
+    from synqt.data.synthetic import DEMO_TASKS
 
     assert ds(["demo"]) == list(DEMO_TASKS) and "syn_count" in ds(["demo"])
     assert ds(["dtd", "natural"])[0] == "dtd" and len(ds(["dtd", "natural"])) == 7  # no duplicates
@@ -132,8 +134,8 @@ def test_paper_plan_counts_names_and_precedence(tmp_path):
         "trial": {"epochs": 7, "warmup_epochs": 1, "ffn_scale": 0.5, "eval_every": 7},
         "per_dataset": {"cifar": {"epochs": 3, "eval_every": 3}},
     }
-    s = sw.load_sweep(_write(tmp_path, data))
-    trials = sw.plan_trials(s)
+    s = load_sweep(_write(tmp_path, data))
+    trials = plan_trials(s)
     assert len(trials) == 2 * 2 * 2
     assert [t.run_name for t in trials[:3]] == [
         "final-dtd-lr0.001_wd0.01-s42",
@@ -147,7 +149,7 @@ def test_paper_plan_counts_names_and_precedence(tmp_path):
     assert cifar.token_nums == 4 and dtd.token_nums == 1  # shipped per-task settings (spec table)
     assert dtd.ffn_scale == 0.5  # sweep trial beats the shipped config
     assert dtd.protocol == "paper" and dtd.stage == "final"
-    assert [t.run_name for t in sw.plan_trials(s)] == [t.run_name for t in trials]  # deterministic
+    assert [t.run_name for t in plan_trials(s)] == [t.run_name for t in trials]  # deterministic
 
 
 def test_vtab_two_stage_plan_and_selection(tmp_path):
@@ -158,9 +160,9 @@ def test_vtab_two_stage_plan_and_selection(tmp_path):
         "grid": {"lr": [1e-3, 5e-4, 1e-4]},
         "storage_path": str(tmp_path),
     }
-    s = sw.load_sweep(_write(tmp_path, data))
+    s = load_sweep(_write(tmp_path, data))
     assert s.seeds == [42, 44, 82, 100, 800]  # vtab default
-    search = sw.plan_trials(s)
+    search = plan_trials(s)
     assert len(search) == 2 * 3 and {t.seed for t in search} == {42}
     assert all(t.stage == "search" and t.config.stage == "search" and t.config.protocol == "vtab" for t in search)
     # stage-1 results: dtd has a tie between the 2nd and 3rd point -> the earlier grid point wins;
@@ -174,16 +176,16 @@ def test_vtab_two_stage_plan_and_selection(tmp_path):
         error = None if acc is not None else "non-finite training loss (nan) at epoch 3, step 90"
         (d / "metrics.json").write_text(json.dumps({"dataset": t.dataset, "status": status, "val_acc": acc,
                                                     "error": error}))
-    best = sw.select_best(s, search)
+    best = select_best(s, search)
     assert best == {"dtd": {"lr": 5e-4}, "cifar": {"lr": 1e-3}}
-    final = sw.plan_trials(s, "final")
+    final = plan_trials(s, "final")
     assert len(final) == 2 * 5
     assert {t.seed for t in final} == {42, 44, 82, 100, 800}
     assert all(t.stage == "final" and t.config.stage == "final" for t in final)
     assert {t.config.lr for t in final if t.dataset == "dtd"} == {5e-4}
     assert final[0].run_name == "final-dtd-lr0.0005-s42"
     with pytest.raises(ConfigError, match="no search stage"):
-        sw.plan_trials(sw.load_sweep(CI), "search")
+        plan_trials(load_sweep(CI), "search")
 
 
 @pytest.mark.parametrize("kind", ["missing", "raised"])
@@ -191,8 +193,8 @@ def test_select_best_never_on_partial_stage1(tmp_path: Path, kind: str) -> None:
     """A dataset with a stage-1 point that did not finish (never wrote metrics, or raised) is not selected."""
     data = {"name": "v", "datasets": ["dtd", "cifar"], "protocol": "vtab", "grid": {"lr": [1e-3, 5e-4]},
             "storage_path": str(tmp_path)}
-    s = sw.load_sweep(_write(tmp_path, data))
-    search = sw.plan_trials(s)
+    s = load_sweep(_write(tmp_path, data))
+    search = plan_trials(s)
     unfinished = {"cifar-lr0.0005"}  # cifar's second point: the best of the finished ones is cifar lr=1e-3
     for t in search:
         d = t.run_dir(s)
@@ -205,9 +207,9 @@ def test_select_best_never_on_partial_stage1(tmp_path: Path, kind: str) -> None:
             continue
         (d / "metrics.json").write_text(json.dumps({"dataset": t.dataset, "status": "ok",
                                                     "val_acc": 60.0 if "0.001" in key else 40.0}))
-    assert sw.stage1_unfinished(s, search) == {"cifar": ["search-cifar-lr0.0005-s42"]}
-    assert sw.select_best(s, search) == {"dtd": {"lr": 1e-3}}
-    assert [t.dataset for t in sw.plan_trials(s, "final")] == ["dtd"] * 5
+    assert stage1_unfinished(s, search) == {"cifar": ["search-cifar-lr0.0005-s42"]}
+    assert select_best(s, search) == {"dtd": {"lr": 1e-3}}
+    assert [t.dataset for t in plan_trials(s, "final")] == ["dtd"] * 5
 
 
 def test_random_search_samples_distinct_grid_points(tmp_path):
@@ -220,10 +222,10 @@ def test_random_search_samples_distinct_grid_points(tmp_path):
         "grid": {"lr": [1e-3, 5e-4, 1e-4], "weight_decay": [1e-2, 1e-4]},
         "storage_path": str(tmp_path),
     }
-    s = sw.load_sweep(_write(tmp_path, data))
-    pts = sw.grid_points(s)
+    s = load_sweep(_write(tmp_path, data))
+    pts = grid_points(s)
     assert len(pts) == 3 and len({json.dumps(p) for p in pts}) == 3
-    assert pts == sw.grid_points(s)
+    assert pts == grid_points(s)
 
 
 def test_packs_group_by_pack_key(tmp_path):
@@ -235,23 +237,23 @@ def test_packs_group_by_pack_key(tmp_path):
         "storage_path": str(tmp_path),
         "resources": {"cpus": 4},
     }
-    off = sw.plan_trials(sw.load_sweep(_write(tmp_path, {**base, "pack": "off"})))
-    assert len(sw.packs_of(off)) == len(off) == 24
-    two = sw.plan_trials(sw.load_sweep(_write(tmp_path, {**base, "pack": 2})))
-    packs = sw.packs_of(two)
+    off = plan_trials(load_sweep(_write(tmp_path, {**base, "pack": "off"})))
+    assert len(packs_of(off)) == len(off) == 24
+    two = plan_trials(load_sweep(_write(tmp_path, {**base, "pack": 2})))
+    packs = packs_of(two)
     # 2 datasets x 2 seeds = 4 pack keys of 6 grid points each -> 3 packs of 2 each
     assert len(packs) == 12 and all(len(p) == 2 for p in packs)
     for p in packs:
         assert len({(t.dataset, t.seed) for t in p}) == 1
-    auto = sw.plan_trials(sw.load_sweep(_write(tmp_path, {**base, "pack": "auto"})))
-    assert all(len({(t.dataset, t.seed) for t in p}) == 1 for p in sw.packs_of(auto))
-    assert len(sw.packs_of(auto)) < 24
+    auto = plan_trials(load_sweep(_write(tmp_path, {**base, "pack": "auto"})))
+    assert all(len({(t.dataset, t.seed) for t in p}) == 1 for p in packs_of(auto))
+    assert len(packs_of(auto)) < 24
     # a fixed data order lets runs that differ only in seed share a pack
-    fixed = sw.plan_trials(sw.load_sweep(_write(tmp_path, {**base, "pack": 4, "trial": {"data_seed": 0}})))
-    assert any(len({t.seed for t in p}) == 2 for p in sw.packs_of(fixed))
+    fixed = plan_trials(load_sweep(_write(tmp_path, {**base, "pack": 4, "trial": {"data_seed": 0}})))
+    assert any(len({t.seed for t in p}) == 2 for p in packs_of(fixed))
     # different epochs never share a pack
-    per = sw.plan_trials(
-        sw.load_sweep(
+    per = plan_trials(
+        load_sweep(
             _write(
                 tmp_path,
                 {
@@ -274,12 +276,12 @@ def test_auto_pack_size_follows_the_memory_budget(tmp_path):
         "pack": "auto",
         "storage_path": str(tmp_path),
     }
-    big = sw.load_sweep(_write(tmp_path, {**base, "pack_memory_gb": 1000}))
-    small = sw.load_sweep(_write(tmp_path, {**base, "pack_memory_gb": 0.001}))
-    cfg = sw.plan_trials(big)[0].config
-    assert sw.auto_pack_size(big, cfg) == sw.MAX_AUTO_PACK
-    assert sw.auto_pack_size(small, cfg) == 1
-    assert sw.estimate_memory(cfg, 4) > sw.estimate_memory(cfg, 1)
+    big = load_sweep(_write(tmp_path, {**base, "pack_memory_gb": 1000}))
+    small = load_sweep(_write(tmp_path, {**base, "pack_memory_gb": 0.001}))
+    cfg = plan_trials(big)[0].config
+    assert auto_pack_size(big, cfg) == MAX_AUTO_PACK
+    assert auto_pack_size(small, cfg) == 1
+    assert estimate_memory(cfg, 4) > estimate_memory(cfg, 1)
 
 
 def _synqt(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -345,7 +347,7 @@ FGVC_TRAIN_VAL_TEST = {
 
 
 def test_the_registry_knows_each_tasks_official_split_sizes():
-    from synqt.data import official_split_size
+    from synqt.data.splits import official_split_size
 
     for task, n in VTAB1K_TEST.items():
         assert official_split_size(task, "test") == n, task
@@ -418,10 +420,10 @@ def test_dry_run_of_a_plan_that_would_be_refused_exits_2(tmp_path, bench_root):
 
 def test_alias_and_its_task_in_one_sweep_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"'pets' and 'oxford_iiit_pet' are both the task 'oxford_iiit_pet'"):
-        sw.expand_datasets(["pets", "oxford_iiit_pet"])
+        expand_datasets(["pets", "oxford_iiit_pet"])
     with pytest.raises(ConfigError, match=r"'pets' and 'natural' are both the task 'oxford_iiit_pet'"):
-        sw.expand_datasets(["pets", "natural"])
-    assert sw.expand_datasets(["cifar", "cifar"]) == ["cifar"]  # the same folder twice: one trial set
+        expand_datasets(["pets", "natural"])
+    assert expand_datasets(["cifar", "cifar"]) == ["cifar"]  # the same folder twice: one trial set
     out = _synqt("sweep", "vtab1k", "--dry-run", "datasets=[pets,oxford_iiit_pet]", "checkpoint=random",
                  f"storage_path={tmp_path}")
     assert out.returncode == 2 and "Traceback" not in out.stderr
@@ -485,7 +487,7 @@ def test_existing_sweep_is_not_overwritten(tmp_path, bench_root):
 
 
 def test_launcher_sweep_does_not_import_ray():
-    code = "import sys, launcher.sweep, launcher.stages; assert 'ray' not in sys.modules, 'ray imported'"
+    code = "import sys, launcher.plan, launcher.run.stages; assert 'ray' not in sys.modules, 'ray imported'"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 

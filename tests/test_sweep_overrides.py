@@ -25,8 +25,9 @@ from engine_helpers import (  # noqa: F401 - _one_thread_no_progress is an autou
     write_tiny_assets,
 )
 
-from launcher import sweep as sw
 from launcher.cli import main
+from launcher.plan.schema import load_sweep
+from launcher.plan.trials import plan_trials
 from synqt.config import load_config
 from synqt.errors import ConfigError
 
@@ -54,15 +55,15 @@ def test_seed_on_the_sweep_line_is_planned(capsys, tmp_path):
     lrs = demo["grid"]["lr"]
     plan = _dry_run_json(capsys, "demo", "seed=7", f"storage_path={tmp_path}")
     names = [t["run_name"] for t in plan["trials"]]
-    from synqt.synthetic import DEMO_TASKS
+    from synqt.data.synthetic import DEMO_TASKS
 
     assert sorted(names) == sorted(f"final-{d}-lr{lr:g}-s7" for d in DEMO_TASKS for lr in lrs)
     assert plan["seeds"] == [7] and all(t["seed"] == 7 for t in plan["trials"])
 
 
 def test_a_key_the_grid_varies_and_dataset_on_the_line_are_applied(tmp_path):
-    s = sw.load_sweep(DEMO, ["lr=0.5", "dataset=syn_lesion", f"storage_path={tmp_path}"])
-    trials = sw.plan_trials(s)
+    s = load_sweep(DEMO, ["lr=0.5", "dataset=syn_lesion", f"storage_path={tmp_path}"])
+    trials = plan_trials(s)
     assert [t.run_name for t in trials] == ["final-syn_lesion-lr0.5-s42"]
     assert trials[0].config.lr == 0.5 and trials[0].hparams["lr"] == 0.5 and trials[0].config.dataset == "syn_lesion"
 
@@ -70,8 +71,8 @@ def test_a_key_the_grid_varies_and_dataset_on_the_line_are_applied(tmp_path):
 def test_a_trial_key_on_the_line_beats_per_dataset(tmp_path):
     data = {"name": "p", "datasets": ["syn_count", "syn_blobs"], "storage_path": str(tmp_path),
             "per_dataset": {"syn_count": {"epochs": 3, "warmup_epochs": 1}}}
-    s = sw.load_sweep(_write(tmp_path, data), ["epochs=4", "warmup_epochs=1"])
-    assert {t.dataset: t.config.epochs for t in sw.plan_trials(s)} == {"syn_count": 4, "syn_blobs": 4}
+    s = load_sweep(_write(tmp_path, data), ["epochs=4", "warmup_epochs=1"])
+    assert {t.dataset: t.config.epochs for t in plan_trials(s)} == {"syn_count": 4, "syn_blobs": 4}
 
 
 @pytest.mark.parametrize(("override", "needles"), [
@@ -94,7 +95,7 @@ def test_an_override_the_sweep_cannot_apply_exits_2_naming_key_and_owner(overrid
 
 def test_two_overrides_of_one_sweep_key_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="seeds"):
-        sw.load_sweep(DEMO, ["seed=7", "seeds=[1,2]", f"storage_path={tmp_path}"])
+        load_sweep(DEMO, ["seed=7", "seeds=[1,2]", f"storage_path={tmp_path}"])
 
 
 def test_keys_owned_by_resources_devices_are_refused_in_any_layer(tmp_path):
@@ -103,7 +104,7 @@ def test_keys_owned_by_resources_devices_are_refused_in_any_layer(tmp_path):
                           ({"grid": {"num_devices": [1, 2]}}, "grid.num_devices"),
                           ({"per_dataset": {"syn_count": {"num_devices": 4}}}, "per_dataset.syn_count.num_devices")):
         with pytest.raises(ConfigError, match="resources.devices") as err:
-            sw.load_sweep(_write(tmp_path, {**base, **extra}))
+            load_sweep(_write(tmp_path, {**base, **extra}))
         assert needle in str(err.value)
 
 
@@ -162,15 +163,15 @@ def test_grid_beats_every_fixed_layer_and_per_dataset_beats_the_sweep_key(tmp_pa
     a, b, c = (str(tmp_path / n) for n in ("a.pth", "b.pth", "c.pth"))
     base = {"name": "g", "datasets": ["syn_count", "syn_blobs"], "storage_path": str(tmp_path), "checkpoint": a,
             "data_root": "/d/top"}
-    s = sw.load_sweep(_write(tmp_path, {**base, "per_dataset": {"syn_blobs": {"checkpoint": c,
+    s = load_sweep(_write(tmp_path, {**base, "per_dataset": {"syn_blobs": {"checkpoint": c,
                                                                               "data_root": "/d/blobs"}}}))
-    cfg = {t.dataset: t.config for t in sw.plan_trials(s)}
+    cfg = {t.dataset: t.config for t in plan_trials(s)}
     assert cfg["syn_count"].checkpoint == a and cfg["syn_blobs"].checkpoint == c
     assert cfg["syn_count"].data_root == "/d/top" and cfg["syn_blobs"].data_root == "/d/blobs"
-    s = sw.load_sweep(_write(tmp_path, {**base, "per_dataset": {"syn_blobs": {"checkpoint": c}},
+    s = load_sweep(_write(tmp_path, {**base, "per_dataset": {"syn_blobs": {"checkpoint": c}},
                                         "trial": {"epochs": 3, "warmup_epochs": 1},
                                         "grid": {"checkpoint": [b], "data_root": ["/d/grid"], "epochs": [2]}}))
-    for t in sw.plan_trials(s):
+    for t in plan_trials(s):
         assert (t.config.checkpoint, t.config.data_root, t.config.epochs) == (b, "/d/grid", 2), t.dataset
         assert t.hparams["checkpoint"] == b and t.hparams["data_root"] == "/d/grid"
 
@@ -180,14 +181,14 @@ def test_a_key_set_at_the_top_and_in_trial_is_refused(tmp_path):
         data = {"name": "t", "datasets": ["syn_count"], "storage_path": str(tmp_path), key: "/x/top",
                 "trial": {key: "/x/trial"}}
         with pytest.raises(ConfigError, match=f"'{key}' is set both at the top .* and in trial.{key}"):
-            sw.load_sweep(_write(tmp_path, data))
+            load_sweep(_write(tmp_path, data))
 
 
 def test_a_checkpoint_on_the_line_replaces_every_file_layer(tmp_path):
     data = {"name": "t", "datasets": ["syn_count", "syn_blobs"], "storage_path": str(tmp_path), "checkpoint": "/a",
             "per_dataset": {"syn_blobs": {"checkpoint": "/c"}}}
-    s = sw.load_sweep(_write(tmp_path, data), ["checkpoint=/z"])
-    assert {t.config.checkpoint for t in sw.plan_trials(s)} == {"/z"}
+    s = load_sweep(_write(tmp_path, data), ["checkpoint=/z"])
+    assert {t.config.checkpoint for t in plan_trials(s)} == {"/z"}
 
 
 # ----------------------------------------------------------------------------------------------- kind 4
@@ -196,17 +197,17 @@ def test_a_checkpoint_on_the_line_replaces_every_file_layer(tmp_path):
 @pytest.mark.parametrize("text", ["/d/vtab #v2", "/d/a: b", "/d/!x", "/d/&y", "/d/*z", "/d/{w}", "/d/1e3"])
 def test_a_path_keeps_its_text_in_train_and_sweep(text, tmp_path):
     assert load_config([], [f"data_root={text}"]).data_root == text
-    s = sw.load_sweep(CI, [f"data_root={text}", f"storage_path={tmp_path}/run #2"])
+    s = load_sweep(CI, [f"data_root={text}", f"storage_path={tmp_path}/run #2"])
     assert s.data_root == text and s.sweep_dir == tmp_path / "run #2" / "ci"
-    assert {t.config.data_root for t in sw.plan_trials(s)} == {text}
-    s = sw.load_sweep(CI, [f"trial.cache_dir={text}", f"storage_path={tmp_path}"])
-    assert {t.config.cache_dir for t in sw.plan_trials(s)} == {text}
+    assert {t.config.data_root for t in plan_trials(s)} == {text}
+    s = load_sweep(CI, [f"trial.cache_dir={text}", f"storage_path={tmp_path}"])
+    assert {t.config.cache_dir for t in plan_trials(s)} == {text}
 
 
 @pytest.mark.parametrize(("override", "name"), [("name=yes", "yes"), ("name=1e3", "1e3"), ("name=null", "null"),
                                                 ("name=012", "012"), ("name=on", "on")])
 def test_a_text_sweep_key_keeps_what_yaml_would_retype(override, name, tmp_path):
-    s = sw.load_sweep(CI, [override, f"storage_path={tmp_path}"])
+    s = load_sweep(CI, [override, f"storage_path={tmp_path}"])
     assert s.name == name and s.sweep_dir == tmp_path / name
 
 
@@ -225,7 +226,7 @@ def test_a_text_sweep_key_keeps_what_yaml_would_retype(override, name, tmp_path)
 ])
 def test_what_yaml_would_change_is_refused_naming_the_key(override, needle, tmp_path):
     with pytest.raises(ConfigError) as err:
-        sw.load_sweep(CI, [override, f"storage_path={tmp_path}"])
+        load_sweep(CI, [override, f"storage_path={tmp_path}"])
     assert needle in str(err.value) and override.partition("=")[0].split(".")[0] in str(err.value)
     key = override.partition("=")[0]
     if key in ("data_root", "checkpoint", "lr", "epochs"):  # trial keys: synqt train refuses them the same way
@@ -234,10 +235,19 @@ def test_what_yaml_would_change_is_refused_naming_the_key(override, needle, tmp_
         assert needle in str(err.value)
 
 
+def _plan_modules(pkg):
+    import importlib
+    import pkgutil
+
+    return [importlib.import_module(f"{pkg.__name__}.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)]
+
+
 def test_the_sweep_has_no_second_override_parser():
     import inspect
 
-    source = inspect.getsource(sw)
+    import launcher.plan
+
+    source = "".join(inspect.getsource(m) for m in _plan_modules(launcher.plan))
     assert "yaml_load" not in source and "def yaml_value" not in source
 
 
@@ -246,6 +256,6 @@ def test_asha_max_t_below_a_trials_epochs_is_refused(tmp_path):
     before it records a result while its config says it trains longer."""
     data = {"name": "a", "datasets": ["syn_count"], "protocol": "vtab", "storage_path": str(tmp_path),
             "asha": {"max_t": 4, "grace_period": 1}, "trial": {"epochs": 4, "warmup_epochs": 1}}
-    assert len(sw.plan_trials(sw.load_sweep(_write(tmp_path, data)))) == 1
+    assert len(plan_trials(load_sweep(_write(tmp_path, data)))) == 1
     with pytest.raises(ConfigError, match=r"asha.max_t=4 is below epochs=6 of search-syn_count-ep6-s42"):
-        sw.plan_trials(sw.load_sweep(_write(tmp_path, {**data, "grid": {"epochs": [4, 6]}})))
+        plan_trials(load_sweep(_write(tmp_path, {**data, "grid": {"epochs": [4, 6]}})))

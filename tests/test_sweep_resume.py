@@ -18,7 +18,7 @@ from engine_helpers import (  # noqa: F401 - _one_thread_no_progress is an autou
     write_tiny_assets,
 )
 
-from synqt.fileio import sha256_file
+from synqt.storage import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 CI = REPO / "configs" / "sweeps" / "ci.yaml"
@@ -140,3 +140,30 @@ def test_ray_resume_with_an_added_grid_point_runs_it_in_its_own_trial(assets, tm
     # each Ray trial took its thread count from the CPUs Ray assigned it (resources.cpus 1; issue 21 item 3)
     assert {(m["provenance"]["threads"]["source"], m["provenance"]["threads"]["threads"])
             for m in (_metrics(sweep, n) for n in (A, B, C))} == {("ray", 1)}
+
+
+@pytest.mark.slow
+def test_ray_resume_reruns_a_finished_trial_whose_metrics_were_removed_or_broken(assets, tmp_path):
+    """A restored Tune experiment held the pack of a finished trial as TERMINATED: after its metrics.json was
+    removed (or set aside as broken) a --resume planned it, never ran it and reported "no metrics.json was
+    written". Both members of the kind now rerun that trial in a new Ray experiment; the other is untouched."""
+    _ok(_run(_args(assets, tmp_path, "grid.lr=[1e-3,2e-3]", "max_concurrent=1")))
+    sweep = tmp_path / "ci"
+    for victim, damage in ((A, "removed"), (B, "broken")):
+        before = _state(sweep)
+        metrics = sweep / "runs" / victim / "metrics.json"
+        if damage == "removed":
+            metrics.unlink()
+        else:
+            metrics.write_text(metrics.read_text()[:40])  # cut off mid-write
+        proc = _run(_args(assets, tmp_path, "grid.lr=[1e-3,2e-3]", "max_concurrent=1"), "--resume")
+        _ok(proc)
+        out = proc.stdout + proc.stderr
+        assert "no metrics.json was written" not in out, (damage, out[-3000:])
+        assert "running a new Ray experiment" in out, (damage, out[-3000:])
+        after = _state(sweep)
+        assert set(after) == {A, B} and _metrics(sweep, victim)["status"] == "ok", damage
+        other = B if victim == A else A
+        assert after[other] == before[other], damage  # the untouched trial was not rerun
+        if damage == "broken":  # the cut file was kept beside the run, not deleted
+            assert list((sweep / "runs" / victim).glob("metrics.json.broken-*")), damage

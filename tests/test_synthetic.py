@@ -13,14 +13,7 @@ import timm
 import torch
 from PIL import Image
 
-from synqt.errors import DataError
-from synqt.pretrain import (
-    ensure_demo_assets,
-    linear_probe_accuracy,
-    load_demo_backbone,
-    pretrain_backbone,
-)
-from synqt.synthetic import (
+from synqt.data.synthetic import (
     DEMO_BACKBONE,
     DEMO_BACKBONE_KWARGS,
     DEMO_TASKS,
@@ -29,6 +22,8 @@ from synqt.synthetic import (
     source_batch,
     write_benchmark,
 )
+from synqt.errors import DataError
+from synqt.tools.pretrain import ensure_demo_assets, linear_probe_accuracy, load_demo_backbone, pretrain_backbone
 
 SMALL = dict(n_train=20, n_val=6, n_test=10)
 

@@ -34,8 +34,8 @@ SEEDS = [42, 44]
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """(sweep dir, completed `synqt sweep` process) of the small Ray sweep."""
-    from synqt.pretrain import ensure_demo_assets
-    from synqt.synthetic import write_benchmark
+    from synqt.data.synthetic import write_benchmark
+    from synqt.tools.pretrain import ensure_demo_assets
 
     ckpt = Path(ensure_demo_assets()[1])
     root = tmp_path_factory.mktemp("tb_view")

@@ -4,9 +4,16 @@
 (``synqt.training.pack``: k >= 1 branches over one frozen forward pass, one process, Accelerate) or the
 DeepSpeed trainer (``synqt.training.deepspeed``: one trial over ``num_devices`` processes). Both build
 their backbone and branch in ``synqt.training.build``, share the loop pieces of ``synqt.training.loop``
-and write run directories through ``synqt.rundir``. Backends (Ray, the sequential runner, a SLURM array
+and write run directories through ``synqt.run.rundir``. Backends (Ray, the sequential runner, a SLURM array
 task, ``synqt train``) call only this module, except Ray Train, which runs
 ``synqt.training.deepspeed.train_worker`` in its own workers.
+
+Also here: ``kv_cache`` (the frozen stream's per-block K/V of a split, computed once per node), ``schedule``
+(optimizer and the official per-iteration learning rate), ``threads`` (the one decision of a process's
+thread count), ``snapshots`` (deferred evaluation).
+
+May import: synqt.config, synqt.data, synqt.errors, synqt.model, synqt.resources, synqt.run, synqt.storage,
+synqt.version, synqt.weights
 """
 
 from __future__ import annotations
@@ -37,13 +44,13 @@ _CACHE_SAID: set[Path] = set()
 
 def check_outputs(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], key: str | None = None) -> None:
     """Before data, backbone or device are touched: each run directory must take a new file
-    (``synqt.fileio.check_writable``: ``NotWritable`` naming ``key`` -- the option or config key that chose
+    (``synqt.storage.check_writable``: ``NotWritable`` naming ``key`` -- the option or config key that chose
     it, else the key recorded for the folder -- the folder and the reason). The cache folder (``cache_dir``;
     decoded images and K/V caches) is checked too; caches are optional, so an unwritable one is said once
     (per folder and process) and the trial reads only entries already built there and decodes the rest live.
     """
-    from synqt.data import default_cache_dir
-    from synqt.fileio import NotWritable, check_writable, folder_key
+    from synqt.data.images import default_cache_dir
+    from synqt.storage import NotWritable, check_writable, folder_key
 
     for d in run_dirs:
         check_writable(d, key or folder_key(d) or "the run directory")
@@ -67,13 +74,13 @@ def run_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, res
 
     A DeepSpeed trial (``trainer_for`` says so) is a pack of one, run on this machine with ``num_devices``
     processes; ``retries`` is how often a crashed process is restarted from its last checkpoint there.
-    ``cpus``: the CPUs Ray assigned to this trial, for its thread count (``synqt.threads``; None elsewhere).
+    ``cpus``: the CPUs Ray assigned to this trial, for its thread count (``synqt.training.threads``; None elsewhere).
     """
-    from synqt.ckptfile import require_backbone_weights
+    from synqt.weights.identify import require_backbone_weights
 
     for c in cfgs:  # before any run directory, device or data: a missing checkpoint is a config error
         require_backbone_weights(c.checkpoint, f"dataset {c.dataset!r}")
-    check_outputs(cfgs, run_dirs)  # ... and a folder that takes no file a storage error (synqt.fileio)
+    check_outputs(cfgs, run_dirs)  # ... and a folder that takes no file a storage error (synqt.storage)
     if cfgs and trainer_for(cfgs[0]) == "deepspeed":
         if len(cfgs) != 1:
             raise ConfigError(f"a DeepSpeed trial is never packed (got a pack of {len(cfgs)})")

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from synqt.ckptfile import is_random, require_backbone_weights
 from synqt.config import TrialConfig, effective_seeds
-from synqt.model import QueryBranch, build_backbone, new_branch
+from synqt.model.branch import QueryBranch
+from synqt.model.stream import build_backbone, new_branch
 from synqt.training.loop import derive_seed
+from synqt.weights.identify import is_random, require_backbone_weights
 
 
 def backbone_key(cfg: TrialConfig) -> str:
@@ -64,7 +65,7 @@ def frozen_backbone(cfg: TrialConfig, *, state: Mapping[str, Any] | None = None,
     model.requires_grad_(False)
     model.eval()
     if identity is None:
-        from synqt.checkpoint import backbone_identity
+        from synqt.weights.checkpoint import backbone_identity
 
         identity = backbone_identity(model, cfg.backbone, cfg.backbone_kwargs, cfg.checkpoint)
     model.synqt_identity = identity

@@ -6,7 +6,7 @@ device). Only the query branch (queries, prompt FFNs, QSM blocks, head) is hande
 ``_TrainableView``, whose only registered submodule is the branch: the frozen backbone is never
 wrapped, broadcast, all-reduced or partitioned; every rank holds its own full frozen copy.
 
-Launch: Ray Train's ``TorchTrainer`` (``launcher/ray_backend.py``) calls ``train_worker`` in each worker
+Launch: Ray Train's ``TorchTrainer`` (``launcher/run/ray_backend.py``) calls ``train_worker`` in each worker
 after it has set up the process group; ``run_local`` does the same without Ray (torch.multiprocessing,
 gloo), for tests and single-node use. This module never imports ray: the Ray glue passes
 ``ray.train.report`` as ``report``.
@@ -43,9 +43,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from synqt import rundir
-from synqt.checkpoint import save_trainable
-from synqt.compat import check_same_run
 from synqt.config import (
     TrialConfig,
     config_dir,
@@ -56,10 +53,10 @@ from synqt.config import (
     splits_for,
 )
 from synqt.errors import ConfigError
-from synqt.memory import keep_freed_host_memory
-from synqt.model import PackedSynQT, count_trainable
-from synqt.precision import check_precision
-from synqt.schedule import adamw, lr_at
+from synqt.model.memory import keep_freed_host_memory
+from synqt.model.precision import check_precision
+from synqt.model.stream import PackedSynQT, count_trainable
+from synqt.run import rundir
 from synqt.training.build import branch_for, frozen_backbone, seeded_branch
 from synqt.training.loop import (
     RunData,
@@ -75,7 +72,10 @@ from synqt.training.loop import (
     trial_metrics,
     write_hparams,
 )
+from synqt.training.schedule import adamw, lr_at
 from synqt.training.snapshots import count_correct, deferred, load_snapshots, remove_snapshots, save_snapshot
+from synqt.weights.checkpoint import save_trainable
+from synqt.weights.compat import check_same_run
 
 log = logging.getLogger("synqt.deepspeed")
 
@@ -155,7 +155,7 @@ def _check_device(cfg: TrialConfig) -> None:
 def _device(cfg: TrialConfig) -> torch.device:
     _check_device(cfg)
     if cfg.device == "cpu" or not torch.cuda.is_available():
-        check_precision(cfg.precision, "cpu")  # bf16 only where it is native (synqt/precision.py)
+        check_precision(cfg.precision, "cpu")  # bf16 only where it is native (synqt/model/precision.py)
         return torch.device("cpu")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
@@ -221,7 +221,8 @@ def deepspeed_config(cfg: TrialConfig, world_size: int) -> dict[str, Any]:
     for key in ("optimizer", "scheduler"):
         if key in out:
             raise ConfigError(f"deepspeed_config {path}: remove the {key!r} section: the trainer passes a torch "
-                              "AdamW and sets the lr every step with synqt.schedule.lr_at (no JIT-built optimizer)")
+                              "AdamW and sets the lr every step with synqt.training.schedule.lr_at "
+                              "(no JIT-built optimizer)")
     for key in ("bf16", "fp16"):
         if (out.get(key) or {}).get("enabled"):
             raise ConfigError(f"deepspeed_config {path}: {key}.enabled must be false or \"auto\": mixed precision "
@@ -258,8 +259,8 @@ def _all_gather_str(text: str, device: torch.device) -> list[str]:
 def ds_checkpoint_problem(ckpt_dir: Path) -> str | None:
     """None when ``ckpt_dir`` (DeepSpeed's ``save_checkpoint`` folder) holds a complete checkpoint: ``latest``
     names a tag folder whose model and optimizer files are complete ``torch.save`` zips (checked as backbone
-    files are, ``synqt.ckptfile.sniff``); else what is broken."""
-    from synqt.fileio import torch_file_problem
+    files are, ``synqt.weights.identify.sniff``); else what is broken."""
+    from synqt.weights.identify import torch_file_problem
 
     try:
         tag = (ckpt_dir / "latest").read_text().strip()
@@ -317,7 +318,8 @@ class _Worker:
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self, device: torch.device) -> None:
-        from synqt.data import dataset_num_classes, load_images, read_split, validate_dataset
+        from synqt.data.images import load_images
+        from synqt.data.splits import dataset_num_classes, read_split, validate_dataset
 
         cfg = self.cfg
         self.device = device
@@ -333,7 +335,7 @@ class _Worker:
         self.eval_list = read_split(cfg.data_root, cfg.dataset, self.eval_split, layout=cfg.layout)
         self.backbone = frozen_backbone(cfg, state=self.backbone_state)
         if self.is_main:
-            from synqt.checkpoint import weights_text
+            from synqt.weights.checkpoint import weights_text
 
             log.info("%s: backbone %s, weights: %s", Path(self.run_dir).name, cfg.backbone,
                      weights_text(getattr(self.backbone, "synqt_identity", None)))
@@ -365,7 +367,7 @@ class _Worker:
 
     def _setup_kv_cache(self) -> None:
         """The node's K/V caches of both splits (rank 0 builds first; the others then map the same files)."""
-        from synqt.kv_cache import CacheRequest, open_trial_caches
+        from synqt.training.kv_cache import CacheRequest, open_trial_caches
 
         cfg = self.cfg
         requests = [(name, CacheRequest(split=split, images=images, image_size=self.image_size,
@@ -383,7 +385,7 @@ class _Worker:
         self.train_kv, self.eval_kv = caches.get("train"), caches.get("eval")
 
     def _inputs(self, cache, images: np.ndarray, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        from synqt.data import to_tensor_batch
+        from synqt.data.images import to_tensor_batch
 
         if cache is not None:
             return {"kv": cache.batch(idx)}
@@ -415,7 +417,7 @@ class _Worker:
         if problem is not None:
             dist.barrier()  # every rank has looked before rank 0 moves the folder
             if self.is_main:
-                from synqt.fileio import set_aside
+                from synqt.storage import set_aside
 
                 set_aside(self.ckpt_dir, problem, f"{self.run_dir.name} restarts from epoch 0")
             dist.barrier()
@@ -449,7 +451,7 @@ class _Worker:
         return math.ceil(len(self.train_labels) / self.cfg.batch_size)
 
     def _batch(self, images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        from synqt.data import to_tensor_batch
+        from synqt.data.images import to_tensor_batch
 
         x = to_tensor_batch(images[idx], self.cfg.mean, self.cfg.std)
         return x.to(self.device, non_blocking=True), torch.as_tensor(labels[idx], device=self.device)
@@ -668,7 +670,7 @@ def train_worker(cfg: TrialConfig | dict, run_dir: str | Path, *, report: Callab
         log.info("%s already finished; skipping", run_dir.name)
         return done if dist.get_rank() == 0 else None
     if dist.get_rank() == 0:
-        from synqt.fileio import check_writable, folder_key
+        from synqt.storage import check_writable, folder_key
 
         check_writable(run_dir, folder_key(run_dir) or "the run directory")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -678,7 +680,7 @@ def train_worker(cfg: TrialConfig | dict, run_dir: str | Path, *, report: Callab
         worker.setup(device)
         worker.train()
     except Exception as err:
-        from synqt.fileio import as_write_failed
+        from synqt.storage import as_write_failed
 
         worker.status = "failed"
         storage = as_write_failed(err, run_dir)  # the file, free space and key: no traceback needed
@@ -767,14 +769,14 @@ def run_local(cfg: TrialConfig | dict, run_dir: str | Path, nprocs: int = 2, ret
     _check_device(cfg)
     check_same_run(cfg, run_dir)
     if not rundir.is_done(run_dir):
-        from synqt.data import validate_dataset
+        from synqt.data.splits import validate_dataset
 
         if not cfg.dataset or not cfg.data_root:
             raise ConfigError("dataset and data_root must be set (e.g. --dataset cifar --data-root /data/vtab-1k)")
         validate_dataset(cfg.data_root, cfg.dataset, list(splits_for(cfg)), cfg.num_classes, layout=cfg.layout)
-    from synqt.threads import choose_threads
+    from synqt.training.threads import choose_threads
 
-    threads = max(1, choose_threads().threads // nprocs)  # the process's CPUs (synqt.threads), shared by the ranks
+    threads = max(1, choose_threads().threads // nprocs)  # the process's CPUs, shared by the ranks
     for attempt in range(retries + 1):
         try:
             context = mp.start_processes(_spawn_entry, nprocs=nprocs, join=False, start_method="spawn",

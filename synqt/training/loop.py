@@ -3,7 +3,7 @@
 Both trainers follow one recipe: the same epoch order (``epoch_order``), the same evaluation schedule
 (``should_eval``), the same per-epoch report payload (``summary``), the same metrics.json
 (``trial_metrics``) and the same TensorBoard hparams (``write_hparams``); the run-directory files are
-written through ``synqt.rundir``.
+written through ``synqt.run.rundir``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from synqt.checkpoint import weights_text
 from synqt.config import HPARAM_KEYS, TrialConfig, config_to_dict, effective_seeds
-from synqt.provenance import library_versions, split_provenance
+from synqt.run.provenance import library_versions, split_provenance
+from synqt.weights.checkpoint import weights_text
 
 
 def derive_seed(*parts: int) -> int:
@@ -85,7 +85,7 @@ class RunData:
     eval_list: Any = None
     image_size: int | None = None
     images_per_s: float | None = None
-    threads: dict[str, Any] | None = None  # synqt.threads.ThreadChoice.as_dict(): how many, and why
+    threads: dict[str, Any] | None = None  # synqt.training.threads.ThreadChoice.as_dict(): how many, and why
 
 
 def summary(run: TrialOutcome, eval_split: str) -> dict[str, Any]:
@@ -107,7 +107,7 @@ def device_peak_memory(device: torch.device) -> tuple[int, str]:
 
 def trial_metrics(run: TrialOutcome, data: RunData, *, peak: int | None, peak_kind: str, identity: dict,
                   packed_with: int) -> dict[str, Any]:
-    """metrics.json of one trial (every key of ``synqt.rundir.METRIC_KEYS``, null where it does not apply)."""
+    """metrics.json of one trial (every key of ``synqt.run.rundir.METRIC_KEYS``, null where it does not apply)."""
     cfg = run.cfg
     evals = [e["acc"] for e in run.eval_history]
     final = evals[-1] if evals and run.epochs_done >= cfg.epochs else None
@@ -151,7 +151,7 @@ def trial_metrics(run: TrialOutcome, data: RunData, *, peak: int | None, peak_ki
             # in one process): which node of a multi-node sweep ran it, and that a retry resumed
             "host": socket.gethostname(),
             "resumed_after_epoch": run.resumed_after_epoch,
-            "threads": data.threads,  # torch's intra-op threads and how they were decided (synqt.threads)
+            "threads": data.threads,  # torch's intra-op threads and how they were decided (synqt.training.threads)
         },
         "status": "ok" if run.status == "ok" else "failed",
         "error": run.error,
@@ -179,10 +179,10 @@ def open_writer(run_dir: str | Path, resume_step: int) -> Any:
 
 def write_hparams(writer: Any, cfg: TrialConfig, hparams: dict, metrics: dict, extra: dict | None = None,
                   step: int = 0) -> None:
-    """The run's hyperparameters (session) and final metrics for TensorBoard's HParams view; see synqt.tblog."""
+    """The run's hyperparameters (session) and final metrics for TensorBoard's HParams view; see synqt.run.tblog."""
     if writer is None:
         return
-    from synqt.tblog import write_session
+    from synqt.run.tblog import write_session
 
     write_session(writer, metrics, extra=extra, step=step)
 
@@ -227,8 +227,8 @@ def memory_tag(peak_kind: str) -> str:
 
 
 def emit_end(run_dir: Path, metrics: dict) -> None:
-    """The ``synqt.progress.TrialEnd`` event of a finished or failed run, from its metrics.json content."""
-    from synqt import progress
+    """The ``synqt.run.progress.TrialEnd`` event of a finished or failed run, from its metrics.json content."""
+    from synqt.run import progress
 
     progress.emit(progress.TrialEnd(
         run_name=Path(run_dir).name, run_dir=str(run_dir), status=metrics["status"], val_acc=metrics["val_acc"],

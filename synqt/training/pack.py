@@ -26,16 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synqt import progress, rundir
-from synqt.checkpoint import load_official_state_dict, load_trainable, save_trainable, weights_text
-from synqt.compat import BACKBONE_IDENTITY_KEYS, check_same_run, check_weights_fit
 from synqt.config import PACK_KEYS, TrialConfig, effective_seeds, pack_key, save_config, splits_for
 from synqt.errors import ConfigError
-from synqt.fileio import as_write_failed, atomic_write_json, atomic_write_torch
-from synqt.memory import keep_freed_host_memory
-from synqt.model import PackedSynQT, QueryBranch, SynQT, count_trainable
-from synqt.precision import check_precision
-from synqt.schedule import adamw, lr_at
+from synqt.model.branch import QueryBranch
+from synqt.model.memory import keep_freed_host_memory
+from synqt.model.precision import check_precision
+from synqt.model.stream import PackedSynQT, SynQT, count_trainable
+from synqt.run import progress, rundir
+from synqt.storage import as_write_failed, atomic_write_json, atomic_write_torch
 from synqt.training.build import branch_for, frozen_backbone, seeded_branch
 from synqt.training.loop import (
     BranchScaler,
@@ -53,7 +51,10 @@ from synqt.training.loop import (
     trial_metrics,
     write_hparams,
 )
+from synqt.training.schedule import adamw, lr_at
 from synqt.training.snapshots import count_correct, deferred, load_snapshots, remove_snapshots, save_snapshot
+from synqt.weights.checkpoint import load_official_state_dict, load_trainable, save_trainable, weights_text
+from synqt.weights.compat import BACKBONE_IDENTITY_KEYS, check_same_run, check_weights_fit
 
 log = logging.getLogger("synqt.training.pack")
 
@@ -97,7 +98,7 @@ class TrialRecipe:
             for i, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True))
         ]
         self.start_time = time.time()
-        self.cpus = cpus  # the CPUs Ray assigned (None elsewhere): synqt.threads decides the thread count
+        self.cpus = cpus  # the CPUs Ray assigned (None elsewhere): synqt.training.threads decides the thread count
         self.threads = None
         self.train_split, self.eval_split = splits_for(self.cfg)
         self.train_list = self.eval_list = self.image_size = self.images_per_s = None
@@ -107,7 +108,7 @@ class TrialRecipe:
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from synqt.threads import configure_threads
+        from synqt.training.threads import configure_threads
 
         self.threads = configure_threads(self.cpus)
         self.device = self._device()
@@ -135,7 +136,7 @@ class TrialRecipe:
             raise ConfigError("precision=fp16 needs a CUDA GPU and none is in use: on CPU autocast would silently "
                               "stay fp32; use precision=bf16 or precision=no")
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want)
-        check_precision(self.cfg.precision, device)  # bf16 only where it is native (synqt/precision.py)
+        check_precision(self.cfg.precision, device)  # bf16 only where it is native (synqt/model/precision.py)
         return device
 
     def _accelerator(self):
@@ -153,7 +154,8 @@ class TrialRecipe:
                            kwargs_handlers=handlers)
 
     def _setup_data(self) -> None:
-        from synqt.data import dataset_num_classes, load_images, read_split, validate_dataset
+        from synqt.data.images import load_images
+        from synqt.data.splits import dataset_num_classes, read_split, validate_dataset
 
         cfg = self.cfg
         if not cfg.dataset or not cfg.data_root:
@@ -211,7 +213,7 @@ class TrialRecipe:
 
     def _setup_kv_cache(self) -> None:
         """Open (building once per node) the K/V caches of the train and eval splits, or say once why not."""
-        from synqt.kv_cache import CacheRequest, open_trial_caches
+        from synqt.training.kv_cache import CacheRequest, open_trial_caches
 
         self.deferred = deferred(self.cfg)
         requests = [(name, CacheRequest(split=split, images=images, image_size=self.image_size,
@@ -232,13 +234,13 @@ class TrialRecipe:
     def _read_resume(self, branch: _Branch) -> dict | None:
         """The branch's resume state, or None (absent, or broken: the broken-file rule, said once).
 
-        resume.pt is checked as backbone files are (``synqt.ckptfile.sniff``: empty, cut-off zip, CRC) and
+        resume.pt is checked as backbone files are (``synqt.weights.identify.sniff``: empty, cut-off zip, CRC) and
         must load with every key; each deferred-evaluation snapshot it lists must be a complete safetensors
-        file. A broken one is moved aside (``synqt.fileio.set_aside``) and the run restarts from epoch 0.
+        file. A broken one is moved aside (``synqt.storage.set_aside``) and the run restarts from epoch 0.
         """
-        from synqt.ckptfile import sniff
-        from synqt.fileio import set_aside, torch_file_problem
+        from synqt.storage import set_aside
         from synqt.training.snapshots import snapshot_path
+        from synqt.weights.identify import sniff, torch_file_problem
 
         path = branch.run_dir / rundir.RESUME
         if not path.is_file():
@@ -295,7 +297,7 @@ class TrialRecipe:
             "eval_history": branch.eval_history,
             "generator": branch.module.generator.get_state(),
             "scaler": branch.scaler.state_dict(),
-            # what the weights fit, checked before they are loaded again (synqt.compat)
+            # what the weights fit, checked before they are loaded again (synqt.weights.compat)
             "fits": {"dataset": branch.cfg.dataset, "num_classes": self.num_classes, "image_size": self.image_size,
                      "backbone": {k: v for k, v in getattr(self._backbone, "synqt_identity", {}).items()
                                   if k in BACKBONE_IDENTITY_KEYS}},
@@ -305,7 +307,7 @@ class TrialRecipe:
 
     # ----------------------------------------------------------------------------------------------- training
     def _batch(self, images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        from synqt.data import to_tensor_batch
+        from synqt.data.images import to_tensor_batch
 
         x = to_tensor_batch(images[idx], self.mean, self.std).to(self.device, non_blocking=True)
         y = torch.as_tensor(labels[idx], dtype=torch.long).to(self.device, non_blocking=True)
@@ -313,8 +315,8 @@ class TrialRecipe:
 
     def _feed(self, cache: Any, images: np.ndarray, micro_batches: list[np.ndarray], then: np.ndarray | None = None):
         """Model inputs per micro-batch: cached K/V (``kv=``) or normalised images (``images=``)."""
-        from synqt.data import to_tensor_batch
-        from synqt.kv_cache import feed
+        from synqt.data.images import to_tensor_batch
+        from synqt.training.kv_cache import feed
 
         def live(idx: np.ndarray) -> torch.Tensor:
             return to_tensor_batch(images[idx], self.mean, self.std).to(self.device, non_blocking=True)
@@ -553,7 +555,7 @@ def train_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, r
                backbone: torch.nn.Module | None = None, report: Callable[[dict], None] | None = None,
                hparams: Sequence[dict] | None = None, cpus: float | None = None) -> list[dict]:
     """Train a pack (k >= 1) of trials; returns each branch's metrics dict (also in its metrics.json).
-    ``cpus``: the CPUs Ray assigned to the trial (``synqt.threads``)."""
+    ``cpus``: the CPUs Ray assigned to the trial (``synqt.training.threads``)."""
     recipe = TrialRecipe(cfgs, run_dirs, resume=resume, backbone=backbone, report=report, hparams=hparams,
                          cpus=cpus)
     try:
@@ -583,9 +585,10 @@ def train_pack(cfgs: Sequence[TrialConfig], run_dirs: Sequence[str | Path], *, r
 def evaluate_checkpoint(cfg: TrialConfig, weights: str | Path, *, split: str = "test", official: bool = False,
                         out: str | Path | None = None) -> dict:
     """Score a trainable-only checkpoint (or an official full state dict) on one split."""
-    from synqt.checkpoint import read_state_dict, read_trainable
-    from synqt.data import dataset_num_classes, load_images, read_split, to_tensor_batch, validate_dataset
-    from synqt.threads import configure_threads
+    from synqt.data.images import load_images, to_tensor_batch
+    from synqt.data.splits import dataset_num_classes, read_split, validate_dataset
+    from synqt.training.threads import configure_threads
+    from synqt.weights.checkpoint import read_state_dict, read_trainable
 
     validate_dataset(cfg.data_root, cfg.dataset, [split], cfg.num_classes, layout=cfg.layout)
     threads = configure_threads()

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from synqt import rundir
 from synqt.errors import ConfigError
-from synqt.fileio import atomic_write_safetensors
-from synqt.model import QueryBranch
+from synqt.model.branch import QueryBranch
+from synqt.run import rundir
+from synqt.storage import atomic_write_safetensors
 
 
 def deferred(cfg) -> bool:
