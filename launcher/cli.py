@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from launcher.console import Exit
+from synqt.data.splits import LAYOUTS
 
 EPILOG = """examples:
   synqt demo                                   # synthetic benchmark + tiny ViT, whole pipeline on CPU
@@ -466,7 +467,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("root")
     c.add_argument("names", nargs="*", help="dataset folders (default: all under root)")
-    c.add_argument("--layout", default="auto", choices=["auto", "vtab_json", "vtab_txt", "fgvc_json"])
+    c.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS])
     c.add_argument("--decode", action="store_true",
                    help="also report each split's image modes and the images converted by value range")
     c.add_argument("--paths-only", action="store_true",

@@ -14,7 +14,7 @@ Rooms (each folder's ``__init__`` says what lives there and what it may import):
 
 Top-level modules are the base the rooms stand on; what each may import:
   errors.py, version.py       may import: nothing
-  resources.py, storage.py    may import: synqt.errors
+  shipped.py, storage.py      may import: synqt.errors
   config.py                   may import: synqt.data, synqt.errors, synqt.storage
 """
 

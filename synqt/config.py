@@ -27,6 +27,7 @@ import yaml
 
 # Dataset facts live in the registry; re-exported here for the config's users.
 from synqt.data.registry import CONFIG_DIR, VTAB_GROUPS, config_dir, dataset_config_path, list_datasets  # noqa: F401
+from synqt.data.splits import LAYOUTS
 from synqt.errors import ConfigError
 from synqt.storage import atomic_write_text
 
@@ -74,7 +75,7 @@ class TrialConfig:
     dataset: str = setting("")
     data_root: str = setting("", path=True)
     group: str | None = setting(None, scope="branch", choices=VTAB_GROUPS)
-    layout: str = setting("auto", choices=("auto", "vtab_json", "vtab_txt", "fgvc_json"))
+    layout: str = setting("auto", choices=("auto", *LAYOUTS))  # the layouts are declared with their readers
     num_classes: int | None = setting(None, min=1)
     image_size: int | None = setting(None, min=1)
     interpolation: str = setting("bicubic", choices=("bicubic", "bilinear", "nearest", "lanczos"))

@@ -314,8 +314,6 @@ def read_json_file(path: str | Path) -> Any:
         raise ValueError(f"{path} is not valid JSON ({len(data)} bytes: {err})") from None
 
 
-
-
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

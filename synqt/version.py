@@ -12,6 +12,9 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+# The folder holding the synqt/ and launcher/ packages: a checkout's root, or site-packages for a wheel.
+# Ray workers get it on PYTHONPATH; `synqt gpu-check` looks for the checkout's tests/ there.
+PACKAGES_ROOT = _PACKAGE_DIR.parent
 
 
 @functools.lru_cache(maxsize=1)

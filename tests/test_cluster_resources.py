@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from engine_helpers import TASK, tiny_sweep_overrides, write_tiny_assets
 
-from launcher.run.resources import check_fits, concurrency_cap
+from launcher.run.cluster import check_fits, concurrency_cap
 from synqt.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

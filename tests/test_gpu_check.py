@@ -188,3 +188,20 @@ def test_gpu_check_refuses_bad_input_before_touching_anything(tmp_path, capsys):
     assert main(["gpu-check", "--cpu", "--only", "sweep", "--out", str(keep)]) == 2
     assert "is not the folder of an earlier gpu-check" in capsys.readouterr().err
     assert (keep / "table.csv").read_text() == "precious"
+
+
+def test_gpu_check_finds_the_checkout_from_any_folder_and_ray_workers_get_the_packages_root(tmp_path, monkeypatch):
+    """After the regrouping (launcher/gpu_check.py -> launcher/run/gpu_check.py) `parents[1]` of the module was
+    launcher/, not the checkout: `synqt gpu-check` outside the checkout root failed, and Ray workers got
+    launcher/ on PYTHONPATH instead of the folder holding synqt/ and launcher/."""
+    from launcher.run.gpu_check import _repo_root
+    from synqt.version import PACKAGES_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    assert _repo_root() == REPO
+    assert PACKAGES_ROOT == REPO
+    assert (PACKAGES_ROOT / "synqt" / "__init__.py").is_file() and (PACKAGES_ROOT / "launcher" / "cli.py").is_file()
+    pytest.importorskip("ray")  # the GPU machine has no Ray; everywhere else it is installed
+    from launcher.run.ray_backend import worker_env
+
+    assert worker_env()["env_vars"]["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)

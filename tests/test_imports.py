@@ -180,6 +180,31 @@ def test_project_imports_follow_the_house_rules():
     assert any(n == "ray" for n in raw[RAY_MODULE])
 
 
+def test_the_design_table_states_the_rules_of_the_init_docstrings():
+    """docs/DESIGN.md shows each room's rule in a table; the rule itself is the ``__init__`` docstring."""
+    rules = allowed_imports(REPO)
+    rows = re.findall(r"^\| (`[^|]+`) \| ([^|]+) \|$", (REPO / "docs" / "DESIGN.md").read_text(), re.M)
+    shown = {}
+    for rooms, allowed in rows:
+        for room in re.findall(r"`([\w/.]+)`", rooms):
+            if room.endswith("/") or room.endswith(".py"):
+                shown[room.rstrip("/").removesuffix(".py").replace("/", ".")] = _names(allowed)
+    assert shown == rules
+
+
+def test_each_folder_docstring_lists_exactly_its_modules():
+    """A folder's ``__init__`` names each of its modules in a ``- ``name``  what it holds`` line: a module added,
+    moved or renamed without its line (or a line left for a module that is gone) is caught here."""
+    for pkg in PACKAGES:
+        for init in sorted((REPO / pkg).rglob("__init__.py")):
+            if init.parent == REPO / pkg:
+                continue
+            doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+            listed = set(re.findall(r"^- ``(\w+)``", doc, re.M))
+            files = {p.stem for p in init.parent.glob("*.py") if p.stem != "__init__"}
+            assert listed == files, (init, "listed, no file:", listed - files, "unlisted:", files - listed)
+
+
 def _write(root: Path, rel: str, text: str) -> None:
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -94,30 +94,33 @@ def job_field(cluster: SlurmCluster, job_id: str, key: str) -> str:
 def kill_ray_on(node: NetNode) -> list[str]:
     """SIGKILL every process in the node's namespace except the SLURM daemons: its Ray is gone.
 
-    Returns the killed processes' command lines.
+    Returns ``comm: command line`` of the processes that ran there when the kill began. All of them, also those
+    gone before their own SIGKILL: Ray's children die with `ray start` (CI once saw the raylet exit between
+    the listing and its kill, and only `ray start` was reported killed).
     """
-    killed = []
+    present = []
     for pid in node.pids():
         try:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if comm in ("slurmd", "slurmstepd", "nsenter", "unshare"):
-            continue
+        if comm not in ("slurmd", "slurmstepd", "nsenter", "unshare"):
+            present.append((pid, f"{comm}: {cmd}"))
+    for pid, _ in present:
         try:
             os.kill(pid, signal.SIGKILL)
-            killed.append(cmd)
         except ProcessLookupError:
             pass
-    return killed
+    return [cmd for _, cmd in present]
 
 
 def has_raylet(node: NetNode) -> bool:
-    """Whether a raylet process runs in the node's namespace."""
+    """Whether a raylet process runs in the node's namespace (by its process name: a Ray worker's command line
+    names the raylet's socket too)."""
     for pid in node.pids():
         try:
-            if b"raylet" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet":
                 return True
         except OSError:
             continue
@@ -250,7 +253,8 @@ def test_worker_node_lost_mid_sweep(cluster: SlurmCluster, ci_assets: list[str],
     run_name, host = sorted(victim.items())[0]
     done_before = snapshot(sweep_dir)
     killed = kill_ray_on(workers[host])
-    assert any("raylet" in c for c in killed), killed
+    assert any(c.startswith("raylet: ") for c in killed), killed
+    wait_for(lambda: not has_raylet(workers[host]), "the victim's raylet gone", None, tmp_path, 60)
     kept = checkpoint_epoch(sweep_dir / "runs" / run_name)  # read before another node resumes the run
 
     state = cluster.wait_job(job, timeout=SWEEP_TIMEOUT)

@@ -147,7 +147,11 @@ def test_vtab_two_stage_retrains_the_best_val_point(assets, tmp_path):
     assert plan["stage2_pending"] is False and len(plan["trials"]) == 8
 
 
-def test_sigkill_then_resume_does_not_rerun_finished_trials(assets, tmp_path):
+@pytest.mark.parametrize("ray_state", ["intact", "from_before_an_upgrade"])
+def test_sigkill_then_resume_does_not_rerun_finished_trials(assets, tmp_path, ray_state):
+    """Killed mid-sweep, then resumed: Ray's saved experiment is restored (intact), or, when it cannot be read
+    (a sweep started before an upgrade moved a module that Tune pickled by path: launcher.ray_backend ->
+    launcher.run.ray_backend), a new Ray experiment runs; either way no finished trial runs again."""
     args = _base(
         assets,
         tmp_path,
@@ -188,8 +192,16 @@ def test_sigkill_then_resume_does_not_rerun_finished_trials(assets, tmp_path):
     assert 2 <= len(finished) < 6
     refused = _sweep(args)
     assert refused.returncode == 2 and "--resume" in refused.stderr
+    saved = sorted((tmp_path / "killed" / "_ray").glob("*/tuner.pkl"))
+    assert saved, "the killed sweep left no Ray experiment to restore"
+    if ray_state == "from_before_an_upgrade":  # the callback class by its old module path, as Tune pickled it
+        for f in saved:
+            f.write_bytes(b"clauncher.ray_backend\n_PendingReporter\n.")
     out = _sweep([*args, "--resume"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Traceback" not in out.stdout + out.stderr
+    fresh = "cannot be restored (ModuleNotFoundError" in out.stdout and "running a new Ray experiment" in out.stdout
+    assert fresh == (ray_state == "from_before_an_upgrade"), out.stdout[-3000:]
     m = _metrics(tmp_path / "killed")
     assert len(m) == 6 and all(v["status"] == "ok" for v in m.values())
     for name, (mtime, text) in finished.items():

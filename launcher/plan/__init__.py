@@ -12,9 +12,11 @@
 - ``dryrun``     the ``--dry-run`` text
 - ``resume``     a resumed sweep with a changed plan: kept, new, changed and dropped runs
 
-Pure: nothing here starts a process, imports Ray or another launcher folder, so a bad sweep fails before a
-cluster is touched. It reads synqt's config, data facts, weights files and run directories.
+Nothing here starts a process or imports Ray or another launcher folder, so a bad sweep fails before a cluster
+is touched; it writes only the plan files and moves superseded runs aside, when ``launcher/run/`` asks. It reads
+synqt's config, data facts, weights files and run directories, and asks the model and training code for
+estimates and checks (memory, precision, outputs, the K/V cache plan).
 
-May import: synqt.config, synqt.data, synqt.errors, synqt.model, synqt.resources, synqt.run, synqt.storage,
+May import: synqt.config, synqt.data, synqt.errors, synqt.model, synqt.shipped, synqt.run, synqt.storage,
 synqt.training, synqt.weights
 """

@@ -1,23 +1,22 @@
-"""Everything a plan is checked for before any resource is taken: storage, outputs, data folders and
-lists, checkpoint files, precision, cluster resources, split leaks.
+"""Everything a plan is checked for before any resource is taken (``validate``): storage, outputs, data folders
+and lists (also those stage 2 will read), checkpoint files, precision, split leaks. Whether the cluster fits the
+request is checked once Ray is up (``launcher.run.cluster.check_fits``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
-from launcher.plan.dryrun import trial_device
-from launcher.plan.estimates import with_stage2
+from launcher.plan.estimates import trial_device
 from launcher.plan.schema import PlannedTrial, Sweep
 from synqt.data import registry
 from synqt.errors import ConfigError, DataError
 from synqt.weights.identify import is_random, require_backbone_weights
 
 log = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------------------------
-# validation, plan.json, dry run
 
 
 def check_storage(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> None:
@@ -30,6 +29,16 @@ def check_storage(sweep: Sweep, trials: list[PlannedTrial] | None = None) -> Non
     check_writable(sweep.sweep_dir, "storage_path")
     if trials:
         check_outputs([t.config for t in trials], [])
+
+
+def with_stage2(sweep: Sweep, trials: list[PlannedTrial]) -> list[tuple[PlannedTrial, Any]]:
+    """(trial, config) pairs to validate: each trial, and for a vtab stage-1 trial also the config its dataset's
+    stage 2 will have (train800val200 + test): a missing test list must refuse the sweep now, not after
+    stage 1 has run."""
+    out = [(t, t.config) for t in trials]
+    if sweep.protocol == "vtab":
+        out += [(t, dataclasses.replace(t.config, stage="final")) for t in trials if t.stage == "search"]
+    return out
 
 
 def _has_cuda() -> bool:

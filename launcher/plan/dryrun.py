@@ -25,7 +25,6 @@ from synqt.weights.identify import is_random
 log = logging.getLogger(__name__)
 
 
-
 def _bf16_line(sweep: Sweep, trials: list[PlannedTrial]) -> str | None:
     """The dry run's word on bf16 (synqt/model/precision.py), for the device the trials would use on this machine."""
     if not any(t.config.precision == "bf16" for t in trials):

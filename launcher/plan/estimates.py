@@ -1,10 +1,10 @@
-"""What a plan will cost before it runs: images per split (registry sizes, both stages), the K/V
-cache plan, and memory.
+"""What a plan will cost before it runs: images per split (the list files, else the registry's official sizes;
+both stages of a vtab sweep), the K/V cache plan, and where its trials compute. A pack's memory estimate is
+``launcher.plan.packing.estimate_memory``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -17,15 +17,6 @@ from synqt.config import pack_key
 from synqt.run import rundir
 
 log = logging.getLogger(__name__)
-
-def with_stage2(sweep: Sweep, trials: list[PlannedTrial]) -> list[tuple[PlannedTrial, Any]]:
-    """(trial, config) pairs to validate: each trial, and for a vtab stage-1 trial also the config its dataset's
-    stage 2 will have (train800val200 + test): a missing test list must refuse the sweep now, not after
-    stage 1 has run."""
-    out = [(t, t.config) for t in trials]
-    if sweep.protocol == "vtab":
-        out += [(t, dataclasses.replace(t.config, stage="final")) for t in trials if t.stage == "search"]
-    return out
 
 
 def _split_size(cfg: Any, split: str) -> tuple[int, str]:
@@ -138,6 +129,7 @@ def estimated_images(sweep: Sweep, trials: list[PlannedTrial]) -> dict[str, int]
                 built.add((cfg.dataset, split, identity))
                 planned += n
     return {"planned": planned, "unpacked": unpacked, "packed": packed, "assumed": int(assumed)}
+
 
 def trial_device(sweep: Sweep) -> str:
     """Where the sweep's trials will compute, judged from this machine: cuda when they ask for GPUs."""

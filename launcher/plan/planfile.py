@@ -15,6 +15,7 @@ from synqt.storage import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
+
 def set_aside_broken_plan(sweep: Sweep) -> bool:
     """The broken-file rule for ``plan.json`` of a sweep being continued: an empty, cut or malformed plan is
     moved aside (``synqt.storage.set_aside``), named once, and written again from the sweep file. True if moved."""
@@ -26,6 +27,7 @@ def set_aside_broken_plan(sweep: Sweep) -> bool:
     except SynQTError as err:
         return set_aside(sweep.sweep_dir / rundir.PLAN, str(err), "it is written again from the sweep file") is not None
     return False
+
 
 def plan_dict(sweep: Sweep, trials: list[PlannedTrial], stage2_pending: bool) -> dict[str, Any]:
     return {

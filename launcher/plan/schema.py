@@ -16,8 +16,8 @@ from typing import Any
 from synqt.config import Schema, setting
 from synqt.data import registry
 from synqt.errors import ConfigError
-from synqt.resources import shipped_config_dir
 from synqt.run import rundir
+from synqt.shipped import shipped_config_dir
 from synqt.weights.identify import RANDOM, is_random
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,6 @@ from synqt.weights.identify import RANDOM, is_random
 log = logging.getLogger(__name__)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # plan
 

@@ -453,55 +453,6 @@ def format_table(results: Mapping[str, Any], runs: list[dict[str, Any]] | None =
     return format_report(results, runs, out_dir)
 
 
-def _figure_rgb(fig: Any) -> Any:
-    import numpy as np
-
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
-
-# ----------------------------------------------------------------------------- TensorBoard
-
-
-def write_tensorboard(results: Mapping[str, Any], table: str, image: Any, log_dir: Path,
-                      runs: Sequence[Mapping[str, Any]] = ()) -> Path:
-    """The sweep-level TensorBoard run (``_sweep_summary``): the HParams experiment, the table, the chart.
-
-    The experiment (``synqt.run.tblog.write_experiment``) gives TensorBoard's HParams view the domain of every
-    hyperparameter over ``runs`` (their metrics.json), so it shows what the sweep varied, with the ``final/*``
-    metrics as columns. The table (text) and the chart (image) sit under ``sweep/``; no one-point scalars
-    (the per-task numbers are the HParams view's rows). Earlier event files here are removed first, so
-    re-aggregating does not stack.
-    """
-    from torch.utils.tensorboard import SummaryWriter
-
-    from synqt.run.tblog import metric_tags_for, session_hparams, write_experiment
-
-    log_dir.mkdir(parents=True, exist_ok=True)
-    for old in log_dir.glob("events.out.tfevents.*"):
-        old.unlink()
-    if runs:
-        write_experiment(log_dir, [session_hparams(m) for m in runs], metric_tags_for(runs))
-    writer = SummaryWriter(log_dir=str(log_dir))
-    try:
-        writer.add_text("sweep/results", table, 0)
-        writer.add_image("sweep/chart", image, 0, dataformats="HWC")
-        writer.flush()
-    finally:
-        writer.close()
-    return log_dir
-
-
-def write_planned_experiment(sweep_dir: Path, trials: Sequence[Any]) -> Path:
-    """The HParams experiment of a sweep about to run (its planned trials), so TensorBoard shows the
-    right columns while it runs; ``aggregate`` rewrites it from the finished runs."""
-    from synqt.run.tblog import planned_metric_tags, planned_session, write_experiment
-
-    return write_experiment(sweep_dir / SWEEP_SUMMARY_RUN,
-                            [planned_session(t.config, t.hparams) for t in trials],
-                            planned_metric_tags({t.config.protocol for t in trials}))
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -525,6 +476,7 @@ def aggregate(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[st
     """
     from launcher.results.plots import accuracy_figure, write_plots
     from launcher.results.report import write_tables
+    from launcher.results.tensorboard import figure_rgb, write_tensorboard
 
     results, runs = _build(run_dir)
     results = _json_safe(results)
@@ -539,6 +491,6 @@ def aggregate(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[st
     files["tensorboard"] = str((out / SWEEP_SUMMARY_RUN).resolve())
     table = format_table({**results, "files": files}, runs, out)
     atomic_write_text(out / "results.md", table)
-    write_tensorboard(results, table, _figure_rgb(accuracy_figure(results, runs)), out / SWEEP_SUMMARY_RUN,
+    write_tensorboard(results, table, figure_rgb(accuracy_figure(results, runs)), out / SWEEP_SUMMARY_RUN,
                       runs=runs)
     return {**results, "files": files}

@@ -20,7 +20,7 @@ from launcher.plan.dryrun import dry_run_text
 from launcher.plan.planfile import plan_dict, set_aside_broken_plan, sweep_yaml_text, write_plan
 from launcher.plan.schema import SWEEP_DIR, Sweep, load_sweep
 from launcher.plan.trials import PlannedTrial, plan_trials
-from launcher.results.aggregate import write_planned_experiment
+from launcher.results.tensorboard import write_planned_experiment
 from synqt.errors import ConfigError, DataError
 from synqt.run import ownership, rundir
 from synqt.weights.identify import is_random

@@ -74,11 +74,13 @@ class Check:
 
 def _repo_root() -> Path:
     """The checkout holding tests/test_gpu.py: this package's parent (editable or source run), else the cwd."""
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+    from synqt.version import PACKAGES_ROOT
+
+    for root in (PACKAGES_ROOT, Path.cwd()):
         if (root / "tests" / "test_gpu.py").is_file():
             return root
     raise FileNotFoundError("synqt gpu-check runs from a checkout of synqt-launcher: tests/test_gpu.py not found "
-                            f"under {Path(__file__).resolve().parents[1]} or {Path.cwd()}")
+                            f"under {PACKAGES_ROOT} or {Path.cwd()}")
 
 
 def _env(out: Path, device: str, size: str, *, block_ray: bool = False) -> dict[str, str]:

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -30,10 +31,11 @@ from launcher.console import verbosity
 from launcher.plan.packing import packs_of
 from launcher.plan.schema import Sweep
 from launcher.plan.trials import PlannedTrial
-from launcher.run.resources import DRIVER_MEMORY, check_fits, concurrency_cap, worker_request
+from launcher.run.cluster import DRIVER_MEMORY, check_fits, concurrency_cap, worker_request
 from launcher.run.stages import drive_stages, finish_sweep, unfinished
 from synqt.run import rundir
 from synqt.training.build import backbone_key
+from synqt.version import PACKAGES_ROOT
 
 FAIL_ONCE_ENV = "SYNQT_FAIL_ONCE"  # test hook: run_name whose pack raises once, after its first epoch
 FAIL_ONCE_MARKER = ".synqt_fail_once"
@@ -233,18 +235,19 @@ def _deepspeed_worker(conf: dict[str, Any]) -> None:
 # driver
 
 
+def worker_env() -> dict[str, Any]:
+    """Ray's runtime env for this sweep's workers: the folder holding synqt/ and launcher/ first on PYTHONPATH
+    (a checkout run without installing it; an installed package finds itself anyway)."""
+    path = [str(PACKAGES_ROOT), os.environ.get("PYTHONPATH", "")]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in path if p)}}
+
+
 def _start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Connect to `address` / RAY_ADDRESS, or start a local cluster. True when we started it."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {
-        "env_vars": {
-            "PYTHONPATH": os.pathsep.join(
-                p for p in [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")] if p
-            )
-        }
-    }
+    env = worker_env()
     # Ray's own console output (its INFO log, the workers' forwarded stdout/stderr) only with -v: the
     # sweep's lines come from launcher.console.SweepWatcher; trial errors are reported by finish_sweep
     # and stay in each trial's metrics.json and Ray's session logs.
@@ -357,10 +360,21 @@ def _run_stage(
     pending = {p["id"] for p in payload
                if not all(rundir.is_done(sweep.sweep_dir / rundir.RUNS / n) for n in p["run_names"])}
     exp_name, restore = _experiment(storage, stage, ids, resume, pending)
+    tuner = None
     if restore:
-        tuner = Tuner.restore(str(storage / exp_name), trainable=trainable, resume_unfinished=True,
-                              resume_errored=True)
-    else:
+        try:
+            tuner = Tuner.restore(str(storage / exp_name), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+        except (ImportError, AttributeError, pickle.UnpicklingError, EOFError) as err:
+            # Tune pickles its callbacks by module path: a sweep started before an upgrade that moved a module
+            # (launcher.ray_backend -> launcher.run.ray_backend) cannot be restored. Nothing is lost: the engine
+            # skips finished trials and continues unfinished ones from their epoch checkpoints.
+            fresh = _fresh_name(storage, stage, ids)
+            print(f"synqt sweep: stage {stage}: Ray's saved experiment {storage / exp_name} cannot be restored "
+                  f"({type(err).__name__}: {str(err)[:200]}); running a new Ray experiment {fresh} (finished "
+                  "trials are not rerun, unfinished ones continue from their last epoch)", flush=True)
+            exp_name = fresh
+    if tuner is None:
         scheduler = None
         if sweep.asha and stage == "search":
             from ray.tune.schedulers import ASHAScheduler
@@ -420,6 +434,26 @@ def _write_pack_ids(exp_dir: Path, ids: list[str]) -> None:
     atomic_write_json(exp_dir / PACK_IDS_FILE, sorted(ids))
 
 
+def _plan_experiments(storage: Path, stage: str, ids: list[str]) -> list[str]:
+    """Names of the experiments made for exactly this plan's packs besides the stage's first one, oldest first:
+    ``<stage>-<digest>``, ``<stage>-<digest>-2``, ..."""
+    base = f"{stage}-{hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:8]}"
+    names = [base] + [f"{base}-{n}" for n in range(2, 1000)]
+    out = []
+    for name in names:
+        if not (storage / name).exists():
+            break
+        out.append(name)
+    return out
+
+
+def _fresh_name(storage: Path, stage: str, ids: list[str]) -> str:
+    """A new experiment name for this plan's packs: never an existing folder."""
+    base = f"{stage}-{hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:8]}"
+    have = _plan_experiments(storage, stage, ids)
+    return base if not have else f"{base}-{len(have) + 1}"
+
+
 def _experiment(storage: Path, stage: str, ids: list[str], resume: bool,
                 pending: set[str] | None = None) -> tuple[str, bool]:
     """(Tune experiment name, restore it?) for a stage whose packs have the keys ``ids``.
@@ -434,9 +468,9 @@ def _experiment(storage: Path, stage: str, ids: list[str], resume: bool,
     """
     from ray.tune import ExperimentAnalysis, Tuner
 
-    digest = hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:8]
-    candidates = [stage, f"{stage}-{digest}"]
-    why = "the plan differs from the one its Ray experiment {exp} was made for"
+    # this plan's own experiments, newest first, then the stage's first one
+    candidates = [*reversed(_plan_experiments(storage, stage, ids)), stage]
+    why = f"the plan differs from the one its Ray experiment {storage / stage} was made for"
     if resume:
         for name in candidates:
             exp = storage / name
@@ -444,22 +478,23 @@ def _experiment(storage: Path, stage: str, ids: list[str], resume: bool,
                 made_for = json.loads((exp / PACK_IDS_FILE).read_text())
             except (OSError, ValueError):
                 continue
-            if made_for == sorted(ids) and Tuner.can_restore(str(exp)):
-                done_there = sorted(t.config.get("pack") for t in ExperimentAnalysis(str(exp)).trials
-                                    if t.status == "TERMINATED" and t.config.get("pack") in (pending or set()))
-                if not done_there:
-                    return name, True
-                why = (f"{len(done_there)} Ray trial(s) that its Ray experiment {{exp}} records as finished have no "
-                       "result now (metrics.json removed or set aside as broken)")
+            if made_for != sorted(ids) or not Tuner.can_restore(str(exp)):
+                continue
+            try:
+                held = {t.config.get("pack"): t.status for t in ExperimentAnalysis(str(exp)).trials}
+            except Exception as err:  # noqa: BLE001 - any unreadable state: a new experiment loses no work
+                why = f"its Ray experiment {exp} cannot be read ({type(err).__name__}: {str(err)[:200]})"
                 break
-    fresh = candidates[1]
-    n = 1
-    while (storage / fresh).exists():  # an earlier new experiment of the same plan: never reuse its folder
-        n += 1
-        fresh = f"{candidates[1]}-{n}"
+            done_there = sorted(pid for pid in (pending or set()) if held.get(pid) == "TERMINATED")
+            if not done_there:
+                return name, True
+            why = (f"{len(done_there)} Ray trial(s) that its Ray experiment {exp} records as finished have no "
+                   "result now (metrics.json removed or set aside as broken)")
+            break
+    fresh = _fresh_name(storage, stage, ids)
     if (storage / stage).exists():
-        print(f"synqt sweep: stage {stage}: {why.format(exp=storage / stage)}; running a new Ray experiment "
-              f"{fresh} (finished trials are not rerun, unfinished ones continue from their last epoch)", flush=True)
+        print(f"synqt sweep: stage {stage}: {why}; running a new Ray experiment {fresh} (finished trials are not "
+              "rerun, unfinished ones continue from their last epoch)", flush=True)
         return fresh, False
     return stage, False
 

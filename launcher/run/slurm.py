@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from synqt.errors import ConfigError, SynQTError
-from synqt.resources import package_path
 from synqt.run import ownership, rundir
+from synqt.shipped import package_path
 
 # The sbatch scripts ship inside the package (launcher/sbatch; the repository root links slurm -> launcher/sbatch).
 SBATCH_DIR = package_path("launcher", "sbatch")

@@ -122,7 +122,7 @@ def write_full_plan(sweep: Sweep, stage1: list[PlannedTrial], stage2: list[Plann
     for i, t in enumerate(d["trials"]):
         t["index"] = i
     atomic_write_json(sweep.sweep_dir / rundir.PLAN, d)
-    from launcher.results.aggregate import write_planned_experiment
+    from launcher.results.tensorboard import write_planned_experiment
 
     write_planned_experiment(sweep.sweep_dir, stage1 + stage2)
 

@@ -12,5 +12,5 @@
 
 Nothing here builds a model or trains: the data layer sits below the config.
 
-May import: synqt.errors, synqt.resources, synqt.storage
+May import: synqt.errors, synqt.shipped, synqt.storage
 """

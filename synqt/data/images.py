@@ -24,13 +24,12 @@ from PIL import Image
 
 from synqt.data.imagemodes import to_rgb
 from synqt.data.listfiles import show_path
+from synqt.data.splits import SplitList
 from synqt.errors import DataError
 from synqt.storage import atomic_write, human_bytes
 
 if TYPE_CHECKING:
     import torch
-
-from synqt.data.splits import SplitList
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ all name one file) or, with ``content=True``, when their decoded pixels are equa
 or copied file, or a lossless re-encode (PNG re-saved, PNG <-> BMP/TIFF/lossless WebP, grayscale saved as RGB)
 is found. A lossy re-encode (JPEG saved again, PNG -> JPEG) changes the pixels and is NOT found.
 
-Pixel hashes are cached per file (path, size, modification and change times, inode) under the decoded-image cache folder
-(``synqt.data.images.default_cache_dir() / pixel-hashes``), so a second
-check of the same data costs a ``stat`` per file.
+Pixel hashes are cached per file (path, size, modification and change times, inode) under the decoded-image
+cache folder (``synqt.data.images.default_cache_dir() / pixel-hashes``), so a second check of the same data
+costs a ``stat`` per file.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from synqt.errors import ConfigError
-from synqt.resources import shipped_config_dir
+from synqt.shipped import shipped_config_dir
 
 log = logging.getLogger("synqt.data.registry")
 

@@ -1,4 +1,4 @@
-"""Dataset layouts, splits, the official transform, the decoded-image cache and `synqt data check`.
+"""Dataset layouts and splits: list files parsed into ``SplitList``, official split sizes, validation.
 
 Three on-disk layouts are in use for VTAB-1k / FGVC (spec section 7); each dataset folder is read
 through one of them, detected automatically or forced:
@@ -10,9 +10,7 @@ through one of them, detected automatically or forced:
 - ``fgvc_json``  ``<root>/<ds>/{train,val,test}.json``: objects ``{"relative/path.jpg": class_id}``,
   paths relative to ``images/``, ``Images/`` or the dataset folder; ids remapped to 0..K-1.
 
-The transform is the official one (PIL decode, convert RGB, resize to a square with a PIL filter,
-to tensor, normalise). Resizing is done once and the uint8 result is cached on node-local disk so
-that a sweep's many trials on one dataset decode each image only once per node.
+Decoding the listed images and their cache: ``synqt.data.images``; `synqt data check`: ``synqt.data.check``.
 """
 
 from __future__ import annotations
@@ -24,14 +22,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from synqt.data import registry
 from synqt.data.listfiles import INVISIBLE, read_list_text, resolve_listed, show_path
 from synqt.errors import DataError
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 

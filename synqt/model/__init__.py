@@ -8,5 +8,5 @@
 
 Every size comes from the backbone; nothing here moves tensors to a device (no ``.cuda()``).
 
-May import: synqt.config, synqt.errors, synqt.storage, synqt.weights
+May import: synqt.config, synqt.errors, synqt.weights
 """

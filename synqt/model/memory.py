@@ -191,8 +191,6 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None,
     return {"bytes": int(delta), "gib": delta / GIB, "kind": "cpu rss peak delta (sampled)", "result": result}
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the memory estimate (the sweep planner sizes packs with it; `synqt bench` prints it beside the measurements)
 

@@ -334,7 +334,6 @@ class _FrozenStream(nn.Module):
         return outs
 
 
-
 class SynQT(_FrozenStream):
     """A frozen timm ViT plus one trainable ``QueryBranch``; ``forward(images) -> logits``."""
 

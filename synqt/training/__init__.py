@@ -8,12 +8,16 @@ and write run directories through ``synqt.run.rundir``. Backends (Ray, the seque
 task, ``synqt train``) call only this module, except Ray Train, which runs
 ``synqt.training.deepspeed.train_worker`` in its own workers.
 
-Also here: ``kv_cache`` (the frozen stream's per-block K/V of a split, computed once per node), ``schedule``
-(optimizer and the official per-iteration learning rate), ``threads`` (the one decision of a process's
-thread count), ``snapshots`` (deferred evaluation).
+- ``pack``       the pack trainer: k >= 1 branches in lockstep (recipe: setup / train / cleanup)
+- ``deepspeed``  the DeepSpeed ZeRO-2 trainer: one trial over several processes
+- ``build``      the one place a frozen backbone and a query branch are built from a TrialConfig
+- ``loop``       pieces both trainers share (epoch order, evaluation, metrics, TensorBoard writer)
+- ``snapshots``  deferred evaluation (paper protocol): weight snapshots, one packed test pass at the end
+- ``kv_cache``   the frozen stream's per-block K/V of a split, computed once per node
+- ``schedule``   the optimizer and the official per-iteration learning rate
+- ``threads``    the one decision of a process's thread count
 
-May import: synqt.config, synqt.data, synqt.errors, synqt.model, synqt.resources, synqt.run, synqt.storage,
-synqt.version, synqt.weights
+May import: synqt.config, synqt.data, synqt.errors, synqt.model, synqt.run, synqt.storage, synqt.weights
 """
 
 from __future__ import annotations

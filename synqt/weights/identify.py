@@ -301,6 +301,7 @@ def grid(tokens: int | None, prefix_tokens: int) -> str:
     side = math.isqrt(max(n, 0))
     return f"{side}x{side}" if side * side == n else f"{tokens} tokens"
 
+
 def torch_file_problem(path: str | Path) -> str | None:
     """None when ``path`` is a complete ``torch.save`` zip; else what it is instead (the backbone-file rule,
     ``sniff``: empty, cut-off zip, CRC failure, text ...)."""
