@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from synqt.data.images import BUILD_LOG_NAME  # one build-log name for both caches of a node
 from synqt.storage import atomic_write, atomic_write_json
 
 log = logging.getLogger("synqt.training.kv_cache")
@@ -58,7 +59,6 @@ _NUMPY_OF = {"bf16": np.int16, "fp32": np.float32}  # bf16 bits are stored as in
 _SAMPLED_ROWS = 8  # rows whose sha256 the manifest records (first, last and evenly spaced)
 DISK_MARGIN_BYTES = 1 << 30  # leave 1 GiB free after a build
 GIB = 1024**3
-BUILD_LOG_NAME = "builds.log"
 
 
 @dataclass(frozen=True)
