@@ -370,9 +370,8 @@ def _run_stage(
             # (launcher.ray_backend -> launcher.run.ray_backend) cannot be restored. Nothing is lost: the engine
             # skips finished trials and continues unfinished ones from their epoch checkpoints.
             fresh = _fresh_name(storage, stage, ids)
-            print(f"synqt sweep: stage {stage}: Ray's saved experiment {storage / exp_name} cannot be restored "
-                  f"({type(err).__name__}: {str(err)[:200]}); running a new Ray experiment {fresh} (finished "
-                  "trials are not rerun, unfinished ones continue from their last epoch)", flush=True)
+            _say_new_experiment(stage, f"Ray's saved experiment {storage / exp_name} cannot be restored "
+                                f"({type(err).__name__}: {str(err)[:200]})", fresh)
             exp_name = fresh
     if tuner is None:
         scheduler = None
@@ -434,24 +433,33 @@ def _write_pack_ids(exp_dir: Path, ids: list[str]) -> None:
     atomic_write_json(exp_dir / PACK_IDS_FILE, sorted(ids))
 
 
+def _plan_base(stage: str, ids: list[str]) -> str:
+    """``<stage>-<digest of the plan's pack keys>``: the name of the experiments made for exactly these packs."""
+    return f"{stage}-{hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:8]}"
+
+
 def _plan_experiments(storage: Path, stage: str, ids: list[str]) -> list[str]:
     """Names of the experiments made for exactly this plan's packs besides the stage's first one, oldest first:
-    ``<stage>-<digest>``, ``<stage>-<digest>-2``, ..."""
-    base = f"{stage}-{hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:8]}"
-    names = [base] + [f"{base}-{n}" for n in range(2, 1000)]
-    out = []
-    for name in names:
-        if not (storage / name).exists():
-            break
+    ``<base>``, ``<base>-2``, ... up to the first that does not exist."""
+    base = _plan_base(stage, ids)
+    out: list[str] = []
+    name = base
+    while (storage / name).exists():
         out.append(name)
+        name = f"{base}-{len(out) + 1}"
     return out
 
 
 def _fresh_name(storage: Path, stage: str, ids: list[str]) -> str:
     """A new experiment name for this plan's packs: never an existing folder."""
-    base = f"{stage}-{hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:8]}"
-    have = _plan_experiments(storage, stage, ids)
-    return base if not have else f"{base}-{len(have) + 1}"
+    n = len(_plan_experiments(storage, stage, ids))
+    base = _plan_base(stage, ids)
+    return base if n == 0 else f"{base}-{n + 1}"
+
+
+def _say_new_experiment(stage: str, why: str, name: str) -> None:
+    print(f"synqt sweep: stage {stage}: {why}; running a new Ray experiment {name} (finished trials are not rerun, "
+          "unfinished ones continue from their last epoch)", flush=True)
 
 
 def _experiment(storage: Path, stage: str, ids: list[str], resume: bool,
@@ -493,8 +501,7 @@ def _experiment(storage: Path, stage: str, ids: list[str], resume: bool,
             break
     fresh = _fresh_name(storage, stage, ids)
     if (storage / stage).exists():
-        print(f"synqt sweep: stage {stage}: {why}; running a new Ray experiment {fresh} (finished trials are not "
-              "rerun, unfinished ones continue from their last epoch)", flush=True)
+        _say_new_experiment(stage, why, fresh)
         return fresh, False
     return stage, False
 

@@ -323,31 +323,22 @@ def read_split(data_root: str | Path, dataset: str, split: str, layout: str = "a
         list_files = [ds_dir / f"{p}.json" for p in parts]
         # Labels depend on every split's ids, so the remap is part of the hash.
         extra = "fgvc:ids=" + ",".join(map(str, ids)) + f":dir={img_dir.relative_to(ds_dir)}"
-        notes: list[str] = []
-        return SplitList(
-            dataset=dataset,
-            split=split,
-            layout=layout,
-            paths=_resolve_paths(img_dir, entries, split, notes),
-            labels=[remap[lab] for _, lab, _ in entries],
-            list_files=list_files,
-            list_hash=_hash(list_files, f"{layout}:{split}:{extra}"),
-            derived=False,
-            data_root=root,
-            sources=[s for _, _, s in entries],
-            notes=notes,
-        )
-    entries, list_files, derivation, derived = _vtab_entries(ds_dir, layout, split)
-    img_dir = ds_dir / "images" if layout == "vtab_json" else ds_dir
-    notes = []
+        labels = [remap[lab] for _, lab, _ in entries]
+        list_hash, derived = _hash(list_files, f"{layout}:{split}:{extra}"), False
+    else:
+        entries, list_files, derivation, derived = _vtab_entries(ds_dir, layout, split)
+        img_dir = ds_dir / "images" if layout == "vtab_json" else ds_dir
+        labels = [lab for _, lab, _ in entries]
+        list_hash = _hash(list_files, f"{layout}:{derivation}")
+    notes: list[str] = []
     return SplitList(
         dataset=dataset,
         split=split,
         layout=layout,
         paths=_resolve_paths(img_dir, entries, split, notes),
-        labels=[lab for _, lab, _ in entries],
+        labels=labels,
         list_files=list_files,
-        list_hash=_hash(list_files, f"{layout}:{derivation}"),
+        list_hash=list_hash,
         derived=derived,
         data_root=root,
         sources=[s for _, _, s in entries],
